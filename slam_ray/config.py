@@ -1,0 +1,312 @@
+"""Typed experiment files: one pydantic model per stage section, YAML in, `key=value` overrides, no unknown keys.
+
+An experiment file is the single source of truth for a run. Every field has a default that works on a laptop
+without GPU or network; the shipped recipes (`slam_ray/recipes/*.yaml`) override what the paper fixes.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slam_ray.errors import ConfigError
+
+STAGES = ("synth", "extract", "pack", "train", "dpo", "eval")
+StageName = Literal["synth", "extract", "pack", "train", "dpo", "eval"]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray address to join; None starts (or joins, inside a job) a local instance")
+    num_cpus: float | None = Field(None, description="CPUs of a locally started Ray; None = all cores")
+    num_gpus: int | None = None
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs per Ray Data actor; fractional so 2 cores do not deadlock")
+    task_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data task (decode, write)")
+    worker_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Train worker")
+    include_dashboard: bool = False
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; None = sqlite:///WORKDIR/mlflow.db")
+    experiment: str | None = Field(None, description="MLflow experiment name; None = the experiment's name")
+
+
+class CorpusConfig(Section):
+    source: Literal["grammar", "text"] = "grammar"
+    path: str | None = Field(None, description="text file, one utterance per line (source: text)")
+    n_sentences: int = Field(6000, gt=0)
+    held_out_percent: int = Field(10, ge=1, le=50, description="share of grammar sentences reserved for eval")
+    seed: int = 0
+
+
+class SynthConfig(Section):
+    corpus: CorpusConfig = CorpusConfig()
+    backend: Literal["espeak", "piper"] = "espeak"
+    voices: list[str] = Field(default_factory=lambda: ["en-us"], min_length=1)
+    speed: tuple[float, float] = Field((140, 190), description="espeak words/min, piper 100/length_scale; sampled per item")
+    sample_rate: int = 16000
+    num_actors: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _speed_range(self) -> SynthConfig:
+        if self.speed[0] > self.speed[1] or self.speed[0] <= 0:
+            raise ValueError("speed must be [low, high] with 0 < low <= high")
+        return self
+
+
+class TokenizerConfig(Section):
+    kind: Literal["logmel", "hubert"] = "logmel"
+    model: str | None = Field(None, description="HF id or path of a HubertModel (kind: hubert)")
+    layer: int | None = Field(None, ge=1, description="transformer layer whose output is quantised (kind: hubert)")
+    frame_rate: int = Field(25, description="frames per second of the features (logmel hop = 16000 / frame_rate)")
+    n_mels: int = 80
+    n_units: int = Field(200, ge=2, le=65533)
+    centroids: str | None = Field(None, description="k-means centroids (.npy); None = fit them on a sample")
+    fit_frames: int = Field(150_000, ge=1000, description="frames sampled to fit k-means")
+    dedup: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _hubert_needs_model(self) -> TokenizerConfig:
+        if self.kind == "hubert" and (self.model is None or self.layer is None):
+            raise ValueError("kind 'hubert' needs `model` (HF id or path) and `layer`")
+        return self
+
+
+class ExtractConfig(Section):
+    inputs: list[str] = Field(
+        default_factory=lambda: ["@synth"],
+        description="audio folders, globs or manifests (.jsonl/.csv with `path`); '@synth' = this experiment's synth output",
+    )
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    num_actors: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    num_gpus_per_actor: float = 0.0
+
+
+class PackConfig(Section):
+    context_len: int = Field(256, ge=8)
+    val_fraction: float = Field(0.02, ge=0, lt=0.5)
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    init: Literal["random", "twist"] = "random"
+    base: str | None = Field(None, description="HF id or path of the text LM (TWIST init, or random init from its config)")
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 512
+    dropout: float = Field(0.0, ge=0, lt=1)
+    rope_theta: float = 10_000.0
+
+    @model_validator(mode="after")
+    def _twist_needs_base(self) -> ModelConfig:
+        if self.init == "twist" and not self.base:
+            raise ValueError("init 'twist' needs `base`: the HF id or path of a text LM")
+        return self
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1.5e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = 1e-8
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.01, ge=0, lt=1)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Section):
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    batch_size: int = Field(16, ge=1, description="sequences per device per micro-step")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float | None = 1.0
+    max_steps: int | None = Field(None, ge=1)
+    max_minutes: float | None = Field(3.0, gt=0, description="wall-clock training budget (excludes data prep)")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None = worker CPUs")
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _needs_budget(self) -> TrainConfig:
+        if self.max_steps is None and self.max_minutes is None:
+            raise ValueError("set a budget: max_steps or max_minutes (or both)")
+        return self
+
+
+class DpoConfig(Section):
+    beta: float = Field(0.1, gt=0)
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(16, ge=1)
+    schedule: Literal["inverse_sqrt", "cosine"] = "inverse_sqrt"
+    max_grad_norm: float | None = 0.5
+    max_steps: int | None = Field(None, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+
+
+class GenerationConfig(Section):
+    temperature: float = Field(0.8, gt=0)
+    top_k: int = Field(25, ge=1)
+    max_new_tokens: int = Field(150, ge=1)
+    repetition_penalty: float = Field(1.0, ge=1.0)
+    prompt_seconds: float = 3.0
+
+
+class EvalConfig(Section):
+    tasks: list[Literal["lexical", "word_order", "agreement"]] = Field(
+        default_factory=lambda: ["lexical", "word_order", "agreement"], min_length=1
+    )
+    n_pairs: int = Field(200, ge=1, description="minimal pairs per task")
+    convention: Literal["mean", "sum"] = Field("mean", description="score by mean (slamkit) or summed token NLL")
+    batch_size: int = Field(32, ge=1)
+    seed: int = 1234
+    generation: GenerationConfig = GenerationConfig()
+
+
+class SweepConfig(Section):
+    metric: str = "eval/word_order/accuracy"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    scheduler: Literal["fifo", "asha", "median"] = "fifo"
+
+
+class Experiment(Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    workdir: str | None = Field(None, description="where stage outputs go; None = ./slam_runs/<name>")
+    stages: list[StageName] = Field(default_factory=lambda: ["synth", "extract", "pack", "train", "eval"])
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    synth: SynthConfig = SynthConfig()
+    extract: ExtractConfig = ExtractConfig()
+    pack: PackConfig = PackConfig()
+    train: TrainConfig = TrainConfig()
+    dpo: DpoConfig = DpoConfig()
+    eval: EvalConfig = EvalConfig()
+    sweep: SweepConfig = SweepConfig()
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir or Path("slam_runs") / self.name).absolute()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+
+    @property
+    def tracking_experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self.extract.tokenizer.n_units + 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def recipe_names() -> list[str]:
+    folder = resources.files("slam_ray") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_experiment_path(experiment: str) -> Path:
+    """EXPERIMENT is a path to a YAML file or the name of a shipped recipe."""
+    path = Path(experiment)
+    if path.is_file():
+        return path
+    recipe = resources.files("slam_ray") / "recipes" / f"{experiment}.yaml"
+    if recipe.is_file():
+        return Path(str(recipe))
+    raise ConfigError(
+        f"experiment {experiment!r} is neither a YAML file nor a shipped recipe. "
+        f"Give a path to an experiment file, or one of: {', '.join(recipe_names())}."
+    )
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value typed by YAML: 3, 1.5, true, [a, b], null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE; write it like --set train.max_steps=100")
+    key, raw = item.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override key {key!r} is malformed; write dotted section keys like train.optimizer.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(keys[: depth + 1])} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid experiment config ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {field}: unknown key. Remove it or fix its spelling (see `slam-ray config show`).")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {field}: {e['msg']}{shown}. Fix it in the file or with --set {field}=...")
+    return "\n".join(lines)
+
+
+def load_experiment(experiment: str | Path, overrides: list[str] | None = None) -> Experiment:
+    path = resolve_experiment_path(str(experiment))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (name, workdir, train, ...), not {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path))) from e
+
+
+def to_yaml(exp: Experiment) -> str:
+    return yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False)

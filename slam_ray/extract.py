@@ -1,0 +1,234 @@
+"""`slam-ray extract`: audio -> discrete units, in parallel on Ray Data.
+
+1. Resolve `extract.inputs` (folders, globs, JSONL/CSV manifests, '@synth') into rows (id, path, text, speaker).
+2. Tokeniser: load centroids, or fit k-means on features of a seeded sample of files (saved to `tokenizer/`).
+3. Encode every file in an actor pool (decode -> mono 16 kHz -> features -> units -> de-dup); a file that
+   fails is one line of errors.jsonl and its neighbours still come through.
+4. Write Parquet shards `units/part-NNNNN.parquet`, sorted by id (the same inputs give the same shards).
+"""
+
+from __future__ import annotations
+
+import glob
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from slam_ray.config import Experiment
+from slam_ray.errors import SlamError
+from slam_ray.parallel import error_row, map_rows
+from slam_ray.runner import StageResult, init_ray, run_stage
+from slam_ray.stage_io import StageDir, Timer, upstream_dir
+from slam_ray.tokenizer import UnitTokenizer, fit_kmeans
+from slam_ray.tracking import Tracker
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
+SHARD_ROWS = 20_000
+
+UNITS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("path", pa.string()), ("units", pa.list_(pa.uint16())),
+    ("durations", pa.list_(pa.uint16())), ("n_frames", pa.int64()), ("audio_seconds", pa.float64()),
+    ("segment", pa.struct([("start", pa.float64()), ("end", pa.float64())])),
+    ("text", pa.string()), ("speaker", pa.string()),
+])
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------
+
+
+def _manifest_rows(path: Path) -> list[dict]:
+    df = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path)
+    if "path" not in df.columns:
+        raise SlamError(f"manifest {path} has no `path` column (columns: {', '.join(map(str, df.columns))})")
+    rows = []
+    for i, rec in enumerate(df.to_dict("records")):
+        audio = Path(str(rec["path"]))
+        audio = audio if audio.is_absolute() else (path.parent / audio)
+        rows.append({"id": str(rec.get("id") or f"{path.stem}-{i:07d}"), "path": str(audio),
+                     "text": str(rec.get("text") or ""), "speaker": str(rec.get("speaker") or "")})
+    return rows
+
+
+def _file_rows(files: list[Path], root: Path | None) -> list[dict]:
+    rows = []
+    for f in sorted(files):
+        rel = f.relative_to(root) if root else Path(f.name)
+        rows.append({"id": str(rel.with_suffix("")), "path": str(f.absolute()), "text": "", "speaker": ""})
+    return rows
+
+
+def resolve_inputs(exp: Experiment) -> list[dict]:
+    rows: list[dict] = []
+    for entry in exp.extract.inputs:
+        if entry == "@synth":
+            index = pd.read_parquet(upstream_dir(exp, "synth").path / "index.parquet")
+            rows += [{"id": r["id"], "path": r["path"], "text": r["text"], "speaker": r["voice"],
+                      "duration": r["duration"]} for r in index.to_dict("records")]
+            continue
+        path = Path(entry)
+        if path.is_dir():
+            rows += _file_rows([p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES], path)
+        elif path.is_file() and path.suffix in (".jsonl", ".csv"):
+            rows += _manifest_rows(path)
+        elif path.is_file():
+            rows += _file_rows([path], None)
+        else:
+            matches = [Path(p) for p in sorted(glob.glob(entry, recursive=True))]
+            if not matches:
+                raise SlamError(f"extract.inputs entry {entry!r} matches no folder, file, manifest or glob")
+            rows += _file_rows([p for p in matches if p.is_file()], None)
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise SlamError(f"extract.inputs give duplicate ids ({', '.join(dupes)}); give each input a distinct id")
+    return rows
+
+
+# --- actors ----------------------------------------------------------------------------------------------------
+
+
+class FeatureActor:
+    """Features of a sample of files, for fitting k-means (float16 bytes to keep the object store small)."""
+
+    def __init__(self, tokenizer_cfg: dict) -> None:
+        from slam_ray.config import TokenizerConfig
+        from slam_ray.tokenizer import make_features
+
+        self.features = make_features(TokenizerConfig.model_validate(tokenizer_cfg))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from slam_ray.audio import decode_audio
+
+        out = []
+        for row in batch.to_dict("records"):
+            try:
+                feats = self.features(decode_audio(row["path"])).astype(np.float16)
+                out.append({"id": row["id"], "feats": feats.tobytes(), "dim": feats.shape[1], "error": None})
+            except Exception as e:
+                out.append({"id": row["id"], "feats": b"", "dim": 0, "error": str(e)})
+        return pd.DataFrame(out)
+
+
+class EncodeActor:
+    def __init__(self, tokenizer_dir: str) -> None:
+        self.tokenizer = UnitTokenizer.load(tokenizer_dir)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from slam_ray.audio import TARGET_SAMPLE_RATE, decode_audio
+
+        out = []
+        for row in batch.to_dict("records"):
+            base = {k: row[k] for k in ("id", "path", "text", "speaker")}
+            try:
+                audio = decode_audio(row["path"])
+                enc = self.tokenizer.encode(audio)
+                seconds = len(audio) / TARGET_SAMPLE_RATE
+                out.append({**base, "units": enc["units"].tolist(), "durations": enc["durations"].tolist(),
+                            "n_frames": enc["n_frames"], "audio_seconds": seconds, "seg_start": 0.0,
+                            "seg_end": seconds, "error": None})
+            except Exception as e:
+                out.append({**error_row(base, e), "units": [], "durations": [], "n_frames": 0,
+                            "audio_seconds": 0.0, "seg_start": 0.0, "seg_end": 0.0})
+        return pd.DataFrame(out)
+
+
+# --- stage -----------------------------------------------------------------------------------------------------
+
+
+def _fit_sample(exp: Experiment, rows: list[dict]) -> list[dict]:
+    """A seeded sample with about `fit_frames` frames (or ~10 s per file when durations are unknown)."""
+    cfg = exp.extract.tokenizer
+    sample = list(rows)
+    random.Random(cfg.seed).shuffle(sample)
+    picked, frames = [], 0.0
+    for row in sample:
+        picked.append(row)
+        frames += row.get("duration", 10.0) * cfg.frame_rate
+        if frames >= cfg.fit_frames * 1.1:
+            break
+    return picked
+
+
+def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> tuple[UnitTokenizer, list[dict]]:
+    cfg = exp.extract.tokenizer
+    if cfg.centroids:
+        tokenizer = UnitTokenizer.from_centroids(cfg)
+        tokenizer.save(folder)
+        return tokenizer, []
+    features, errors = [], []
+    sample = _fit_sample(exp, rows)
+    for df in map_rows(exp, sample, FeatureActor, {"tokenizer_cfg": cfg.model_dump()},
+                       exp.extract.num_actors, exp.extract.batch_size, exp.extract.num_gpus_per_actor):
+        for rec in df.to_dict("records"):
+            if rec["error"]:
+                errors.append({"id": rec["id"], "error": rec["error"], "phase": "fit"})
+            else:
+                features.append(np.frombuffer(rec["feats"], dtype=np.float16).reshape(-1, rec["dim"]))
+    if not features:
+        raise SlamError("no input file could be decoded to fit the tokenizer; see the errors above")
+    centroids, mean, std = fit_kmeans(features, cfg)
+    tokenizer = UnitTokenizer(cfg, centroids, mean, std)
+    tokenizer.save(folder)
+    return tokenizer, errors
+
+
+def write_shards(rows: list[dict], folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: r["id"])
+    names = []
+    for n, start in enumerate(range(0, len(rows), SHARD_ROWS)):
+        chunk = rows[start : start + SHARD_ROWS]
+        for r in chunk:
+            r["segment"] = {"start": r.pop("seg_start"), "end": r.pop("seg_end")}
+        table = pa.Table.from_pylist(chunk, schema=UNITS_SCHEMA)
+        name = f"part-{n:05d}.parquet"
+        pq.write_table(table, folder / name)
+        names.append(name)
+    return names
+
+
+def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
+    with timer.phase("inputs"):
+        rows = resolve_inputs(exp)
+    if not rows:
+        raise SlamError("extract.inputs resolved to no audio files")
+    init_ray(exp)
+    with timer.phase("fit_tokenizer"):
+        _, errors = fit_tokenizer(exp, rows, out.path / "tokenizer")
+    good = []
+    with timer.phase("encode"):
+        for df in map_rows(exp, rows, EncodeActor, {"tokenizer_dir": str(out.path / "tokenizer")},
+                           exp.extract.num_actors, exp.extract.batch_size, exp.extract.num_gpus_per_actor):
+            for rec in df.to_dict("records"):
+                if isinstance(rec.get("error"), str):
+                    errors.append({k: rec[k] for k in ("id", "path", "error")} | {"phase": "encode"})
+                else:
+                    rec.pop("error")
+                    rec["units"] = [int(u) for u in rec["units"]]
+                    rec["durations"] = [int(d) for d in rec["durations"]]
+                    good.append(rec)
+    with timer.phase("write"):
+        shards = write_shards(good, out.path / "units")
+    audio_s = float(sum(r["audio_seconds"] for r in good))
+    n_units = int(sum(len(r["units"]) for r in good))
+    encode_s = timer.timings["encode"]
+    return StageResult(
+        counts={"files": len(rows), "encoded": len(good), "units": n_units, "audio_seconds": round(audio_s, 1)},
+        outputs={"units": [f"units/{s}" for s in shards], "tokenizer": "tokenizer"},
+        errors=errors,
+        metrics={"throughput/audio_seconds_per_s": audio_s / max(encode_s, 1e-9),
+                 "units_per_second_of_audio": n_units / max(audio_s, 1e-9)},
+    )
+
+
+def extract(exp: Experiment) -> StageDir:
+    return run_stage(exp, "extract", _extract)
+
+
+def read_units(folder: Path) -> pd.DataFrame:
+    """All unit rows of an extract output folder (the `units/` shards)."""
+    return pd.concat([pd.read_parquet(p) for p in sorted((folder / "units").glob("part-*.parquet"))], ignore_index=True)

@@ -1,0 +1,51 @@
+"""Ray Data helper shared by the stages: map rows through a pool of stateful actors, streaming results back.
+
+Per-row failures never fail a block (Ray's `max_errored_blocks` would drop a corrupt file's good neighbours):
+the actor catches them and returns the row with an `error` string, and the caller routes it to errors.jsonl.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+
+from slam_ray.config import Experiment
+
+
+def map_rows(
+    exp: Experiment,
+    rows: list[dict[str, Any]],
+    actor_cls: type,
+    ctor_kwargs: dict[str, Any],
+    num_actors: int,
+    batch_size: int,
+    num_gpus: float = 0.0,
+) -> Iterator[pd.DataFrame]:
+    """Yield output batches (pandas) of `actor_cls(**ctor_kwargs)(batch_df)` over `rows`, in any order."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    if not rows:
+        return
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    # Small blocks so every actor gets work early; rows are tiny (paths and text).
+    n_blocks = max(1, min(len(rows) // max(1, batch_size), 4 * num_actors * 8))
+    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    ds = ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs=ctor_kwargs,
+        compute=ActorPoolStrategy(size=min(num_actors, n_blocks)),
+        batch_size=batch_size,
+        batch_format="pandas",
+        num_cpus=exp.ray.actor_cpus,
+        num_gpus=num_gpus,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="pandas")
+
+
+def error_row(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    reason = str(exc) or type(exc).__name__
+    return {**{k: v for k, v in row.items() if isinstance(v, str | int | float)}, "error": reason}

@@ -1,0 +1,80 @@
+"""Runs one stage with the shared contract: reuse a complete output, else run it inside an MLflow run and
+write `manifest.json` (config, counts, timings, status) and `errors.jsonl`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from slam_ray.config import Experiment
+from slam_ray.stage_io import StageDir, Timer, stage_dir, stage_payload
+from slam_ray.tracking import Tracker, start_run
+
+log = logging.getLogger("slam_ray")
+
+
+@dataclass
+class StageResult:
+    """What a stage body returns; the runner turns it into the manifest."""
+
+    counts: dict[str, int | float] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+StageBody = Callable[[Experiment, StageDir, Tracker, Timer], StageResult]
+
+
+def init_ray(exp: Experiment) -> None:
+    """Join `ray.address` (or the cluster a job runs in), else start a local instance sized by config."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if exp.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=exp.ray.address, logging_level=logging.WARNING)
+        return
+    ray.init(
+        num_cpus=exp.ray.num_cpus or os.cpu_count(),
+        num_gpus=exp.ray.num_gpus,
+        include_dashboard=exp.ray.include_dashboard,
+        logging_level=logging.WARNING,
+    )
+
+
+def run_stage(exp: Experiment, stage: str, body: StageBody) -> StageDir:
+    out = stage_dir(exp, stage)
+    if out.is_complete():
+        print(f"[{stage}] reusing complete output {out.path}")
+        return out
+    print(f"[{stage}] running -> {out.path}")
+    payload = stage_payload(exp, stage)
+    manifest: dict[str, Any] = {"stage": stage, "key": out.key, "status": "running", "config": payload,
+                                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out.write_manifest(manifest)
+    timer = Timer()
+    with start_run(exp, stage, {"slam_ray.stage": stage, "slam_ray.key": out.key}) as tracker:
+        tracker.log_params(payload)
+        tracker.set_tags({"slam_ray.output": str(out.path)})
+        start = time.perf_counter()
+        result = body(exp, out, tracker, timer)
+        timer.timings["total"] = round(time.perf_counter() - start, 3)
+        out.write_errors(result.errors)
+        manifest.update(status="complete", counts=result.counts, outputs=result.outputs, timings=timer.timings,
+                        metrics=result.metrics, n_errors=len(result.errors),
+                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        out.write_manifest(manifest)
+        tracker.log_metrics({**{f"count/{k}": v for k, v in result.counts.items()},
+                             **{f"time/{k}_s": v for k, v in timer.timings.items()}, **result.metrics})
+        tracker.log_artifact(out.manifest_path)
+        if result.errors:
+            tracker.log_artifact(out.errors_path)
+    summary = ", ".join(f"{k}={v}" for k, v in result.counts.items())
+    print(f"[{stage}] done in {timer.timings['total']:.1f}s ({summary}; {len(result.errors)} errors)")
+    return out

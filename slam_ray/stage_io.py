@@ -1,0 +1,146 @@
+"""Stage outputs: `WORKDIR/<stage>/<config-hash>/` with `manifest.json` and `errors.jsonl`.
+
+A stage's key hashes its own config section and the keys of the stages it reads from, so changing an
+upstream stage invalidates everything downstream, while a sweep over `train` reuses the same units. Fields
+that change how a stage runs but not what it produces (actor counts, batch sizes of I/O) are left out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slam_ray.config import Experiment
+
+# Fields that only change scheduling, not results.
+_OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "torch_threads"}
+
+
+def _strip(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if k not in _OPERATIONAL}
+    return d
+
+
+def config_hash(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _trained_by(exp: Experiment) -> str:
+    """The stage whose checkpoint evaluation reads: dpo when the experiment runs it, else train."""
+    return "dpo" if "dpo" in exp.stages else "train"
+
+
+def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
+    """What a stage's output depends on: its section plus upstream keys."""
+    section = lambda name: _strip(getattr(exp, name).model_dump(mode="json"))  # noqa: E731
+    if stage == "synth":
+        return {"synth": section("synth")}
+    if stage == "extract":
+        payload: dict[str, Any] = {"extract": section("extract")}
+        if "@synth" in exp.extract.inputs:
+            payload["synth"] = stage_key(exp, "synth")
+        return payload
+    if stage == "pack":
+        return {"pack": section("pack"), "extract": stage_key(exp, "extract")}
+    if stage == "train":
+        return {"train": section("train"), "pack": stage_key(exp, "pack")}
+    if stage == "dpo":
+        return {"dpo": section("dpo"), "train": stage_key(exp, "train")}
+    if stage == "eval":
+        # Eval speaks its pairs with the synth voices and tokenises them with the extract tokenizer.
+        synth = section("synth")
+        voices = {k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")}
+        held_out = synth["corpus"]["held_out_percent"]
+        trained_by = _trained_by(exp)
+        return {"eval": section("eval"), "voices": voices, "held_out_percent": held_out,
+                "extract": stage_key(exp, "extract"), trained_by: stage_key(exp, trained_by)}
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def stage_key(exp: Experiment, stage: str) -> str:
+    return config_hash(stage_payload(exp, stage))
+
+
+@dataclass
+class StageDir:
+    stage: str
+    key: str
+    path: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def errors_path(self) -> Path:
+        return self.path / "errors.jsonl"
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        if not self.manifest_path.is_file():
+            return None
+        return json.loads(self.manifest_path.read_text())
+
+    def is_complete(self) -> bool:
+        manifest = self.read_manifest()
+        return manifest is not None and manifest.get("status") == "complete"
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.manifest_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+        tmp.replace(self.manifest_path)  # atomic: a crash never leaves a half-written manifest
+
+    def write_errors(self, errors: list[dict[str, Any]]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.errors_path, "w") as f:
+            for row in errors:
+                f.write(json.dumps(row, default=str) + "\n")
+
+
+def stage_dir(exp: Experiment, stage: str) -> StageDir:
+    key = stage_key(exp, stage)
+    return StageDir(stage, key, exp.workdir_path / stage / key)
+
+
+def upstream_dir(exp: Experiment, stage: str) -> StageDir:
+    """The output of an upstream stage, which must be complete."""
+    from slam_ray.errors import SlamError
+
+    sd = stage_dir(exp, stage)
+    if not sd.is_complete():
+        raise SlamError(
+            f"this stage needs the output of `{stage}`, which is missing at {sd.path}. "
+            f"Run `slam-ray {stage} EXPERIMENT` (with the same --set overrides) or `slam-ray run EXPERIMENT` first."
+        )
+    return sd
+
+
+def trained_checkpoint_dir(exp: Experiment) -> StageDir:
+    return upstream_dir(exp, _trained_by(exp))
+
+
+class Timer:
+    """Wall-clock seconds per named phase, for manifests and MLflow."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def phase(self, name: str) -> _Phase:
+        return _Phase(self, name)
+
+
+class _Phase:
+    def __init__(self, timer: Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.timings[self.name] = round(time.perf_counter() - self.start, 3)
