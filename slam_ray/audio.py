@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -15,13 +16,20 @@ class AudioError(ValueError):
     """A file that cannot be used as speech; the message is the reason recorded in errors.jsonl."""
 
 
+@functools.lru_cache(maxsize=8)
+def _resampler(orig_sr: int, target_sr: int):
+    import torchaudio
+
+    return torchaudio.transforms.Resample(orig_sr, target_sr)  # builds its sinc kernel once, not per call
+
+
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     if orig_sr == target_sr:
         return audio
     import torch
-    import torchaudio.functional as F
 
-    return F.resample(torch.from_numpy(audio), orig_sr, target_sr).numpy()
+    with torch.no_grad():
+        return _resampler(orig_sr, target_sr)(torch.from_numpy(audio)).numpy()
 
 
 def decode_audio(source: str | Path | bytes, sample_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:

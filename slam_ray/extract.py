@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 
 from slam_ray.config import Experiment
 from slam_ray.errors import SlamError
-from slam_ray.parallel import error_row, map_rows
+from slam_ray.parallel import map_rows
 from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, upstream_dir
-from slam_ray.tokenizer import UnitTokenizer, fit_kmeans
+from slam_ray.tokenizer import UnitTokenizer, encode_files, fit_kmeans
 from slam_ray.tracking import Tracker
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
@@ -96,8 +96,10 @@ class FeatureActor:
 
     def __init__(self, tokenizer_cfg: dict) -> None:
         from slam_ray.config import TokenizerConfig
+        from slam_ray.parallel import limit_threads
         from slam_ray.tokenizer import make_features
 
+        limit_threads()
         self.features = make_features(TokenizerConfig.model_validate(tokenizer_cfg))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -110,29 +112,6 @@ class FeatureActor:
                 out.append({"id": row["id"], "feats": feats.tobytes(), "dim": feats.shape[1], "error": None})
             except Exception as e:
                 out.append({"id": row["id"], "feats": b"", "dim": 0, "error": str(e)})
-        return pd.DataFrame(out)
-
-
-class EncodeActor:
-    def __init__(self, tokenizer_dir: str) -> None:
-        self.tokenizer = UnitTokenizer.load(tokenizer_dir)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from slam_ray.audio import TARGET_SAMPLE_RATE, decode_audio
-
-        out = []
-        for row in batch.to_dict("records"):
-            base = {k: row[k] for k in ("id", "path", "text", "speaker")}
-            try:
-                audio = decode_audio(row["path"])
-                enc = self.tokenizer.encode(audio)
-                seconds = len(audio) / TARGET_SAMPLE_RATE
-                out.append({**base, "units": enc["units"].tolist(), "durations": enc["durations"].tolist(),
-                            "n_frames": enc["n_frames"], "audio_seconds": seconds, "seg_start": 0.0,
-                            "seg_end": seconds, "error": None})
-            except Exception as e:
-                out.append({**error_row(base, e), "units": [], "durations": [], "n_frames": 0,
-                            "audio_seconds": 0.0, "seg_start": 0.0, "seg_end": 0.0})
         return pd.DataFrame(out)
 
 
@@ -199,18 +178,10 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
     init_ray(exp)
     with timer.phase("fit_tokenizer"):
         _, errors = fit_tokenizer(exp, rows, out.path / "tokenizer")
-    good = []
     with timer.phase("encode"):
-        for df in map_rows(exp, rows, EncodeActor, {"tokenizer_dir": str(out.path / "tokenizer")},
-                           exp.extract.num_actors, exp.extract.batch_size, exp.extract.num_gpus_per_actor):
-            for rec in df.to_dict("records"):
-                if isinstance(rec.get("error"), str):
-                    errors.append({k: rec[k] for k in ("id", "path", "error")} | {"phase": "encode"})
-                else:
-                    rec.pop("error")
-                    rec["units"] = [int(u) for u in rec["units"]]
-                    rec["durations"] = [int(d) for d in rec["durations"]]
-                    good.append(rec)
+        good, bad = encode_files(exp, rows, out.path / "tokenizer", exp.extract.num_actors, exp.extract.batch_size,
+                                 exp.extract.num_gpus_per_actor)
+    errors += [{k: r[k] for k in ("id", "path", "error")} | {"phase": "encode"} for r in bad]
     with timer.phase("write"):
         shards = write_shards(good, out.path / "units")
     audio_s = float(sum(r["audio_seconds"] for r in good))
@@ -228,7 +199,3 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
 def extract(exp: Experiment) -> StageDir:
     return run_stage(exp, "extract", _extract)
 
-
-def read_units(folder: Path) -> pd.DataFrame:
-    """All unit rows of an extract output folder (the `units/` shards)."""
-    return pd.concat([pd.read_parquet(p) for p in sorted((folder / "units").glob("part-*.parquet"))], ignore_index=True)

@@ -49,3 +49,10 @@ def map_rows(
 def error_row(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     reason = str(exc) or type(exc).__name__
     return {**{k: v for k, v in row.items() if isinstance(v, str | int | float)}, "error": reason}
+
+
+def limit_threads(n: int = 1) -> None:
+    """Called in actor constructors: one intra-op thread per actor, so actors do not oversubscribe the cores."""
+    import torch
+
+    torch.set_num_threads(n)

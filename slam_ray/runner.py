@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slam_ray.config import Experiment
-from slam_ray.stage_io import StageDir, Timer, stage_dir, stage_payload
+from slam_ray.stage_io import StageDir, Timer, stage_dir, stage_payload, upstream_dir, upstream_stages
 from slam_ray.tracking import Tracker, start_run
 
 log = logging.getLogger("slam_ray")
@@ -53,6 +53,8 @@ def run_stage(exp: Experiment, stage: str, body: StageBody) -> StageDir:
     if out.is_complete():
         print(f"[{stage}] reusing complete output {out.path}")
         return out
+    for upstream in upstream_stages(exp, stage):
+        upstream_dir(exp, upstream)  # a clear error before any work if an input stage has not run
     print(f"[{stage}] running -> {out.path}")
     payload = stage_payload(exp, stage)
     manifest: dict[str, Any] = {"stage": stage, "key": out.key, "status": "running", "config": payload,
@@ -63,7 +65,11 @@ def run_stage(exp: Experiment, stage: str, body: StageBody) -> StageDir:
         tracker.log_params(payload)
         tracker.set_tags({"slam_ray.output": str(out.path)})
         start = time.perf_counter()
-        result = body(exp, out, tracker, timer)
+        try:
+            result = body(exp, out, tracker, timer)
+        except BaseException as e:
+            out.write_manifest({**manifest, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+            raise
         timer.timings["total"] = round(time.perf_counter() - start, 3)
         out.write_errors(result.errors)
         manifest.update(status="complete", counts=result.counts, outputs=result.outputs, timings=timer.timings,

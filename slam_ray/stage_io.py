@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slam_ray.config import Experiment
+from slam_ray.config import STAGES, Experiment
+from slam_ray.grammar import GRAMMAR_VERSION
 
 # Fields that only change scheduling, not results.
 _OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "torch_threads"}
@@ -40,7 +41,10 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
     """What a stage's output depends on: its section plus upstream keys."""
     section = lambda name: _strip(getattr(exp, name).model_dump(mode="json"))  # noqa: E731
     if stage == "synth":
-        return {"synth": section("synth")}
+        payload = {"synth": section("synth")}
+        if exp.synth.corpus.source == "grammar":
+            payload["grammar_version"] = GRAMMAR_VERSION
+        return payload
     if stage == "extract":
         payload: dict[str, Any] = {"extract": section("extract")}
         if "@synth" in exp.extract.inputs:
@@ -58,9 +62,14 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
         voices = {k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")}
         held_out = synth["corpus"]["held_out_percent"]
         trained_by = _trained_by(exp)
-        return {"eval": section("eval"), "voices": voices, "held_out_percent": held_out,
+        return {"eval": section("eval"), "voices": voices, "held_out_percent": held_out, "grammar_version": GRAMMAR_VERSION,
                 "extract": stage_key(exp, "extract"), trained_by: stage_key(exp, trained_by)}
     raise ValueError(f"unknown stage {stage!r}")
+
+
+def upstream_stages(exp: Experiment, stage: str) -> list[str]:
+    """The stages whose outputs `stage` reads (the stage names in its payload)."""
+    return [name for name in stage_payload(exp, stage) if name in STAGES and name != stage]
 
 
 def stage_key(exp: Experiment, stage: str) -> str:

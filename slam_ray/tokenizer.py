@@ -136,3 +136,53 @@ class UnitTokenizer:
             raise SlamError(f"{path} holds {centroids.shape[0]} centroids but tokenizer.n_units={cfg.n_units}")
         dim = centroids.shape[1]
         return cls(cfg, centroids, np.zeros(dim, np.float32), np.ones(dim, np.float32))
+
+
+# --- parallel encoding (Ray Data actors), shared by `extract` and by `eval` for its spoken pairs ----------------
+
+
+class EncodeActor:
+    def __init__(self, tokenizer_dir: str) -> None:
+        from slam_ray.parallel import limit_threads
+
+        limit_threads()
+        self.tokenizer = UnitTokenizer.load(tokenizer_dir)
+
+    def __call__(self, batch):  # pandas DataFrame in and out
+        import pandas as pd
+
+        from slam_ray.audio import decode_audio
+        from slam_ray.parallel import error_row
+
+        out = []
+        for row in batch.to_dict("records"):
+            base = {k: row[k] for k in ("id", "path", "text", "speaker")}
+            try:
+                audio = decode_audio(row["path"])
+                enc = self.tokenizer.encode(audio)
+                seconds = len(audio) / TARGET_SAMPLE_RATE
+                out.append({**base, "units": enc["units"].tolist(), "durations": enc["durations"].tolist(),
+                            "n_frames": enc["n_frames"], "audio_seconds": seconds, "seg_start": 0.0,
+                            "seg_end": seconds, "error": None})
+            except Exception as e:
+                out.append({**error_row(base, e), "units": [], "durations": [], "n_frames": 0,
+                            "audio_seconds": 0.0, "seg_start": 0.0, "seg_end": 0.0})
+        return pd.DataFrame(out)
+
+
+def encode_files(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: int, batch_size: int,
+                 num_gpus: float = 0.0) -> tuple[list[dict], list[dict]]:
+    """Units for every row (`id`, `path`, `text`, `speaker`); returns (good rows, error rows)."""
+    from slam_ray.parallel import map_rows
+
+    good, bad = [], []
+    for df in map_rows(exp, rows, EncodeActor, {"tokenizer_dir": str(tokenizer_dir)}, num_actors, batch_size, num_gpus):
+        for rec in df.to_dict("records"):
+            if isinstance(rec.get("error"), str):
+                bad.append(rec)
+            else:
+                rec.pop("error")
+                rec["units"] = [int(u) for u in rec["units"]]
+                rec["durations"] = [int(d) for d in rec["durations"]]
+                good.append(rec)
+    return good, bad

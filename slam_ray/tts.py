@@ -104,6 +104,9 @@ class SpeakActor:
     """
 
     def __init__(self, backend: str, sample_rate: int) -> None:
+        from slam_ray.parallel import limit_threads
+
+        limit_threads()
         self.backend = make_backend(backend, sample_rate)
         self.sample_rate = sample_rate
 

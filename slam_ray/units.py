@@ -73,3 +73,13 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+def read_unit_shards(folder: str | Path):
+    """All rows of an extract output (its `units/part-*.parquet` shards) as one pandas DataFrame."""
+    import pandas as pd
+
+    shards = sorted((Path(folder) / "units").glob("part-*.parquet"))
+    if not shards:
+        return pd.DataFrame(columns=["id", "units", "durations"])
+    return pd.concat([pd.read_parquet(p) for p in shards], ignore_index=True)

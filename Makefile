@@ -1,0 +1,38 @@
+# Two entry points (see README): `make demo` runs the quickstart experiment, `make test` the test suite.
+# Both create .venv when missing and (re)install when pyproject.toml changes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint bench system-deps clean
+
+demo: $(VENV)/.installed system-deps
+	$(BIN)/slam-ray run quickstart
+
+test: $(VENV)/.installed-dev system-deps
+	@$(BIN)/python -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check slam_ray tests bench
+
+# espeak-ng is a Debian package (the default offline TTS engine).
+system-deps:
+	@command -v espeak-ng >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng)
+
+$(VENV)/bin/pip:
+	$(PYTHON) -m venv $(VENV)
+
+# torch 2.14.1 and torchaudio 2.11.0 resolve together in this one pip command (pins in pyproject.toml).
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+clean:
+	rm -rf slam_runs bench_out .pytest_cache

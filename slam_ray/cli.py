@@ -1,0 +1,146 @@
+"""`slam-ray`: one verb per stage, `run` for a whole experiment, `config` and `compare` around them.
+
+Bad input or a bad config prints one paragraph and exits with code 2 (no traceback; `--debug` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+from slam_ray.config import STAGES, Experiment, load_experiment, to_yaml
+from slam_ray.errors import SlamError
+
+EXIT_USAGE = 2
+
+
+def _stage_fn(stage: str) -> Callable[[Experiment], object]:
+    """Import a stage lazily: `slam-ray config show` should not pay for torch and Ray."""
+    if stage == "synth":
+        from slam_ray.synth import synth as fn
+    elif stage == "extract":
+        from slam_ray.extract import extract as fn
+    elif stage == "pack":
+        from slam_ray.pack import pack as fn
+    elif stage == "train":
+        from slam_ray.train import train as fn
+    elif stage == "eval":
+        from slam_ray.eval import evaluate as fn
+    elif stage == "dpo":
+        raise SlamError("the `dpo` stage is not implemented yet (tracked in the DPO issue); "
+                        "remove `dpo` from the experiment's `stages` for now")
+    else:
+        raise SlamError(f"unknown stage {stage!r}")
+    return fn
+
+
+def run_experiment(exp: Experiment) -> dict[str, float]:
+    """Run the stages the experiment lists, in order, under one parent MLflow run; returns seconds per stage."""
+    from slam_ray.stage_io import stage_dir
+    from slam_ray.tracking import experiment_run, ui_hint
+
+    for stage in exp.stages:
+        _stage_fn(stage)  # fail before any work if a listed stage is unavailable
+    wall: dict[str, float] = {}
+    with experiment_run(exp) as parent:
+        for stage in exp.stages:
+            start = time.perf_counter()
+            out = _stage_fn(stage)(exp)
+            wall[stage] = round(time.perf_counter() - start, 1)
+            parent.set_tags({f"slam_ray.output.{stage}": str(out.path)})
+        parent.log_metrics({f"time/{s}_s": v for s, v in wall.items()})
+        if "eval" in exp.stages:
+            from slam_ray.eval import metric_name
+
+            results = json.loads((stage_dir(exp, "eval").path / "results.json").read_text())
+            parent.log_metrics({metric_name(k): v["accuracy"] for k, v in results.items()})
+    print("\nwall time per stage (s): " + ", ".join(f"{s} {v}" for s, v in wall.items()))
+    print(f"outputs: {exp.workdir_path}")
+    print(ui_hint(exp))
+    return wall
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    run_experiment(load_experiment(args.experiment, args.set))
+
+
+def _cmd_stage(args: argparse.Namespace) -> None:
+    exp = load_experiment(args.experiment, args.set)
+    out = _stage_fn(args.command)(exp)
+    print(f"{args.command} output: {getattr(out, 'path', out)}")
+
+
+def _cmd_config(args: argparse.Namespace) -> None:
+    exp = load_experiment(args.experiment, args.set)
+    if args.action == "show":
+        print(to_yaml(exp), end="")
+    else:
+        print(f"{args.experiment}: valid ({len(exp.stages)} stages: {', '.join(exp.stages)})")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    load_experiment(args.experiment, args.set)
+    raise SlamError("`slam-ray sweep` is not implemented yet (tracked in the ablation-sweeps issue)")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from slam_ray.compare import compare
+
+    compare(experiment=args.experiment, tracking_uri=args.tracking_uri, metric=args.metric, out_dir=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slam-ray", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_experiment(p: argparse.ArgumentParser) -> None:
+        p.add_argument("experiment", metavar="EXPERIMENT", help="experiment YAML path or recipe name (e.g. quickstart)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set train.max_steps=100 (repeatable)")
+
+    p = sub.add_parser("run", help="run the stages the experiment lists, in order")
+    with_experiment(p)
+    p.set_defaults(func=_cmd_run)
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        with_experiment(p)
+        p.set_defaults(func=_cmd_stage)
+    p = sub.add_parser("sweep", help="search a space of overrides with Ray Tune")
+    with_experiment(p)
+    p.add_argument("--space", required=True, help="search space YAML")
+    p.set_defaults(func=_cmd_sweep)
+    p = sub.add_parser("compare", help="compare runs recorded in MLflow")
+    p.add_argument("--experiment", help="MLflow experiment name (default: all)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: sqlite store of ./slam_runs/EXPERIMENT)")
+    p.add_argument("--metric", default="eval/word_order/accuracy", help="metric to sort by")
+    p.add_argument("--out", help="folder for the CSV table")
+    p.set_defaults(func=_cmd_compare)
+    p = sub.add_parser("config", help="show or validate an experiment file")
+    p.add_argument("action", choices=["show", "validate"])
+    with_experiment(p)
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SlamError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"slam-ray: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("slam-ray: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

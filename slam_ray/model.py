@@ -1,0 +1,53 @@
+"""Speech LMs as plain transformers causal LMs: TWIST init from a text LM, random init from a config.
+
+Checkpoints are HF folders: `AutoModelForCausalLM.from_pretrained(path)` loads them anywhere.
+"""
+
+from __future__ import annotations
+
+from slam_ray.config import ModelConfig
+from slam_ray.errors import SlamError
+from slam_ray.units import BOS_ID, EOS_ID, PAD_ID
+
+
+def _set_overrides(config, cfg: ModelConfig, vocab_size: int) -> None:
+    config.vocab_size = vocab_size
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = PAD_ID, BOS_ID, EOS_ID
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, name):
+            setattr(config, name, cfg.dropout)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        rope["rope_theta"] = cfg.rope_theta
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096):
+    """A causal LM over the unit vocabulary (`vocab_size` ids)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+
+    if cfg.init == "twist":
+        # TWIST: keep the text LM's transformer, cut its embeddings (and an untied head) to the unit ids.
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.base)
+        except OSError as e:
+            raise SlamError(f"cannot load text LM {cfg.base!r} for TWIST init (HF id in the local cache, or a folder): {e}") from e
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+        _set_overrides(model.config, cfg, vocab_size)
+        return model
+    if cfg.base:
+        try:
+            config = AutoConfig.from_pretrained(cfg.base)
+        except OSError as e:
+            raise SlamError(f"cannot load the config of {cfg.base!r}: {e}") from e
+    else:
+        config = Qwen2Config(
+            hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=max_positions, tie_word_embeddings=True,
+        )
+    _set_overrides(config, cfg, vocab_size)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

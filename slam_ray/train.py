@@ -1,0 +1,213 @@
+"""`slam-ray train`: pre-train a speech LM on packed unit windows with Ray Train (`TorchTrainer`).
+
+Read top to bottom: the driver builds a `TorchTrainer`; each worker builds the model, probes its own
+throughput when the budget is wall-clock time (so a cosine schedule really ends at the budget), trains with
+AdamW + warmup/cosine, logs to MLflow from rank 0, and reports two HF checkpoints: `init` (step 0, the
+untrained baseline evaluation compares against) and `final`. The driver copies both into the stage folder.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slam_ray.config import Experiment, ScheduleConfig
+from slam_ray.runner import StageResult, init_ray, run_stage
+from slam_ray.stage_io import StageDir, Timer, upstream_dir
+from slam_ray.tracking import Tracker
+from slam_ray.units import PAD_ID
+
+PROBE_STEPS = 6  # timed forward/backward passes (weights untouched) that size a time-budgeted schedule
+
+
+def lr_factor(step: int, total: int, warmup: int, sched: ScheduleConfig, base_lr: float) -> float:
+    """Multiplier of the base lr at `step` (0-based): linear warmup, then the named decay."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if sched.name == "constant":
+        return 1.0
+    if sched.name == "inverse_sqrt":
+        return math.sqrt(max(warmup, 1) / (step + 1))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = sched.min_lr / base_lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class WindowBatches:
+    """Seeded epoch-wise shuffles of the packed windows; rank r takes its slice of every global batch."""
+
+    def __init__(self, windows: np.ndarray, batch_size: int, rank: int, world: int, seed: int) -> None:
+        self.windows, self.batch_size, self.rank, self.world, self.seed = windows, batch_size, rank, world, seed
+        self.global_batch = batch_size * world
+        if len(windows) < self.global_batch:
+            raise ValueError(f"{len(windows)} training windows < one global batch ({self.global_batch}); "
+                             "lower train.batch_size or pack.context_len, or give more data")
+        self.per_epoch = len(windows) // self.global_batch
+
+    def batch(self, index: int) -> np.ndarray:
+        epoch, i = divmod(index, self.per_epoch)
+        order = np.random.default_rng(self.seed + epoch).permutation(len(self.windows))
+        start = i * self.global_batch + self.rank * self.batch_size
+        return self.windows[order[start : start + self.batch_size]]
+
+
+def _all_ranks(value: float, op: str) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def _report_checkpoint(model: Any, rank: int, metrics: dict[str, Any]) -> None:
+    """Every rank calls report (it is a barrier); rank 0 attaches the HF checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            getattr(model, "module", model).save_pretrained(tmp)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from slam_ray.model import build_model, count_parameters
+
+    exp = Experiment.model_validate(config["experiment"])
+    cfg = exp.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.torch_threads or max(1, int(exp.ray.worker_cpus)))
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+    tracker = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+
+    train_windows = np.load(config["train_path"])
+    val_windows = np.load(config["val_path"])
+    context_len = train_windows.shape[1]
+    model = build_model(cfg.model, exp.vocab_size, max_positions=context_len)
+    n_params = count_parameters(model)
+    _report_checkpoint(model, rank, {"step": 0, "kind": "init", "params": n_params})
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=cfg.optimizer.betas,
+                            weight_decay=cfg.optimizer.weight_decay, eps=cfg.optimizer.eps)
+    data = WindowBatches(train_windows, cfg.batch_size, rank, world, cfg.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    def loss_on(windows: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(windows.astype(np.int64)).to(device)
+        labels = x.masked_fill(x == PAD_ID, -100)
+        with autocast:
+            return model(input_ids=x, labels=labels).loss
+
+    # Schedule length: max_steps, or what the time budget affords at the throughput measured here.
+    start = time.perf_counter()
+    total_steps = cfg.max_steps or 10**12
+    if cfg.max_minutes:
+        for i in range(PROBE_STEPS):
+            if i == 1:
+                probe_start = time.perf_counter()  # the first pass pays one-off costs
+            (loss_on(data.batch(i)) * cfg.grad_accum).backward()
+        opt.zero_grad(set_to_none=True)
+        step_time = _all_ranks((time.perf_counter() - probe_start) / (PROBE_STEPS - 1), "max") * cfg.grad_accum
+        budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
+        total_steps = max(1, min(total_steps, int(budget_left / step_time)))
+    warmup = int(round(cfg.schedule.warmup_ratio * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule, cfg.optimizer.lr))
+    if tracker:
+        tracker.log_params({"model.params": n_params, "schedule.total_steps": total_steps, "schedule.warmup_steps": warmup})
+        print(f"[train] {n_params / 1e6:.2f}M params, {world} worker(s), {total_steps} steps planned")
+
+    tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * world
+    step, loss_sum, last_log, last_step = 0, 0.0, time.perf_counter(), 0
+    while step < total_steps:
+        model.train()
+        for micro in range(cfg.grad_accum):
+            loss = loss_on(data.batch(step * cfg.grad_accum + micro)) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            elapsed_steps = step - last_step
+            if tracker:
+                tracker.log_metrics({"train/loss": loss_sum / elapsed_steps, "train/lr": sched.get_last_lr()[0],
+                                     "train/grad_norm": float(grad_norm), "train/tokens": step * tokens_per_step,
+                                     "train/tokens_per_s": elapsed_steps * tokens_per_step / (now - last_log)}, step)
+            loss_sum, last_log, last_step = 0.0, now, step
+            # Every rank must stop on the same step: agree on the budget check.
+            if cfg.max_minutes and _all_ranks(float(now - start > cfg.max_minutes * 60), "max") > 0:
+                break
+    train_seconds = time.perf_counter() - start
+
+    model.eval()
+    with torch.no_grad():
+        val_losses = [loss_on(val_windows[i : i + cfg.batch_size]).item()
+                      for i in range(rank * cfg.batch_size, len(val_windows), cfg.batch_size * world)]
+    val_loss = _all_ranks(sum(val_losses), "sum") / max(1.0, _all_ranks(len(val_losses), "sum"))
+    metrics = {"step": step, "kind": "final", "val_loss": val_loss, "tokens": step * tokens_per_step,
+               "train_seconds": train_seconds, "tokens_per_s": step * tokens_per_step / train_seconds, "params": n_params}
+    if tracker:
+        tracker.log_metrics({"val/loss": val_loss, "train/tokens_per_s_mean": metrics["tokens_per_s"]}, step)
+    _report_checkpoint(model, rank, metrics)
+
+
+def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    packed = upstream_dir(exp, "pack").path
+    init_ray(exp)
+    resources = {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": exp.model_dump(mode="json"), "tracking_uri": tracker.uri,
+                           "run_id": tracker.run_id, "train_path": str(packed / "train.npy"),
+                           "val_path": str(packed / "val.npy")},
+        scaling_config=ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="train", storage_path=str(out.path / "ray"),
+                             failure_config=FailureConfig(max_failures=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+    )
+    with timer.phase("fit"):
+        result = trainer.fit()
+    checkpoints = {m.get("kind"): (ckpt, m) for ckpt, m in result.best_checkpoints}
+    for kind, folder in (("init", "checkpoint_init"), ("final", "checkpoint")):
+        target = out.path / folder
+        shutil.rmtree(target, ignore_errors=True)
+        checkpoints[kind][0].to_directory(str(target))
+    final = checkpoints["final"][1]
+    return StageResult(
+        counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"])},
+        outputs={"checkpoint": "checkpoint", "checkpoint_init": "checkpoint_init"},
+        metrics={"val/loss_final": float(final["val_loss"]), "train/seconds": float(final["train_seconds"]),
+                 "train/tokens_per_s_mean": float(final["tokens_per_s"])},
+    )
+
+
+def train(exp: Experiment) -> StageDir:
+    return run_stage(exp, "train", _train)
+
+
+def checkpoint_path(out: StageDir, kind: str = "final") -> Path:
+    return out.path / ("checkpoint" if kind == "final" else "checkpoint_init")

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "slamkit_example"
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"shared fixtures missing at {FIXTURES} (shared/ must sit beside the repository)")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the in-process tests that need it; only this instance is shut down."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def espeak() -> str:
+    path = shutil.which("espeak-ng")
+    if path is None:
+        pytest.fail("espeak-ng is not installed; `make test` installs it (apt-get install espeak-ng)")
+    return path
+
+
+def small_experiment(workdir: Path, **sections):
+    """A quickstart-shaped experiment scaled down to seconds per stage."""
+    from slam_ray.config import Experiment
+
+    data = {
+        "name": "tiny",
+        "workdir": str(workdir),
+        "ray": {"actor_cpus": 0.5, "worker_cpus": 1},
+        "synth": {"corpus": {"n_sentences": 240}, "num_actors": 2, "batch_size": 16},
+        "extract": {"tokenizer": {"n_units": 48, "fit_frames": 4000}, "batch_size": 16},
+        "pack": {"context_len": 128, "val_fraction": 0.05},
+        "train": {"batch_size": 8, "max_steps": 30, "max_minutes": None, "log_every": 5,
+                  "model": {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2,
+                            "intermediate_size": 128}},
+        "eval": {"n_pairs": 12, "batch_size": 16},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return Experiment.model_validate(data)

@@ -1,0 +1,80 @@
+"""Every CLI error path: one paragraph on stderr, exit code 2, no traceback unless --debug."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from slam_ray.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "no_such_recipe"], "neither a YAML file nor a shipped recipe"),
+        (["config", "validate", "quickstart", "--set", "train.batch_size"], "is not KEY=VALUE"),
+        (["config", "validate", "quickstart", "--set", "train.optimizr.lr=1"], "train.optimizr: unknown key"),
+        (["config", "show", "quickstart", "--set", "train.batch_size=abc"], "train.batch_size: Input should be a valid integer"),
+        (["train", "quickstart", "--set", "train.max_minutes=null"], "max_steps or max_minutes"),
+        (["run", "quickstart", "--set", "stages=[train,dpo]"], "`dpo` stage is not implemented"),
+        (["sweep", "quickstart", "--space", "x.yaml"], "sweep` is not implemented"),
+        (["compare"], "give --tracking-uri"),
+        (["compare", "--experiment", "nothing_here"], "no MLflow store"),
+    ],
+)
+def test_error_paths_exit_2_without_traceback(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_invalid_yaml_and_non_mapping(capsys, tmp_path):
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    code, _, err = run_cli(capsys, "config", "validate", str(tmp_path / "broken.yaml"))
+    assert code == 2 and "not valid YAML" in err
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    code, _, err = run_cli(capsys, "config", "validate", str(tmp_path / "list.yaml"))
+    assert code == 2 and "must hold a mapping" in err
+
+
+def test_stage_without_its_upstream_says_what_to_run(capsys, tmp_path):
+    exp = tmp_path / "e.yaml"
+    exp.write_text(yaml.safe_dump({"name": "e", "workdir": str(tmp_path / "w")}))
+    code, _, err = run_cli(capsys, "pack", str(exp))
+    assert code == 2
+    assert "needs the output of `extract`" in err and "slam-ray extract" in err
+
+
+def test_debug_shows_the_traceback(capsys):
+    code, _, err = run_cli(capsys, "--debug", "run", "no_such_recipe")
+    assert code == 2 and "Traceback" in err
+
+
+def test_config_show_round_trips(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "config", "show", "quickstart", "--set", "train.max_steps=7")
+    assert code == 0
+    (tmp_path / "shown.yaml").write_text(out)
+    code, out, _ = run_cli(capsys, "config", "show", str(tmp_path / "shown.yaml"))
+    assert code == 0 and yaml.safe_load(out)["train"]["max_steps"] == 7
+
+
+def test_usage_errors_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "slam_ray.cli", "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_entry_point_reports_config_errors_plainly():
+    proc = subprocess.run([sys.executable, "-m", "slam_ray.cli", "config", "validate", "quickstart",
+                           "--set", "pack.context_len=4"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "pack.context_len" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slam_ray.config import ModelConfig
+from slam_ray.errors import SlamError
+from slam_ray.model import build_model
+
+
+def save_text_lm(path, tie: bool):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      intermediate_size=64, tie_word_embeddings=tie, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_twist_init_keeps_the_text_lm_and_cuts_the_vocabulary(tmp_path, tie):
+    text_lm = save_text_lm(tmp_path / "lm", tie)
+    speech_lm = build_model(ModelConfig(init="twist", base=str(tmp_path / "lm"), rope_theta=10_000), vocab_size=52)
+    emb = speech_lm.get_input_embeddings().weight
+    assert emb.shape == (52, 32)
+    assert torch.equal(emb, text_lm.get_input_embeddings().weight[:52])
+    head = speech_lm.get_output_embeddings().weight
+    assert head.shape == (52, 32)
+    if tie:
+        assert head.data_ptr() == emb.data_ptr()
+    else:
+        assert torch.equal(head, text_lm.get_output_embeddings().weight[:52])
+    text_state = text_lm.state_dict()
+    for name, value in speech_lm.state_dict().items():
+        if "layers." in name:
+            assert torch.equal(value, text_state[name]), name
+    assert speech_lm.config.vocab_size == 52
+    assert speech_lm.config.rope_parameters["rope_theta"] == 10_000
+    # the checkpoint loads with plain transformers
+    from transformers import AutoModelForCausalLM
+
+    speech_lm.save_pretrained(tmp_path / "speech")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "speech")
+    assert torch.equal(again.get_input_embeddings().weight, emb)
+
+
+def test_random_init_from_a_base_config(tmp_path):
+    text_lm = save_text_lm(tmp_path / "lm", True)
+    model = build_model(ModelConfig(init="random", base=str(tmp_path / "lm")), vocab_size=40)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 40
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, text_lm.model.layers[0].mlp.up_proj.weight)
+
+
+def test_missing_base_is_a_clear_error(tmp_path):
+    with pytest.raises(SlamError, match="cannot load text LM"):
+        build_model(ModelConfig(init="twist", base=str(tmp_path / "nothing")), vocab_size=10)

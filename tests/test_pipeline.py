@@ -1,0 +1,102 @@
+"""The walking skeleton end to end: real Ray, real espeak-ng, real MLflow store, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import small_experiment
+
+from slam_ray.config import to_yaml
+from slam_ray.stage_io import stage_dir
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def slam_ray(*argv: str, cwd) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "slam_ray.cli", *argv], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_reduced_quickstart_runs_every_stage_then_reuses_them(tmp_path, espeak):
+    import mlflow
+    from transformers import AutoModelForCausalLM
+
+    exp = small_experiment(tmp_path / "work")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(to_yaml(exp))
+    first = slam_ray("run", str(path), cwd=tmp_path)
+    for stage in exp.stages:
+        assert f"[{stage}] running" in first.stdout
+
+    manifests = {}
+    for stage in exp.stages:
+        out = stage_dir(exp, stage)
+        manifest = json.loads(out.manifest_path.read_text())
+        assert manifest["status"] == "complete" and manifest["key"] == out.key
+        assert out.errors_path.is_file()
+        manifests[stage] = manifest
+
+    # synth: every sentence spoken, as 16 kHz FLAC
+    index = pd.read_parquet(stage_dir(exp, "synth").path / "index.parquet")
+    assert len(index) == 240 and manifests["synth"]["counts"]["utterances"] == 240
+    import soundfile as sf
+    assert sf.info(index.path.iloc[0]).samplerate == 16_000 and sf.info(index.path.iloc[0]).format == "FLAC"
+    # extract: units in range, durations sum to the frame count
+    units = pd.read_parquet(stage_dir(exp, "extract").path / "units" / "part-00000.parquet")
+    assert len(units) == 240
+    row = units.iloc[0]
+    assert int(np.sum(row.durations)) == row.n_frames and max(row.units) < 48
+    # pack: windows of context_len, almost no padding
+    assert manifests["pack"]["counts"]["train_pad_fraction"] < 0.01
+    assert np.load(stage_dir(exp, "pack").path / "train.npy").shape[1] == 128
+    # train: HF checkpoints that plain transformers loads
+    train_dir = stage_dir(exp, "train").path
+    final = AutoModelForCausalLM.from_pretrained(train_dir / "checkpoint")
+    init = AutoModelForCausalLM.from_pretrained(train_dir / "checkpoint_init")
+    assert final.config.vocab_size == 50
+    assert manifests["train"]["counts"]["steps"] == 30
+    assert not np.allclose(final.model.embed_tokens.weight.detach(), init.model.embed_tokens.weight.detach())
+    # eval: results.json in the contract's shape
+    results = json.loads((stage_dir(exp, "eval").path / "results.json").read_text())
+    for task in exp.eval.tasks:
+        for key in (task, f"{task}@init"):
+            assert results[key]["n"] == 12 and 0.0 <= results[key]["accuracy"] <= 1.0
+            assert results[key]["convention"] == "mean"
+        assert results[task]["checkpoint"].endswith("checkpoint")
+        assert results[f"{task}@init"]["checkpoint"].endswith("checkpoint_init")
+
+    # MLflow: one parent run, one child per stage, training curves
+    mlflow.set_tracking_uri(exp.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["tiny"])
+    parents = runs[runs["tags.slam_ray.kind"] == "experiment"]
+    assert len(parents) == 1
+    children = runs[runs["tags.mlflow.parentRunId"] == parents.run_id.iloc[0]]
+    assert sorted(children["tags.slam_ray.stage"]) == sorted(exp.stages)
+    assert (children.status == "FINISHED").all()
+    train_run = children[children["tags.slam_ray.stage"] == "train"].run_id.iloc[0]
+    losses = mlflow.MlflowClient().get_metric_history(train_run, "train/loss")
+    assert [m.step for m in losses] == [5, 10, 15, 20, 25, 30]
+    assert losses[-1].value < losses[0].value  # it learns
+    assert "eval/lexical/init_accuracy" in parents.columns.str.removeprefix("metrics.").tolist()
+
+    # Rerun: every stage is reused, nothing is rewritten, and no stage run is logged again
+    second = slam_ray("run", str(path), cwd=tmp_path)
+    for stage in exp.stages:
+        assert f"[{stage}] reusing complete output" in second.stdout
+        assert json.loads(stage_dir(exp, stage).manifest_path.read_text()) == manifests[stage]
+    runs = mlflow.search_runs(experiment_names=["tiny"])
+    assert (runs["tags.slam_ray.kind"] == "experiment").sum() == 2
+    assert runs["tags.slam_ray.stage"].notna().sum() == len(exp.stages)
+
+    # compare reads the same store
+    table = slam_ray("compare", "--tracking-uri", exp.tracking_uri, "--experiment", "tiny", "--out", str(tmp_path / "cmp"),
+                     cwd=tmp_path)
+    assert "eval/word_order/accuracy" in table.stdout
+    assert len(pd.read_csv(tmp_path / "cmp" / "compare.csv")) == 2
