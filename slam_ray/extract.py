@@ -40,6 +40,11 @@ UNITS_SCHEMA = pa.schema([
 # --- inputs ----------------------------------------------------------------------------------------------------
 
 
+def _text_field(rec: dict, key: str) -> str:
+    value = rec.get(key)
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)  # NaN != NaN
+
+
 def _manifest_rows(path: Path) -> list[dict]:
     df = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path)
     if "path" not in df.columns:
@@ -48,8 +53,8 @@ def _manifest_rows(path: Path) -> list[dict]:
     for i, rec in enumerate(df.to_dict("records")):
         audio = Path(str(rec["path"]))
         audio = audio if audio.is_absolute() else (path.parent / audio)
-        rows.append({"id": str(rec.get("id") or f"{path.stem}-{i:07d}"), "path": str(audio),
-                     "text": str(rec.get("text") or ""), "speaker": str(rec.get("speaker") or "")})
+        rows.append({"id": _text_field(rec, "id") or f"{path.stem}-{i:07d}", "path": str(audio),
+                     "text": _text_field(rec, "text"), "speaker": _text_field(rec, "speaker")})
     return rows
 
 

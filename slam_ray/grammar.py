@@ -11,8 +11,9 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-# Bump when the generator changes: it is part of the synth and eval stage keys, so old outputs are not reused.
-GRAMMAR_VERSION = 2
+# Bump when a generator changes: they are part of the synth / eval stage keys, so old outputs are not reused.
+SENTENCES_VERSION = 2
+PAIRS_VERSION = 3
 
 SINGULAR_DETERMINERS = ["the", "a", "this", "that", "every"]
 PLURAL_DETERMINERS = ["the", "some", "these", "those", "many"]
@@ -120,22 +121,23 @@ def _known_words() -> set[str]:
     return words
 
 
-def make_nonword(rng: random.Random) -> str:
-    """A pronounceable English-like non-word (CVC or CVCVC), never a word of the grammar."""
+def make_nonword(rng: random.Random, like: str = "") -> str:
+    """A pronounceable English-like non-word, never a word of the grammar: CVC, or CVCVC when the word it
+    replaces (`like`) is long, so non-words match real words roughly in length, as sWUGGY's do."""
     onsets = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "bl", "pr", "st", "gr", "fl"]
     vowels = ["a", "e", "i", "o", "u", "oo", "ee", "ai"]
     codas = ["b", "d", "g", "k", "m", "n", "p", "t", "sh", "nk", "rp", "st"]
     known = _known_words()
     while True:
         word = rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-        if rng.random() < 0.4:
+        if len(like) > 5:
             word += rng.choice(vowels) + rng.choice(codas)
         if word not in known:
             return word
 
 
 def _content_positions(words: list[str]) -> list[int]:
-    function_words = set(SINGULAR_DETERMINERS + PLURAL_DETERMINERS + ["at", "night"])
+    function_words = set(SINGULAR_DETERMINERS + PLURAL_DETERMINERS + [w for pair in COPULAS + HAVE for w in pair])
     return [i for i, w in enumerate(words) if w not in function_words]
 
 
@@ -165,7 +167,7 @@ def make_minimal_pairs(task: str, n: int, seed: int, held_out_percent: int) -> l
         changed = list(words)
         if task == "lexical":
             i = rng.choice(_content_positions(words))
-            changed[i] = make_nonword(rng)
+            changed[i] = make_nonword(rng, like=words[i])
         elif task == "word_order":
             i = rng.randrange(len(words) - 1)
             if words[i] == words[i + 1]:

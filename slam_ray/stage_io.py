@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slam_ray.config import STAGES, Experiment
-from slam_ray.grammar import GRAMMAR_VERSION
+from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
 
 # Fields that only change scheduling, not results.
 _OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "torch_threads"}
@@ -43,7 +43,7 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
     if stage == "synth":
         payload = {"synth": section("synth")}
         if exp.synth.corpus.source == "grammar":
-            payload["grammar_version"] = GRAMMAR_VERSION
+            payload["grammar_version"] = SENTENCES_VERSION
         return payload
     if stage == "extract":
         payload: dict[str, Any] = {"extract": section("extract")}
@@ -62,7 +62,7 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
         voices = {k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")}
         held_out = synth["corpus"]["held_out_percent"]
         trained_by = _trained_by(exp)
-        return {"eval": section("eval"), "voices": voices, "held_out_percent": held_out, "grammar_version": GRAMMAR_VERSION,
+        return {"eval": section("eval"), "voices": voices, "held_out_percent": held_out, "pairs_version": PAIRS_VERSION,
                 "extract": stage_key(exp, "extract"), trained_by: stage_key(exp, trained_by)}
     raise ValueError(f"unknown stage {stage!r}")
 

@@ -12,6 +12,7 @@ import math
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     tracker = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    # MLflow writes go through one background thread so a slow store never eats the training budget.
+    log_thread = ThreadPoolExecutor(max_workers=1)
 
     train_windows = np.load(config["train_path"])
     val_windows = np.load(config["val_path"])
@@ -108,37 +111,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = WindowBatches(train_windows, cfg.batch_size, rank, world, cfg.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
-    def loss_on(windows: np.ndarray) -> torch.Tensor:
+    def loss_on(windows: np.ndarray, net: torch.nn.Module) -> torch.Tensor:
         x = torch.from_numpy(windows.astype(np.int64)).to(device)
         labels = x.masked_fill(x == PAD_ID, -100)
         with autocast:
-            return model(input_ids=x, labels=labels).loss
+            return net(input_ids=x, labels=labels).loss
 
-    # Schedule length: max_steps, or what the time budget affords at the throughput measured here.
+    # Schedule length: max_steps, or what the time budget affords at the throughput measured here. The probe
+    # runs whole steps at lr 0 (weights unchanged), then forgets the optimizer state it built.
     start = time.perf_counter()
     total_steps = cfg.max_steps or 10**12
     if cfg.max_minutes:
+        probe_start = start
+        for group in opt.param_groups:
+            group["lr"] = 0.0
         for i in range(PROBE_STEPS):
             if i == 1:
-                probe_start = time.perf_counter()  # the first pass pays one-off costs
-            (loss_on(data.batch(i)) * cfg.grad_accum).backward()
-        opt.zero_grad(set_to_none=True)
-        step_time = _all_ranks((time.perf_counter() - probe_start) / (PROBE_STEPS - 1), "max") * cfg.grad_accum
+                probe_start = time.perf_counter()  # the first step pays one-off costs
+            for micro in range(cfg.grad_accum):
+                (loss_on(data.batch(i * cfg.grad_accum + micro), model) / cfg.grad_accum).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        opt.state.clear()
+        for group in opt.param_groups:
+            group["lr"] = cfg.optimizer.lr
+        step_time = _all_ranks((time.perf_counter() - probe_start) / (PROBE_STEPS - 1), "max")
         budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
         total_steps = max(1, min(total_steps, int(budget_left / step_time)))
     warmup = int(round(cfg.schedule.warmup_ratio * total_steps))
+    plan = {"total": total_steps}  # read by the schedule at every step: a re-plan takes effect at once
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule, cfg.optimizer.lr))
+        opt, lambda s: lr_factor(s, plan["total"], warmup, cfg.schedule, cfg.optimizer.lr))
     if tracker:
-        tracker.log_params({"model.params": n_params, "schedule.total_steps": total_steps, "schedule.warmup_steps": warmup})
+        tracker.log_params({"model.params": n_params, "schedule.planned_steps": total_steps, "schedule.warmup_steps": warmup})
         print(f"[train] {n_params / 1e6:.2f}M params, {world} worker(s), {total_steps} steps planned")
+    # The probe misses per-step costs of the real loop (logging, data, allocator); re-plan once, from the
+    # throughput of the real steps, after 10% of the plan. The lr moves by a few percent at that step at most.
+    replan_at = max(PROBE_STEPS, total_steps // 10) if cfg.max_minutes else None
 
     tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * world
     step, loss_sum, last_log, last_step = 0, 0.0, time.perf_counter(), 0
-    while step < total_steps:
+    loop_start = time.perf_counter()
+    while step < plan["total"]:
         model.train()
         for micro in range(cfg.grad_accum):
-            loss = loss_on(data.batch(step * cfg.grad_accum + micro)) / cfg.grad_accum
+            loss = loss_on(data.batch(step * cfg.grad_accum + micro), model) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
@@ -146,22 +164,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if step % cfg.log_every == 0 or step == total_steps:
+        if step == replan_at:
+            step_time = _all_ranks((time.perf_counter() - loop_start) / step, "max")
+            budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
+            plan["total"] = max(step, min(cfg.max_steps or 10**12, step + int(budget_left / step_time)))
+        if step % cfg.log_every == 0 or step == plan["total"]:
             now = time.perf_counter()
             elapsed_steps = step - last_step
             if tracker:
-                tracker.log_metrics({"train/loss": loss_sum / elapsed_steps, "train/lr": sched.get_last_lr()[0],
-                                     "train/grad_norm": float(grad_norm), "train/tokens": step * tokens_per_step,
-                                     "train/tokens_per_s": elapsed_steps * tokens_per_step / (now - last_log)}, step)
+                log_thread.submit(tracker.log_metrics, {
+                    "train/loss": loss_sum / elapsed_steps, "train/lr": sched.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm), "train/tokens": step * tokens_per_step,
+                    "train/tokens_per_s": elapsed_steps * tokens_per_step / (now - last_log)}, step)
             loss_sum, last_log, last_step = 0.0, now, step
             # Every rank must stop on the same step: agree on the budget check.
             if cfg.max_minutes and _all_ranks(float(now - start > cfg.max_minutes * 60), "max") > 0:
                 break
     train_seconds = time.perf_counter() - start
+    log_thread.shutdown(wait=True)
+    if tracker:
+        tracker.log_params({"schedule.total_steps": plan["total"]})
 
-    model.eval()
+    # Validation on the unwrapped module: ranks may see unequal numbers of batches, and a DDP forward
+    # would wait for the other ranks (a deadlock).
+    plain = getattr(model, "module", model).eval()
     with torch.no_grad():
-        val_losses = [loss_on(val_windows[i : i + cfg.batch_size]).item()
+        val_losses = [loss_on(val_windows[i : i + cfg.batch_size], plain).item()
                       for i in range(rank * cfg.batch_size, len(val_windows), cfg.batch_size * world)]
     val_loss = _all_ranks(sum(val_losses), "sum") / max(1.0, _all_ranks(len(val_losses), "sum"))
     metrics = {"step": step, "kind": "final", "val_loss": val_loss, "tokens": step * tokens_per_step,

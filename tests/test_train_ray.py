@@ -1,0 +1,67 @@
+"""Training on a real local Ray: DDP over 2 CPU workers, and a wall-clock budget that sizes the schedule."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import small_experiment
+
+from slam_ray.stage_io import stage_dir
+from slam_ray.train import train
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def fake_pack_output(exp, n_windows: int = 64):
+    """Packed windows written where `train` looks for them (the pack stage itself is tested elsewhere)."""
+    out = stage_dir(exp, "pack")
+    out.path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    vocab = exp.vocab_size
+    # a learnable stream: a repeating pattern of unit tokens
+    pattern = rng.integers(2, vocab, size=17)
+    stream = np.resize(pattern, n_windows * exp.pack.context_len).astype(np.uint16)
+    np.save(out.path / "train.npy", stream.reshape(n_windows, -1))
+    np.save(out.path / "val.npy", stream[: 4 * exp.pack.context_len].reshape(4, -1))
+    out.write_manifest({"status": "complete", "stage": "pack", "key": out.key})
+
+
+def test_two_cpu_workers(tmp_path, ray_local):
+    import mlflow
+
+    exp = small_experiment(tmp_path / "w", ray={"worker_cpus": 0.5},
+                           train={"num_workers": 2, "max_steps": 8, "max_minutes": None, "batch_size": 4, "log_every": 2})
+    fake_pack_output(exp)
+    out = train(exp)
+    manifest = json.loads(out.manifest_path.read_text())
+    assert manifest["counts"]["steps"] == 8
+    assert manifest["counts"]["tokens"] == 8 * 4 * 2 * exp.pack.context_len  # both workers' batches count
+    assert (out.path / "checkpoint" / "config.json").is_file()
+    mlflow.set_tracking_uri(exp.tracking_uri)
+    run = mlflow.search_runs(experiment_names=[exp.name]).iloc[0]
+    losses = mlflow.MlflowClient().get_metric_history(run.run_id, "train/loss")
+    assert [m.step for m in losses] == [2, 4, 6, 8]
+    assert losses[-1].value < losses[0].value
+
+
+def test_time_budget_sizes_the_schedule(tmp_path, ray_local):
+    import mlflow
+
+    budget_s = 6.0
+    exp = small_experiment(tmp_path / "w", train={"max_steps": None, "max_minutes": budget_s / 60, "log_every": 10,
+                                                  "schedule": {"name": "cosine", "warmup_ratio": 0.1, "min_lr": 1e-5}})
+    fake_pack_output(exp)
+    out = train(exp)
+    manifest = json.loads(out.manifest_path.read_text())
+    assert manifest["metrics"]["train/seconds"] < budget_s * 1.5
+    mlflow.set_tracking_uri(exp.tracking_uri)
+    run = mlflow.search_runs(experiment_names=[exp.name]).iloc[0]
+    planned = int(run["params.schedule.total_steps"])  # after the re-plan from measured throughput
+    steps = manifest["counts"]["steps"]
+    assert planned > 5 and steps >= 0.9 * planned
+    lrs = mlflow.MlflowClient().get_metric_history(run.run_id, "train/lr")
+    if steps == planned:  # the schedule ran to its end: the lr reached min_lr exactly at the budget
+        assert lrs[-1].value == pytest.approx(1e-5, rel=1e-3)
+    assert max(m.value for m in lrs) == pytest.approx(exp.train.optimizer.lr, rel=0.05)
