@@ -26,12 +26,16 @@ $(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
 
 # torch 2.14.1 and torchaudio 2.11.0 resolve together in this one pip command (pins in pyproject.toml).
+# (The grep drops pip's warnings about this machine's empty local index folders.)
+PIP_INSTALL = set -o pipefail; $(BIN)/pip install -q
+QUIET = 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/pip
-	$(BIN)/pip install -q -e .
+	$(PIP_INSTALL) -e . $(QUIET)
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(PIP_INSTALL) -e ".[dev]" $(QUIET)
 	touch $@ $(VENV)/.installed
 
 clean:

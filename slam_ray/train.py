@@ -152,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * world
     step, loss_sum, last_log, last_step = 0, 0.0, time.perf_counter(), 0
-    loop_start = time.perf_counter()
+    loop_start = last_print = time.perf_counter()
     while step < plan["total"]:
         model.train()
         for micro in range(cfg.grad_accum):
@@ -176,6 +176,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "train/loss": loss_sum / elapsed_steps, "train/lr": sched.get_last_lr()[0],
                     "train/grad_norm": float(grad_norm), "train/tokens": step * tokens_per_step,
                     "train/tokens_per_s": elapsed_steps * tokens_per_step / (now - last_log)}, step)
+            if tracker and (now - last_print > 20 or step == plan["total"]):
+                print(f"[train] step {step}/{plan['total']}  loss {loss_sum / elapsed_steps:.3f}  "
+                      f"lr {sched.get_last_lr()[0]:.2e}  {elapsed_steps * tokens_per_step / (now - last_log):,.0f} tokens/s")
+                last_print = now
             loss_sum, last_log, last_step = 0.0, now, step
             # Every rank must stop on the same step: agree on the budget check.
             if cfg.max_minutes and _all_ranks(float(now - start > cfg.max_minutes * 60), "max") > 0:
