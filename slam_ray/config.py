@@ -147,6 +147,8 @@ class TrainConfig(Section):
     use_gpu: bool = False
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None = worker CPUs")
     log_every: int = Field(10, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between resumable checkpoints")
+    max_failures: int = Field(0, ge=-1, description="Ray Train retries after a worker failure (-1: forever)")
     seed: int = 0
 
     @model_validator(mode="after")

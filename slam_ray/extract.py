@@ -137,27 +137,27 @@ def _fit_sample(exp: Experiment, rows: list[dict]) -> list[dict]:
     return picked
 
 
-def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> tuple[UnitTokenizer, list[dict]]:
+def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokenizer:
     cfg = exp.extract.tokenizer
     if cfg.centroids:
         tokenizer = UnitTokenizer.from_centroids(cfg)
         tokenizer.save(folder)
-        return tokenizer, []
-    features, errors = [], []
+        return tokenizer
+    by_id = {}
     sample = _fit_sample(exp, rows)
     for df in map_rows(exp, sample, FeatureActor, {"tokenizer_cfg": cfg.model_dump()},
                        exp.extract.num_actors, exp.extract.batch_size, exp.extract.num_gpus_per_actor):
         for rec in df.to_dict("records"):
-            if rec["error"]:
-                errors.append({"id": rec["id"], "error": rec["error"], "phase": "fit"})
-            else:
-                features.append(np.frombuffer(rec["feats"], dtype=np.float16).reshape(-1, rec["dim"]))
+            if not rec["error"]:  # a bad file is reported once, by the encoding pass that every file goes through
+                by_id[rec["id"]] = np.frombuffer(rec["feats"], dtype=np.float16).reshape(-1, rec["dim"])
+    # Ray Data returns batches in completion order: sort, so the same inputs always fit the same centroids.
+    features = [by_id[i] for i in sorted(by_id)]
     if not features:
-        raise SlamError("no input file could be decoded to fit the tokenizer; see the errors above")
+        raise SlamError("none of the sampled input files could be decoded to fit the tokenizer; check extract.inputs")
     centroids, mean, std = fit_kmeans(features, cfg)
     tokenizer = UnitTokenizer(cfg, centroids, mean, std)
     tokenizer.save(folder)
-    return tokenizer, errors
+    return tokenizer
 
 
 def write_shards(rows: list[dict], folder: Path) -> list[str]:
@@ -182,11 +182,11 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
         raise SlamError("extract.inputs resolved to no audio files")
     init_ray(exp)
     with timer.phase("fit_tokenizer"):
-        _, errors = fit_tokenizer(exp, rows, out.path / "tokenizer")
+        fit_tokenizer(exp, rows, out.path / "tokenizer")
     with timer.phase("encode"):
         good, bad = encode_files(exp, rows, out.path / "tokenizer", exp.extract.num_actors, exp.extract.batch_size,
                                  exp.extract.num_gpus_per_actor)
-    errors += [{k: r[k] for k in ("id", "path", "error")} | {"phase": "encode"} for r in bad]
+    errors = [{k: r[k] for k in ("id", "path", "error")} | {"phase": "encode"} for r in bad]
     with timer.phase("write"):
         shards = write_shards(good, out.path / "units")
     audio_s = float(sum(r["audio_seconds"] for r in good))

@@ -69,16 +69,40 @@ def _all_ranks(value: float, op: str) -> float:
     return float(t.item())
 
 
-def _report_checkpoint(model: Any, rank: int, metrics: dict[str, Any]) -> None:
-    """Every rank calls report (it is a barrier); rank 0 attaches the HF checkpoint."""
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _report_checkpoint(model: Any, rank: int, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+    """Every rank calls report (it is a barrier); rank 0 attaches the HF checkpoint, plus the trainer state
+    (optimizer, scheduler, step, plan, RNG, elapsed time) that a resumed run continues from."""
     import ray.train
+    import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             getattr(model, "module", model).save_pretrained(tmp)
+            if state is not None:
+                torch.save(state, Path(tmp) / TRAINER_STATE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _resume_state(model: Any) -> dict[str, Any] | None:
+    """Weights and trainer state of the latest checkpoint of this run (after a worker failure, or when the
+    same command is run again after an interruption); None for a fresh start."""
+    import ray.train
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        if not (Path(folder) / TRAINER_STATE).is_file():
+            return None  # the step-0 checkpoint: nothing trained yet
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
+        return torch.load(Path(folder) / TRAINER_STATE, weights_only=False)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -104,7 +128,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context_len = train_windows.shape[1]
     model = build_model(cfg.model, exp.vocab_size, max_positions=context_len)
     n_params = count_parameters(model)
-    _report_checkpoint(model, rank, {"step": 0, "kind": "init", "params": n_params})
+    resumed = _resume_state(model)
+    if resumed is None:
+        _report_checkpoint(model, rank, {"step": 0, "kind": "init", "params": n_params})
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=cfg.optimizer.betas,
                             weight_decay=cfg.optimizer.weight_decay, eps=cfg.optimizer.eps)
@@ -117,42 +143,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with autocast:
             return net(input_ids=x, labels=labels).loss
 
-    # Schedule length: max_steps, or what the time budget affords at the throughput measured here. The probe
-    # runs whole steps at lr 0 (weights unchanged), then forgets the optimizer state it built.
-    start = time.perf_counter()
-    total_steps = cfg.max_steps or 10**12
-    if cfg.max_minutes:
-        probe_start = start
-        for group in opt.param_groups:
-            group["lr"] = 0.0
-        for i in range(PROBE_STEPS):
-            if i == 1:
-                probe_start = time.perf_counter()  # the first step pays one-off costs
-            for micro in range(cfg.grad_accum):
-                (loss_on(data.batch(i * cfg.grad_accum + micro), model) / cfg.grad_accum).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        opt.state.clear()
-        for group in opt.param_groups:
-            group["lr"] = cfg.optimizer.lr
-        step_time = _all_ranks((time.perf_counter() - probe_start) / (PROBE_STEPS - 1), "max")
-        budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
-        total_steps = max(1, min(total_steps, int(budget_left / step_time)))
-    warmup = int(round(cfg.schedule.warmup_ratio * total_steps))
-    plan = {"total": total_steps}  # read by the schedule at every step: a re-plan takes effect at once
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, plan["total"], warmup, cfg.schedule, cfg.optimizer.lr))
-    if tracker:
-        tracker.log_params({"model.params": n_params, "schedule.planned_steps": total_steps, "schedule.warmup_steps": warmup})
-        print(f"[train] {n_params / 1e6:.2f}M params, {world} worker(s), {total_steps} steps planned")
-    # The probe misses per-step costs of the real loop (logging, data, allocator); re-plan once, from the
-    # throughput of the real steps, after 10% of the plan. The lr moves by a few percent at that step at most.
-    replan_at = max(PROBE_STEPS, total_steps // 10) if cfg.max_minutes else None
+    if resumed is not None:
+        step, plan = resumed["step"], resumed["plan"]
+        start = time.perf_counter() - resumed["train_seconds"]  # the budget counts training time only
+        opt.load_state_dict(resumed["optimizer"])
+        torch.set_rng_state(resumed["torch_rng"])
+        if tracker:
+            print(f"[train] resuming at step {step}/{plan['total']} from the latest checkpoint")
+    else:
+        # Schedule length: max_steps, or what the time budget affords at the throughput measured here. The
+        # probe runs whole steps at lr 0 (weights unchanged), then forgets the optimizer state it built.
+        step, start = 0, time.perf_counter()
+        total_steps = cfg.max_steps or 10**12
+        if cfg.max_minutes:
+            probe_start = start
+            for group in opt.param_groups:
+                group["lr"] = 0.0
+            for i in range(PROBE_STEPS):
+                if i == 1:
+                    probe_start = time.perf_counter()  # the first step pays one-off costs
+                for micro in range(cfg.grad_accum):
+                    (loss_on(data.batch(i * cfg.grad_accum + micro), model) / cfg.grad_accum).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            opt.state.clear()
+            for group in opt.param_groups:
+                group["lr"] = cfg.optimizer.lr
+            step_time = _all_ranks((time.perf_counter() - probe_start) / (PROBE_STEPS - 1), "max")
+            budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
+            total_steps = max(1, min(total_steps, int(budget_left / step_time)))
+        # The probe misses per-step costs of the real loop (logging, data, allocator) and throughput drifts:
+        # with a time budget, re-plan from the real steps' throughput at 10%, 40%, 70% and 90% of the plan
+        # (each moves the lr by a few percent at most), so the schedule ends at the budget.
+        replans = sorted({max(PROBE_STEPS, int(total_steps * f)) for f in (0.1, 0.4, 0.7, 0.9)}) if cfg.max_minutes else []
+        plan = {"total": total_steps, "warmup": int(round(cfg.schedule.warmup_ratio * total_steps)), "replans": replans}
+        if tracker:
+            tracker.log_params({"model.params": n_params, "schedule.planned_steps": plan["total"],
+                                "schedule.warmup_steps": plan["warmup"]})
+            print(f"[train] {n_params / 1e6:.2f}M params, {world} worker(s), {plan['total']} steps planned")
+    sched = torch.optim.lr_scheduler.LambdaLR(  # reads plan["total"] at every step, so a re-plan applies at once
+        opt, lambda s: lr_factor(s, plan["total"], plan["warmup"], cfg.schedule, cfg.optimizer.lr))
+    if resumed is not None:
+        sched.load_state_dict(resumed["scheduler"])
+        # Building a LambdaLR sets every group's lr to its step-0 value; put back the resumed step's lr.
+        for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
+            group["lr"] = lr
 
     tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * world
-    step, loss_sum, last_log, last_step = 0, 0.0, time.perf_counter(), 0
-    loop_start = last_print = time.perf_counter()
+    first_step, loss_sum, last_step = step, 0.0, step
+    loop_start = last_log = last_print = time.perf_counter()
     while step < plan["total"]:
         model.train()
         for micro in range(cfg.grad_accum):
@@ -164,30 +204,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        if step == replan_at:
-            step_time = _all_ranks((time.perf_counter() - loop_start) / step, "max")
+        if plan["replans"] and step >= plan["replans"][0] and step > first_step:
+            plan["replans"].pop(0)
+            step_time = _all_ranks((time.perf_counter() - loop_start) / (step - first_step), "max")
             budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
             plan["total"] = max(step, min(cfg.max_steps or 10**12, step + int(budget_left / step_time)))
         if step % cfg.log_every == 0 or step == plan["total"]:
             now = time.perf_counter()
             elapsed_steps = step - last_step
+            tokens_per_s = elapsed_steps * tokens_per_step / (now - last_log)
             if tracker:
                 log_thread.submit(tracker.log_metrics, {
                     "train/loss": loss_sum / elapsed_steps, "train/lr": sched.get_last_lr()[0],
                     "train/grad_norm": float(grad_norm), "train/tokens": step * tokens_per_step,
-                    "train/tokens_per_s": elapsed_steps * tokens_per_step / (now - last_log)}, step)
-            if tracker and (now - last_print > 20 or step == plan["total"]):
-                print(f"[train] step {step}/{plan['total']}  loss {loss_sum / elapsed_steps:.3f}  "
-                      f"lr {sched.get_last_lr()[0]:.2e}  {elapsed_steps * tokens_per_step / (now - last_log):,.0f} tokens/s")
-                last_print = now
+                    "train/tokens_per_s": tokens_per_s}, step)
+                if now - last_print > 20 or step == plan["total"]:
+                    print(f"[train] step {step}/{plan['total']}  loss {loss_sum / elapsed_steps:.3f}  "
+                          f"lr {sched.get_last_lr()[0]:.2e}  {tokens_per_s:,.0f} tokens/s")
+                    last_print = now
             loss_sum, last_log, last_step = 0.0, now, step
             # Every rank must stop on the same step: agree on the budget check.
             if cfg.max_minutes and _all_ranks(float(now - start > cfg.max_minutes * 60), "max") > 0:
                 break
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < plan["total"]:
+            state = {"step": step, "plan": plan, "train_seconds": time.perf_counter() - start,
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
+            _report_checkpoint(model, rank, {"step": step, "kind": "periodic"}, state)
     train_seconds = time.perf_counter() - start
     log_thread.shutdown(wait=True)
     if tracker:
-        tracker.log_params({"schedule.total_steps": plan["total"]})
+        tracker.log_params({"schedule.total_steps": plan["total"]})  # idempotent when a resumed run logs it again
 
     # Validation on the unwrapped module: ranks may see unequal numbers of batches, and a DDP forward
     # would wait for the other ranks (a deadlock).
@@ -197,7 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       for i in range(rank * cfg.batch_size, len(val_windows), cfg.batch_size * world)]
     val_loss = _all_ranks(sum(val_losses), "sum") / max(1.0, _all_ranks(len(val_losses), "sum"))
     metrics = {"step": step, "kind": "final", "val_loss": val_loss, "tokens": step * tokens_per_step,
-               "train_seconds": train_seconds, "tokens_per_s": step * tokens_per_step / train_seconds, "params": n_params}
+               "train_seconds": train_seconds, "tokens_per_s": (step - first_step) * tokens_per_step / (time.perf_counter() - loop_start),
+               "params": n_params, "total_steps": plan["total"]}
     if tracker:
         tracker.log_metrics({"val/loss": val_loss, "train/tokens_per_s_mean": metrics["tokens_per_s"]}, step)
     _report_checkpoint(model, rank, metrics)
@@ -218,12 +265,12 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
         scaling_config=ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="train", storage_path=str(out.path / "ray"),
-                             failure_config=FailureConfig(max_failures=0),
+                             failure_config=FailureConfig(max_failures=exp.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
     )
     with timer.phase("fit"):
         result = trainer.fit()
-    checkpoints = {m.get("kind"): (ckpt, m) for ckpt, m in result.best_checkpoints}
+    checkpoints = {m.get("kind"): (ckpt, m) for ckpt, m in result.best_checkpoints}  # the latest of each kind
     for kind, folder in (("init", "checkpoint_init"), ("final", "checkpoint")):
         target = out.path / folder
         shutil.rmtree(target, ignore_errors=True)

@@ -65,3 +65,66 @@ def test_time_budget_sizes_the_schedule(tmp_path, ray_local):
     if steps == planned:  # the schedule ran to its end: the lr reached min_lr exactly at the budget
         assert lrs[-1].value == pytest.approx(1e-5, rel=1e-3)
     assert max(m.value for m in lrs) == pytest.approx(exp.train.optimizer.lr, rel=0.05)
+
+
+def loss_curve(exp) -> dict[int, float]:
+    """train/loss per step; after a resume a step may be logged twice: the later value wins."""
+    import mlflow
+
+    mlflow.set_tracking_uri(exp.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[exp.name], filter_string="tags.`slam_ray.stage` = 'train'")
+    if runs.empty:
+        return {}
+    history = mlflow.MlflowClient().get_metric_history(runs.run_id.iloc[0], "train/loss")
+    return {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+
+
+def test_killed_worker_resumes_from_its_checkpoint(tmp_path, ray_local):
+    """Kill the training worker mid-run: Ray Train restarts it, it resumes from the last checkpoint (weights,
+    optimizer, schedule, data position) and ends on the same step with the same loss curve as a clean run."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    settings = {"max_steps": 150, "max_minutes": None, "checkpoint_every": 30, "log_every": 5, "max_failures": 2,
+                "batch_size": 8, "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4,
+                                           "intermediate_size": 256}}
+    clean = small_experiment(tmp_path / "clean", train=settings)
+    fake_pack_output(clean)
+    train(clean)
+    expected = loss_curve(clean)
+    assert max(expected) == 150
+
+    killed = small_experiment(tmp_path / "killed", train=settings)
+    fake_pack_output(killed)
+    errors: list[BaseException] = []
+
+    def run_training() -> None:
+        try:
+            train(killed)
+        except BaseException as e:  # surfaced by the assertion below
+            errors.append(e)
+
+    runner = threading.Thread(target=run_training)
+    runner.start()
+    victim = None
+    deadline = time.time() + 300
+    while victim is None and time.time() < deadline and runner.is_alive():
+        curve = loss_curve(killed)
+        if curve and 45 <= max(curve) < 120:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                victim = workers[0].pid
+                os.kill(victim, signal.SIGKILL)
+        time.sleep(0.2)
+    runner.join(timeout=600)
+    assert victim is not None, "the run finished before the worker could be killed"
+    assert not errors, errors
+    manifest = json.loads(stage_dir(killed, "train").manifest_path.read_text())
+    assert manifest["counts"]["steps"] == 150
+    got = loss_curve(killed)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-4)
