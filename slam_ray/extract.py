@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import glob
+import json
 import random
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from slam_ray.config import Experiment
@@ -23,11 +25,11 @@ from slam_ray.errors import SlamError
 from slam_ray.parallel import map_rows
 from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, upstream_dir
-from slam_ray.tokenizer import UnitTokenizer, encode_files, fit_kmeans
+from slam_ray.tokenizer import UnitTokenizer, fit_kmeans, iter_encoded
 from slam_ray.tracking import Tracker
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
-SHARD_ROWS = 20_000
+SHARD_ROWS = 2_000  # inputs per shard: the unit of resume after an interruption
 
 UNITS_SCHEMA = pa.schema([
     ("id", pa.string()), ("path", pa.string()), ("units", pa.list_(pa.uint16())),
@@ -139,6 +141,8 @@ def _fit_sample(exp: Experiment, rows: list[dict]) -> list[dict]:
 
 def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokenizer:
     cfg = exp.extract.tokenizer
+    if (folder / "tokenizer.json").is_file():  # written last by save(): a complete tokenizer from an earlier try
+        return UnitTokenizer.load(folder)
     if cfg.centroids:
         tokenizer = UnitTokenizer.from_centroids(cfg)
         tokenizer.save(folder)
@@ -160,43 +164,59 @@ def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokeni
     return tokenizer
 
 
-def write_shards(rows: list[dict], folder: Path) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = sorted(rows, key=lambda r: r["id"])
-    names = []
-    for n, start in enumerate(range(0, len(rows), SHARD_ROWS)):
-        chunk = rows[start : start + SHARD_ROWS]
-        for r in chunk:
-            r["segment"] = {"start": r.pop("seg_start"), "end": r.pop("seg_end")}
-        table = pa.Table.from_pylist(chunk, schema=UNITS_SCHEMA)
-        name = f"part-{n:05d}.parquet"
-        pq.write_table(table, folder / name)
-        names.append(name)
-    return names
+def _write_chunk(out: StageDir, index: int, good: list[dict], bad: list[dict]) -> None:
+    """One shard per fixed chunk of inputs (sorted by id); the Parquet file, renamed into place last, marks
+    the chunk done, so a rerun after an interruption encodes only the chunks that are missing."""
+    (out.path / "chunks").mkdir(parents=True, exist_ok=True)
+    (out.path / "units").mkdir(parents=True, exist_ok=True)
+    with open(out.path / "chunks" / f"part-{index:05d}.errors.jsonl", "w") as f:
+        for rec in sorted(bad, key=lambda r: r["id"]):
+            f.write(json.dumps({"id": rec["id"], "path": rec["path"], "error": rec["error"], "phase": "encode"}) + "\n")
+    rows = []
+    for rec in sorted(good, key=lambda r: r["id"]):
+        rows.append({**{k: rec[k] for k in UNITS_SCHEMA.names if k != "segment"},
+                     "segment": {"start": rec["seg_start"], "end": rec["seg_end"]}})
+    tmp = out.path / "units" / f".part-{index:05d}.parquet.tmp"
+    pq.write_table(pa.Table.from_pylist(rows, schema=UNITS_SCHEMA), tmp)
+    tmp.replace(out.path / "units" / f"part-{index:05d}.parquet")
 
 
 def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     with timer.phase("inputs"):
-        rows = resolve_inputs(exp)
+        rows = sorted(resolve_inputs(exp), key=lambda r: r["id"])
     if not rows:
         raise SlamError("extract.inputs resolved to no audio files")
+    chunks = [rows[i : i + SHARD_ROWS] for i in range(0, len(rows), SHARD_ROWS)]
+    todo = {i for i in range(len(chunks)) if not (out.path / "units" / f"part-{i:05d}.parquet").is_file()}
+    if len(todo) < len(chunks):
+        print(f"[extract] resuming: {len(chunks) - len(todo)} of {len(chunks)} shards already written")
     init_ray(exp)
     with timer.phase("fit_tokenizer"):
         fit_tokenizer(exp, rows, out.path / "tokenizer")
+    chunk_of = {row["id"]: i for i in todo for row in chunks[i]}
+    pending = [row for i in sorted(todo) for row in chunks[i]]
+    received: dict[int, tuple[list[dict], list[dict]]] = {i: ([], []) for i in todo}
     with timer.phase("encode"):
-        good, bad = encode_files(exp, rows, out.path / "tokenizer", exp.extract.num_actors, exp.extract.batch_size,
-                                 exp.extract.num_gpus_per_actor)
-    errors = [{k: r[k] for k in ("id", "path", "error")} | {"phase": "encode"} for r in bad]
-    with timer.phase("write"):
-        shards = write_shards(good, out.path / "units")
-    audio_s = float(sum(r["audio_seconds"] for r in good))
-    n_units = int(sum(len(r["units"]) for r in good))
-    encode_s = timer.timings["encode"]
+        for rec in iter_encoded(exp, pending, out.path / "tokenizer", exp.extract.num_actors, exp.extract.batch_size,
+                                exp.extract.num_gpus_per_actor):
+            index = chunk_of[rec["id"]]
+            good, bad = received[index]
+            (bad if rec["error"] else good).append(rec)
+            if len(good) + len(bad) == len(chunks[index]):
+                _write_chunk(out, index, good, bad)
+                del received[index]
+    errors = [json.loads(line) for i in range(len(chunks))
+              for line in (out.path / "chunks" / f"part-{i:05d}.errors.jsonl").read_text().splitlines()]
+    table = pa.concat_tables([pq.read_table(out.path / "units" / f"part-{i:05d}.parquet", columns=["audio_seconds", "units"])
+                              for i in range(len(chunks))])
+    audio_s = float(pa.compute.sum(table["audio_seconds"]).as_py() or 0.0)
+    n_units = int(pa.compute.sum(pa.compute.list_value_length(table["units"])).as_py() or 0)
     return StageResult(
-        counts={"files": len(rows), "encoded": len(good), "units": n_units, "audio_seconds": round(audio_s, 1)},
-        outputs={"units": [f"units/{s}" for s in shards], "tokenizer": "tokenizer"},
+        counts={"files": len(rows), "encoded": table.num_rows, "units": n_units, "audio_seconds": round(audio_s, 1),
+                "shards": len(chunks), "shards_resumed": len(chunks) - len(todo)},
+        outputs={"units": [f"units/part-{i:05d}.parquet" for i in range(len(chunks))], "tokenizer": "tokenizer"},
         errors=errors,
-        metrics={"throughput/audio_seconds_per_s": audio_s / max(encode_s, 1e-9),
+        metrics={"throughput/audio_seconds_per_s": audio_s / max(timer.timings["encode"], 1e-9),
                  "units_per_second_of_audio": n_units / max(audio_s, 1e-9)},
     )
 

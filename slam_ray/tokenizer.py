@@ -12,6 +12,7 @@ A fitted tokeniser is a folder: `tokenizer.json` (its config), `centroids.npy`, 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -170,19 +171,24 @@ class EncodeActor:
         return pd.DataFrame(out)
 
 
+def iter_encoded(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: int, batch_size: int,
+                 num_gpus: float = 0.0) -> Iterator[dict]:
+    """Stream encoded rows (`id`, `path`, `text`, `speaker` plus units, ... and `error`: None or the reason)."""
+    from slam_ray.parallel import map_rows
+
+    for df in map_rows(exp, rows, EncodeActor, {"tokenizer_dir": str(tokenizer_dir)}, num_actors, batch_size, num_gpus):
+        for rec in df.to_dict("records"):
+            if not isinstance(rec.get("error"), str):
+                rec["error"] = None
+                rec["units"] = [int(u) for u in rec["units"]]
+                rec["durations"] = [int(d) for d in rec["durations"]]
+            yield rec
+
+
 def encode_files(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: int, batch_size: int,
                  num_gpus: float = 0.0) -> tuple[list[dict], list[dict]]:
     """Units for every row (`id`, `path`, `text`, `speaker`); returns (good rows, error rows)."""
-    from slam_ray.parallel import map_rows
-
     good, bad = [], []
-    for df in map_rows(exp, rows, EncodeActor, {"tokenizer_dir": str(tokenizer_dir)}, num_actors, batch_size, num_gpus):
-        for rec in df.to_dict("records"):
-            if isinstance(rec.get("error"), str):
-                bad.append(rec)
-            else:
-                rec.pop("error")
-                rec["units"] = [int(u) for u in rec["units"]]
-                rec["durations"] = [int(d) for d in rec["durations"]]
-                good.append(rec)
+    for rec in iter_encoded(exp, rows, tokenizer_dir, num_actors, batch_size, num_gpus):
+        (bad if rec["error"] else good).append(rec)
     return good, bad

@@ -72,3 +72,38 @@ def test_synth_input_needs_the_synth_stage(tmp_path):
     with pytest.raises(SlamError, match="needs the output of `synth`"):
         resolve_inputs(exp)
     assert not stage_dir(exp, "synth").is_complete()
+
+
+def test_interrupted_extraction_resumes_without_redoing_shards(fixtures, tmp_path, ray_local, monkeypatch):
+    """Shards are written per fixed chunk of inputs: after an interruption only the missing chunks are encoded,
+    and the result equals a clean run's."""
+    import pyarrow.parquet as pq
+
+    import slam_ray.extract as extract_module
+
+    monkeypatch.setattr(extract_module, "SHARD_ROWS", 2)
+    folder = tmp_path / "audio"
+    corpus_with_broken_files(fixtures, folder)  # 6 inputs -> 3 chunks, one of them with a bad file
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(folder)], "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    out = extract(exp)
+    shards = sorted((out.path / "units").glob("part-*.parquet"))
+    assert len(shards) == 3
+    clean = {p.name: pq.read_table(p) for p in shards}
+    clean_errors = out.errors_path.read_text()
+
+    # Simulate a crash after the first chunk: the manifest says running, later shards are missing.
+    manifest = json.loads(out.manifest_path.read_text())
+    out.write_manifest({**manifest, "status": "running"})
+    kept = shards[0].stat().st_mtime_ns
+    for p in shards[1:]:
+        p.unlink()
+    out = extract(exp)
+    assert shards[0].stat().st_mtime_ns == kept  # not redone
+    manifest = json.loads(out.manifest_path.read_text())
+    assert manifest["counts"]["shards_resumed"] == 1
+    again = {p.name: pq.read_table(p) for p in sorted((out.path / "units").glob("part-*.parquet"))}
+    assert again.keys() == clean.keys()
+    for name, table in clean.items():
+        assert again[name].equals(table), name
+    assert out.errors_path.read_text() == clean_errors  # the same error lines, none duplicated
