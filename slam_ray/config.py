@@ -120,17 +120,21 @@ class ModelConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["adamw"] = "adamw"
+    name: Literal["adamw", "adamw_fused", "adafactor", "ademamix", "lion"] = "adamw"
     lr: float = Field(1.5e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     eps: float = 1e-8
+    beta3: float = Field(0.9999, description="AdEMAMix: the slow EMA's beta")
+    alpha: float = Field(5.0, description="AdEMAMix: weight of the slow EMA")
 
 
 class ScheduleConfig(Section):
-    name: Literal["cosine", "inverse_sqrt", "constant"] = "cosine"
+    name: Literal["cosine", "linear", "inverse_sqrt", "wsd", "constant"] = "cosine"
     warmup_ratio: float = Field(0.01, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio when set")
     min_lr: float = Field(0.0, ge=0)
+    decay_ratio: float = Field(0.1, gt=0, le=1, description="wsd: share of steps in the final decay")
 
 
 class TrainConfig(Section):
@@ -141,6 +145,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float | None = 1.0
     max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="token budget (all workers); sets the step count")
     max_minutes: float | None = Field(3.0, gt=0, description="wall-clock training budget (excludes data prep)")
     precision: Literal["fp32", "bf16"] = "fp32"
     num_workers: int = Field(1, ge=1)
@@ -153,8 +158,8 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _needs_budget(self) -> TrainConfig:
-        if self.max_steps is None and self.max_minutes is None:
-            raise ValueError("set a budget: max_steps or max_minutes (or both)")
+        if self.max_steps is None and self.max_minutes is None and self.max_tokens is None:
+            raise ValueError("set a budget: max_steps, max_tokens or max_minutes (any combination)")
         return self
 
 

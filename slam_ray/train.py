@@ -8,7 +8,7 @@ untrained baseline evaluation compares against) and `final`. The driver copies b
 
 from __future__ import annotations
 
-import math
+import contextlib
 import shutil
 import tempfile
 import time
@@ -18,26 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from slam_ray.config import Experiment, ScheduleConfig
+from slam_ray.config import Experiment
+from slam_ray.optim import build_optimizer, lr_factor, warmup_steps
 from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, upstream_dir
 from slam_ray.tracking import Tracker
 from slam_ray.units import PAD_ID
 
 PROBE_STEPS = 6  # timed forward/backward passes (weights untouched) that size a time-budgeted schedule
-
-
-def lr_factor(step: int, total: int, warmup: int, sched: ScheduleConfig, base_lr: float) -> float:
-    """Multiplier of the base lr at `step` (0-based): linear warmup, then the named decay."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if sched.name == "constant":
-        return 1.0
-    if sched.name == "inverse_sqrt":
-        return math.sqrt(max(warmup, 1) / (step + 1))
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = sched.min_lr / base_lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class WindowBatches:
@@ -132,8 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resumed is None:
         _report_checkpoint(model, rank, {"step": 0, "kind": "init", "params": n_params})
     model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=cfg.optimizer.betas,
-                            weight_decay=cfg.optimizer.weight_decay, eps=cfg.optimizer.eps)
+    opt = build_optimizer(cfg.optimizer, model.parameters())
     data = WindowBatches(train_windows, cfg.batch_size, rank, world, cfg.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
@@ -143,6 +130,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with autocast:
             return net(input_ids=x, labels=labels).loss
 
+    tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * world
+    # Step and token budgets cap the step count; a time budget sizes it from measured throughput below.
+    step_cap = min(cfg.max_steps or 10**12, -(-cfg.max_tokens // tokens_per_step) if cfg.max_tokens else 10**12)
     if resumed is not None:
         step, plan = resumed["step"], resumed["plan"]
         start = time.perf_counter() - resumed["train_seconds"]  # the budget counts training time only
@@ -154,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Schedule length: max_steps, or what the time budget affords at the throughput measured here. The
         # probe runs whole steps at lr 0 (weights unchanged), then forgets the optimizer state it built.
         step, start = 0, time.perf_counter()
-        total_steps = cfg.max_steps or 10**12
+        total_steps = step_cap
         if cfg.max_minutes:
             probe_start = start
             for group in opt.param_groups:
@@ -177,7 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # with a time budget, re-plan from the real steps' throughput at 10%, 40%, 70% and 90% of the plan
         # (each moves the lr by a few percent at most), so the schedule ends at the budget.
         replans = sorted({max(PROBE_STEPS, int(total_steps * f)) for f in (0.1, 0.4, 0.7, 0.9)}) if cfg.max_minutes else []
-        plan = {"total": total_steps, "warmup": int(round(cfg.schedule.warmup_ratio * total_steps)), "replans": replans}
+        plan = {"total": total_steps, "warmup": warmup_steps(cfg.schedule, total_steps), "replans": replans}
         if tracker:
             tracker.log_params({"model.params": n_params, "schedule.planned_steps": plan["total"],
                                 "schedule.warmup_steps": plan["warmup"]})
@@ -190,14 +180,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
             group["lr"] = lr
 
-    tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * world
     first_step, loss_sum, last_step = step, 0.0, step
     loop_start = last_log = last_print = time.perf_counter()
     while step < plan["total"]:
         model.train()
         for micro in range(cfg.grad_accum):
-            loss = loss_on(data.batch(step * cfg.grad_accum + micro), model) / cfg.grad_accum
-            loss.backward()
+            # DDP all-reduces gradients on the last micro-batch only.
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+                loss = loss_on(data.batch(step * cfg.grad_accum + micro), model) / cfg.grad_accum
+                loss.backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
         opt.step()
@@ -208,10 +200,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             plan["replans"].pop(0)
             step_time = _all_ranks((time.perf_counter() - loop_start) / (step - first_step), "max")
             budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
-            plan["total"] = max(step, min(cfg.max_steps or 10**12, step + int(budget_left / step_time)))
+            plan["total"] = max(step, min(step_cap, step + int(budget_left / step_time)))
         if step % cfg.log_every == 0 or step == plan["total"]:
             now = time.perf_counter()
             elapsed_steps = step - last_step
+            loss_sum = _all_ranks(loss_sum, "sum") / world  # the loss of the global batch, not rank 0's share
             tokens_per_s = elapsed_steps * tokens_per_step / (now - last_log)
             if tracker:
                 log_thread.submit(tracker.log_metrics, {

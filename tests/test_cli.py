@@ -24,7 +24,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         (["config", "validate", "quickstart", "--set", "train.batch_size"], "is not KEY=VALUE"),
         (["config", "validate", "quickstart", "--set", "train.optimizr.lr=1"], "train.optimizr: unknown key"),
         (["config", "show", "quickstart", "--set", "train.batch_size=abc"], "train.batch_size: Input should be a valid integer"),
-        (["train", "quickstart", "--set", "train.max_minutes=null"], "max_steps or max_minutes"),
+        (["train", "quickstart", "--set", "train.max_minutes=null"], "max_steps, max_tokens or max_minutes"),
         (["run", "quickstart", "--set", "stages=[train,dpo]"], "`dpo` stage is not implemented"),
         (["sweep", "quickstart", "--space", "x.yaml"], "sweep` is not implemented"),
         (["compare"], "give --tracking-uri"),

@@ -128,3 +128,17 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, ray_local):
     got = loss_curve(killed)
     assert sorted(got) == sorted(expected)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-4)
+
+
+def test_two_workers_match_one_worker_with_twice_the_batch(tmp_path, ray_local):
+    """Data parallelism is exact: 2 workers x batch b see the same global batches as 1 worker x 2b, and DDP
+    averages their gradients, so the loss curves agree."""
+    base = {"max_steps": 20, "max_minutes": None, "log_every": 5}
+    one = small_experiment(tmp_path / "one", train={**base, "num_workers": 1, "batch_size": 8})
+    two = small_experiment(tmp_path / "two", ray={"worker_cpus": 0.5}, train={**base, "num_workers": 2, "batch_size": 4})
+    for exp in (one, two):
+        fake_pack_output(exp)
+        train(exp)
+    a, b = loss_curve(one), loss_curve(two)
+    assert sorted(a) == sorted(b) == [5, 10, 15, 20]
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-3)
