@@ -33,7 +33,10 @@ def experiment_table(tracking_uri: str, experiment: str | None, metric: str) -> 
         raise SlamError(f"no slam-ray experiment runs in {tracking_uri}" + (f" under {experiment!r}" if experiment else "")
                         + "; run `slam-ray run EXPERIMENT` first or pass --tracking-uri")
     metric_cols = sorted(c for c in runs.columns if c.startswith("metrics."))
-    param_cols = [c for c in runs.columns if c.startswith("params.") and runs[c].nunique(dropna=False) > 1]
+    # Swept params: those with more than one value among the runs that logged them (a field added to the schema
+    # later is missing from older runs, which alone does not make it an ablation axis).
+    param_cols = [c for c in runs.columns if c.startswith("params.")
+                  and runs[c].replace("None", None).dropna().nunique() > 1]
     table = runs[["run_id", "tags.mlflow.runName", "start_time", *param_cols, *metric_cols]].copy()
     table.columns = [c.removeprefix("metrics.").removeprefix("params.").replace("tags.mlflow.runName", "run")
                      for c in table.columns]
@@ -51,7 +54,8 @@ def compare(experiment: str | None, tracking_uri: str | None, metric: str, out_d
             raise SlamError(f"no MLflow store at {db}; pass --tracking-uri (e.g. sqlite:///path/mlflow.db)")
         tracking_uri = f"sqlite:///{db.absolute()}"
     table = experiment_table(tracking_uri, experiment, metric)
-    print(_markdown(table.drop(columns=["start_time"])))
+    shown = table.drop(columns=["start_time"]).assign(run_id=table["run_id"].str[:8])
+    print(_markdown(shown))
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         table.to_csv(Path(out_dir) / "compare.csv", index=False)
