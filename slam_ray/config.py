@@ -84,10 +84,18 @@ class TokenizerConfig(Section):
         return self
 
 
+class NamedInput(Section):
+    """An input with a dataset name, the key `pack.mix` weights it by."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+
+
 class ExtractConfig(Section):
-    inputs: list[str] = Field(
+    inputs: list[str | NamedInput] = Field(
         default_factory=lambda: ["@synth"],
-        description="audio folders, globs or manifests (.jsonl/.csv with `path`); '@synth' = this experiment's synth output",
+        description="audio folders, globs or manifests (.jsonl/.csv with `path`); '@synth' = this experiment's "
+                    "synth output; {name, path} names the dataset for pack.mix (default: the folder/file stem)",
     )
     tokenizer: TokenizerConfig = TokenizerConfig()
     num_actors: int = Field(2, ge=1)
@@ -98,7 +106,17 @@ class ExtractConfig(Section):
 class PackConfig(Section):
     context_len: int = Field(256, ge=8)
     val_fraction: float = Field(0.02, ge=0, lt=0.5)
+    mix: dict[str, float] | None = Field(None, description="share of training tokens per dataset; None = all once")
+    epochs: dict[str, float] = Field(default_factory=dict, description="most passes over a dataset under a mix (1)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _mix_weights(self) -> PackConfig:
+        if self.mix is not None and (any(w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0):
+            raise ValueError("mix weights must be >= 0 with a positive sum, e.g. {librispeech: 0.3, stories: 0.7}")
+        if any(e <= 0 for e in self.epochs.values()):
+            raise ValueError("epochs must be > 0 per dataset")
+        return self
 
 
 class ModelConfig(Section):
@@ -231,6 +249,18 @@ class Experiment(Section):
     @property
     def vocab_size(self) -> int:
         return self.extract.tokenizer.n_units + 2
+
+    def named_inputs(self) -> list[tuple[str, str]]:
+        """(dataset name, path) per extract input: '@synth' is `synth`, a path is named by its stem."""
+        out = []
+        for entry in self.extract.inputs:
+            if isinstance(entry, NamedInput):
+                out.append((entry.name, entry.path))
+            elif entry == "@synth":
+                out.append(("synth", entry))
+            else:
+                out.append((Path(entry.rstrip("/").split("*")[0].rstrip("/") or entry).stem or "data", entry))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

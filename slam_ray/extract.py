@@ -35,7 +35,7 @@ UNITS_SCHEMA = pa.schema([
     ("id", pa.string()), ("path", pa.string()), ("units", pa.list_(pa.uint16())),
     ("durations", pa.list_(pa.uint16())), ("n_frames", pa.int64()), ("audio_seconds", pa.float64()),
     ("segment", pa.struct([("start", pa.float64()), ("end", pa.float64())])),
-    ("text", pa.string()), ("speaker", pa.string()),
+    ("text", pa.string()), ("speaker", pa.string()), ("dataset", pa.string()),
 ])
 
 
@@ -70,24 +70,24 @@ def _file_rows(files: list[Path], root: Path | None) -> list[dict]:
 
 def resolve_inputs(exp: Experiment) -> list[dict]:
     rows: list[dict] = []
-    for entry in exp.extract.inputs:
+    for dataset, entry in exp.named_inputs():
+        found: list[dict] = []
         if entry == "@synth":
             index = pd.read_parquet(upstream_dir(exp, "synth").path / "index.parquet")
-            rows += [{"id": r["id"], "path": r["path"], "text": r["text"], "speaker": r["voice"],
+            found = [{"id": r["id"], "path": r["path"], "text": r["text"], "speaker": r["voice"],
                       "duration": r["duration"]} for r in index.to_dict("records")]
-            continue
-        path = Path(entry)
-        if path.is_dir():
-            rows += _file_rows([p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES], path)
-        elif path.is_file() and path.suffix in (".jsonl", ".csv"):
-            rows += _manifest_rows(path)
-        elif path.is_file():
-            rows += _file_rows([path], None)
+        elif Path(entry).is_dir():
+            found = _file_rows([p for p in Path(entry).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES], Path(entry))
+        elif Path(entry).is_file() and Path(entry).suffix in (".jsonl", ".csv"):
+            found = _manifest_rows(Path(entry))
+        elif Path(entry).is_file():
+            found = _file_rows([Path(entry)], None)
         else:
             matches = [Path(p) for p in sorted(glob.glob(entry, recursive=True))]
             if not matches:
                 raise SlamError(f"extract.inputs entry {entry!r} matches no folder, file, manifest or glob")
-            rows += _file_rows([p for p in matches if p.is_file()], None)
+            found = _file_rows([p for p in matches if p.is_file()], None)
+        rows += [{**r, "dataset": dataset} for r in found]
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
         dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]

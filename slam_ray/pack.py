@@ -2,12 +2,15 @@
 
 Each utterance becomes `<s> u+2 ... <s>` (BOS and EOS are both id 1, as in slamkit); utterances are shuffled
 (seeded), concatenated and cut into `context_len` windows, so almost no position is padding. A seeded share
-of utterances is held out as the validation split. Output: `train.npy`, `val.npy` (uint16, [n, context_len]).
+of utterances is held out as the validation split. `pack.mix` weights datasets (named by `extract.inputs`)
+by their share of training tokens, `pack.epochs` caps how often each may be repeated.
+Output: `train.npy`, `val.npy` (uint16, [n, context_len]); the manifest reports each dataset's share and epochs.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from slam_ray.config import Experiment
 from slam_ray.errors import SlamError
@@ -28,26 +31,71 @@ def pack_windows(sequences: list[np.ndarray], context_len: int) -> tuple[np.ndar
     return stream.reshape(n_windows, context_len).astype(np.uint16), n_pad
 
 
+def select_mix(units: pd.DataFrame, mix: dict[str, float] | None, epochs: dict[str, float], seed: int
+               ) -> tuple[list[np.ndarray], dict[str, dict[str, float]]]:
+    """Token sequences for the training stream, drawn per dataset so each takes its `mix` share of tokens.
+
+    Without a mix every utterance is used once. With one, dataset d may be read at most `epochs[d]` times
+    (default 1); the stream is as long as the scarcest dataset allows at its share, the others are sampled to
+    their share (whole shuffled passes, then a partial one). Deterministic for a seed.
+    """
+    seqs = [units_to_tokens(u) for u in units["units"]]
+    names = units["dataset"].fillna("").astype(str).to_numpy()
+    present = sorted(set(names))
+    if mix is None:
+        lengths = {d: float(sum(len(s) for s, n in zip(seqs, names, strict=True) if n == d)) for d in present}
+        total = sum(lengths.values()) or 1.0
+        return seqs, {d: {"tokens": lengths[d], "share": lengths[d] / total, "epochs": 1.0} for d in present}
+    unknown = sorted(set(mix) - set(present)) + sorted(set(epochs) - set(present))
+    if unknown:
+        raise SlamError(f"pack.mix/pack.epochs name datasets {unknown} that the extract output does not hold; "
+                        f"its datasets are {present} (named by extract.inputs)")
+    weights = {d: w / sum(mix.values()) for d, w in mix.items() if w > 0}
+    by_dataset = {d: [s for s, n in zip(seqs, names, strict=True) if n == d] for d in weights}
+    tokens = {d: sum(len(s) for s in by_dataset[d]) for d in weights}
+    stream_tokens = min(epochs.get(d, 1.0) * tokens[d] / weights[d] for d in weights)
+    rng = np.random.default_rng(seed)
+    chosen, report = [], {}
+    for d in sorted(weights):
+        target, taken = weights[d] * stream_tokens, 0
+        while taken < target - 0.5:
+            for i in rng.permutation(len(by_dataset[d])):
+                if taken >= target - 0.5:
+                    break
+                chosen.append(by_dataset[d][i])
+                taken += len(by_dataset[d][i])
+        report[d] = {"tokens": float(taken), "epochs": taken / max(tokens[d], 1)}
+    total = sum(r["tokens"] for r in report.values()) or 1.0
+    for d in report:
+        report[d]["share"] = report[d]["tokens"] / total
+    order = rng.permutation(len(chosen))
+    return [chosen[i] for i in order], report
+
+
 def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     cfg = exp.pack
     with timer.phase("read"):
         units = read_unit_shards(upstream_dir(exp, "extract").path)
     if len(units) == 0:
         raise SlamError("the extract output holds no utterances to pack")
+    if "dataset" not in units.columns:
+        units["dataset"] = ""
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(units))
     n_val = int(round(cfg.val_fraction * len(units)))
-    splits = {"val": order[:n_val], "train": order[n_val:]}
     counts: dict[str, int | float] = {"utterances": len(units)}
     with timer.phase("pack"):
-        for split, rows in splits.items():
-            seqs = [units_to_tokens(units["units"].iloc[i]) for i in rows]
+        train_seqs, mix_report = select_mix(units.iloc[order[n_val:]], cfg.mix, cfg.epochs, cfg.seed)
+        val_seqs = [units_to_tokens(units["units"].iloc[i]) for i in order[:n_val]]
+        for split, seqs in (("train", train_seqs), ("val", val_seqs)):
             windows, n_pad = pack_windows(seqs, cfg.context_len)
             np.save(out.path / f"{split}.npy", windows)
-            n_tokens = windows.size
             counts[f"{split}_windows"] = len(windows)
-            counts[f"{split}_tokens"] = int(n_tokens - n_pad)
-            counts[f"{split}_pad_fraction"] = round(n_pad / max(n_tokens, 1), 6)
+            counts[f"{split}_tokens"] = int(windows.size - n_pad)
+            counts[f"{split}_pad_fraction"] = round(n_pad / max(windows.size, 1), 6)
+    for dataset, r in mix_report.items():
+        counts[f"mix.{dataset or 'default'}.share"] = round(r["share"], 4)
+        counts[f"mix.{dataset or 'default'}.epochs"] = round(r["epochs"], 3)
     if counts["train_windows"] == 0:
         raise SlamError("no training windows; lower pack.val_fraction or give more audio")
     return StageResult(counts=counts, outputs={"train": "train.npy", "val": "val.npy"})

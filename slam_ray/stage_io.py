@@ -47,7 +47,7 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
         return payload
     if stage == "extract":
         payload: dict[str, Any] = {"extract": section("extract")}
-        if "@synth" in exp.extract.inputs:
+        if any(path == "@synth" for _, path in exp.named_inputs()):
             payload["synth"] = stage_key(exp, "synth")
         return payload
     if stage == "pack":

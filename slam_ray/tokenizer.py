@@ -157,7 +157,7 @@ class EncodeActor:
 
         out = []
         for row in batch.to_dict("records"):
-            base = {k: row[k] for k in ("id", "path", "text", "speaker")}
+            base = {k: row.get(k, "") for k in ("id", "path", "text", "speaker", "dataset")}
             try:
                 audio = decode_audio(row["path"])
                 enc = self.tokenizer.encode(audio)

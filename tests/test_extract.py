@@ -107,3 +107,16 @@ def test_interrupted_extraction_resumes_without_redoing_shards(fixtures, tmp_pat
     for name, table in clean.items():
         assert again[name].equals(table), name
     assert out.errors_path.read_text() == clean_errors  # the same error lines, none duplicated
+
+
+def test_named_inputs_tag_their_dataset(fixtures, tmp_path, ray_local):
+    """Each unit row records the dataset its input was named by, which pack.mix weights."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(fixtures / "audio1.flac", tmp_path / "a" / "one.flac")
+    shutil.copy(fixtures / "audio2.flac", tmp_path / "b" / "two.flac")
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [{"name": "books", "path": str(tmp_path / "a")}, str(tmp_path / "b")],
+                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    units = read_unit_shards(extract(exp).path)
+    assert dict(zip(units.id, units.dataset, strict=True)) == {"one": "books", "two": "b"}

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from slam_ray.config import ScheduleConfig
@@ -95,3 +96,47 @@ def test_every_optimizer_trains_a_few_steps(name):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], (name, losses[0], losses[-1])
+
+
+def units_frame(sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    """`sizes[name] = (utterances, units per utterance)`."""
+    rng = np.random.default_rng(0)
+    rows = [{"id": f"{name}-{i}", "dataset": name, "units": rng.integers(0, 50, size=length)}
+            for name, (n, length) in sizes.items() for i in range(n)]
+    return pd.DataFrame(rows)
+
+
+def test_mix_gives_each_dataset_its_share_of_tokens():
+    from slam_ray.pack import select_mix
+
+    units = units_frame({"books": (400, 30), "stories": (100, 40)})  # 12,800 vs 4,200 tokens
+    seqs, report = select_mix(units, {"books": 0.25, "stories": 0.75}, {"stories": 3}, seed=0)
+    assert report["books"]["share"] == pytest.approx(0.25, abs=0.01)
+    assert report["stories"]["share"] == pytest.approx(0.75, abs=0.01)
+    assert report["stories"]["epochs"] == pytest.approx(3.0, abs=0.02)  # the scarce dataset sets the length
+    assert sum(len(s) for s in seqs) == pytest.approx(sum(r["tokens"] for r in report.values()))
+    again, _ = select_mix(units, {"books": 0.25, "stories": 0.75}, {"stories": 3}, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(seqs, again, strict=True))  # deterministic for a seed
+    other, _ = select_mix(units, {"books": 0.25, "stories": 0.75}, {"stories": 3}, seed=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(seqs, other, strict=False))
+
+
+def test_no_mix_uses_every_utterance_once_and_unknown_names_fail():
+    from slam_ray.errors import SlamError
+    from slam_ray.pack import select_mix
+
+    units = units_frame({"a": (10, 5), "b": (30, 5)})
+    seqs, report = select_mix(units, None, {}, seed=0)
+    assert len(seqs) == 40 and report["b"]["share"] == pytest.approx(0.75)
+    with pytest.raises(SlamError, match=r"\['librispeech'\].*\['a', 'b'\]"):
+        select_mix(units, {"librispeech": 1.0}, {}, seed=0)
+
+
+def test_mix_weights_are_validated():
+    from slam_ray.config import load_experiment
+    from slam_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mix weights"):
+        load_experiment("quickstart", ["pack.mix={a: -1}"])
+    exp = load_experiment("quickstart", ["extract.inputs=[{name: books, path: /data/books}, /data/LibriSpeech/, '@synth']"])
+    assert exp.named_inputs() == [("books", "/data/books"), ("LibriSpeech", "/data/LibriSpeech/"), ("synth", "@synth")]
