@@ -104,6 +104,10 @@ class ExtractConfig(Section):
 
 
 class PackConfig(Section):
+    inputs: list[str | NamedInput] = Field(
+        default_factory=lambda: ["@extract"],
+        description="'@extract' = this experiment's units; or slamkit features/tokens JSONL files (named like extract.inputs)",
+    )
     context_len: int = Field(256, ge=8)
     val_fraction: float = Field(0.02, ge=0, lt=0.5)
     mix: dict[str, float] | None = Field(None, description="share of training tokens per dataset; None = all once")
@@ -251,16 +255,22 @@ class Experiment(Section):
         return self.extract.tokenizer.n_units + 2
 
     def named_inputs(self) -> list[tuple[str, str]]:
-        """(dataset name, path) per extract input: '@synth' is `synth`, a path is named by its stem."""
-        out = []
-        for entry in self.extract.inputs:
-            if isinstance(entry, NamedInput):
-                out.append((entry.name, entry.path))
-            elif entry == "@synth":
-                out.append(("synth", entry))
-            else:
-                out.append((Path(entry.rstrip("/").split("*")[0].rstrip("/") or entry).stem or "data", entry))
-        return out
+        """(dataset name, path) per extract input."""
+        return name_entries(self.extract.inputs, {"@synth": "synth"})
+
+
+def name_entries(entries: list[str | NamedInput], specials: dict[str, str]) -> list[tuple[str, str]]:
+    """(dataset name, path) per input entry: named entries keep their name, stage references ('@synth',
+    '@extract') are named after the stage, a path is named by its folder or file stem."""
+    out = []
+    for entry in entries:
+        if isinstance(entry, NamedInput):
+            out.append((entry.name, entry.path))
+        elif entry in specials:
+            out.append((specials[entry], entry))
+        else:
+            out.append((Path(entry.split("*")[0].rstrip("/") or entry).stem or "data", entry))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,15 +9,17 @@ Output: `train.npy`, `val.npy` (uint16, [n, context_len]); the manifest reports 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from slam_ray.config import Experiment
+from slam_ray.config import Experiment, name_entries
 from slam_ray.errors import SlamError
 from slam_ray.runner import StageResult, run_stage
 from slam_ray.stage_io import StageDir, Timer, upstream_dir
 from slam_ray.tracking import Tracker
-from slam_ray.units import PAD_ID, read_unit_shards, units_to_tokens
+from slam_ray.units import PAD_ID, read_jsonl, read_unit_shards, repr_to_units, units_to_tokens
 
 
 def pack_windows(sequences: list[np.ndarray], context_len: int) -> tuple[np.ndarray, int]:
@@ -72,14 +74,42 @@ def select_mix(units: pd.DataFrame, mix: dict[str, float] | None, epochs: dict[s
     return [chosen[i] for i in order], report
 
 
+def read_slamkit_units(path: str | Path, dataset: str) -> pd.DataFrame:
+    """Utterances of a slamkit features JSONL (`units`, `duration`, `file_name`) or tokens JSONL
+    (`file_name`, `audio_repr`), as rows (id, units, dataset)."""
+    rows = []
+    for i, rec in enumerate(read_jsonl(path)):
+        if "units" in rec:
+            units = rec["units"]
+        elif "audio_repr" in rec:
+            units = repr_to_units(rec["audio_repr"])
+        else:
+            raise SlamError(f"{path}:{i + 1}: neither a slamkit features row (`units`) nor a tokens row (`audio_repr`)")
+        rows.append({"id": str(rec.get("file_name") or f"{dataset}-{i:07d}"), "units": np.asarray(units), "dataset": dataset})
+    return pd.DataFrame(rows, columns=["id", "units", "dataset"])
+
+
+def read_pack_inputs(exp: Experiment) -> pd.DataFrame:
+    frames = []
+    for dataset, entry in name_entries(exp.pack.inputs, {"@extract": "@extract"}):
+        if entry == "@extract":
+            units = read_unit_shards(upstream_dir(exp, "extract").path)
+            if "dataset" not in units.columns:
+                units["dataset"] = ""
+            frames.append(units[["id", "units", "dataset"]])
+        elif Path(entry).is_file():
+            frames.append(read_slamkit_units(entry, dataset))
+        else:
+            raise SlamError(f"pack.inputs entry {entry!r} is neither '@extract' nor an existing slamkit JSONL file")
+    return pd.concat(frames, ignore_index=True)
+
+
 def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     cfg = exp.pack
     with timer.phase("read"):
-        units = read_unit_shards(upstream_dir(exp, "extract").path)
+        units = read_pack_inputs(exp)
     if len(units) == 0:
-        raise SlamError("the extract output holds no utterances to pack")
-    if "dataset" not in units.columns:
-        units["dataset"] = ""
+        raise SlamError("pack.inputs hold no utterances to pack")
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(units))
     n_val = int(round(cfg.val_fraction * len(units)))

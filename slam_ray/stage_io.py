@@ -51,7 +51,10 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
             payload["synth"] = stage_key(exp, "synth")
         return payload
     if stage == "pack":
-        return {"pack": section("pack"), "extract": stage_key(exp, "extract")}
+        payload = {"pack": section("pack")}
+        if "@extract" in exp.pack.inputs:
+            payload["extract"] = stage_key(exp, "extract")
+        return payload
     if stage == "train":
         return {"train": section("train"), "pack": stage_key(exp, "pack")}
     if stage == "dpo":

@@ -140,3 +140,25 @@ def test_mix_weights_are_validated():
         load_experiment("quickstart", ["pack.mix={a: -1}"])
     exp = load_experiment("quickstart", ["extract.inputs=[{name: books, path: /data/books}, /data/LibriSpeech/, '@synth']"])
     assert exp.named_inputs() == [("books", "/data/books"), ("LibriSpeech", "/data/LibriSpeech/"), ("synth", "@synth")]
+
+
+def test_pack_reads_slamkit_files_without_extract(fixtures, tmp_path):
+    """slamkit's features and tokens JSONL go straight into pack: no extract stage is needed or run."""
+    import json
+
+    from conftest import small_experiment
+
+    from slam_ray.pack import pack
+    from slam_ray.units import read_jsonl
+
+    exp = small_experiment(tmp_path / "w", stages=["pack"], pack={
+        "inputs": [str(fixtures / "features.jsonl"), {"name": "tok", "path": str(fixtures / "tokens.jsonl")}],
+        "context_len": 64, "val_fraction": 0.0, "mix": {"features": 0.5, "tok": 0.5}})
+    out = pack(exp)
+    manifest = json.loads(out.manifest_path.read_text())
+    per_file = sum(len(r["units"]) + 2 for r in read_jsonl(fixtures / "features.jsonl"))  # + BOS and EOS
+    assert manifest["counts"]["train_tokens"] == 2 * per_file  # the same utterances, once from each file
+    assert manifest["counts"]["mix.features.share"] == pytest.approx(0.5)
+    windows = np.load(out.path / "train.npy")
+    assert windows.shape[1] == 64 and windows.max() < 502
+    assert "extract" not in manifest["config"]
