@@ -96,6 +96,3 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
 def evaluate(exp: Experiment) -> StageDir:
     return run_stage(exp, "eval", _evaluate)
 
-
-def read_results(out: StageDir) -> dict[str, dict]:
-    return json.loads((out.path / "results.json").read_text())

@@ -280,6 +280,3 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
 def train(exp: Experiment) -> StageDir:
     return run_stage(exp, "train", _train)
 
-
-def checkpoint_path(out: StageDir, kind: str = "final") -> Path:
-    return out.path / ("checkpoint" if kind == "final" else "checkpoint_init")
