@@ -193,7 +193,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         if plan["replans"] and step >= plan["replans"][0] and step > first_step:
@@ -201,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step_time = _all_ranks((time.perf_counter() - loop_start) / (step - first_step), "max")
             budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
             plan["total"] = max(step, min(step_cap, step + int(budget_left / step_time)))
+        sched.step()  # after a re-plan, so the next step's lr already follows the new plan
         if step % cfg.log_every == 0 or step == plan["total"]:
             now = time.perf_counter()
             elapsed_steps = step - last_step
