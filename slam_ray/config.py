@@ -30,7 +30,6 @@ class RayConfig(Section):
     num_cpus: float | None = Field(None, description="CPUs of a locally started Ray; None = all cores")
     num_gpus: int | None = None
     actor_cpus: float = Field(0.5, gt=0, description="CPUs per Ray Data actor; fractional so 2 cores do not deadlock")
-    task_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data task (decode, write)")
     worker_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Train worker")
     include_dashboard: bool = Field(True, description="Ray dashboard on 127.0.0.1; Train V2 needs its state API")
 

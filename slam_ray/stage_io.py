@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slam_ray.config import STAGES, Experiment
+from slam_ray.errors import SlamError
 from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
 
 # Fields that only change scheduling, not results.
@@ -122,8 +123,6 @@ def stage_dir(exp: Experiment, stage: str) -> StageDir:
 
 def upstream_dir(exp: Experiment, stage: str) -> StageDir:
     """The output of an upstream stage, which must be complete."""
-    from slam_ray.errors import SlamError
-
     sd = stage_dir(exp, stage)
     if not sd.is_complete():
         raise SlamError(

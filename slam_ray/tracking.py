@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +75,6 @@ class Tracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_dict(self, data: Any, name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / name
-            target.write_text(json.dumps(data, indent=2, default=str))
-            self.log_artifact(target)
 
 
 def _experiment_id(exp: Experiment) -> str:
