@@ -6,11 +6,9 @@ Bad input or a bad config prints one paragraph and exits with code 2 (no traceba
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
-from collections.abc import Callable
 
 from slam_ray.config import STAGES, Experiment, load_experiment, to_yaml
 from slam_ray.errors import SlamError
@@ -18,46 +16,21 @@ from slam_ray.errors import SlamError
 EXIT_USAGE = 2
 
 
-def _stage_fn(stage: str) -> Callable[[Experiment], object]:
-    """Import a stage lazily: `slam-ray config show` should not pay for torch and Ray."""
-    if stage == "synth":
-        from slam_ray.synth import synth as fn
-    elif stage == "extract":
-        from slam_ray.extract import extract as fn
-    elif stage == "pack":
-        from slam_ray.pack import pack as fn
-    elif stage == "train":
-        from slam_ray.train import train as fn
-    elif stage == "eval":
-        from slam_ray.eval import evaluate as fn
-    elif stage == "dpo":
-        raise SlamError("the `dpo` stage is not implemented yet (tracked in the DPO issue); "
-                        "remove `dpo` from the experiment's `stages` for now")
-    else:
-        raise SlamError(f"unknown stage {stage!r}")
-    return fn
-
-
 def run_experiment(exp: Experiment) -> dict[str, float]:
     """Run the stages the experiment lists, in order, under one parent MLflow run; returns seconds per stage."""
-    from slam_ray.stage_io import stage_dir
+    from slam_ray.runner import stage_function, summary_metrics
     from slam_ray.tracking import experiment_run, ui_hint
 
     for stage in exp.stages:
-        _stage_fn(stage)  # fail before any work if a listed stage is unavailable
+        stage_function(stage)  # fail before any work if a listed stage is unavailable
     wall: dict[str, float] = {}
     with experiment_run(exp) as parent:
         for stage in exp.stages:
             start = time.perf_counter()
-            out = _stage_fn(stage)(exp)
+            out = stage_function(stage)(exp)
             wall[stage] = round(time.perf_counter() - start, 1)
             parent.set_tags({f"slam_ray.output.{stage}": str(out.path)})
-        parent.log_metrics({f"time/{s}_s": v for s, v in wall.items()})
-        if "eval" in exp.stages:
-            from slam_ray.eval import metric_name
-
-            results = json.loads((stage_dir(exp, "eval").path / "results.json").read_text())
-            parent.log_metrics({metric_name(k): v["accuracy"] for k, v in results.items()})
+        parent.log_metrics({**{f"time/{s}_s": v for s, v in wall.items()}, **summary_metrics(exp)})
     print("\nwall time per stage (s): " + ", ".join(f"{s} {v}" for s, v in wall.items()))
     print(f"outputs: {exp.workdir_path}")
     print(ui_hint(exp))
@@ -69,8 +42,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_stage(args: argparse.Namespace) -> None:
+    from slam_ray.runner import stage_function
+
     exp = load_experiment(args.experiment, args.set)
-    out = _stage_fn(args.command)(exp)
+    out = stage_function(args.command)(exp)
     print(f"{args.command} output: {getattr(out, 'path', out)}")
 
 
@@ -83,14 +58,30 @@ def _cmd_config(args: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    load_experiment(args.experiment, args.set)
-    raise SlamError("`slam-ray sweep` is not implemented yet (tracked in the ablation-sweeps issue)")
+    from slam_ray.search_space import load_space
+
+    space = load_space(args.space)
+    # Precedence: the experiment file < the space's `sweep:` block < --set.
+    exp = load_experiment(args.experiment, space.overrides() + args.set)
+    if args.dry_run:
+        from slam_ray.search_space import validate_space
+        from slam_ray.sweep import sweep_name
+
+        validate_space(space, exp)
+        print(f"{sweep_name(exp, space)}: valid ({len(space.params)} swept fields: {', '.join(space.params)}; "
+              f"search {exp.sweep.search}, scheduler {exp.sweep.scheduler})")
+        return
+    from slam_ray.sweep import sweep
+
+    sweep(exp, space)
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
     from slam_ray.compare import compare
 
-    compare(experiment=args.experiment, tracking_uri=args.tracking_uri, metric=args.metric, out_dir=args.out)
+    mode = args.mode or ("min" if "loss" in args.metric else "max")
+    compare(experiments=args.experiment, tracking_uri=args.tracking_uri, metric=args.metric, out_dir=args.out,
+            sweep=args.sweep, mode=mode)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,15 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         with_experiment(p)
         p.set_defaults(func=_cmd_stage)
-    p = sub.add_parser("sweep", help="search a space of overrides with Ray Tune")
+    p = sub.add_parser("sweep", help="run an ablation: the experiment over a search space, with Ray Tune")
     with_experiment(p)
-    p.add_argument("--space", required=True, help="search space YAML")
+    p.add_argument("--space", required=True, help="search space YAML, or the name of one in search_spaces/")
+    p.add_argument("--dry-run", action="store_true", help="validate the space against the experiment, run nothing")
     p.set_defaults(func=_cmd_sweep)
-    p = sub.add_parser("compare", help="compare runs recorded in MLflow")
-    p.add_argument("--experiment", help="MLflow experiment name (default: all)")
+    p = sub.add_parser("compare", help="ablation table and plots from MLflow")
+    p.add_argument("--experiment", action="append", help="MLflow experiment name (repeatable; default: all)")
+    p.add_argument("--sweep", help="only the trials of this sweep (name, space name for the latest, or run id)")
     p.add_argument("--tracking-uri", help="MLflow URI (default: sqlite store of ./slam_runs/EXPERIMENT)")
     p.add_argument("--metric", default="eval/word_order/accuracy", help="metric to sort by")
-    p.add_argument("--out", help="folder for the CSV table")
+    p.add_argument("--mode", choices=["max", "min"], help="best is max or min (default: min for losses)")
+    p.add_argument("--out", help="folder for compare.csv and compare.png")
     p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("config", help="show or validate an experiment file")
     p.add_argument("action", choices=["show", "validate"])

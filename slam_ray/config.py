@@ -173,6 +173,8 @@ class TrainConfig(Section):
     use_gpu: bool = False
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None = worker CPUs")
     log_every: int = Field(10, ge=1)
+    val_reports: int = Field(10, ge=0, le=100, description="validation passes spread over the budget, each "
+                             "reported (MLflow val/loss; a sweep's ASHA/median compare them); 0 = only at the end")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between resumable checkpoints")
     max_failures: int = Field(0, ge=-1, description="Ray Train retries after a worker failure (-1: forever)")
     seed: int = 0
@@ -216,11 +218,22 @@ class EvalConfig(Section):
 
 
 class SweepConfig(Section):
-    metric: str = "eval/word_order/accuracy"
+    """How `slam-ray sweep` searches a space (the space itself is a YAML file under search_spaces/)."""
+
+    metric: str = Field("eval/word_order/accuracy", description="picks the best trial (reported at the end)")
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(1, ge=1)
+    search: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid/random: Tune's variant generator (grid axes crossed, distributions sampled "
+                            "num_samples times); optuna: TPE over distributions (no grid axes)")
+    num_samples: int = Field(1, ge=1, description="random/optuna: trials; grid: repeats of the whole grid")
+    scheduler: Literal["fifo", "asha", "median"] = Field("fifo", description="early stopping on stop_metric")
+    stop_metric: str = Field("val/loss", description="reported during training; what ASHA/median compare")
+    stop_mode: Literal["max", "min"] = "min"
+    grace_percent: float = Field(20, gt=0, le=100, description="no trial is stopped before this share of its budget")
+    reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/reduction_factor of trials at each rung")
     max_concurrent_trials: int = Field(1, ge=1)
-    scheduler: Literal["fifo", "asha", "median"] = "fifo"
+    trial_cpus: float = Field(0.1, gt=0, description="CPUs of a trial's driver process (its trainer asks for its own)")
+    seed: int = 0
 
 
 class Experiment(Section):
@@ -310,19 +323,38 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
+def set_path(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    """data[k1][k2]...[kn] = value, creating sections on the way."""
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys)}: {'.'.join(keys[: depth + 1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         keys, value = parse_override(item)
-        node = data
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(keys[: depth + 1])} is a value, not a section")
-            node = child
-        node[keys[-1]] = value
+        try:
+            set_path(data, keys, value)
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
     return data
+
+
+def with_values(exp: Experiment, values: dict[str, Any], source: str) -> Experiment:
+    """A copy of `exp` with dotted keys set to (already typed) values, validated like a file."""
+    data = exp.model_dump(mode="json")
+    for key, value in values.items():
+        set_path(data, key.split("."), value)
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from e
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

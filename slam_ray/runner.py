@@ -3,14 +3,17 @@ write `manifest.json` (config, counts, timings, status) and `errors.jsonl`."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from slam_ray.config import Experiment
+from slam_ray.errors import SlamError
 from slam_ray.stage_io import StageDir, Timer, stage_dir, stage_payload, upstream_dir, upstream_stages
 from slam_ray.tracking import Tracker, start_run
 
@@ -28,6 +31,40 @@ class StageResult:
 
 
 StageBody = Callable[[Experiment, StageDir, Tracker, Timer], StageResult]
+
+
+def stage_function(stage: str) -> Callable[[Experiment], StageDir]:
+    """A stage's entry point, imported lazily: `slam-ray config show` should not pay for torch and Ray."""
+    if stage == "synth":
+        from slam_ray.synth import synth as fn
+    elif stage == "extract":
+        from slam_ray.extract import extract as fn
+    elif stage == "pack":
+        from slam_ray.pack import pack as fn
+    elif stage == "train":
+        from slam_ray.train import train as fn
+    elif stage == "eval":
+        from slam_ray.eval import evaluate as fn
+    elif stage == "dpo":
+        raise SlamError("the `dpo` stage is not implemented yet (tracked in the DPO issue); "
+                        "remove `dpo` from the experiment's `stages` for now")
+    else:
+        raise SlamError(f"unknown stage {stage!r}")
+    return fn
+
+
+def summary_metrics(exp: Experiment) -> dict[str, float]:
+    """The headline figures of a finished experiment, from its stage manifests: final validation loss,
+    tokens and seconds trained, and every evaluation metric."""
+    out: dict[str, float] = {}
+    if "train" in exp.stages and (train := stage_dir(exp, "train").read_manifest()):
+        out["val/loss"] = train["metrics"]["val/loss_final"]
+        out["train/tokens"] = train["counts"]["tokens"]
+        out["train/steps"] = train["counts"]["steps"]
+        out["train/seconds"] = train["metrics"]["train/seconds"]
+    if "eval" in exp.stages and (evaluation := stage_dir(exp, "eval").read_manifest()):
+        out.update(evaluation["metrics"])
+    return out
 
 
 def init_ray(exp: Experiment) -> None:
@@ -48,11 +85,29 @@ def init_ray(exp: Experiment) -> None:
     )
 
 
+@contextlib.contextmanager
+def _exclusive(out: StageDir) -> Iterator[None]:
+    """One process builds a stage output at a time (concurrent sweep trials can share an upstream stage)."""
+    out.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.path.parent / f"{out.key}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[{out.stage}] another process is building {out.path}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def run_stage(exp: Experiment, stage: str, body: StageBody) -> StageDir:
     out = stage_dir(exp, stage)
-    if out.is_complete():
-        print(f"[{stage}] reusing complete output {out.path}")
-        return out
+    with _exclusive(out):
+        if out.is_complete():
+            print(f"[{stage}] reusing complete output {out.path}")
+            return out
+        return _run(exp, stage, body, out)
+
+
+def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir) -> StageDir:
     for upstream in upstream_stages(exp, stage):
         upstream_dir(exp, upstream)  # a clear error before any work if an input stage has not run
     print(f"[{stage}] running -> {out.path}")

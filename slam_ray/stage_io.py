@@ -19,7 +19,7 @@ from slam_ray.errors import SlamError
 from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
 
 # Fields that only change scheduling, not results.
-_OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "torch_threads", "checkpoint_every", "max_failures"}
+_OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "val_reports", "torch_threads", "checkpoint_every", "max_failures"}
 
 
 def _strip(d: Any) -> Any:

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from slam_ray.tracking import Tracker
 from slam_ray.units import PAD_ID
 
 PROBE_STEPS = 6  # timed forward/backward passes (weights untouched) that size a time-budgeted schedule
+INTERMEDIATE_VAL_WINDOWS = 256  # progress reports validate on this many windows; the final pass on all
 
 
 class WindowBatches:
@@ -107,7 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.torch_threads or max(1, int(exp.ray.worker_cpus)))
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
-    tracker = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    tracker = Tracker(**config["tracker"]) if rank == 0 else None
     # MLflow writes go through one background thread so a slow store never eats the training budget.
     log_thread = ThreadPoolExecutor(max_workers=1)
 
@@ -130,11 +132,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with autocast:
             return net(input_ids=x, labels=labels).loss
 
+    def validate(limit: int | None = None) -> float:
+        """Mean loss over (the first `limit` of) the validation windows, all ranks sharing the work. Runs on
+        the unwrapped module: ranks may see unequal numbers of batches, and a DDP forward would wait for the
+        other ranks (a deadlock)."""
+        plain = getattr(model, "module", model).eval()
+        windows = val_windows[:limit]
+        with torch.no_grad():
+            losses = [loss_on(windows[i : i + cfg.batch_size], plain).item()
+                      for i in range(rank * cfg.batch_size, len(windows), cfg.batch_size * world)]
+        plain.train()
+        return _all_ranks(sum(losses), "sum") / max(1.0, _all_ranks(len(losses), "sum"))
+
     tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * world
     # Step and token budgets cap the step count; a time budget sizes it from measured throughput below.
     step_cap = min(cfg.max_steps or 10**12, -(-cfg.max_tokens // tokens_per_step) if cfg.max_tokens else 10**12)
     if resumed is not None:
-        step, plan = resumed["step"], resumed["plan"]
+        step, plan, reports_done = resumed["step"], resumed["plan"], resumed.get("reports_done", 0)
         start = time.perf_counter() - resumed["train_seconds"]  # the budget counts training time only
         opt.load_state_dict(resumed["optimizer"])
         torch.set_rng_state(resumed["torch_rng"])
@@ -143,7 +157,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         # Schedule length: max_steps, or what the time budget affords at the throughput measured here. The
         # probe runs whole steps at lr 0 (weights unchanged), then forgets the optimizer state it built.
-        step, start = 0, time.perf_counter()
+        step, start, reports_done = 0, time.perf_counter(), 0
         total_steps = step_cap
         if cfg.max_minutes:
             probe_start = start
@@ -219,8 +233,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Every rank must stop on the same step: agree on the budget check.
             if cfg.max_minutes and _all_ranks(float(now - start > cfg.max_minutes * 60), "max") > 0:
                 break
+        if cfg.val_reports and step < plan["total"] and step * cfg.val_reports >= (reports_done + 1) * plan["total"]:
+            # Progress report: the validation loss at each 1/val_reports of the budget, which a sweep's
+            # early-stopping scheduler (ASHA, median) compares across trials at equal shares of their budgets.
+            reports_done = step * cfg.val_reports // plan["total"]
+            progress = {"step": step, "progress": round(100 * step / plan["total"], 2),
+                        "val/loss": validate(INTERMEDIATE_VAL_WINDOWS), "train/tokens": step * tokens_per_step}
+            if tracker:
+                log_thread.submit(tracker.log_metrics, {"val/loss": progress["val/loss"]}, step)
+            ray.train.report(progress)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < plan["total"]:
-            state = {"step": step, "plan": plan, "train_seconds": time.perf_counter() - start,
+            state = {"step": step, "plan": plan, "reports_done": reports_done,
+                     "train_seconds": time.perf_counter() - start,
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
             _report_checkpoint(model, rank, {"step": step, "kind": "periodic"}, state)
     train_seconds = time.perf_counter() - start
@@ -228,19 +252,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if tracker:
         tracker.log_params({"schedule.total_steps": plan["total"]})  # idempotent when a resumed run logs it again
 
-    # Validation on the unwrapped module: ranks may see unequal numbers of batches, and a DDP forward
-    # would wait for the other ranks (a deadlock).
-    plain = getattr(model, "module", model).eval()
-    with torch.no_grad():
-        val_losses = [loss_on(val_windows[i : i + cfg.batch_size], plain).item()
-                      for i in range(rank * cfg.batch_size, len(val_windows), cfg.batch_size * world)]
-    val_loss = _all_ranks(sum(val_losses), "sum") / max(1.0, _all_ranks(len(val_losses), "sum"))
-    metrics = {"step": step, "kind": "final", "val_loss": val_loss, "tokens": step * tokens_per_step,
+    val_loss = validate()
+    metrics = {"step": step, "kind": "final", "val_loss": val_loss, "progress": 100.0, "val/loss": val_loss, "tokens": step * tokens_per_step,
                "train_seconds": train_seconds, "tokens_per_s": (step - first_step) * tokens_per_step / (time.perf_counter() - loop_start),
                "params": n_params, "total_steps": plan["total"]}
     if tracker:
         tracker.log_metrics({"val/loss": val_loss, "train/tokens_per_s_mean": metrics["tokens_per_s"]}, step)
     _report_checkpoint(model, rank, metrics)
+
+
+def _tune_callbacks() -> list:
+    """Inside a sweep trial (a Tune function), forward the progress reports to Tune so its scheduler can
+    stop the trial early; elsewhere nothing."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportProgress(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):  # noqa: ANN001
+            if "progress" in metrics[0]:  # not the step-0 checkpoint report
+                super().after_report(run_context, [{k: v for k, v in metrics[0].items() if k != "kind"}], None)
+
+    try:
+        return [ReportProgress()]
+    except RuntimeError:  # "must be used in a Tune session"
+        return []
 
 
 def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
@@ -252,14 +286,14 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
     resources = {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": exp.model_dump(mode="json"), "tracking_uri": tracker.uri,
-                           "run_id": tracker.run_id, "train_path": str(packed / "train.npy"),
+        train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker),
+                           "train_path": str(packed / "train.npy"),
                            "val_path": str(packed / "val.npy")},
         scaling_config=ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="train", storage_path=str(out.path / "ray"),
                              failure_config=FailureConfig(max_failures=exp.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None), callbacks=_tune_callbacks()),
     )
     with timer.phase("fit"):
         result = trainer.fit()

@@ -26,13 +26,15 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         (["config", "show", "quickstart", "--set", "train.batch_size=abc"], "train.batch_size: Input should be a valid integer"),
         (["train", "quickstart", "--set", "train.max_minutes=null"], "max_steps, max_tokens or max_minutes"),
         (["run", "quickstart", "--set", "stages=[train,dpo]"], "`dpo` stage is not implemented"),
-        (["sweep", "quickstart", "--space", "x.yaml"], "sweep` is not implemented"),
+        (["sweep", "quickstart", "--space", "x.yaml"], "neither a YAML file nor one of the shipped spaces"),
+        (["sweep", "quickstart", "--space", "optimizer", "--set", "sweep.search=optuna"], "cannot sample grid axes"),
+        (["compare", "--tracking-uri", "sqlite:///{tmp}/none.db", "--sweep", "x"], "no sweeps in"),
         (["compare"], "give --tracking-uri"),
         (["compare", "--experiment", "nothing_here"], "no MLflow store"),
     ],
 )
-def test_error_paths_exit_2_without_traceback(capsys, argv, message):
-    code, _, err = run_cli(capsys, *argv)
+def test_error_paths_exit_2_without_traceback(capsys, tmp_path, argv, message):
+    code, _, err = run_cli(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
     assert code == 2
     assert message in err
     assert "Traceback" not in err
