@@ -27,7 +27,16 @@ from slam_ray.config import Experiment, with_values
 from slam_ray.runner import init_ray, stage_function, summary_metrics
 from slam_ray.search_space import SearchSpace, validate_space
 from slam_ray.stage_io import config_hash
-from slam_ray.tracking import Tracker, parent_run, start_run, start_writer, store, use_writer
+from slam_ray.tracking import (
+    Tracker,
+    open_run,
+    parent_run,
+    start_run,
+    start_writer,
+    stop_writer,
+    store,
+    use_writer,
+)
 
 TRIAL_TAG = "slam_ray.trial"  # "<sweep>/<trial id>" on a trial's run
 IN_TRIAL_TAG = "slam_ray.in_trial"  # the same on the stage runs inside a trial
@@ -74,9 +83,10 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
     trial = f"{sweep}/{tune.get_context().get_trial_id()}"
     use_writer(writer)
     label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
-    with parent_run(Tracker(exp.tracking_uri, parent_run_id, writer)), \
-            start_run(exp, label, {"slam_ray.kind": "trial", "slam_ray.sweep": sweep},
-                      find_by={TRIAL_TAG: trial}) as run, parent_run(run, {IN_TRIAL_TAG: trial}):
+    with parent_run(Tracker(exp.tracking_uri, parent_run_id, writer)):
+        run = open_run(exp, label, {"slam_ray.kind": "trial", "slam_ray.sweep": sweep}, find_by={TRIAL_TAG: trial})
+    # The driver closes this run when the trial stops early or fails (this process may be gone by then).
+    with parent_run(run, {IN_TRIAL_TAG: trial}):
         run.log_params({**exp.model_dump(mode="json"), "swept": {k: v for k, v in values.items()}})
         for stage in exp.stages:
             out = stage_function(stage)(exp)
@@ -84,6 +94,7 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
         final = summary_metrics(exp)
         run.log_metrics(final, step=int(final.get("train/steps", 0)))
         # The last result Tune sees: `final` marks a trial that ran to the end (vs stopped early).
+        run.set_status("FINISHED")
         tune.report({**final, "progress": 100.0, "final": 1})
 
 
@@ -131,10 +142,16 @@ class TrialsToMlflow:
             return
         run.set_tags({"slam_ray.stop_reason": reason, "slam_ray.trial_status": status.lower()})
         run.set_status(status)
-        # A trial stopped by the scheduler is killed mid-stage: close the stage runs it left open.
-        for stage_run in backend.find_runs(self.experiment, {IN_TRIAL_TAG: f"{self.sweep}/{trial.trial_id}"},
-                                           status="RUNNING"):
-            backend.set_status(stage_run, "KILLED")
+        # A trial stopped by the scheduler is killed mid-stage: close the stage runs it left open (or marked
+        # FAILED on its way out).
+        if status == "KILLED":
+            for stage_run in backend.find_runs(self.experiment, {IN_TRIAL_TAG: f"{self.sweep}/{trial.trial_id}"}):
+                if backend.status(stage_run) in ("RUNNING", "FAILED"):
+                    backend.set_status(stage_run, "KILLED")
+        else:
+            for stage_run in backend.find_runs(self.experiment, {IN_TRIAL_TAG: f"{self.sweep}/{trial.trial_id}"},
+                                               status="RUNNING"):
+                backend.set_status(stage_run, status)
 
 
 def _tune_callback(*args: Any):
@@ -183,10 +200,6 @@ def _scheduler(exp: Experiment):
 
 
 def sweep(exp: Experiment, space: SearchSpace) -> pd.DataFrame:
-    from ray import tune
-
-    from slam_ray.compare import sweep_report
-
     validate_space(space, exp)
     name = sweep_name(exp, space)
     folder = exp.workdir_path / "sweeps" / name
@@ -200,6 +213,18 @@ def sweep(exp: Experiment, space: SearchSpace) -> pd.DataFrame:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     writer = f"mlflow-writer-{name}"
     start_writer(exp.tracking_uri, writer)
+    try:
+        return _sweep(exp, space, name, folder, writer)
+    finally:
+        stop_writer(writer)
+
+
+def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path, writer: str) -> pd.DataFrame:
+    from ray import tune
+
+    from slam_ray.compare import sweep_report
+
+    cfg = exp.sweep
     with start_run(exp, f"sweep {space.name}", {"slam_ray.kind": "sweep", "slam_ray.git_commit": _git_commit(),
                                                 "slam_ray.output": str(folder)},
                    find_by={"slam_ray.sweep": name, "slam_ray.kind": "sweep"}) as parent, parent_run(parent):
@@ -220,8 +245,10 @@ def sweep(exp: Experiment, space: SearchSpace) -> pd.DataFrame:
             tuner = tune.Tuner(
                 trainable,
                 param_space=space.to_tune(),
-                tune_config=tune.TuneConfig(num_samples=cfg.num_samples, max_concurrent_trials=cfg.max_concurrent_trials,
-                                            search_alg=_search_alg(exp), scheduler=_scheduler(exp)),
+                tune_config=tune.TuneConfig(
+                    num_samples=cfg.num_samples, search_alg=_search_alg(exp), scheduler=_scheduler(exp),
+                    # the variant generator carries its own limit (and Tune warns if given both)
+                    max_concurrent_trials=cfg.max_concurrent_trials if cfg.search == "optuna" else None),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(folder), verbose=1,
                     callbacks=[_tune_callback(exp.tracking_uri, writer, exp.tracking_experiment, name, cfg.scheduler,

@@ -89,13 +89,16 @@ class MlflowStore:
             self.client.log_batch(run_id, metrics=metric_items[i : i + 100], params=param_items[i : i + 100],
                                   tags=tag_items[i : i + 100])
 
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, path, artifact_path)
 
-    def set_status(self, run_id: str, status: str) -> None:
+    def set_status(self, run_id: str, status: str, only_if_running: bool = False) -> None:
         if status == "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
-        else:
+        elif not only_if_running or self.client.get_run(run_id).info.status == "RUNNING":
             self.client.set_terminated(run_id, status)
 
 
@@ -141,6 +144,16 @@ def use_writer(name: str | None) -> None:
     _writer = name
 
 
+def stop_writer(name: str) -> None:
+    """Stop a writer this process started (after its last call has returned) and write directly again."""
+    import ray
+
+    use_writer(None)
+    _stores.pop(next((k for k in _stores if k[1] == name), None), None)
+    if (handle := _writer_handles.pop(name, None)) is not None:
+        ray.kill(handle)
+
+
 @dataclass
 class Tracker:
     """A run to write to: plain data, so a Ray Train worker can rebuild it (`Tracker(**asdict(t))`)."""
@@ -169,8 +182,8 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.store.log_artifact(self.run_id, str(path), artifact_path)
 
-    def set_status(self, status: str) -> None:
-        self.store.set_status(self.run_id, status)
+    def set_status(self, status: str, only_if_running: bool = False) -> None:
+        self.store.set_status(self.run_id, status, only_if_running)
 
 
 def _artifact_location(exp: Experiment) -> str | None:
@@ -209,7 +222,8 @@ def start_run(exp: Experiment, run_name: str, tags: dict[str, str] | None = None
         status = "KILLED"
         raise
     finally:
-        tracker.set_status(status)
+        # A sweep's driver may already have closed it (KILLED when the scheduler stopped the trial).
+        tracker.set_status(status, only_if_running=True)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,123 @@
+"""Search-space YAML: parsing, validation against the experiment schema (before any trial), Tune conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slam_ray.config import load_experiment
+from slam_ray.errors import ConfigError
+from slam_ray.search_space import SearchSpace, check_field_path, load_space, validate_space
+
+SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+
+
+def space_file(tmp_path: Path, data: dict) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_the_issue_spaces_ship():
+    assert {"optimizer", "schedule", "data_mix", "model_init", "context", "dpo_budget"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_space_is_valid_for_its_recipe(name):
+    space = load_space(name)
+    assert space.description
+    recipe = "slam" if name in ("model_init", "context") else "quickstart"
+    overrides = space.overrides()
+    if name == "dpo_budget":
+        overrides.append("stages=[synth,extract,pack,train,dpo,eval]")
+    if name == "data_mix":  # the quickstart has one dataset; name three so the mix can address them
+        overrides.append('extract.inputs=[{name: librispeech, path: "@synth"}]')
+    exp = load_experiment(recipe, overrides)
+    validate_space(space, exp)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("train.optimizer.lrr", "train.optimizer has no field 'lrr'. Fields there: name, lr"),
+        ("trian.optimizer.lr", "the experiment has no field 'trian'"),
+        ("train.optimizer.lr.x", "train.optimizer.lr is a value, not a section"),
+        ("train.optimizer", "is a whole section; sweep one of its fields, e.g. train.optimizer.name"),
+        ("pack.mix.stories.x", "address one entry at most"),
+    ],
+)
+def test_a_field_that_does_not_exist_is_named(key, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        check_field_path(key)
+
+
+def test_mapping_entries_and_nested_fields_are_fields():
+    for key in ("pack.mix.stories", "pack.epochs.librispeech", "extract.tokenizer.n_units", "train.model.init"):
+        check_field_path(key)
+
+
+def test_values_are_validated_with_the_field_named(tmp_path):
+    exp = load_experiment("quickstart")
+    bad_lr = load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"grid": [1e-3, -1]}}}))
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.lr.*greater than 0"):
+        validate_space(bad_lr, exp)
+    bad_name = load_space(space_file(tmp_path, {"params": {"train.optimizer.name": {"choice": ["adamw", "sgd"]}}}))
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.name"):
+        validate_space(bad_name, exp)
+    # a range is checked at both ends: warmup_ratio must stay < 1
+    bad_range = load_space(space_file(tmp_path, {"params": {"train.schedule.warmup_ratio": {"uniform": [0.0, 1.5]}}}))
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        validate_space(bad_range, exp)
+
+
+def test_dependent_fields_are_validated_together(tmp_path):
+    exp = load_experiment("quickstart")
+    alone = load_space(space_file(tmp_path, {"params": {"train.model.init": {"grid": ["random", "twist"]}}}))
+    with pytest.raises(ConfigError, match="init 'twist' needs `base`"):
+        validate_space(alone, exp)
+    together = load_space(space_file(tmp_path, {"params": {"train.model.init": {"grid": ["random", "twist"]},
+                                                            "train.model.base": {"grid": ["/some/local/lm"]}}}))
+    validate_space(together, exp)
+
+
+def test_malformed_spaces_say_what_to_fix(tmp_path):
+    with pytest.raises(ConfigError, match="give exactly one of grid, choice"):
+        load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"grid": [1], "choice": [2]}}}))
+    with pytest.raises(ConfigError, match="low < high"):
+        load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"loguniform": [1e-2, 1e-3]}}}))
+    with pytest.raises(ConfigError, match="unknown sweep field"):
+        load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"grid": [1]}}, "sweep": {"sheduler": "asha"}}))
+    with pytest.raises(ConfigError, match="params"):
+        load_space(space_file(tmp_path, {"description": "nothing swept"}))
+
+
+def test_a_space_that_changes_no_stage_of_the_experiment_is_refused(tmp_path):
+    space = load_space(space_file(tmp_path, {"params": {"dpo.beta": {"grid": [0.1, 0.5]}}}))
+    with pytest.raises(ConfigError, match="every trial would be the same"):
+        validate_space(space, load_experiment("quickstart"))
+
+
+def test_optuna_refuses_grid_axes(tmp_path):
+    space = load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"grid": [1e-3, 3e-3]}},
+                                             "sweep": {"search": "optuna"}}))
+    with pytest.raises(ConfigError, match="use `choice`"):
+        validate_space(space, load_experiment("quickstart", space.overrides()))
+
+
+def test_tune_domains_and_sweep_defaults(tmp_path):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = SearchSpace.model_validate({
+        "name": "s", "sweep": {"scheduler": "asha", "num_samples": 3},
+        "params": {"a.b": {"grid": [1, 2]}, "c.d": {"choice": ["x"]}, "e.f": {"loguniform": [1e-4, 1e-2]},
+                   "g.h": {"uniform": [0, 1]}, "i.j": {"randint": [1, 4]}}})
+    tune_space = space.to_tune()
+    assert tune_space["a.b"] == {"grid_search": [1, 2]}
+    assert isinstance(tune_space["c.d"], Categorical)
+    assert isinstance(tune_space["e.f"], Float) and isinstance(tune_space["g.h"], Float)
+    assert isinstance(tune_space["i.j"], Integer) and tune_space["i.j"].upper == 4
+    # the space's sweep block sits between the experiment file and the user's --set
+    exp = load_experiment("quickstart", [*space.overrides(), "sweep.num_samples=5"])
+    assert exp.sweep.scheduler == "asha" and exp.sweep.num_samples == 5

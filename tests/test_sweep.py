@@ -1,0 +1,192 @@
+"""Sweeps end to end: real Ray Tune trials that each run real training and evaluation, a real MLflow tracking
+server (and the sqlite store through the CLI), ASHA early stopping, resource cleanup, kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import small_experiment
+
+from slam_ray.config import to_yaml, with_values
+from slam_ray.search_space import load_space
+from slam_ray.stage_io import stage_dir
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+# Good learning rates first: ASHA then has their validation losses on record when the poor ones reach a rung.
+LEARNING_RATES = [1e-2, 3e-3, 3e-5, 1e-5]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on its own port; only its process group is stopped afterwards."""
+    port = _free_port()
+    log = open(tmp_path / "mlflow_server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server_artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("mlflow server did not start:\n" + (tmp_path / "mlflow_server.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def _space(tmp_path: Path, sweep: dict) -> Path:
+    path = tmp_path / "lr_space.yaml"
+    path.write_text(yaml.safe_dump({"description": "learning rate", "params": {"train.optimizer.lr": {"grid": LEARNING_RATES}},
+                                    "sweep": sweep}))
+    return path
+
+
+def _runs(uri: str, experiment: str, query: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], query, max_results=1000) if found else []
+
+
+def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_path, ray_local, espeak, mlflow_server):
+    from mlflow.tracking import MlflowClient
+    from ray.util.placement_group import placement_group_table
+
+    from slam_ray.sweep import sweep
+
+    exp = small_experiment(
+        tmp_path / "work", train={"max_steps": 60, "val_reports": 10},
+        tracking={"uri": mlflow_server},
+        sweep={"scheduler": "asha", "metric": "val/loss", "mode": "min", "max_concurrent_trials": 2,
+               "grace_percent": 20, "reduction_factor": 2},
+    )
+    space = load_space(str(_space(tmp_path, {})))
+    table = sweep(exp, space)
+
+    # --- MLflow: one sweep run, one child per trial, the stage runs beneath each trial
+    sweeps = _runs(mlflow_server, "tiny", "tags.`slam_ray.kind` = 'sweep'")
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"
+    parent = sweeps[0]
+    assert json.loads(parent.data.params["space.train.optimizer.lr.grid"]) == LEARNING_RATES
+    assert len(parent.data.tags["slam_ray.git_commit"]) >= 7
+    trials = _runs(mlflow_server, "tiny", "tags.`slam_ray.kind` = 'trial'")
+    assert len(trials) == 4
+    assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
+    by_lr = {float(t.data.params["swept.train.optimizer.lr"]): t for t in trials}
+    assert sorted(by_lr) == sorted(LEARNING_RATES)
+    completed = [t for t in trials if t.info.status == "FINISHED"]
+    stopped = [t for t in trials if t.info.status == "KILLED"]
+    assert completed and stopped, {lr: (t.info.status, t.data.tags.get("slam_ray.stop_reason")) for lr, t in by_lr.items()}
+    assert len(completed) + len(stopped) == 4
+    for t in stopped:
+        assert t.data.tags["slam_ray.stop_reason"].startswith("stopped early by asha at")
+        assert "eval/word_order/accuracy" not in t.data.metrics  # never evaluated: its budget was cut
+        # the history Tune saw, logged by the driver: fewer validation points than a full trial
+        assert 1 <= len(MlflowClient(mlflow_server).get_metric_history(t.info.run_id, "val/loss")) < 10
+    for t in completed:
+        assert t.data.tags["slam_ray.stop_reason"] == "completed"
+        assert {"eval/word_order/accuracy", "val/loss", "train/tokens"} <= set(t.data.metrics)
+    # the best learning rate completed; the two poorest did not both survive
+    assert by_lr[1e-2].info.status == "FINISHED"
+    assert {by_lr[3e-5].info.status, by_lr[1e-5].info.status} != {"FINISHED"}
+    # stage runs nest under their trial and none is left RUNNING by a stopped trial
+    for t in trials:
+        stage_runs = _runs(mlflow_server, "tiny", f"tags.`mlflow.parentRunId` = '{t.info.run_id}'")
+        assert "train" in {r.data.tags["slam_ray.stage"] for r in stage_runs}
+        assert all(r.info.status != "RUNNING" for r in stage_runs)
+
+    # --- compare: the returned table matches what the trials produced, best first, plots logged
+    assert list(table["run_id"]).count(by_lr[1e-2].info.run_id) == 1 and len(table) == 4
+    assert table["val/loss"].dropna().is_monotonic_increasing
+    for _, row in table[table["status"] == "FINISHED"].iterrows():
+        trial_exp = with_values(exp, {"train.optimizer.lr": float(row["train.optimizer.lr"])}, "trial")
+        manifest = stage_dir(trial_exp, "train").read_manifest()
+        results = json.loads((stage_dir(trial_exp, "eval").path / "results.json").read_text())
+        assert row["val/loss"] == pytest.approx(manifest["metrics"]["val/loss_final"])
+        assert row["eval/word_order/accuracy"] == pytest.approx(results["word_order"]["accuracy"])
+    artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(parent.info.run_id)}
+    assert {"compare.csv", "compare.png"} <= artifacts
+    assert parent.data.metrics["trials/stopped_early"] == len(stopped)
+
+    # --- resources: every trial's trainer released its CPUs and placement group (ray #54305)
+    deadline = time.time() + 60
+    while True:
+        leaked = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        free = ray_local.available_resources().get("CPU", 0)
+        if not leaked and free == ray_local.cluster_resources()["CPU"]:
+            break
+        assert time.time() < deadline, f"resources not freed: {free} CPUs free, placement groups {leaked}"
+        time.sleep(1)
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, espeak):
+    exp = small_experiment(tmp_path / "work", train={"max_steps": 40, "checkpoint_every": 10})
+    exp_path = tmp_path / "tiny.yaml"
+    exp_path.write_text(to_yaml(exp))
+    space_path = _space(tmp_path, {"metric": "val/loss", "mode": "min", "max_concurrent_trials": 1})
+    command = [sys.executable, "-m", "slam_ray.cli", "sweep", str(exp_path), "--space", str(space_path)]
+    uri = exp.tracking_uri
+
+    # Start the sweep; kill its whole process group (driver, local Ray, trials) once one trial has finished.
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    finished_before: dict[str, str] = {}
+    try:
+        while not finished_before:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.time() < deadline, "no trial finished in time"
+            time.sleep(2)
+            if Path(uri.removeprefix("sqlite:///")).exists():
+                finished_before = {t.info.run_id: t.data.params["swept.train.optimizer.lr"]
+                                   for t in _runs(uri, "tiny", "tags.`slam_ray.kind` = 'trial' and attributes.status = 'FINISHED'")}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        log.close()
+    assert len(finished_before) < 4
+
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming" in second.stdout
+
+    trials = _runs(uri, "tiny", "tags.`slam_ray.kind` = 'trial'")
+    assert sorted(float(t.data.params["swept.train.optimizer.lr"]) for t in trials) == sorted(LEARNING_RATES)
+    assert all(t.info.status == "FINISHED" for t in trials)
+    assert len(_runs(uri, "tiny", "tags.`slam_ray.kind` = 'sweep'")) == 1  # the same parent, not a second sweep
+    for run_id in finished_before:
+        # a trial finished before the kill kept its run and was not trained again
+        train_runs = _runs(uri, "tiny", f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`slam_ray.stage` = 'train'")
+        assert len(train_runs) == 1 and train_runs[0].info.status == "FINISHED"
+    # one training output per learning rate: nothing duplicated
+    assert len([p for p in (exp.workdir_path / "train").iterdir() if p.is_dir()]) == 4
