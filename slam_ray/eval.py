@@ -5,7 +5,8 @@ sWUGGY), `word_order` (two adjacent words swapped, like sBLIMP's word-order item
 verb's number flipped). Both members of a pair are spoken with the same voice and speed by the synth backend,
 tokenised with the extract stage's tokeniser, and scored by NLL (`eval.convention`). The untrained model
 (`checkpoint_init`) is scored too: `<task>@init` is the chance baseline.
-Outputs: `results.json`, `scores.csv` (one row per pair and checkpoint), and the pair audio under `audio/`.
+Outputs: `results.json`, `scores.csv` (one row per pair and checkpoint); the pair audio and units are cached
+under `WORKDIR/eval_pairs/` for every model evaluated on the same pairs.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ import pandas as pd
 
 from slam_ray import grammar
 from slam_ray.config import Experiment
-from slam_ray.runner import StageResult, init_ray, run_stage
+from slam_ray.runner import StageResult, exclusive, init_ray, run_stage
 from slam_ray.scoring import accuracy_with_ci, pair_outcomes, sequence_nll
-from slam_ray.stage_io import StageDir, Timer, trained_checkpoint_dir, upstream_dir
+from slam_ray.stage_io import (
+    StageDir,
+    Timer,
+    config_hash,
+    stage_payload,
+    trained_checkpoint_dir,
+    trained_stage,
+    upstream_dir,
+)
 from slam_ray.tokenizer import encode_files
 from slam_ray.tracking import Tracker
 from slam_ray.tts import speak_items
@@ -50,20 +59,42 @@ def _speech_items(exp: Experiment, pairs: list[grammar.MinimalPair], out: StageD
     return items
 
 
+def _pair_units(exp: Experiment, timer: Timer) -> tuple[dict[str, list[int]], list[dict]]:
+    """The pairs spoken and tokenised: (units by item id, errors). They depend on the pairs, the voices and
+    the tokenizer but not on the model, so they are made once under WORKDIR/eval_pairs/<key>/ and shared by
+    every checkpoint evaluated on them (each trial of a sweep)."""
+    payload = stage_payload(exp, "eval")
+    payload.pop(trained_stage(exp))
+    payload["eval"] = {k: payload["eval"][k] for k in ("tasks", "n_pairs", "seed")}
+    key = config_hash(payload)
+    cache = StageDir("eval_pairs", key, exp.workdir_path / "eval_pairs" / key)
+    with exclusive(cache):
+        done = cache.path / "units.json"
+        if done.is_file():
+            cached = json.loads(done.read_text())
+            return cached["units"], cached["errors"]
+        pairs = build_pairs(exp)
+        init_ray(exp)
+        with timer.phase("speak"):
+            spoken, errors = speak_items(exp, _speech_items(exp, pairs, cache), exp.synth.backend,
+                                         exp.synth.sample_rate, exp.synth.num_actors, exp.synth.batch_size)
+        with timer.phase("tokenise"):
+            tokenizer_dir = upstream_dir(exp, "extract").path / "tokenizer"
+            encoded, bad = encode_files(exp, spoken, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size)
+        units = {r["id"]: [int(u) for u in r["units"]] for r in encoded}
+        errors = [{k: e.get(k) for k in ("id", "path", "error")} for e in errors + bad]
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"units": units, "errors": errors}))
+        tmp.replace(done)
+        return units, errors
+
+
 def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     from transformers import AutoModelForCausalLM
 
     trained = trained_checkpoint_dir(exp)
-    tokenizer_dir = upstream_dir(exp, "extract").path / "tokenizer"
     pairs = build_pairs(exp)
-    init_ray(exp)
-    with timer.phase("speak"):
-        spoken, errors = speak_items(exp, _speech_items(exp, pairs, out), exp.synth.backend, exp.synth.sample_rate,
-                                     exp.synth.num_actors, exp.synth.batch_size)
-    with timer.phase("tokenise"):
-        encoded, bad = encode_files(exp, spoken, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size)
-    errors += bad
-    units = {r["id"]: r["units"] for r in encoded}
+    units, errors = _pair_units(exp, timer)
     complete = [p for p in pairs if f"{p.id}-pos" in units and f"{p.id}-neg" in units]
 
     results: dict[str, dict] = {}
@@ -90,7 +121,7 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
     metrics = {metric_name(key): r["accuracy"] for key, r in results.items()}
     return StageResult(counts={"pairs": len(complete), "tasks": len(exp.eval.tasks)},
                        outputs={"results": "results.json", "scores": "scores.csv"},
-                       errors=[{k: e.get(k) for k in ("id", "path", "error")} for e in errors], metrics=metrics)
+                       errors=errors, metrics=metrics)
 
 
 def evaluate(exp: Experiment) -> StageDir:

@@ -33,7 +33,7 @@ def config_hash(payload: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def _trained_by(exp: Experiment) -> str:
+def trained_stage(exp: Experiment) -> str:
     """The stage whose checkpoint evaluation reads: dpo when the experiment runs it, else train."""
     return "dpo" if "dpo" in exp.stages else "train"
 
@@ -65,7 +65,7 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
         synth = section("synth")
         voices = {k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")}
         held_out = synth["corpus"]["held_out_percent"]
-        trained_by = _trained_by(exp)
+        trained_by = trained_stage(exp)
         return {"eval": section("eval"), "voices": voices, "held_out_percent": held_out, "pairs_version": PAIRS_VERSION,
                 "extract": stage_key(exp, "extract"), trained_by: stage_key(exp, trained_by)}
     raise ValueError(f"unknown stage {stage!r}")
@@ -133,7 +133,7 @@ def upstream_dir(exp: Experiment, stage: str) -> StageDir:
 
 
 def trained_checkpoint_dir(exp: Experiment) -> StageDir:
-    return upstream_dir(exp, _trained_by(exp))
+    return upstream_dir(exp, trained_stage(exp))
 
 
 class Timer:
