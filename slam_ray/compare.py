@@ -53,7 +53,9 @@ def runs_table(uri: str, experiments: list[str] | None = None, sweep_run_id: str
     if sweep_run_id:
         runs = _search(uri, experiments, f"tags.`mlflow.parentRunId` = '{sweep_run_id}' and tags.`slam_ray.kind` = 'trial'")
     else:
-        runs = pd.concat([_search(uri, experiments, f"tags.`slam_ray.kind` = '{kind}'") for kind in ("experiment", "trial")])
+        frames = [_search(uri, experiments, f"tags.`slam_ray.kind` = '{kind}'") for kind in ("experiment", "trial")]
+        frames = [f for f in frames if not f.empty]
+        runs = pd.concat(frames) if frames else pd.DataFrame()
     if runs.empty:
         where = f" under {', '.join(experiments)}" if experiments else ""
         raise SlamError(f"no slam-ray runs in {uri}{where}; run `slam-ray run EXPERIMENT` or `slam-ray sweep` first, "
@@ -69,7 +71,7 @@ def runs_table(uri: str, experiments: list[str] | None = None, sweep_run_id: str
                       and runs[c].replace("None", None).dropna().nunique() > 1]
     client = _client(uri)
     runs["metrics.val/loss_best"] = [_best(client, run_id, "val/loss") for run_id in runs["run_id"]]
-    runs["metrics.wall_s"] = (runs["end_time"] - runs["start_time"]).dt.total_seconds()
+    runs["metrics.wall_s"] = (pd.to_datetime(runs["end_time"]) - pd.to_datetime(runs["start_time"])).dt.total_seconds()
     metric_cols = [f"metrics.{m}" for m in SUMMARY if f"metrics.{m}" in runs.columns]
     metric_cols += sorted(c for c in runs.columns if c.startswith("metrics.eval/") and c not in metric_cols)
     tags = {"tags.mlflow.runName": "run", "tags.slam_ray.kind": "kind", "status": "status",

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -149,6 +150,18 @@ def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_p
         time.sleep(1)
 
 
+def _finished_trials(db: Path) -> set[str]:
+    """Run ids of FINISHED trials, read with plain SQL: an MLflow client here could race the sweep's writer
+    while it creates the store's tables (alembic migrations)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            rows = con.execute("select r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid "
+                               "where t.key = 'slam_ray.kind' and t.value = 'trial' and r.status = 'FINISHED'")
+            return {row[0] for row in rows}
+    except sqlite3.OperationalError:  # not created yet, or tables not there yet
+        return set()
+
+
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, espeak):
     exp = small_experiment(tmp_path / "work", train={"max_steps": 40, "checkpoint_every": 10})
     exp_path = tmp_path / "tiny.yaml"
@@ -161,15 +174,13 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, espeak
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
-    finished_before: dict[str, str] = {}
+    finished_before: set[str] = set()
     try:
         while not finished_before:
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             assert time.time() < deadline, "no trial finished in time"
             time.sleep(2)
-            if Path(uri.removeprefix("sqlite:///")).exists():
-                finished_before = {t.info.run_id: t.data.params["swept.train.optimizer.lr"]
-                                   for t in _runs(uri, "tiny", "tags.`slam_ray.kind` = 'trial' and attributes.status = 'FINISHED'")}
+            finished_before = _finished_trials(Path(uri.removeprefix("sqlite:///")))
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
