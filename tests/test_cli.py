@@ -80,3 +80,13 @@ def test_entry_point_reports_config_errors_plainly():
                            "--set", "pack.context_len=4"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "pack.context_len" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sweep_with_a_nonexistent_field_fails_before_any_trial(capsys, tmp_path):
+    space = tmp_path / "typo.yaml"
+    space.write_text("params:\n  train.optimizer.lrr: {grid: [0.001, 0.003]}\n")
+    workdir = tmp_path / "work"
+    code, _, err = run_cli(capsys, "sweep", "quickstart", "--space", str(space), "--set", f"workdir={workdir}")
+    assert code == 2
+    assert "train.optimizer has no field 'lrr'" in err and "Traceback" not in err
+    assert not workdir.exists()  # nothing ran: no stage output, no sweep folder, no MLflow store

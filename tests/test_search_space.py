@@ -121,3 +121,32 @@ def test_tune_domains_and_sweep_defaults(tmp_path):
     # the space's sweep block sits between the experiment file and the user's --set
     exp = load_experiment("quickstart", [*space.overrides(), "sweep.num_samples=5"])
     assert exp.sweep.scheduler == "asha" and exp.sweep.num_samples == 5
+
+
+def test_search_and_scheduler_objects_follow_the_sweep_section():
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from slam_ray.sweep import _scheduler, _search_alg
+
+    exp = load_experiment("quickstart", ["sweep.scheduler=asha", "sweep.grace_percent=30"])
+    asha = _scheduler(exp)
+    assert isinstance(asha, ASHAScheduler) and asha._time_attr == "progress" and asha.metric == "val/loss"
+    assert not asha._stop_last_trials  # a trial at 100% must still be evaluated
+    assert isinstance(_scheduler(load_experiment("quickstart", ["sweep.scheduler=median"])), MedianStoppingRule)
+    assert _scheduler(load_experiment("quickstart")) is None
+    assert isinstance(_search_alg(exp), BasicVariantGenerator)
+
+    # Optuna learns from the final metric and ignores the validation reports that lack it
+    optuna_exp = load_experiment("quickstart", ["sweep.search=optuna", "sweep.metric=eval/word_order/accuracy"])
+    searcher = _search_alg(optuna_exp)
+    assert isinstance(searcher, OptunaSearch)
+    space = SearchSpace.model_validate({"name": "s", "params": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}})
+    searcher.set_search_properties(None, None, space.to_tune())
+    config = searcher.suggest("t1")
+    assert 1e-4 <= config["train.optimizer.lr"] <= 1e-2
+    searcher.on_trial_result("t1", {"progress": 20.0, "val/loss": 3.1, "training_iteration": 1})  # no KeyError
+    searcher.on_trial_complete("t1", {"eval/word_order/accuracy": 0.8, "training_iteration": 2})
+    trials = searcher._ot_study.trials
+    assert len(trials) == 1 and trials[0].value == 0.8
