@@ -76,9 +76,13 @@ def shared_stages(exp: Experiment, space: SearchSpace) -> list[str]:
 # one trial (runs in a Tune trial actor)
 
 
-def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, parent_run_id: str, writer: str) -> None:
+def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, parent_run_id: str, writer: str,
+              cwd: str) -> None:
     from ray import tune
 
+    # Tune starts a trial in a folder of its own; relative paths in the experiment (inputs, corpus, models)
+    # mean the driver's working directory.
+    os.chdir(cwd)
     exp = with_values(Experiment.model_validate(base), values, f"trial {values}")
     trial = f"{sweep}/{tune.get_context().get_trial_id()}"
     use_writer(writer)
@@ -233,9 +237,11 @@ def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path, writer:
         for stage in shared_stages(exp, space):
             stage_function(stage)(exp)
 
+        base = exp.model_dump(mode="json")
+        base["workdir"] = str(exp.workdir_path)  # absolute: the default is relative to the current directory
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=exp.model_dump(mode="json"), sweep=name,
-                                 parent_run_id=parent.run_id, writer=writer),
+            tune.with_parameters(run_trial, base=base, sweep=name, parent_run_id=parent.run_id, writer=writer,
+                                 cwd=os.getcwd()),
             {"cpu": cfg.trial_cpus})
         tune_dir = folder / "tune"
         if tune.Tuner.can_restore(str(tune_dir)):
