@@ -91,7 +91,8 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
         run = open_run(exp, label, {"slam_ray.kind": "trial", "slam_ray.sweep": sweep}, find_by={TRIAL_TAG: trial})
     # The driver closes this run when the trial stops early or fails (this process may be gone by then).
     with parent_run(run, {IN_TRIAL_TAG: trial}):
-        run.log_params({**exp.model_dump(mode="json"), "swept": {k: v for k, v in values.items()}})
+        if not run.reused:  # a resumed trial logged them already (MLflow refuses to change a param)
+            run.log_params({**exp.model_dump(mode="json"), "swept": dict(values)})
         for stage in exp.stages:
             out = stage_function(stage)(exp)
             run.set_tags({f"slam_ray.output.{stage}": str(out.path)})
@@ -137,7 +138,8 @@ class TrialsToMlflow:
                         f"stopped by {self.scheduler} before its first report")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
-        self._close(trial, "FAILED", f"error: {str(trial.error_msg or 'see the trial log')[-500:]}")
+        error = trial.get_error()
+        self._close(trial, "FAILED", f"error: {str(error)[-500:]}" if error else f"error: see {trial.error_file}")
 
     def _close(self, trial, status: str, reason: str) -> None:  # noqa: ANN001
         backend = store(self.uri, self.writer)
@@ -232,8 +234,9 @@ def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path, writer:
     with start_run(exp, f"sweep {space.name}", {"slam_ray.kind": "sweep", "slam_ray.git_commit": _git_commit(),
                                                 "slam_ray.output": str(folder)},
                    find_by={"slam_ray.sweep": name, "slam_ray.kind": "sweep"}) as parent, parent_run(parent):
-        parent.log_params({"space": {k: v.model_dump(exclude_none=True) for k, v in space.params.items()},
-                           "sweep": cfg.model_dump(mode="json"), "experiment": exp.name})
+        if not parent.reused:  # resumed, perhaps with another max_concurrent_trials: keep the first params
+            parent.log_params({"space": {k: v.model_dump(exclude_none=True) for k, v in space.params.items()},
+                               "sweep": cfg.model_dump(mode="json"), "experiment": exp.name})
         for stage in shared_stages(exp, space):
             stage_function(stage)(exp)
 

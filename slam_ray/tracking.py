@@ -161,6 +161,7 @@ class Tracker:
     uri: str
     run_id: str
     writer: str | None = None
+    reused: bool = False  # an existing run found again (a resumed sweep), not a new one
 
     @property
     def store(self) -> MlflowStore | _RemoteStore:
@@ -202,7 +203,7 @@ def open_run(exp: Experiment, run_name: str, tags: dict[str, str] | None = None,
     if _parent_run_id:
         all_tags["mlflow.parentRunId"] = _parent_run_id
     if find_by and (found := backend.find_runs(exp.tracking_experiment, find_by)):
-        tracker = Tracker(exp.tracking_uri, found[0], _writer)
+        tracker = Tracker(exp.tracking_uri, found[0], _writer, reused=True)
         tracker.set_status("RUNNING")
         return tracker
     run_id = backend.create_run(exp.tracking_experiment, _artifact_location(exp), run_name, all_tags)
