@@ -122,14 +122,20 @@ def plot(table: pd.DataFrame, params: list[str], metric: str, curves: dict, path
             ax.set_axis_off()
             continue
         values = pd.to_numeric(done[param], errors="coerce")
-        if values.notna().all():
-            ax.scatter(values, done[metric], s=40)
-            if values.min() > 0 and values.max() / values.min() > 20:
-                ax.set_xscale("log")
-        else:
-            labels = sorted(done[param].astype(str).unique())
-            ax.scatter([labels.index(v) for v in done[param].astype(str)], done[metric], s=40)
+        numeric = values.notna().all()
+        labels = sorted(done[param].astype(str).unique())
+        x = values if numeric else pd.Series([labels.index(v) for v in done[param].astype(str)], index=done.index)
+        # a trial stopped early shows its last reported value (hollow): it never reached the end of its budget
+        stopped = done["stop_reason"].fillna("completed").ne("completed")
+        ax.scatter(x[~stopped], done[metric][~stopped], s=40, label="completed")
+        if stopped.any():
+            ax.scatter(x[stopped], done[metric][stopped], s=40, facecolors="none", edgecolors="grey",
+                       label="stopped early (last report)")
+        if numeric and values.min() > 0 and values.max() / values.min() >= 10:
+            ax.set_xscale("log")
+        if not numeric:
             ax.set_xticks(range(len(labels)), labels, rotation=20)
+        ax.legend(fontsize=7)
         ax.set_xlabel(param)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from slam_ray.config import Experiment, with_values
+from slam_ray.errors import SlamError
 from slam_ray.runner import init_ray, stage_function, summary_metrics
 from slam_ray.search_space import SearchSpace, validate_space
 from slam_ray.stage_io import config_hash
@@ -205,6 +206,26 @@ def _scheduler(exp: Experiment):
     return None
 
 
+def _check_trial_fits(exp: Experiment) -> None:
+    """A trial needs its own CPUs plus its trainer's; on a fixed-size cluster a trial that cannot fit would wait
+    for a worker group that never starts."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    cpus = exp.sweep.trial_cpus + exp.train.num_workers * exp.ray.worker_cpus
+    gpus = exp.train.num_workers if exp.train.use_gpu else 0
+    if cpus <= cluster.get("CPU", 0) and gpus <= cluster.get("GPU", 0):
+        return
+    message = (f"one trial needs {cpus:g} CPUs and {gpus} GPUs (sweep.trial_cpus {exp.sweep.trial_cpus:g} + "
+               f"train.num_workers {exp.train.num_workers} x ray.worker_cpus {exp.ray.worker_cpus:g}), but the Ray "
+               f"cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs. Lower them, e.g. "
+               f"--set ray.worker_cpus={max(0.1, cluster.get('CPU', 0) / max(1, exp.train.num_workers) - exp.sweep.trial_cpus):g}")
+    if exp.ray.address or os.environ.get("RAY_ADDRESS"):
+        print(f"[sweep] warning: {message} (fine if the cluster autoscales)")
+    else:
+        raise SlamError(message)
+
+
 def sweep(exp: Experiment, space: SearchSpace) -> pd.DataFrame:
     validate_space(space, exp)
     name = sweep_name(exp, space)
@@ -215,6 +236,7 @@ def sweep(exp: Experiment, space: SearchSpace) -> pd.DataFrame:
         print("[sweep] note: concurrent trials share CPU cores, so a time budget is not equal compute; "
               "prefer --set train.max_tokens=N --set train.max_minutes=null")
     init_ray(exp)
+    _check_trial_fits(exp)
     # The schedulers and Optuna read metrics that only some results carry (validation reports vs the last).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     writer = f"mlflow-writer-{name}"

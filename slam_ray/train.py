@@ -106,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = exp.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.torch_threads or max(1, int(exp.ray.worker_cpus)))
+    torch.set_num_threads(cfg.torch_threads or max(1, round(exp.ray.worker_cpus)))
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     tracker = Tracker(**config["tracker"]) if rank == 0 else None
