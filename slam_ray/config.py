@@ -187,15 +187,38 @@ class TrainConfig(Section):
 
 
 class DpoConfig(Section):
+    inputs: list[str] = Field(
+        default_factory=lambda: ["@grammar"],
+        description="'@grammar' = preference triples from the built-in grammar, spoken with the synth voices and "
+                    "tokenised with the extract tokenizer; or slamkit preference JSONL files (units)")
+    n_pairs: int = Field(2000, ge=1, description="@grammar: training triples")
+    val_pairs: int = Field(200, ge=1, description="@grammar: held-out triples (JSONL inputs: every 10th triple)")
     beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid = DPO; ipo = IPO (length-normalised)")
+    nll_weight: float = Field(0.0, ge=0, description="weight of an auxiliary NLL term on the chosen continuation")
+    reference: Literal["model", "precomputed"] = Field(
+        "model", description="model: a frozen copy beside the policy; precomputed: its log-probs once, then dropped")
     lr: float = Field(5e-5, gt=0)
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="preference triples per device per micro-step")
     grad_accum: int = Field(16, ge=1)
     schedule: Literal["inverse_sqrt", "cosine"] = "inverse_sqrt"
+    warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = 0.5
     max_steps: int | None = Field(None, ge=1)
-    max_minutes: float | None = Field(None, gt=0)
+    max_minutes: float | None = Field(30.0, gt=0, description="wall-clock budget (the paper: 30 minutes helped)")
     epochs: float | None = Field(None, gt=0)
+    num_workers: int | None = Field(None, ge=1, description="Ray Train workers; None = train.num_workers")
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between resumable checkpoints")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _needs_budget(self) -> DpoConfig:
+        if self.max_steps is None and self.epochs is None and self.max_minutes is None:
+            raise ValueError("set a budget: max_steps, epochs or max_minutes (any combination)")
+        if self.schedule == "cosine" and self.max_steps is None and self.epochs is None:
+            raise ValueError("a cosine schedule needs a step count: set max_steps or epochs")
+        return self
 
 
 class GenerationConfig(Section):

@@ -100,7 +100,10 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
     results: dict[str, dict] = {}
     rows = []
     with timer.phase("score"):
-        for suffix, folder in (("", trained.path / "checkpoint"), ("@init", trained.path / "checkpoint_init")):
+        checkpoints = [("", trained.path / "checkpoint"), ("@init", trained.path / "checkpoint_init")]
+        if (trained.path / "checkpoint_before_dpo").is_dir():  # after DPO: also the model it started from
+            checkpoints.insert(1, ("@before_dpo", trained.path / "checkpoint_before_dpo"))
+        for suffix, folder in checkpoints:
             model = AutoModelForCausalLM.from_pretrained(folder)
             pos = sequence_nll(model, [units[f"{p.id}-pos"] for p in complete], exp.eval.convention, exp.eval.batch_size)
             neg = sequence_nll(model, [units[f"{p.id}-neg"] for p in complete], exp.eval.convention, exp.eval.batch_size)

@@ -46,8 +46,7 @@ def stage_function(stage: str) -> Callable[[Experiment], StageDir]:
     elif stage == "eval":
         from slam_ray.eval import evaluate as fn
     elif stage == "dpo":
-        raise SlamError("the `dpo` stage is not implemented yet (tracked in the DPO issue); "
-                        "remove `dpo` from the experiment's `stages` for now")
+        from slam_ray.dpo import dpo as fn
     else:
         raise SlamError(f"unknown stage {stage!r}")
     return fn

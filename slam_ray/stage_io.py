@@ -17,6 +17,7 @@ from typing import Any
 from slam_ray.config import STAGES, Experiment
 from slam_ray.errors import SlamError
 from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
+from slam_ray.preferences import PREFERENCES_VERSION
 
 # Fields that only change scheduling, not results.
 _OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "val_reports", "torch_threads", "checkpoint_every", "max_failures"}
@@ -59,7 +60,13 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
     if stage == "train":
         return {"train": section("train"), "pack": stage_key(exp, "pack")}
     if stage == "dpo":
-        return {"dpo": section("dpo"), "train": stage_key(exp, "train")}
+        payload = {"dpo": section("dpo"), "train": stage_key(exp, "train")}
+        if "@grammar" in exp.dpo.inputs:  # spoken with the synth voices, tokenised by the extract tokenizer
+            synth = section("synth")
+            payload.update(voices={k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")},
+                           held_out_percent=synth["corpus"]["held_out_percent"], preferences_version=PREFERENCES_VERSION,
+                           extract=stage_key(exp, "extract"))
+        return payload
     if stage == "eval":
         # Eval speaks its pairs with the synth voices and tokenises them with the extract tokenizer.
         synth = section("synth")

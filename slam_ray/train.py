@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ from slam_ray.optim import build_optimizer, lr_factor, warmup_steps
 from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, upstream_dir
 from slam_ray.tracking import Tracker
+from slam_ray.train_utils import all_ranks, report_checkpoint, resume_state
 from slam_ray.units import PAD_ID
 
 PROBE_STEPS = 6  # timed forward/backward passes (weights untouched) that size a time-budgeted schedule
@@ -46,53 +45,6 @@ class WindowBatches:
         order = np.random.default_rng(self.seed + epoch).permutation(len(self.windows))
         start = i * self.global_batch + self.rank * self.batch_size
         return self.windows[order[start : start + self.batch_size]]
-
-
-def _all_ranks(value: float, op: str) -> float:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return float(t.item())
-
-
-TRAINER_STATE = "trainer_state.pt"
-
-
-def _report_checkpoint(model: Any, rank: int, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-    """Every rank calls report (it is a barrier); rank 0 attaches the HF checkpoint, plus the trainer state
-    (optimizer, scheduler, step, plan, RNG, elapsed time) that a resumed run continues from."""
-    import ray.train
-    import torch
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            getattr(model, "module", model).save_pretrained(tmp)
-            if state is not None:
-                torch.save(state, Path(tmp) / TRAINER_STATE)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _resume_state(model: Any) -> dict[str, Any] | None:
-    """Weights and trainer state of the latest checkpoint of this run (after a worker failure, or when the
-    same command is run again after an interruption); None for a fresh start."""
-    import ray.train
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        if not (Path(folder) / TRAINER_STATE).is_file():
-            return None  # the step-0 checkpoint: nothing trained yet
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
-        return torch.load(Path(folder) / TRAINER_STATE, weights_only=False)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -118,9 +70,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context_len = train_windows.shape[1]
     model = build_model(cfg.model, exp.vocab_size, max_positions=context_len)
     n_params = count_parameters(model)
-    resumed = _resume_state(model)
+    resumed = resume_state(model)
     if resumed is None:
-        _report_checkpoint(model, rank, {"step": 0, "kind": "init", "params": n_params})
+        report_checkpoint(model, rank, {"step": 0, "kind": "init", "params": n_params})
     model = ray.train.torch.prepare_model(model)
     opt = build_optimizer(cfg.optimizer, model.parameters())
     data = WindowBatches(train_windows, cfg.batch_size, rank, world, cfg.seed)
@@ -142,7 +94,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             losses = [loss_on(windows[i : i + cfg.batch_size], plain).item()
                       for i in range(rank * cfg.batch_size, len(windows), cfg.batch_size * world)]
         plain.train()
-        return _all_ranks(sum(losses), "sum") / max(1.0, _all_ranks(len(losses), "sum"))
+        return all_ranks(sum(losses), "sum") / max(1.0, all_ranks(len(losses), "sum"))
 
     tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * world
     # Step and token budgets cap the step count; a time budget sizes it from measured throughput below.
@@ -174,7 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             opt.state.clear()
             for group in opt.param_groups:
                 group["lr"] = cfg.optimizer.lr
-            step_time = _all_ranks((time.perf_counter() - probe_start) / (PROBE_STEPS - 1), "max")
+            step_time = all_ranks((time.perf_counter() - probe_start) / (PROBE_STEPS - 1), "max")
             budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
             total_steps = max(1, min(total_steps, int(budget_left / step_time)))
         # The probe misses per-step costs of the real loop (logging, data, allocator) and throughput drifts:
@@ -211,14 +163,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step += 1
         if plan["replans"] and step >= plan["replans"][0] and step > first_step:
             plan["replans"].pop(0)
-            step_time = _all_ranks((time.perf_counter() - loop_start) / (step - first_step), "max")
+            step_time = all_ranks((time.perf_counter() - loop_start) / (step - first_step), "max")
             budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
             plan["total"] = max(step, min(step_cap, step + int(budget_left / step_time)))
         sched.step()  # after a re-plan, so the next step's lr already follows the new plan
         if step % cfg.log_every == 0 or step == plan["total"]:
             now = time.perf_counter()
             elapsed_steps = step - last_step
-            loss_sum = _all_ranks(loss_sum, "sum") / world  # the loss of the global batch, not rank 0's share
+            loss_sum = all_ranks(loss_sum, "sum") / world  # the loss of the global batch, not rank 0's share
             tokens_per_s = elapsed_steps * tokens_per_step / (now - last_log)
             if tracker:
                 log_thread.submit(tracker.log_metrics, {
@@ -231,7 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     last_print = now
             loss_sum, last_log, last_step = 0.0, now, step
             # Every rank must stop on the same step: agree on the budget check.
-            if cfg.max_minutes and _all_ranks(float(now - start > cfg.max_minutes * 60), "max") > 0:
+            if cfg.max_minutes and all_ranks(float(now - start > cfg.max_minutes * 60), "max") > 0:
                 break
         if cfg.val_reports and step < plan["total"] and step * cfg.val_reports >= (reports_done + 1) * plan["total"]:
             # Progress report: the validation loss at each 1/val_reports of the budget, which a sweep's
@@ -246,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = {"step": step, "plan": plan, "reports_done": reports_done,
                      "train_seconds": time.perf_counter() - start,
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
-            _report_checkpoint(model, rank, {"step": step, "kind": "periodic"}, state)
+            report_checkpoint(model, rank, {"step": step, "kind": "periodic"}, state)
     train_seconds = time.perf_counter() - start
     log_thread.shutdown(wait=True)
     if tracker:
@@ -258,7 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "params": n_params, "total_steps": plan["total"]}
     if tracker:
         tracker.log_metrics({"val/loss": val_loss, "train/tokens_per_s_mean": metrics["tokens_per_s"]}, step)
-    _report_checkpoint(model, rank, metrics)
+    report_checkpoint(model, rank, metrics)
 
 
 def _tune_callbacks() -> list:

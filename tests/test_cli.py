@@ -25,7 +25,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         (["config", "validate", "quickstart", "--set", "train.optimizr.lr=1"], "train.optimizr: unknown key"),
         (["config", "show", "quickstart", "--set", "train.batch_size=abc"], "train.batch_size: Input should be a valid integer"),
         (["train", "quickstart", "--set", "train.max_minutes=null"], "max_steps, max_tokens or max_minutes"),
-        (["run", "quickstart", "--set", "stages=[train,dpo]"], "`dpo` stage is not implemented"),
+        (["dpo", "quickstart", "--set", "dpo.schedule=cosine", "--set", "dpo.max_steps=null"], "cosine schedule needs a step count"),
         (["sweep", "quickstart", "--space", "x.yaml"], "neither a YAML file nor one of the shipped spaces"),
         (["sweep", "quickstart", "--space", "optimizer", "--set", "sweep.search=optuna"], "cannot sample grid axes"),
         (["compare", "--tracking-uri", "sqlite:///{tmp}/none.db", "--sweep", "x"], "no sweeps in"),

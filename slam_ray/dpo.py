@@ -1,0 +1,293 @@
+"""`slam-ray dpo`: preference optimisation of a pre-trained speech LM with Ray Train (`TorchTrainer`).
+
+Read top to bottom: the driver gathers preference triples of unit ids — the built-in grammar's (prompt =
+the first words of a sentence, chosen = its grammatical rest, rejected = a corrupted rest), spoken with the
+synth voices and tokenised with the extract tokenizer, or slamkit's preference JSONL — and writes them to
+`triples.json`. Each worker loads the `train` stage's checkpoint as the policy and as the frozen reference
+(or precomputes the reference log-probs once and drops it), and trains with the DPO (or IPO) loss
+(`slam_ray/dpo_loss.py`): AdamW, inverse-sqrt or cosine, grad-norm clipping, a step / epoch / time budget,
+resumable checkpoints. Rank 0 logs loss, rewards, reward accuracy and margin to MLflow. At the end, the
+held-out triples measure what DPO changed: the policy's chosen-vs-rejected log-likelihood margin before and
+after, and the reward accuracy. Outputs: `checkpoint` (after DPO), `checkpoint_before_dpo` and
+`checkpoint_init` (the pre-trained and the untrained model, which `eval` scores beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slam_ray.config import Experiment, ScheduleConfig
+from slam_ray.errors import SlamError
+from slam_ray.optim import lr_factor
+from slam_ray.preferences import grammar_preference_triples, read_slamkit_preferences
+from slam_ray.runner import StageResult, init_ray, run_stage
+from slam_ray.stage_io import StageDir, Timer, upstream_dir
+from slam_ray.tracking import Tracker
+from slam_ray.train_utils import all_ranks, report_checkpoint, resume_state
+from slam_ray.units import units_to_tokens
+
+TRIPLES = "triples.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# preference triples (driver)
+
+
+def _spoken_grammar_triples(exp: Experiment, out: StageDir, timer: Timer) -> tuple[list[dict], list[dict], list[dict]]:
+    from slam_ray.tokenizer import encode_files
+    from slam_ray.tts import speak_items
+
+    cfg, held_out = exp.dpo, exp.synth.corpus.held_out_percent
+    splits = {"train": grammar_preference_triples(cfg.n_pairs, cfg.seed, held_out, "train"),
+              "val": grammar_preference_triples(cfg.val_pairs, cfg.seed, held_out, "held_out")}
+    rng = random.Random(cfg.seed)
+    low, high = exp.synth.speed
+    items = []
+    for split, triples in splits.items():
+        for t in triples:
+            # one voice and speed per triple, so chosen and rejected differ only in their words
+            voice, speed = rng.choice(exp.synth.voices), round(rng.uniform(low, high), 2)
+            for part in ("prompt", "chosen", "rejected"):
+                uid = f"{split}-{t.id}-{part}"
+                items.append({"id": uid, "text": getattr(t, part), "voice": voice, "speed": speed, "speaker": voice,
+                              "path": str(out.path / "audio" / split / f"{uid}.flac")})
+    init_ray(exp)
+    with timer.phase("speak"):
+        spoken, errors = speak_items(exp, items, exp.synth.backend, exp.synth.sample_rate, exp.synth.num_actors,
+                                     exp.synth.batch_size)
+    with timer.phase("tokenise"):
+        tokenizer_dir = upstream_dir(exp, "extract").path / "tokenizer"
+        encoded, bad = encode_files(exp, spoken, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size)
+    units = {r["id"]: units_to_tokens(r["units"], add_bos=False, add_eos=False).tolist() for r in encoded}
+    result: dict[str, list[dict]] = {}
+    for split, triples in splits.items():
+        result[split] = [{"id": t.id, "task": t.task, **{p: units[f"{split}-{t.id}-{p}"] for p in ("prompt", "chosen", "rejected")}}
+                         for t in triples if all(f"{split}-{t.id}-{p}" in units for p in ("prompt", "chosen", "rejected"))]
+    errors = [{k: e.get(k) for k in ("id", "path", "error")} for e in errors + bad]
+    return result["train"], result["val"], errors
+
+
+def preference_triples(exp: Experiment, out: StageDir, timer: Timer) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, held-out, errors): triples as {id, prompt, chosen, rejected} of unit vocabulary ids."""
+    train: list[dict] = []
+    val: list[dict] = []
+    errors: list[dict] = []
+    for entry in exp.dpo.inputs:
+        if entry == "@grammar":
+            t, v, e = _spoken_grammar_triples(exp, out, timer)
+            train, val, errors = train + t, val + v, errors + e
+            continue
+        if not Path(entry).is_file():
+            raise SlamError(f"dpo.inputs: {entry!r} is neither '@grammar' nor a slamkit preference JSONL file")
+        for i, triple in enumerate(read_slamkit_preferences(entry)):
+            (val if i % 10 == 9 else train).append(asdict(triple))  # every 10th triple is held out
+    if not train or not val:
+        raise SlamError(f"DPO needs training and held-out triples; got {len(train)} and {len(val)} "
+                        f"(see {out.errors_path} for inputs that failed)")
+    return train, val, errors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the training loop (each Ray Train worker)
+
+
+def dpo_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slam_ray.dpo_loss import build_preference_batch, dpo_loss, preference_logps
+
+    exp = Experiment.model_validate(config["experiment"])
+    cfg = exp.dpo
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(exp.train.torch_threads or max(1, round(exp.ray.worker_cpus)))
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+    tracker = Tracker(**config["tracker"]) if rank == 0 else None
+    triples = json.loads(Path(config["triples_path"]).read_text())
+    train, val = triples["train"], triples["val"]
+
+    policy = AutoModelForCausalLM.from_pretrained(config["init_checkpoint"])
+    context_len = policy.config.max_position_embeddings
+    reference = AutoModelForCausalLM.from_pretrained(config["init_checkpoint"]).to(device).eval().requires_grad_(False)
+
+    def batch_of(rows: list[dict]):
+        return build_preference_batch([r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                      [r["rejected"] for r in rows], context_len).to(device)
+
+    def logps(model, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        return preference_logps(model, batch_of(rows))
+
+    def held_out(model) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) log-probs of every held-out triple (each rank computes all: they are few)."""
+        model.eval()
+        with torch.no_grad():
+            parts = [logps(model, val[i : i + cfg.batch_size]) for i in range(0, len(val), cfg.batch_size)]
+        model.train()
+        return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
+
+    ref_val = held_out(reference)
+    precomputed = None
+    if cfg.reference == "precomputed":
+        # The reference log-probs of every training triple, once; then the reference model leaves memory.
+        with torch.no_grad():
+            parts = [logps(reference, train[i : i + cfg.batch_size]) for i in range(0, len(train), cfg.batch_size)]
+        precomputed = (torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts]))
+        del reference
+        reference = None
+
+    resumed = resume_state(policy)
+    model = ray.train.torch.prepare_model(policy)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = max(1, len(train) // global_batch)
+    caps = [cfg.max_steps or math.inf, math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs else math.inf]
+    total = int(min(caps)) if min(caps) < math.inf else 10**9  # a time budget alone: inverse-sqrt needs no end
+    schedule = ScheduleConfig(name=cfg.schedule, warmup_steps=cfg.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, schedule, cfg.lr))
+    step, start = 0, time.perf_counter()
+    if resumed is not None:
+        step, start = resumed["step"], time.perf_counter() - resumed["train_seconds"]
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
+            group["lr"] = lr  # LambdaLR's constructor reset it to the step-0 value
+        torch.set_rng_state(resumed["torch_rng"])
+    if tracker:
+        print(f"[dpo] {len(train)} training / {len(val)} held-out triples, {world} worker(s), "
+              f"global batch {global_batch}, {'up to ' + str(total) + ' steps' if total < 10**9 else 'time budget'}")
+
+    def micro_rows(index: int) -> tuple[list[dict], np.ndarray]:
+        """This rank's triples of micro-batch `index` (epoch-wise seeded shuffles, like pre-training)."""
+        per_micro = cfg.batch_size * world
+        epoch, i = divmod(index, steps_per_epoch * cfg.grad_accum)
+        order = np.random.default_rng(cfg.seed + epoch).permutation(len(train))
+        picked = order[i * per_micro + rank * cfg.batch_size : i * per_micro + (rank + 1) * cfg.batch_size]
+        return [train[j] for j in picked], picked
+
+    sums: dict[str, float] = {}
+    last_log = time.perf_counter()
+    while step < total:
+        for micro in range(cfg.grad_accum):
+            rows, picked = micro_rows(step * cfg.grad_accum + micro)
+            batch = batch_of(rows)
+            pol_c, pol_r = preference_logps(model, batch)
+            if precomputed is not None:
+                ref_c, ref_r = precomputed[0][picked], precomputed[1][picked]
+            else:
+                with torch.no_grad():
+                    ref_c, ref_r = preference_logps(reference, batch)
+            lengths = batch.continuation_lengths()
+            loss, stats = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss, cfg.nll_weight,
+                                   chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+            (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss.item(), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        if step % cfg.log_every == 0 or step == total:
+            means = {k: all_ranks(v, "sum") / world / (step % cfg.log_every or cfg.log_every) for k, v in sums.items()}
+            if tracker:
+                tracker.log_metrics({**{f"dpo/{k}": v for k, v in means.items()}, "dpo/lr": sched.get_last_lr()[0],
+                                     "dpo/grad_norm": float(grad_norm)}, step)
+                if time.perf_counter() - last_log > 20 or step == total:
+                    print(f"[dpo] step {step}  loss {means['loss']:.4f}  reward accuracy "
+                          f"{means['rewards/accuracy']:.3f}  margin {means['rewards/margin']:.3f}")
+                    last_log = time.perf_counter()
+            sums = {}
+            if cfg.max_minutes and all_ranks(float(time.perf_counter() - start > cfg.max_minutes * 60), "max") > 0:
+                break
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            state = {"step": step, "train_seconds": time.perf_counter() - start, "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
+            report_checkpoint(model, rank, {"step": step, "kind": "periodic"}, state)
+
+    # What DPO changed on triples it never trained on.
+    plain = getattr(model, "module", model)
+    pol_val = held_out(plain)
+    margin_before = (ref_val[0] - ref_val[1]).mean().item()
+    margin_after = (pol_val[0] - pol_val[1]).mean().item()
+    rewards = (pol_val[0] - ref_val[0]) - (pol_val[1] - ref_val[1])
+    metrics = {"step": step, "kind": "final", "train_seconds": time.perf_counter() - start,
+               "val/logp_margin_before": margin_before, "val/logp_margin_after": margin_after,
+               "val/reward_accuracy": (rewards > 0).float().mean().item(),
+               "val/reward_margin": cfg.beta * rewards.mean().item(),
+               "val/chosen_preferred_before": (ref_val[0] > ref_val[1]).float().mean().item(),
+               "val/chosen_preferred_after": (pol_val[0] > pol_val[1]).float().mean().item()}
+    if tracker:
+        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step)
+        print(f"[dpo] held-out: log-likelihood margin {margin_before:.3f} -> {margin_after:.3f}, chosen preferred "
+              f"{metrics['val/chosen_preferred_before']:.3f} -> {metrics['val/chosen_preferred_after']:.3f}, "
+              f"reward accuracy {metrics['val/reward_accuracy']:.3f}")
+    report_checkpoint(model, rank, metrics)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage (driver)
+
+
+def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    pretrained = upstream_dir(exp, "train").path
+    with timer.phase("triples"):
+        triples_path = out.path / TRIPLES
+        if triples_path.is_file():  # a resumed run keeps the triples it started with
+            saved = json.loads(triples_path.read_text())
+            errors = saved["errors"]
+        else:
+            train, val, errors = preference_triples(exp, out, timer)
+            tmp = triples_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"train": train, "val": val, "errors": errors}))
+            tmp.replace(triples_path)
+    init_ray(exp)
+    resources = {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
+    trainer = TorchTrainer(
+        dpo_loop_per_worker,
+        train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker),
+                           "triples_path": str(triples_path), "init_checkpoint": str(pretrained / "checkpoint")},
+        scaling_config=ScalingConfig(num_workers=exp.dpo.num_workers or exp.train.num_workers, use_gpu=exp.train.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="dpo", storage_path=str(out.path / "ray"),
+                             failure_config=FailureConfig(max_failures=exp.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+    )
+    with timer.phase("fit"):
+        result = trainer.fit()
+    final_checkpoint, final = next((c, m) for c, m in reversed(result.best_checkpoints) if m.get("kind") == "final")
+    for folder, source in (("checkpoint", None), ("checkpoint_before_dpo", pretrained / "checkpoint"),
+                           ("checkpoint_init", pretrained / "checkpoint_init")):
+        target = out.path / folder
+        shutil.rmtree(target, ignore_errors=True)
+        if source is None:
+            final_checkpoint.to_directory(str(target))
+        else:
+            shutil.copytree(source, target)
+    counts = json.loads(triples_path.read_text())
+    return StageResult(
+        counts={"steps": int(final["step"]), "train_triples": len(counts["train"]), "val_triples": len(counts["val"])},
+        outputs={"checkpoint": "checkpoint", "checkpoint_before_dpo": "checkpoint_before_dpo",
+                 "checkpoint_init": "checkpoint_init", "triples": TRIPLES},
+        errors=errors,
+        metrics={k: float(v) for k, v in final.items() if k.startswith("val/")} | {"dpo/seconds": final["train_seconds"]},
+    )
+
+
+def dpo(exp: Experiment) -> StageDir:
+    return run_stage(exp, "dpo", _dpo)
