@@ -9,7 +9,8 @@ synth voices and tokenised with the extract tokenizer, or slamkit's preference J
 resumable checkpoints. Rank 0 logs loss, rewards, reward accuracy and margin to MLflow. At the end, the
 held-out triples measure what DPO changed: the policy's chosen-vs-rejected log-likelihood margin before and
 after, and the reward accuracy. Outputs: `checkpoint` (after DPO), `checkpoint_before_dpo` and
-`checkpoint_init` (the pre-trained and the untrained model, which `eval` scores beside it).
+`checkpoint_init` (the pre-trained and the untrained model, which `eval` scores beside it), `triples.json`.
+The spoken, tokenised triples are cached under `WORKDIR/dpo_triples/` for every DPO run on them.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from slam_ray.config import Experiment, ScheduleConfig
 from slam_ray.errors import SlamError
 from slam_ray.optim import lr_factor
 from slam_ray.preferences import grammar_preference_triples, read_slamkit_preferences
-from slam_ray.runner import StageResult, init_ray, run_stage
-from slam_ray.stage_io import StageDir, Timer, upstream_dir
+from slam_ray.runner import StageResult, exclusive, init_ray, run_stage
+from slam_ray.stage_io import StageDir, Timer, config_hash, stage_payload, upstream_dir
 from slam_ray.tracking import Tracker
 from slam_ray.train_utils import all_ranks, report_checkpoint, resume_state
 from slam_ray.units import units_to_tokens
@@ -94,6 +95,24 @@ def preference_triples(exp: Experiment, out: StageDir, timer: Timer) -> tuple[li
         raise SlamError(f"DPO needs training and held-out triples; got {len(train)} and {len(val)} "
                         f"(see {out.errors_path} for inputs that failed)")
     return train, val, errors
+
+
+def cached_triples(exp: Experiment, timer: Timer) -> Path:
+    """The triples file, made once per (inputs, voices, tokenizer) under WORKDIR/dpo_triples/<key>/ and shared by
+    every DPO run on them (each trial of a sweep over pre-training or DPO settings)."""
+    payload = stage_payload(exp, "dpo")
+    payload.pop("train")
+    payload["dpo"] = {k: payload["dpo"][k] for k in ("inputs", "n_pairs", "val_pairs", "seed")}
+    key = config_hash(payload)
+    cache = StageDir("dpo_triples", key, exp.workdir_path / "dpo_triples" / key)
+    with exclusive(cache):
+        path = cache.path / TRIPLES
+        if not path.is_file():
+            train, val, errors = preference_triples(exp, cache, timer)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"train": train, "val": val, "errors": errors}))
+            tmp.replace(path)
+        return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -247,15 +266,8 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
 
     pretrained = upstream_dir(exp, "train").path
     with timer.phase("triples"):
-        triples_path = out.path / TRIPLES
-        if triples_path.is_file():  # a resumed run keeps the triples it started with
-            saved = json.loads(triples_path.read_text())
-            errors = saved["errors"]
-        else:
-            train, val, errors = preference_triples(exp, out, timer)
-            tmp = triples_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"train": train, "val": val, "errors": errors}))
-            tmp.replace(triples_path)
+        triples_path = cached_triples(exp, timer)
+        errors = json.loads(triples_path.read_text())["errors"]
     init_ray(exp)
     resources = {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
     trainer = TorchTrainer(
@@ -280,6 +292,7 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
         else:
             shutil.copytree(source, target)
     counts = json.loads(triples_path.read_text())
+    shutil.copy(triples_path, out.path / TRIPLES)  # the stage output is self-contained
     return StageResult(
         counts={"steps": int(final["step"]), "train_triples": len(counts["train"]), "val_triples": len(counts["val"])},
         outputs={"checkpoint": "checkpoint", "checkpoint_before_dpo": "checkpoint_before_dpo",

@@ -51,6 +51,7 @@ def test_dpo_raises_the_held_out_margin_and_eval_compares_before_and_after(pretr
     manifest = out.read_manifest()
     assert manifest["status"] == "complete" and manifest["counts"]["steps"] == 40
     assert manifest["counts"]["train_triples"] >= 190 and manifest["counts"]["val_triples"] >= 38  # a few may fail
+    assert len([p for p in (pretrained.workdir_path / "dpo_triples").iterdir() if p.is_dir()]) == 1  # spoken once
     m = manifest["metrics"]
     # on triples it never trained on, the policy now prefers the grammatical continuation by more
     assert m["val/logp_margin_after"] > m["val/logp_margin_before"] + 0.2
@@ -89,6 +90,7 @@ def test_killed_dpo_worker_resumes_from_its_checkpoint(pretrained, tmp_path):
         target = stage_dir(killed, stage).path
         target.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(stage_dir(clean, stage).path, target)
+    os.symlink(clean.workdir_path / "dpo_triples", killed.workdir_path / "dpo_triples")  # the spoken triples
     errors: list[BaseException] = []
 
     def run() -> None:
