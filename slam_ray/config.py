@@ -187,6 +187,8 @@ class TrainConfig(Section):
 
 
 class DpoConfig(Section):
+    init: str | None = Field(None, description="HF id or path of a causal LM over the unit vocabulary to start from; "
+                             "None = this experiment's `train` checkpoint")
     inputs: list[str] = Field(
         default_factory=lambda: ["@grammar"],
         description="'@grammar' = preference triples from the built-in grammar, spoken with the synth voices and "

@@ -101,7 +101,7 @@ def cached_triples(exp: Experiment, timer: Timer) -> Path:
     """The triples file, made once per (inputs, voices, tokenizer) under WORKDIR/dpo_triples/<key>/ and shared by
     every DPO run on them (each trial of a sweep over pre-training or DPO settings)."""
     payload = stage_payload(exp, "dpo")
-    payload.pop("train")
+    payload.pop("train", None)
     payload["dpo"] = {k: payload["dpo"][k] for k in ("inputs", "n_pairs", "val_pairs", "seed")}
     key = config_hash(payload)
     cache = StageDir("dpo_triples", key, exp.workdir_path / "dpo_triples" / key)
@@ -263,8 +263,17 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
 def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    pretrained = upstream_dir(exp, "train").path
+    if exp.dpo.init:  # any compatible HF checkpoint (an id or a path)
+        start, untrained = exp.dpo.init, None
+        vocab = AutoConfig.from_pretrained(start).vocab_size
+        if vocab != exp.vocab_size:
+            raise SlamError(f"dpo.init {start!r} has a vocabulary of {vocab} ids; this experiment's units need "
+                            f"{exp.vocab_size} (extract.tokenizer.n_units + 2). Give a checkpoint trained on these units")
+    else:
+        pretrained = upstream_dir(exp, "train").path
+        start, untrained = str(pretrained / "checkpoint"), pretrained / "checkpoint_init"
     with timer.phase("triples"):
         triples_path = cached_triples(exp, timer)
         errors = json.loads(triples_path.read_text())["errors"]
@@ -273,7 +282,7 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
     trainer = TorchTrainer(
         dpo_loop_per_worker,
         train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker),
-                           "triples_path": str(triples_path), "init_checkpoint": str(pretrained / "checkpoint")},
+                           "triples_path": str(triples_path), "init_checkpoint": start},
         scaling_config=ScalingConfig(num_workers=exp.dpo.num_workers or exp.train.num_workers, use_gpu=exp.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="dpo", storage_path=str(out.path / "ray"),
@@ -283,20 +292,18 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
     with timer.phase("fit"):
         result = trainer.fit()
     final_checkpoint, final = next((c, m) for c, m in reversed(result.best_checkpoints) if m.get("kind") == "final")
-    for folder, source in (("checkpoint", None), ("checkpoint_before_dpo", pretrained / "checkpoint"),
-                           ("checkpoint_init", pretrained / "checkpoint_init")):
-        target = out.path / folder
-        shutil.rmtree(target, ignore_errors=True)
-        if source is None:
-            final_checkpoint.to_directory(str(target))
-        else:
-            shutil.copytree(source, target)
+    for folder in ("checkpoint", "checkpoint_before_dpo", "checkpoint_init"):
+        shutil.rmtree(out.path / folder, ignore_errors=True)
+    final_checkpoint.to_directory(str(out.path / "checkpoint"))
+    AutoModelForCausalLM.from_pretrained(start).save_pretrained(out.path / "checkpoint_before_dpo")
+    if untrained is not None:  # the untrained baseline, when pre-training was this experiment's
+        shutil.copytree(untrained, out.path / "checkpoint_init")
     counts = json.loads(triples_path.read_text())
     shutil.copy(triples_path, out.path / TRIPLES)  # the stage output is self-contained
     return StageResult(
         counts={"steps": int(final["step"]), "train_triples": len(counts["train"]), "val_triples": len(counts["val"])},
         outputs={"checkpoint": "checkpoint", "checkpoint_before_dpo": "checkpoint_before_dpo",
-                 "checkpoint_init": "checkpoint_init", "triples": TRIPLES},
+                 **({"checkpoint_init": "checkpoint_init"} if untrained else {}), "triples": TRIPLES, "started_from": start},
         errors=errors,
         metrics={k: float(v) for k, v in final.items() if k.startswith("val/")} | {"dpo/seconds": final["train_seconds"]},
     )

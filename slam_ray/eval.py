@@ -100,9 +100,9 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
     results: dict[str, dict] = {}
     rows = []
     with timer.phase("score"):
-        checkpoints = [("", trained.path / "checkpoint"), ("@init", trained.path / "checkpoint_init")]
-        if (trained.path / "checkpoint_before_dpo").is_dir():  # after DPO: also the model it started from
-            checkpoints.insert(1, ("@before_dpo", trained.path / "checkpoint_before_dpo"))
+        checkpoints = [("", trained.path / "checkpoint"), ("@before_dpo", trained.path / "checkpoint_before_dpo"),
+                       ("@init", trained.path / "checkpoint_init")]  # the middle one after DPO, the last if known
+        checkpoints = [(suffix, folder) for suffix, folder in checkpoints if suffix == "" or folder.is_dir()]
         for suffix, folder in checkpoints:
             model = AutoModelForCausalLM.from_pretrained(folder)
             pos = sequence_nll(model, [units[f"{p.id}-pos"] for p in complete], exp.eval.convention, exp.eval.batch_size)

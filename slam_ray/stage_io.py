@@ -60,7 +60,9 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
     if stage == "train":
         return {"train": section("train"), "pack": stage_key(exp, "pack")}
     if stage == "dpo":
-        payload = {"dpo": section("dpo"), "train": stage_key(exp, "train")}
+        payload = {"dpo": section("dpo")}
+        if not exp.dpo.init:
+            payload["train"] = stage_key(exp, "train")
         if "@grammar" in exp.dpo.inputs:  # spoken with the synth voices, tokenised by the extract tokenizer
             synth = section("synth")
             payload.update(voices={k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")},

@@ -118,3 +118,35 @@ def test_killed_dpo_worker_resumes_from_its_checkpoint(pretrained, tmp_path):
     got = dpo_curve(killed)
     assert sorted(got) == sorted(expected)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-4)
+
+
+def test_dpo_starts_from_any_compatible_hf_checkpoint(pretrained, tmp_path):
+    """dpo.init: a causal LM saved elsewhere (here a tiny Qwen2 this test builds) instead of the train stage."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.errors import SlamError
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=pretrained.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "external")
+    exp = with_values(pretrained, {"dpo.init": str(tmp_path / "external"), "dpo.max_steps": 5, "dpo.num_workers": 1,
+                                   "workdir": str(tmp_path / "w")}, "test")
+    for stage in ("synth", "extract"):  # the triples are spoken and tokenised like the corpus; no train stage here
+        target = stage_dir(exp, stage).path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(stage_dir(pretrained, stage).path, target)
+    os.symlink(pretrained.workdir_path / "dpo_triples", exp.workdir_path / "dpo_triples")
+    out = stage_function("dpo")(exp)
+    manifest = out.read_manifest()
+    assert manifest["counts"]["steps"] == 5 and manifest["outputs"]["started_from"] == str(tmp_path / "external")
+    before = AutoModelForCausalLM.from_pretrained(out.path / "checkpoint_before_dpo")
+    external = AutoModelForCausalLM.from_pretrained(tmp_path / "external")
+    assert all(torch.equal(a, b) for a, b in zip(before.parameters(), external.parameters(), strict=True))
+    assert not (out.path / "checkpoint_init").exists()  # no untrained baseline of someone else's model
+
+    wrong = tmp_path / "wrong_vocab"
+    Qwen2ForCausalLM(Qwen2Config(**{**config.to_dict(), "vocab_size": 77})).save_pretrained(wrong)
+    with pytest.raises(SlamError, match="vocabulary of 77 ids"):
+        stage_function("dpo")(with_values(exp, {"dpo.init": str(wrong)}, "test"))
