@@ -162,16 +162,12 @@ def _swept_params(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in fixed and not c.startswith("eval/")]
 
 
-def _write(table: pd.DataFrame, metric: str, out_dir: Path) -> tuple[Path, Path]:
+def _write(uri: str, table: pd.DataFrame, metric: str, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / "compare.csv"
     table.to_csv(csv, index=False)
-    png = plot(table, _swept_params(table), metric, _curves_for(table), out_dir / "compare.png")
+    png = plot(table, _swept_params(table), metric, _curves(uri, list(table["run_id"])), out_dir / "compare.png")
     return csv, png
-
-
-def _curves_for(table: pd.DataFrame) -> dict:
-    return _curves(table.attrs["uri"], list(table["run_id"])) if "uri" in table.attrs else {}
 
 
 def _show(table: pd.DataFrame) -> None:
@@ -179,13 +175,11 @@ def _show(table: pd.DataFrame) -> None:
     print(_markdown(shown))
 
 
-def sweep_report(uri: str, experiment: str, parent: Any, metric: str, mode: str, folder: Path,
-                 writer: str | None = None) -> pd.DataFrame:
+def sweep_report(uri: str, experiment: str, parent: Any, metric: str, mode: str, folder: Path) -> pd.DataFrame:
     """The table and plots of one sweep, printed, saved in its folder and logged to its parent run."""
     table = runs_table(uri, [experiment], sweep_run_id=parent.run_id, metric=metric, mode=mode)
-    table.attrs["uri"] = uri
     _show(table)
-    csv, png = _write(table, metric, folder)
+    csv, png = _write(uri, table, metric, folder)
     parent.log_artifact(csv)
     parent.log_artifact(png)
     best = table.iloc[0]
@@ -219,9 +213,8 @@ def compare(experiments: list[str] | None, tracking_uri: str | None, metric: str
         tracking_uri = f"sqlite:///{db.absolute()}"
     sweep_run_id = _find_sweep(tracking_uri, experiments, sweep) if sweep else None
     table = runs_table(tracking_uri, experiments, sweep_run_id, metric, mode)
-    table.attrs["uri"] = tracking_uri
     _show(table)
     if out_dir:
-        csv, png = _write(table, metric, Path(out_dir))
+        csv, png = _write(tracking_uri, table, metric, Path(out_dir))
         print(f"\nwrote {csv} and {png}")
     return table

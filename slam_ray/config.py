@@ -395,15 +395,21 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_experiment(experiment: str | Path, overrides: list[str] | None = None) -> Experiment:
-    path = resolve_experiment_path(str(experiment))
+def read_yaml_mapping(path: Path, holds: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (`holds` says of what, for the error); `name` defaults to its stem."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (name, workdir, train, ...), not {type(data).__name__}")
+        raise ConfigError(f"{path} must hold a mapping of {holds}, not {type(data).__name__}")
     data.setdefault("name", path.stem)
+    return data
+
+
+def load_experiment(experiment: str | Path, overrides: list[str] | None = None) -> Experiment:
+    path = resolve_experiment_path(str(experiment))
+    data = read_yaml_mapping(path, "sections (name, workdir, train, ...)")
     data = apply_overrides(data, overrides or [])
     try:
         return Experiment.model_validate(data)

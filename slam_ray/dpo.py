@@ -30,8 +30,8 @@ from slam_ray.config import Experiment, ScheduleConfig
 from slam_ray.errors import SlamError
 from slam_ray.optim import lr_factor
 from slam_ray.preferences import grammar_preference_triples, read_slamkit_preferences
-from slam_ray.runner import StageResult, exclusive, init_ray, run_stage
-from slam_ray.stage_io import StageDir, Timer, config_hash, stage_payload, upstream_dir
+from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
+from slam_ray.stage_io import StageDir, Timer, stage_payload, upstream_dir
 from slam_ray.tracking import Tracker
 from slam_ray.train_utils import all_ranks, report_checkpoint, resume_state
 from slam_ray.units import units_to_tokens
@@ -97,22 +97,18 @@ def preference_triples(exp: Experiment, out: StageDir, timer: Timer) -> tuple[li
     return train, val, errors
 
 
-def cached_triples(exp: Experiment, timer: Timer) -> Path:
-    """The triples file, made once per (inputs, voices, tokenizer) under WORKDIR/dpo_triples/<key>/ and shared by
+def cached_triples(exp: Experiment, timer: Timer) -> tuple[Path, dict]:
+    """The triples file and its content, made once per (inputs, voices, tokenizer) under WORKDIR/dpo_triples/<key>/ and shared by
     every DPO run on them (each trial of a sweep over pre-training or DPO settings)."""
     payload = stage_payload(exp, "dpo")
     payload.pop("train", None)
     payload["dpo"] = {k: payload["dpo"][k] for k in ("inputs", "n_pairs", "val_pairs", "seed")}
-    key = config_hash(payload)
-    cache = StageDir("dpo_triples", key, exp.workdir_path / "dpo_triples" / key)
-    with exclusive(cache):
-        path = cache.path / TRIPLES
-        if not path.is_file():
-            train, val, errors = preference_triples(exp, cache, timer)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"train": train, "val": val, "errors": errors}))
-            tmp.replace(path)
-        return path
+
+    def make(cache: StageDir) -> dict:
+        train, val, errors = preference_triples(exp, cache, timer)
+        return {"train": train, "val": val, "errors": errors}
+
+    return cached_json(exp, "dpo_triples", payload, TRIPLES, make)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,7 +121,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slam_ray.dpo_loss import build_preference_batch, dpo_loss, preference_logps
+    from slam_ray.dpo_loss import build_preference_batch, dpo_loss, preference_logps, reference_logps
 
     exp = Experiment.model_validate(config["experiment"])
     cfg = exp.dpo
@@ -146,24 +142,17 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         return build_preference_batch([r["prompt"] for r in rows], [r["chosen"] for r in rows],
                                       [r["rejected"] for r in rows], context_len).to(device)
 
-    def logps(model, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        return preference_logps(model, batch_of(rows))
+    def all_logps(model, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) log-probs of every row, without gradients (each rank computes all of them)."""
+        batches = (batch_of(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size))
+        parts = reference_logps(model, batches)
+        return torch.cat([c for c, _ in parts]).to(device), torch.cat([r for _, r in parts]).to(device)
 
-    def held_out(model) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen, rejected) log-probs of every held-out triple (each rank computes all: they are few)."""
-        model.eval()
-        with torch.no_grad():
-            parts = [logps(model, val[i : i + cfg.batch_size]) for i in range(0, len(val), cfg.batch_size)]
-        model.train()
-        return torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts])
-
-    ref_val = held_out(reference)
+    ref_val = all_logps(reference, val)
     precomputed = None
     if cfg.reference == "precomputed":
         # The reference log-probs of every training triple, once; then the reference model leaves memory.
-        with torch.no_grad():
-            parts = [logps(reference, train[i : i + cfg.batch_size]) for i in range(0, len(train), cfg.batch_size)]
-        precomputed = (torch.cat([c for c, _ in parts]), torch.cat([r for _, r in parts]))
+        precomputed = all_logps(reference, train)
         del reference
         reference = None
 
@@ -238,7 +227,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
 
     # What DPO changed on triples it never trained on.
     plain = getattr(model, "module", model)
-    pol_val = held_out(plain)
+    pol_val = all_logps(plain, val)
     margin_before = (ref_val[0] - ref_val[1]).mean().item()
     margin_after = (pol_val[0] - pol_val[1]).mean().item()
     rewards = (pol_val[0] - ref_val[0]) - (pol_val[1] - ref_val[1])
@@ -275,8 +264,7 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
         pretrained = upstream_dir(exp, "train").path
         start, untrained = str(pretrained / "checkpoint"), pretrained / "checkpoint_init"
     with timer.phase("triples"):
-        triples_path = cached_triples(exp, timer)
-        errors = json.loads(triples_path.read_text())["errors"]
+        triples_path, triples = cached_triples(exp, timer)
     init_ray(exp)
     resources = {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
     trainer = TorchTrainer(
@@ -298,13 +286,12 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
     AutoModelForCausalLM.from_pretrained(start).save_pretrained(out.path / "checkpoint_before_dpo")
     if untrained is not None:  # the untrained baseline, when pre-training was this experiment's
         shutil.copytree(untrained, out.path / "checkpoint_init")
-    counts = json.loads(triples_path.read_text())
     shutil.copy(triples_path, out.path / TRIPLES)  # the stage output is self-contained
     return StageResult(
-        counts={"steps": int(final["step"]), "train_triples": len(counts["train"]), "val_triples": len(counts["val"])},
+        counts={"steps": int(final["step"]), "train_triples": len(triples["train"]), "val_triples": len(triples["val"])},
         outputs={"checkpoint": "checkpoint", "checkpoint_before_dpo": "checkpoint_before_dpo",
                  **({"checkpoint_init": "checkpoint_init"} if untrained else {}), "triples": TRIPLES, "started_from": start},
-        errors=errors,
+        errors=triples["errors"],
         metrics={k: float(v) for k, v in final.items() if k.startswith("val/")} | {"dpo/seconds": final["train_seconds"]},
     )
 

@@ -18,12 +18,11 @@ import pandas as pd
 
 from slam_ray import grammar
 from slam_ray.config import Experiment
-from slam_ray.runner import StageResult, exclusive, init_ray, run_stage
+from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.scoring import accuracy_with_ci, pair_outcomes, sequence_nll
 from slam_ray.stage_io import (
     StageDir,
     Timer,
-    config_hash,
     stage_payload,
     trained_checkpoint_dir,
     trained_stage,
@@ -66,27 +65,20 @@ def _pair_units(exp: Experiment, timer: Timer) -> tuple[dict[str, list[int]], li
     payload = stage_payload(exp, "eval")
     payload.pop(trained_stage(exp))
     payload["eval"] = {k: payload["eval"][k] for k in ("tasks", "n_pairs", "seed")}
-    key = config_hash(payload)
-    cache = StageDir("eval_pairs", key, exp.workdir_path / "eval_pairs" / key)
-    with exclusive(cache):
-        done = cache.path / "units.json"
-        if done.is_file():
-            cached = json.loads(done.read_text())
-            return cached["units"], cached["errors"]
-        pairs = build_pairs(exp)
+
+    def speak_and_tokenise(cache: StageDir) -> dict:
         init_ray(exp)
         with timer.phase("speak"):
-            spoken, errors = speak_items(exp, _speech_items(exp, pairs, cache), exp.synth.backend,
+            spoken, errors = speak_items(exp, _speech_items(exp, build_pairs(exp), cache), exp.synth.backend,
                                          exp.synth.sample_rate, exp.synth.num_actors, exp.synth.batch_size)
         with timer.phase("tokenise"):
             tokenizer_dir = upstream_dir(exp, "extract").path / "tokenizer"
             encoded, bad = encode_files(exp, spoken, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size)
-        units = {r["id"]: [int(u) for u in r["units"]] for r in encoded}
-        errors = [{k: e.get(k) for k in ("id", "path", "error")} for e in errors + bad]
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"units": units, "errors": errors}))
-        tmp.replace(done)
-        return units, errors
+        return {"units": {r["id"]: [int(u) for u in r["units"]] for r in encoded},
+                "errors": [{k: e.get(k) for k in ("id", "path", "error")} for e in errors + bad]}
+
+    _, cached = cached_json(exp, "eval_pairs", payload, "units.json", speak_and_tokenise)
+    return cached["units"], cached["errors"]
 
 
 def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:

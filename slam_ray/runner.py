@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from slam_ray.config import Experiment
 from slam_ray.errors import SlamError
-from slam_ray.stage_io import StageDir, Timer, stage_dir, stage_payload, upstream_dir, upstream_stages
+from slam_ray.stage_io import (
+    StageDir,
+    Timer,
+    config_hash,
+    stage_dir,
+    stage_payload,
+    upstream_dir,
+    upstream_stages,
+)
 from slam_ray.tracking import Tracker, start_run
 
 log = logging.getLogger("slam_ray")
@@ -98,6 +108,24 @@ def exclusive(out: StageDir) -> Iterator[None]:
             print(f"[{out.stage}] another process is building {out.path}; waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def cached_json(exp: Experiment, kind: str, payload: dict[str, Any], name: str,
+                build: Callable[[StageDir], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    """`build(folder)` once per payload, saved as WORKDIR/<kind>/<hash>/<name> (under the lock, written
+    atomically); every later call, from any process, reads it back. Returns (path, data)."""
+    key = config_hash(payload)
+    cache = StageDir(kind, key, exp.workdir_path / kind / key)
+    with exclusive(cache):
+        path = cache.path / name
+        if path.is_file():
+            return path, json.loads(path.read_text())
+        data = build(cache)
+        cache.path.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+        return path, data
 
 
 def run_stage(exp: Experiment, stage: str, body: StageBody) -> StageDir:

@@ -23,10 +23,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from slam_ray.config import Experiment, SweepConfig, with_values
+from slam_ray.config import Experiment, SweepConfig, read_yaml_mapping, with_values
 from slam_ray.errors import ConfigError
 
 MAX_COMBINATIONS_CHECKED = 2000
@@ -186,13 +185,7 @@ def resolve_space_path(space: str) -> Path:
 
 def load_space(space: str) -> SearchSpace:
     path = resolve_space_path(space)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping with `params` (and optional description, sweep)")
-    data.setdefault("name", path.stem)
+    data = read_yaml_mapping(path, "`params` (and optional description, sweep)")
     try:
         return SearchSpace.model_validate(data)
     except ValidationError as e:

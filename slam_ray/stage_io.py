@@ -39,6 +39,14 @@ def trained_stage(exp: Experiment) -> str:
     return "dpo" if "dpo" in exp.stages else "train"
 
 
+def _spoken_grammar(exp: Experiment) -> dict[str, Any]:
+    """What held-out grammar items spoken by a stage itself (eval pairs, DPO triples) depend on: the synth
+    voices, the held-out split, and the extract tokenizer that turns them into units."""
+    synth = _strip(exp.synth.model_dump(mode="json"))
+    return {"voices": {k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")},
+            "held_out_percent": synth["corpus"]["held_out_percent"], "extract": stage_key(exp, "extract")}
+
+
 def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
     """What a stage's output depends on: its section plus upstream keys."""
     section = lambda name: _strip(getattr(exp, name).model_dump(mode="json"))  # noqa: E731
@@ -63,20 +71,13 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
         payload = {"dpo": section("dpo")}
         if not exp.dpo.init:
             payload["train"] = stage_key(exp, "train")
-        if "@grammar" in exp.dpo.inputs:  # spoken with the synth voices, tokenised by the extract tokenizer
-            synth = section("synth")
-            payload.update(voices={k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")},
-                           held_out_percent=synth["corpus"]["held_out_percent"], preferences_version=PREFERENCES_VERSION,
-                           extract=stage_key(exp, "extract"))
+        if "@grammar" in exp.dpo.inputs:
+            payload.update(_spoken_grammar(exp), preferences_version=PREFERENCES_VERSION)
         return payload
     if stage == "eval":
-        # Eval speaks its pairs with the synth voices and tokenises them with the extract tokenizer.
-        synth = section("synth")
-        voices = {k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")}
-        held_out = synth["corpus"]["held_out_percent"]
         trained_by = trained_stage(exp)
-        return {"eval": section("eval"), "voices": voices, "held_out_percent": held_out, "pairs_version": PAIRS_VERSION,
-                "extract": stage_key(exp, "extract"), trained_by: stage_key(exp, trained_by)}
+        return {"eval": section("eval"), **_spoken_grammar(exp), "pairs_version": PAIRS_VERSION,
+                trained_by: stage_key(exp, trained_by)}
     raise ValueError(f"unknown stage {stage!r}")
 
 

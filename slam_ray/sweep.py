@@ -69,7 +69,6 @@ def shared_stages(exp: Experiment, space: SearchSpace) -> list[str]:
         if stage in space.swept_sections:
             break
         shared.append(stage)
-    # eval reads the synth section (its voices) and pack the extract section, but both come after them anyway.
     return shared
 
 
@@ -115,10 +114,15 @@ class TrialsToMlflow:
     def __init__(self, uri: str, writer: str, experiment: str, sweep: str, scheduler: str, stop_metric: str) -> None:
         self.uri, self.writer, self.experiment, self.sweep = uri, writer, experiment, sweep
         self.scheduler, self.stop_metric = scheduler, stop_metric
+        self.run_ids: dict[str, str] = {}  # trial id -> its MLflow run, looked up once
 
     def _run(self, trial) -> Tracker | None:  # noqa: ANN001
-        found = store(self.uri, self.writer).find_runs(self.experiment, {TRIAL_TAG: f"{self.sweep}/{trial.trial_id}"})
-        return Tracker(self.uri, found[0], self.writer) if found else None
+        if trial.trial_id not in self.run_ids:
+            found = store(self.uri, self.writer).find_runs(self.experiment, {TRIAL_TAG: f"{self.sweep}/{trial.trial_id}"})
+            if not found:
+                return None
+            self.run_ids[trial.trial_id] = found[0]
+        return Tracker(self.uri, self.run_ids[trial.trial_id], self.writer)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:  # noqa: ANN001
         if result.get("final") or "step" not in result:
@@ -149,15 +153,11 @@ class TrialsToMlflow:
             return
         run.set_tags({"slam_ray.stop_reason": reason, "slam_ray.trial_status": status.lower()})
         run.set_status(status)
-        # A trial stopped by the scheduler is killed mid-stage: close the stage runs it left open (or marked
-        # FAILED on its way out).
-        if status == "KILLED":
-            for stage_run in backend.find_runs(self.experiment, {IN_TRIAL_TAG: f"{self.sweep}/{trial.trial_id}"}):
-                if backend.status(stage_run) in ("RUNNING", "FAILED"):
-                    backend.set_status(stage_run, "KILLED")
-        else:
-            for stage_run in backend.find_runs(self.experiment, {IN_TRIAL_TAG: f"{self.sweep}/{trial.trial_id}"},
-                                               status="RUNNING"):
+        # Close the stage runs the trial left open; a trial stopped by the scheduler is killed mid-stage, and
+        # may have marked its stage run FAILED on its way out.
+        stale = ("RUNNING", "FAILED") if status == "KILLED" else ("RUNNING",)
+        for stage_run in backend.find_runs(self.experiment, {IN_TRIAL_TAG: f"{self.sweep}/{trial.trial_id}"}):
+            if backend.status(stage_run) in stale:
                 backend.set_status(stage_run, status)
 
 
@@ -286,12 +286,12 @@ def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path, writer:
                                               cfg.stop_metric)]),
             )
         results = tuner.fit()
-        statuses = [r.metrics.get("final") == 1 if r.metrics else False for r in results]
+        completed = sum(1 for r in results if r.metrics and r.metrics.get("final") == 1)
         errored = sum(1 for r in results if r.error is not None)
-        parent.log_metrics({"trials/total": len(results), "trials/completed": sum(statuses),
-                            "trials/stopped_early": len(results) - sum(statuses) - errored, "trials/errored": errored})
-        table = sweep_report(exp.tracking_uri, exp.tracking_experiment, parent, cfg.metric, cfg.mode, folder,
-                             writer=writer)
-        print(f"\nsweep {name}: {sum(statuses)} completed, {len(results) - sum(statuses) - errored} stopped early, "
-              f"{errored} errored; table and plots in {folder}")
+        stopped = len(results) - completed - errored
+        parent.log_metrics({"trials/total": len(results), "trials/completed": completed,
+                            "trials/stopped_early": stopped, "trials/errored": errored})
+        table = sweep_report(exp.tracking_uri, exp.tracking_experiment, parent, cfg.metric, cfg.mode, folder)
+        print(f"\nsweep {name}: {completed} completed, {stopped} stopped early, {errored} errored; "
+              f"table and plots in {folder}")
     return table

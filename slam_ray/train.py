@@ -205,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker.log_params({"schedule.total_steps": plan["total"]})  # idempotent when a resumed run logs it again
 
     val_loss = validate()
-    metrics = {"step": step, "kind": "final", "val_loss": val_loss, "progress": 100.0, "val/loss": val_loss, "tokens": step * tokens_per_step,
+    metrics = {"step": step, "kind": "final", "progress": 100.0, "val/loss": val_loss, "tokens": step * tokens_per_step,
                "train_seconds": train_seconds, "tokens_per_s": (step - first_step) * tokens_per_step / (time.perf_counter() - loop_start),
                "params": n_params, "total_steps": plan["total"]}
     if tracker:
@@ -258,7 +258,7 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
     return StageResult(
         counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"])},
         outputs={"checkpoint": "checkpoint", "checkpoint_init": "checkpoint_init"},
-        metrics={"val/loss_final": float(final["val_loss"]), "train/seconds": float(final["train_seconds"]),
+        metrics={"val/loss_final": float(final["val/loss"]), "train/seconds": float(final["train_seconds"]),
                  "train/tokens_per_s_mean": float(final["tokens_per_s"])},
     )
 

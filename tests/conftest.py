@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,38 @@ def espeak() -> str:
     if path is None:
         pytest.fail("espeak-ng is not installed; `make test` installs it (apt-get install espeak-ng)")
     return path
+
+
+def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool]) -> tuple[int | None, list[BaseException]]:
+    """Run `run` in a thread and SIGKILL one live Ray Train worker as soon as `ready()`; wait for `run` to end.
+    Returns (the killed pid or None if it ended first, the errors `run` raised)."""
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run()
+        except BaseException as e:  # surfaced by the caller's assertion
+            errors.append(e)
+
+    runner = threading.Thread(target=target)
+    runner.start()
+    victim = None
+    deadline = time.time() + 300
+    while victim is None and time.time() < deadline and runner.is_alive():
+        if ready():
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                victim = workers[0].pid
+                os.kill(victim, signal.SIGKILL)
+        time.sleep(0.2)
+    runner.join(timeout=600)
+    return victim, errors
 
 
 def small_experiment(workdir: Path, **sections):

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
 
 import numpy as np
 import pytest
-from conftest import small_experiment
+from conftest import kill_a_worker_during, small_experiment
 
 from slam_ray.config import with_values
 from slam_ray.runner import stage_function
@@ -77,8 +74,6 @@ def test_dpo_raises_the_held_out_margin_and_eval_compares_before_and_after(pretr
 def test_killed_dpo_worker_resumes_from_its_checkpoint(pretrained, tmp_path):
     """Kill a DPO worker mid-run: Ray Train restarts the group, it resumes from the last checkpoint and ends
     with the same loss curve as the uninterrupted run of the test above."""
-    from ray.util.state import list_actors
-
     clean = with_values(pretrained, {"dpo.checkpoint_every": 5}, "test")  # checkpointing changes no result
     expected = dpo_curve(clean)
     if not expected:  # run alone: make the clean curve first
@@ -91,27 +86,8 @@ def test_killed_dpo_worker_resumes_from_its_checkpoint(pretrained, tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(stage_dir(clean, stage).path, target)
     os.symlink(clean.workdir_path / "dpo_triples", killed.workdir_path / "dpo_triples")  # the spoken triples
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            stage_function("dpo")(killed)
-        except BaseException as e:  # surfaced below
-            errors.append(e)
-
-    runner = threading.Thread(target=run)
-    runner.start()
-    victim = None
-    deadline = time.time() + 300
-    while victim is None and time.time() < deadline and runner.is_alive():
-        curve = dpo_curve(killed)
-        if curve and 10 <= max(curve) < 35:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            if workers:
-                victim = workers[0].pid
-                os.kill(victim, signal.SIGKILL)
-        time.sleep(0.2)
-    runner.join(timeout=600)
+    victim, errors = kill_a_worker_during(lambda: stage_function("dpo")(killed),
+                                          lambda: 10 <= max(dpo_curve(killed), default=0) < 35)
     assert victim is not None, "the run finished before a worker could be killed"
     assert not errors, errors
     assert stage_dir(killed, "dpo").read_manifest()["counts"]["steps"] == 40

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import small_experiment
+from conftest import kill_a_worker_during, small_experiment
 
 from slam_ray.stage_io import stage_dir
 from slam_ray.train import train
@@ -84,13 +84,6 @@ def loss_curve(exp) -> dict[int, float]:
 def test_killed_worker_resumes_from_its_checkpoint(tmp_path, ray_local):
     """Kill the training worker mid-run: Ray Train restarts it, it resumes from the last checkpoint (weights,
     optimizer, schedule, data position) and ends on the same step with the same loss curve as a clean run."""
-    import os
-    import signal
-    import threading
-    import time
-
-    from ray.util.state import list_actors
-
     settings = {"max_steps": 150, "max_minutes": None, "checkpoint_every": 30, "log_every": 5, "max_failures": 2,
                 "batch_size": 8, "model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4,
                                            "intermediate_size": 256}}
@@ -102,27 +95,7 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, ray_local):
 
     killed = small_experiment(tmp_path / "killed", train=settings)
     fake_pack_output(killed)
-    errors: list[BaseException] = []
-
-    def run_training() -> None:
-        try:
-            train(killed)
-        except BaseException as e:  # surfaced by the assertion below
-            errors.append(e)
-
-    runner = threading.Thread(target=run_training)
-    runner.start()
-    victim = None
-    deadline = time.time() + 300
-    while victim is None and time.time() < deadline and runner.is_alive():
-        curve = loss_curve(killed)
-        if curve and 45 <= max(curve) < 120:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            if workers:
-                victim = workers[0].pid
-                os.kill(victim, signal.SIGKILL)
-        time.sleep(0.2)
-    runner.join(timeout=600)
+    victim, errors = kill_a_worker_during(lambda: train(killed), lambda: 45 <= max(loss_curve(killed), default=0) < 120)
     assert victim is not None, "the run finished before the worker could be killed"
     assert not errors, errors
     manifest = json.loads(stage_dir(killed, "train").manifest_path.read_text())
