@@ -207,6 +207,8 @@ class DpoConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = 0.5
     max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="token budget (chosen + rejected rows, all workers); "
+                                   "sets the step count")
     max_minutes: float | None = Field(30.0, gt=0, description="wall-clock budget (the paper: 30 minutes helped)")
     epochs: float | None = Field(None, gt=0)
     num_workers: int | None = Field(None, ge=1, description="Ray Train workers; None = train.num_workers")
@@ -216,10 +218,10 @@ class DpoConfig(Section):
 
     @model_validator(mode="after")
     def _needs_budget(self) -> DpoConfig:
-        if self.max_steps is None and self.epochs is None and self.max_minutes is None:
-            raise ValueError("set a budget: max_steps, epochs or max_minutes (any combination)")
-        if self.schedule == "cosine" and self.max_steps is None and self.epochs is None:
-            raise ValueError("a cosine schedule needs a step count: set max_steps or epochs")
+        if self.max_steps is None and self.epochs is None and self.max_minutes is None and self.max_tokens is None:
+            raise ValueError("set a budget: max_steps, max_tokens, epochs or max_minutes (any combination)")
+        if self.schedule == "cosine" and self.max_steps is None and self.epochs is None and self.max_tokens is None:
+            raise ValueError("a cosine schedule needs a step count: set max_steps, max_tokens or epochs")
         return self
 
 

@@ -3,10 +3,11 @@
 Read top to bottom: the driver gathers preference triples of unit ids — the built-in grammar's (prompt =
 the first words of a sentence, chosen = its grammatical rest, rejected = a corrupted rest), spoken with the
 synth voices and tokenised with the extract tokenizer, or slamkit's preference JSONL — and writes them to
-`triples.json`. Each worker loads the `train` stage's checkpoint as the policy and as the frozen reference
-(or precomputes the reference log-probs once and drops it), and trains with the DPO (or IPO) loss
-(`slam_ray/dpo_loss.py`): AdamW, inverse-sqrt or cosine, grad-norm clipping, a step / epoch / time budget,
-resumable checkpoints. Rank 0 logs loss, rewards, reward accuracy and margin to MLflow. At the end, the
+`triples.json`. With `reference: precomputed`, a Ray Data pass (one actor per worker) computes the frozen
+reference's log-probs of every triple once (`reference_logps.parquet`), so training workers hold no reference
+model; otherwise each worker keeps a frozen copy beside the policy. Each worker loads the `train` stage's
+checkpoint as the policy and trains with the DPO (or IPO) loss (`slam_ray/dpo_loss.py`): AdamW, inverse-sqrt
+or cosine, grad-norm clipping, a step / token / epoch / time budget, resumable checkpoints. Rank 0 logs loss, rewards, reward accuracy and margin to MLflow. At the end, the
 held-out triples measure what DPO changed: the policy's chosen-vs-rejected log-likelihood margin before and
 after, and the reward accuracy. Outputs: `checkpoint` (after DPO), `checkpoint_before_dpo` and
 `checkpoint_init` (the pre-trained and the untrained model, which `eval` scores beside it), `triples.json`.
@@ -15,6 +16,8 @@ The spoken, tokenised triples are cached under `WORKDIR/dpo_triples/` for every 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import random
@@ -22,9 +25,10 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from slam_ray.config import Experiment, ScheduleConfig
 from slam_ray.errors import SlamError
@@ -34,9 +38,13 @@ from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, stage_payload, upstream_dir
 from slam_ray.tracking import Tracker
 from slam_ray.train_utils import all_ranks, report_checkpoint, resume_state
-from slam_ray.units import units_to_tokens
+from slam_ray.units import UNIT_OFFSET, units_to_tokens
+
+if TYPE_CHECKING:
+    import torch
 
 TRIPLES = "triples.json"
+REFERENCE_LOGPS = "reference_logps.parquet"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,6 +98,11 @@ def preference_triples(exp: Experiment, out: StageDir, timer: Timer) -> tuple[li
         if not Path(entry).is_file():
             raise SlamError(f"dpo.inputs: {entry!r} is neither '@grammar' nor a slamkit preference JSONL file")
         for i, triple in enumerate(read_slamkit_preferences(entry)):
+            highest = max(max(part, default=0) for part in (triple.prompt, triple.chosen, triple.rejected))
+            if highest >= exp.vocab_size:
+                raise SlamError(f"{entry}: triple {i + 1} holds unit {highest - UNIT_OFFSET}, but this experiment's "
+                                f"tokenizer has {exp.extract.tokenizer.n_units} units: set extract.tokenizer.n_units to "
+                                "the k-means size these units came from (500 for slamkit's mHuBERT tokeniser)")
             (val if i % 10 == 9 else train).append(asdict(triple))  # every 10th triple is held out
     if not train or not val:
         raise SlamError(f"DPO needs training and held-out triples; got {len(train)} and {len(val)} "
@@ -103,12 +116,75 @@ def cached_triples(exp: Experiment, timer: Timer) -> tuple[Path, dict]:
     payload = stage_payload(exp, "dpo")
     payload.pop("train", None)
     payload["dpo"] = {k: payload["dpo"][k] for k in ("inputs", "n_pairs", "val_pairs", "seed")}
+    # a JSONL input is keyed by its content too: an edited file makes new triples
+    payload["files"] = {entry: hashlib.sha256(Path(entry).read_bytes()).hexdigest()
+                        for entry in exp.dpo.inputs if entry != "@grammar" and Path(entry).is_file()}
 
     def make(cache: StageDir) -> dict:
         train, val, errors = preference_triples(exp, cache, timer)
         return {"train": train, "val": val, "errors": errors}
 
     return cached_json(exp, "dpo_triples", payload, TRIPLES, make)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# precomputed reference log-probs (a Ray Data pass on the driver's cluster)
+
+
+class ReferenceLogps:
+    """Ray Data actor: the frozen start checkpoint's (chosen, rejected) log-probs of a batch of triples."""
+
+    def __init__(self, checkpoint: str, use_gpu: bool) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from slam_ray.parallel import limit_threads
+
+        limit_threads()
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint).to(self.device).eval()
+        self.context_len = self.model.config.max_position_embeddings
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from slam_ray.dpo_loss import build_preference_batch, reference_logps
+
+        rows = build_preference_batch(list(batch["prompt"]), list(batch["chosen"]), list(batch["rejected"]),
+                                      self.context_len)
+        [(chosen, rejected)] = reference_logps(self.model, [rows], self.device)
+        return pd.DataFrame({"key": batch["key"], "ref_chosen": chosen.numpy(), "ref_rejected": rejected.numpy()})
+
+
+def precompute_reference(exp: Experiment, triples: dict, checkpoint: str, path: Path) -> Path:
+    """`path` (Parquet: key = "split/index", ref_chosen, ref_rejected) for every training and held-out triple,
+    computed once by a pool of actors (one per DPO worker) so no training worker holds a reference model.
+    Kept in the stage folder: a re-run after an interruption reads it instead of recomputing."""
+    from slam_ray.parallel import map_rows
+
+    rows = [{"key": f"{split}/{i}", "prompt": t["prompt"], "chosen": t["chosen"], "rejected": t["rejected"]}
+            for split in ("train", "val") for i, t in enumerate(triples[split])]
+    if path.is_file() and len(pd.read_parquet(path, columns=["key"])) == len(rows):
+        return path
+    rows.sort(key=lambda r: len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])))  # less padding per batch
+    actors = exp.dpo.num_workers or exp.train.num_workers
+    print(f"[dpo] reference log-probs of {len(rows)} triples ({actors} actor(s))")
+    parts = list(map_rows(exp, rows, ReferenceLogps, {"checkpoint": checkpoint, "use_gpu": exp.train.use_gpu},
+                          actors, exp.dpo.batch_size * 4, num_gpus=1.0 if exp.train.use_gpu else 0.0))
+    table = pd.concat(parts, ignore_index=True)
+    if sorted(table["key"]) != sorted(r["key"] for r in rows):
+        raise SlamError(f"the reference pass returned {len(table)} rows for {len(rows)} triples")
+    tmp = path.with_suffix(".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def _load_reference(path: str, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    table = pd.read_parquet(path).set_index("key")
+    keys = [f"{split}/{i}" for i in range(n)]
+    return (torch.tensor(table.loc[keys, "ref_chosen"].to_numpy(), dtype=torch.float32),
+            torch.tensor(table.loc[keys, "ref_rejected"].to_numpy(), dtype=torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,7 +197,13 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slam_ray.dpo_loss import build_preference_batch, dpo_loss, preference_logps, reference_logps
+    from slam_ray.dpo_loss import (
+        build_preference_batch,
+        dpo_loss,
+        preference_logps,
+        preference_tokens,
+        reference_logps,
+    )
 
     exp = Experiment.model_validate(config["experiment"])
     cfg = exp.dpo
@@ -136,7 +218,6 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
 
     policy = AutoModelForCausalLM.from_pretrained(config["init_checkpoint"])
     context_len = policy.config.max_position_embeddings
-    reference = AutoModelForCausalLM.from_pretrained(config["init_checkpoint"]).to(device).eval().requires_grad_(False)
 
     def batch_of(rows: list[dict]):
         return build_preference_batch([r["prompt"] for r in rows], [r["chosen"] for r in rows],
@@ -148,26 +229,50 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         parts = reference_logps(model, batches)
         return torch.cat([c for c, _ in parts]).to(device), torch.cat([r for _, r in parts]).to(device)
 
-    ref_val = all_logps(reference, val)
-    precomputed = None
-    if cfg.reference == "precomputed":
-        # The reference log-probs of every training triple, once; then the reference model leaves memory.
-        precomputed = all_logps(reference, train)
-        del reference
-        reference = None
+    reference = precomputed = None
+    if config.get("reference_logps"):
+        # the Ray Data pass computed them before training: no reference model in this worker's memory
+        precomputed = tuple(t.to(device) for t in _load_reference(config["reference_logps"], "train", len(train)))
+        ref_val = tuple(t.to(device) for t in _load_reference(config["reference_logps"], "val", len(val)))
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(config["init_checkpoint"]).to(device).eval().requires_grad_(False)
+        ref_val = all_logps(reference, val)
 
     resumed = resume_state(policy)
     model = ray.train.torch.prepare_model(policy)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    global_batch = cfg.batch_size * cfg.grad_accum * world
+    per_micro = cfg.batch_size * world
+    global_batch = per_micro * cfg.grad_accum
     steps_per_epoch = max(1, len(train) // global_batch)
+    triple_tokens = np.array([preference_tokens(t["prompt"], t["chosen"], t["rejected"], context_len) for t in train])
+
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(epoch: int) -> np.ndarray:
+        return np.random.default_rng(cfg.seed + epoch).permutation(len(train))
+
+    def micro_indices(index: int) -> np.ndarray:
+        """All ranks' triples of micro-batch `index` (epoch-wise seeded shuffles, like pre-training)."""
+        epoch, i = divmod(index, steps_per_epoch * cfg.grad_accum)
+        return epoch_order(epoch)[i * per_micro : (i + 1) * per_micro]
+
+    def step_tokens(s: int) -> int:
+        """Tokens all ranks read at step `s`: known in advance, so every rank plans the same token budget."""
+        return int(sum(triple_tokens[micro_indices(s * cfg.grad_accum + m)].sum() for m in range(cfg.grad_accum)))
+
     caps = [cfg.max_steps or math.inf, math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs else math.inf]
+    if cfg.max_tokens:
+        steps, seen = 0, 0
+        while seen < cfg.max_tokens and steps < min(caps):
+            seen += step_tokens(steps)
+            steps += 1
+        caps.append(steps)
     total = int(min(caps)) if min(caps) < math.inf else 10**9  # a time budget alone: inverse-sqrt needs no end
     schedule = ScheduleConfig(name=cfg.schedule, warmup_steps=cfg.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, schedule, cfg.lr))
-    step, start = 0, time.perf_counter()
+    step, tokens, start = 0, 0, time.perf_counter()
     if resumed is not None:
-        step, start = resumed["step"], time.perf_counter() - resumed["train_seconds"]
+        step, tokens = resumed["step"], resumed["tokens"]
+        start = time.perf_counter() - resumed["train_seconds"]
         opt.load_state_dict(resumed["optimizer"])
         sched.load_state_dict(resumed["scheduler"])
         for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
@@ -175,14 +280,12 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_rng_state(resumed["torch_rng"])
     if tracker:
         print(f"[dpo] {len(train)} training / {len(val)} held-out triples, {world} worker(s), "
-              f"global batch {global_batch}, {'up to ' + str(total) + ' steps' if total < 10**9 else 'time budget'}")
+              f"global batch {global_batch}, {'up to ' + str(total) + ' steps' if total < 10**9 else 'time budget'}, "
+              f"reference {'precomputed' if precomputed is not None else 'model'}")
 
     def micro_rows(index: int) -> tuple[list[dict], np.ndarray]:
-        """This rank's triples of micro-batch `index` (epoch-wise seeded shuffles, like pre-training)."""
-        per_micro = cfg.batch_size * world
-        epoch, i = divmod(index, steps_per_epoch * cfg.grad_accum)
-        order = np.random.default_rng(cfg.seed + epoch).permutation(len(train))
-        picked = order[i * per_micro + rank * cfg.batch_size : i * per_micro + (rank + 1) * cfg.batch_size]
+        """This rank's part of micro-batch `index`."""
+        picked = micro_indices(index)[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
         return [train[j] for j in picked], picked
 
     sums: dict[str, float] = {}
@@ -207,12 +310,13 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
+        tokens += step_tokens(step)
         step += 1
         if step % cfg.log_every == 0 or step == total:
             means = {k: all_ranks(v, "sum") / world / (step % cfg.log_every or cfg.log_every) for k, v in sums.items()}
             if tracker:
                 tracker.log_metrics({**{f"dpo/{k}": v for k, v in means.items()}, "dpo/lr": sched.get_last_lr()[0],
-                                     "dpo/grad_norm": float(grad_norm)}, step)
+                                     "dpo/grad_norm": float(grad_norm), "dpo/tokens": tokens}, step)
                 if time.perf_counter() - last_log > 20 or step == total:
                     print(f"[dpo] step {step}  loss {means['loss']:.4f}  reward accuracy "
                           f"{means['rewards/accuracy']:.3f}  margin {means['rewards/margin']:.3f}")
@@ -221,7 +325,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
             if cfg.max_minutes and all_ranks(float(time.perf_counter() - start > cfg.max_minutes * 60), "max") > 0:
                 break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            state = {"step": step, "train_seconds": time.perf_counter() - start, "optimizer": opt.state_dict(),
+            state = {"step": step, "tokens": tokens, "train_seconds": time.perf_counter() - start, "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
             report_checkpoint(model, rank, {"step": step, "kind": "periodic"}, state)
 
@@ -231,7 +335,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     margin_before = (ref_val[0] - ref_val[1]).mean().item()
     margin_after = (pol_val[0] - pol_val[1]).mean().item()
     rewards = (pol_val[0] - ref_val[0]) - (pol_val[1] - ref_val[1])
-    metrics = {"step": step, "kind": "final", "train_seconds": time.perf_counter() - start,
+    metrics = {"step": step, "kind": "final", "tokens": tokens, "train_seconds": time.perf_counter() - start,
                "val/logp_margin_before": margin_before, "val/logp_margin_after": margin_after,
                "val/reward_accuracy": (rewards > 0).float().mean().item(),
                "val/reward_margin": cfg.beta * rewards.mean().item(),
@@ -266,11 +370,16 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
     with timer.phase("triples"):
         triples_path, triples = cached_triples(exp, timer)
     init_ray(exp)
+    reference = None
+    if exp.dpo.reference == "precomputed":
+        with timer.phase("reference"):
+            reference = str(precompute_reference(exp, triples, start, out.path / REFERENCE_LOGPS))
     resources = {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
     trainer = TorchTrainer(
         dpo_loop_per_worker,
         train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker),
-                           "triples_path": str(triples_path), "init_checkpoint": start},
+                           "triples_path": str(triples_path), "init_checkpoint": start,
+                           "reference_logps": reference},
         scaling_config=ScalingConfig(num_workers=exp.dpo.num_workers or exp.train.num_workers, use_gpu=exp.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="dpo", storage_path=str(out.path / "ray"),
@@ -288,7 +397,7 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
         shutil.copytree(untrained, out.path / "checkpoint_init")
     shutil.copy(triples_path, out.path / TRIPLES)  # the stage output is self-contained
     return StageResult(
-        counts={"steps": int(final["step"]), "train_triples": len(triples["train"]), "val_triples": len(triples["val"])},
+        counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "train_triples": len(triples["train"]), "val_triples": len(triples["val"])},
         outputs={"checkpoint": "checkpoint", "checkpoint_before_dpo": "checkpoint_before_dpo",
                  **({"checkpoint_init": "checkpoint_init"} if untrained else {}), "triples": TRIPLES, "started_from": start},
         errors=triples["errors"],

@@ -60,6 +60,13 @@ def _fit(prompt: list[int], continuations: list[list[int]],
     return head, [c[:room] for c in continuations]
 
 
+def preference_tokens(prompt: TokenIds, chosen: TokenIds, rejected: TokenIds, context_len: int) -> int:
+    """Tokens the model reads for one triple (its chosen row plus its rejected row, after truncation): what a
+    DPO token budget counts."""
+    head, (cont_c, cont_r) = _fit(list(prompt), [list(chosen) + [EOS_ID], list(rejected) + [EOS_ID]], context_len)
+    return 2 * len(head) + len(cont_c) + len(cont_r)
+
+
 def build_preference_batch(prompts: Sequence[TokenIds], chosens: Sequence[TokenIds],
                            rejecteds: Sequence[TokenIds], context_len: int) -> PreferenceBatch:
     """Model inputs for B preference triples of unit vocabulary ids (no BOS/EOS): rows `<s> prompt chosen <s>`

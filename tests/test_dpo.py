@@ -30,7 +30,20 @@ def pretrained(tmp_path_factory, ray_local, espeak):
     return exp
 
 
-def dpo_curve(exp) -> dict[int, float]:
+def linked(exp, values: dict, stages: tuple[str, ...] = ("synth", "extract", "pack", "train")):
+    """`exp` with `values` set and a workdir of its own (so its MLflow store holds only its runs), whose
+    upstream stages and spoken triples are links to `exp`'s."""
+    new = with_values(exp, values, "test")
+    for stage in stages:
+        target = stage_dir(new, stage).path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(stage_dir(exp, stage).path, target)
+    if (exp.workdir_path / "dpo_triples").exists():
+        os.symlink(exp.workdir_path / "dpo_triples", new.workdir_path / "dpo_triples")
+    return new
+
+
+def dpo_curve(exp, metric: str = "dpo/loss") -> dict[int, float]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(exp.tracking_uri)
@@ -38,7 +51,7 @@ def dpo_curve(exp) -> dict[int, float]:
     if experiment is None:
         return {}
     runs = client.search_runs([experiment.experiment_id], "tags.`slam_ray.stage` = 'dpo'")
-    return {m.step: m.value for r in runs for m in client.get_metric_history(r.info.run_id, "dpo/loss")}
+    return {m.step: m.value for r in runs for m in client.get_metric_history(r.info.run_id, metric)}
 
 
 def test_dpo_raises_the_held_out_margin_and_eval_compares_before_and_after(pretrained):
@@ -79,13 +92,7 @@ def test_killed_dpo_worker_resumes_from_its_checkpoint(pretrained, tmp_path):
     if not expected:  # run alone: make the clean curve first
         stage_function("dpo")(clean)
         expected = dpo_curve(clean)
-    killed = with_values(clean, {"train.max_failures": 2, "workdir": str(tmp_path / "w")}, "test")
-    # the killed run reads the same upstream stages: link them into its workdir
-    for stage in ("synth", "extract", "pack", "train"):
-        target = stage_dir(killed, stage).path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(stage_dir(clean, stage).path, target)
-    os.symlink(clean.workdir_path / "dpo_triples", killed.workdir_path / "dpo_triples")  # the spoken triples
+    killed = linked(clean, {"train.max_failures": 2, "workdir": str(tmp_path / "w")})
     victim, errors = kill_a_worker_during(lambda: stage_function("dpo")(killed),
                                           lambda: 10 <= max(dpo_curve(killed), default=0) < 35)
     assert victim is not None, "the run finished before a worker could be killed"
@@ -107,13 +114,9 @@ def test_dpo_starts_from_any_compatible_hf_checkpoint(pretrained, tmp_path):
     config = Qwen2Config(vocab_size=pretrained.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256, tie_word_embeddings=True)
     Qwen2ForCausalLM(config).save_pretrained(tmp_path / "external")
-    exp = with_values(pretrained, {"dpo.init": str(tmp_path / "external"), "dpo.max_steps": 5, "dpo.num_workers": 1,
-                                   "workdir": str(tmp_path / "w")}, "test")
-    for stage in ("synth", "extract"):  # the triples are spoken and tokenised like the corpus; no train stage here
-        target = stage_dir(exp, stage).path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(stage_dir(pretrained, stage).path, target)
-    os.symlink(pretrained.workdir_path / "dpo_triples", exp.workdir_path / "dpo_triples")
+    # the triples are spoken and tokenised like the corpus; no train stage here
+    exp = linked(pretrained, {"dpo.init": str(tmp_path / "external"), "dpo.max_steps": 5, "dpo.num_workers": 1,
+                              "workdir": str(tmp_path / "w")}, stages=("synth", "extract"))
     out = stage_function("dpo")(exp)
     manifest = out.read_manifest()
     assert manifest["counts"]["steps"] == 5 and manifest["outputs"]["started_from"] == str(tmp_path / "external")
@@ -126,3 +129,81 @@ def test_dpo_starts_from_any_compatible_hf_checkpoint(pretrained, tmp_path):
     Qwen2ForCausalLM(Qwen2Config(**{**config.to_dict(), "vocab_size": 77})).save_pretrained(wrong)
     with pytest.raises(SlamError, match="vocabulary of 77 ids"):
         stage_function("dpo")(with_values(exp, {"dpo.init": str(wrong)}, "test"))
+
+
+def test_precomputed_reference_logps_equal_a_plain_forward_pass(pretrained):
+    """The Ray Data pass (`reference: precomputed`) gives every triple the log-probs a plain transformers
+    forward pass of the start checkpoint gives it."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slam_ray.dpo_loss import build_preference_batch, preference_logps
+
+    out = stage_function("dpo")(pretrained)  # the run of the first test (reused) or a fresh one
+    triples = json.loads((out.path / "triples.json").read_text())
+    table = pd.read_parquet(out.path / "reference_logps.parquet").set_index("key")
+    assert len(table) == len(triples["train"]) + len(triples["val"])
+    model = AutoModelForCausalLM.from_pretrained(stage_dir(pretrained, "train").path / "checkpoint").eval()
+    for split in ("train", "val"):
+        rows = triples[split][:6]
+        batch = build_preference_batch([r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                       [r["rejected"] for r in rows], model.config.max_position_embeddings)
+        with torch.no_grad():
+            chosen, rejected = preference_logps(model, batch)
+        keys = [f"{split}/{i}" for i in range(len(rows))]
+        np.testing.assert_allclose(table.loc[keys, "ref_chosen"], chosen.numpy(), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(table.loc[keys, "ref_rejected"], rejected.numpy(), rtol=1e-5, atol=1e-4)
+        assert (chosen < 0).all() and (chosen != rejected).any()
+
+
+def slamkit_jsonl(path, triples: list[dict]) -> None:
+    """Triples written the way slamkit's preference_alignment_feature_extractor writes them."""
+    from slam_ray.units import tokens_to_units, write_jsonl
+
+    def part(tokens):
+        units = tokens_to_units(tokens).tolist()
+        return {"units": units, "duration": [1] * len(units)}
+
+    write_jsonl(path, [{"prompt": part(t["prompt"]), "chosen": part(t["chosen"]), "rejected": part(t["rejected"])}
+                       for t in triples])
+
+
+def test_slamkit_preference_jsonl_with_a_token_budget_and_either_reference(pretrained, tmp_path):
+    """slamkit's preference JSONL end to end: a cosine schedule sized by a token budget ends at it, and the
+    loss curve is the same with the frozen reference model and with the precomputed reference log-probs."""
+    from slam_ray.errors import SlamError
+
+    out = stage_function("dpo")(pretrained)
+    triples = json.loads((out.path / "triples.json").read_text())
+    jsonl = tmp_path / "spoken_prefs.jsonl"
+    slamkit_jsonl(jsonl, triples["train"][:180])
+    budget = 25_000
+    values = {"dpo.inputs": [str(jsonl)], "dpo.max_tokens": budget, "dpo.max_steps": None, "dpo.schedule": "cosine",
+              "dpo.num_workers": 1, "dpo.reference": "model", "dpo.lr": 2e-3}
+    with_model = linked(pretrained, {**values, "workdir": str(tmp_path / "model")})
+    manifest = stage_function("dpo")(with_model).read_manifest()
+    assert manifest["counts"]["train_triples"] == 162 and manifest["counts"]["val_triples"] == 18  # every 10th
+    # the token budget: reached by the last step and not by the one before it
+    tokens = dpo_curve(with_model, "dpo/tokens")
+    steps = manifest["counts"]["steps"]
+    assert max(tokens) == steps and tokens[steps] == manifest["counts"]["tokens"] >= budget
+    per_step = tokens[steps] / steps
+    assert tokens[steps] - per_step * 1.5 < budget  # one step more than needed at most (steps vary in length)
+    lrs = dpo_curve(with_model, "dpo/lr")
+    assert lrs[steps] == pytest.approx(0.0, abs=1e-12) and lrs[min(lrs)] > 0  # cosine ends exactly there
+    assert dpo_curve(with_model, "dpo/rewards/margin")[steps] > 0  # it learnt the JSONL's preferences
+    assert manifest["metrics"]["val/logp_margin_after"] > manifest["metrics"]["val/logp_margin_before"]
+
+    precomputed = linked(pretrained, {**values, "dpo.reference": "precomputed", "workdir": str(tmp_path / "pre")})
+    pre_out = stage_function("dpo")(precomputed)
+    assert (pre_out.path / "reference_logps.parquet").is_file()
+    expected, got = dpo_curve(with_model), dpo_curve(precomputed)
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-4)
+
+    too_many_units = tmp_path / "mhubert_prefs.jsonl"
+    too_many_units.write_text(json.dumps({k: {"units": [499, 3], "duration": [1, 1]}
+                                          for k in ("prompt", "chosen", "rejected")}) + "\n")
+    with pytest.raises(SlamError, match="holds unit 499.*extract.tokenizer.n_units"):
+        stage_function("dpo")(with_values(with_model, {"dpo.inputs": [str(too_many_units)]}, "test"))

@@ -13,6 +13,7 @@ from slam_ray.dpo_loss import (
     build_preference_batch,
     dpo_loss,
     preference_logps,
+    preference_tokens,
     reference_logps,
     sequence_logps,
 )
@@ -120,6 +121,15 @@ def test_truncation_keeps_the_prompt_end_then_cuts_the_continuation_end():
     assert batch.input_ids.tolist() == [[BOS_ID, 7, 8, 9], [BOS_ID, 11, EOS_ID, PAD_ID]]
     assert batch.loss_mask.int().tolist() == [[0, 1, 1, 1], [0, 1, 1, 0]]
     assert batch.input_ids.shape[1] <= 4
+
+
+def test_preference_tokens_count_the_tokens_the_model_reads():
+    # what the DPO token budget counts: the non-padding tokens of a triple's two rows, after truncation
+    for prompt, chosen, rejected, context_len in [([2, 3, 4], [5, 6], [7], 64), ([2, 3, 4, 5, 6], [7, 8], [9, 10, 11], 6),
+                                                  ([2, 3], [7, 8, 9, 10], [11], 4)]:
+        batch = build_preference_batch([prompt], [chosen], [rejected], context_len)
+        assert preference_tokens(prompt, chosen, rejected, context_len) == int((batch.input_ids != PAD_ID).sum())
+    assert preference_tokens([2, 3, 4], [5, 6], [7], 64) == 2 * 4 + 3 + 2
 
 
 def test_batch_rejects_special_ids_and_bad_shapes():
