@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,65 @@ def decode_audio(source: str | Path | bytes, sample_rate: int = TARGET_SAMPLE_RA
         raise AudioError(f"cannot decode audio: {e}") from e
     if data.shape[0] == 0:
         raise AudioError("audio has no samples")
+    return resample(_mono(data), sr, sample_rate).astype(np.float32, copy=False)
+
+
+def _mono(data: np.ndarray) -> np.ndarray:
     audio = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(audio).all():
         raise AudioError("audio contains NaN or infinite samples")
-    return resample(np.ascontiguousarray(audio), sr, sample_rate).astype(np.float32, copy=False)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _quietest(audio: np.ndarray, sr: int, lo: int) -> int:
+    """The sample index at the centre of the lowest-energy 20 ms frame of `audio[lo:]`."""
+    hop = max(1, sr // 50)
+    tail = audio[lo : lo + (len(audio) - lo) // hop * hop].reshape(-1, hop)
+    return lo + int(np.argmin((tail**2).mean(1))) * hop + hop // 2
+
+
+def decode_segments(path: str | Path, max_seconds: float | None,
+                    sample_rate: int = TARGET_SAMPLE_RATE) -> Iterator[tuple[float, float, np.ndarray]]:
+    """(start_s, end_s, mono float32 samples at `sample_rate`) of a file, in order. A file longer than
+    `max_seconds` is read block by block (memory bounded by one window whatever its length) and cut at the
+    quietest 20 ms of each window's last quarter; a last piece under 0.5 s joins the segment before it."""
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as e:
+        raise AudioError(f"cannot decode audio: {e}") from e
+    with f:
+        sr = f.samplerate
+        if max_seconds is None or f.frames <= max_seconds * sr:
+            audio = decode_audio(path, sample_rate)  # the common case: one segment
+            yield 0.0, len(audio) / sample_rate, audio
+            return
+        window, min_tail = int(max_seconds * sr), sr // 2
+        carry = np.zeros(0, np.float32)
+        start, held = 0, None  # `held` waits until we know the piece after it is not a tiny tail
+        while True:
+            want = window - len(carry)
+            try:
+                block = _mono(f.read(want, dtype="float32", always_2d=True))
+            except AudioError:
+                raise
+            except Exception as e:  # a file truncated or corrupt mid-way
+                raise AudioError(f"cannot decode audio at {start / sr:.1f} s: {e}") from e
+            buf = np.concatenate([carry, block])
+            at_end = len(block) < want
+            cut = len(buf) if at_end else _quietest(buf, sr, window * 3 // 4)
+            if held is not None and at_end and len(buf) < min_tail:
+                held = (held[0], held[1] + len(buf), np.concatenate([held[2], buf]))
+                buf, cut = buf[:0], 0
+            if held is not None:
+                yield held[0] / sr, held[1] / sr, resample(held[2], sr, sample_rate)
+                held = None
+            if cut:
+                held = (start, start + cut, buf[:cut])
+            start, carry = start + cut, buf[cut:]
+            if at_end:
+                break
+        if held is not None:
+            yield held[0] / sr, held[1] / sr, resample(held[2], sr, sample_rate)
 
 
 def write_flac(path: str | Path, audio: np.ndarray, sample_rate: int = TARGET_SAMPLE_RATE) -> None:

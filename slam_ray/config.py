@@ -71,7 +71,11 @@ class TokenizerConfig(Section):
     frame_rate: int = Field(25, description="frames per second of the features (logmel hop = 16000 / frame_rate)")
     n_mels: int = 80
     n_units: int = Field(200, ge=2, le=65533)
-    centroids: str | None = Field(None, description="k-means centroids (.npy); None = fit them on a sample")
+    centroids: str | None = Field(None, description="k-means centroids (.npy, .safetensors, or a sklearn k-means "
+                                  "pickle .bin with trust_pickle); None = fit them on a sample")
+    trust_pickle: bool = Field(False, description="allow loading a pickled k-means (runs code from the file)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="HuBERT precision on GPU "
+                                                              "(CPU always float32)")
     fit_frames: int = Field(150_000, ge=1000, description="frames sampled to fit k-means")
     dedup: bool = True
     seed: int = 0
@@ -100,6 +104,9 @@ class ExtractConfig(Section):
     num_actors: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
     num_gpus_per_actor: float = 0.0
+    max_segment_seconds: float | None = Field(
+        60.0, gt=1, description="files longer than this are read block by block and cut at the quietest 20 ms "
+                                "of each window's last quarter (bounded memory); None = never cut")
 
 
 class PackConfig(Section):

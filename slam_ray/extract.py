@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from slam_ray.config import Experiment
 from slam_ray.errors import SlamError
@@ -99,23 +100,26 @@ def resolve_inputs(exp: Experiment) -> list[dict]:
 
 
 class FeatureActor:
-    """Features of a sample of files, for fitting k-means (float16 bytes to keep the object store small)."""
+    """Features of a sample of files, for fitting k-means (float16 bytes to keep the object store small).
+    A long file contributes its first segment only (bounded memory)."""
 
-    def __init__(self, tokenizer_cfg: dict) -> None:
+    def __init__(self, tokenizer_cfg: dict, max_segment_seconds: float | None) -> None:
         from slam_ray.config import TokenizerConfig
+        from slam_ray.features import make_features
         from slam_ray.parallel import limit_threads
-        from slam_ray.tokenizer import make_features
 
         limit_threads()
         self.features = make_features(TokenizerConfig.model_validate(tokenizer_cfg))
+        self.max_segment_seconds = max_segment_seconds
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from slam_ray.audio import decode_audio
+        from slam_ray.audio import decode_segments
 
         out = []
         for row in batch.to_dict("records"):
             try:
-                feats = self.features(decode_audio(row["path"])).astype(np.float16)
+                _, _, audio = next(decode_segments(row["path"], self.max_segment_seconds))
+                feats = self.features(audio).cpu().numpy().astype(np.float16)
                 out.append({"id": row["id"], "feats": feats.tobytes(), "dim": feats.shape[1], "error": None})
             except Exception as e:
                 out.append({"id": row["id"], "feats": b"", "dim": 0, "error": str(e)})
@@ -149,7 +153,8 @@ def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokeni
         return tokenizer
     by_id = {}
     sample = _fit_sample(exp, rows)
-    for df in map_rows(exp, sample, FeatureActor, {"tokenizer_cfg": cfg.model_dump()},
+    ctor = {"tokenizer_cfg": cfg.model_dump(), "max_segment_seconds": exp.extract.max_segment_seconds}
+    for df in map_rows(exp, sample, FeatureActor, ctor,
                        exp.extract.num_actors, exp.extract.batch_size, exp.extract.num_gpus_per_actor):
         for rec in df.to_dict("records"):
             if not rec["error"]:  # a bad file is reported once, by the encoding pass that every file goes through
@@ -196,13 +201,26 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
     chunk_of = {row["id"]: i for i in todo for row in chunks[i]}
     pending = [row for i in sorted(todo) for row in chunks[i]]
     received: dict[int, tuple[list[dict], list[dict]]] = {i: ([], []) for i in todo}
-    with timer.phase("encode"):
+    files_done = dict.fromkeys(todo, 0)
+    segments: dict[str, list[dict]] = {}  # a long file's segments, until all of them are in
+    seconds, errors_seen = 0.0, 0
+    with timer.phase("encode"), tqdm(total=len(pending), unit="file", desc="[extract] encode", mininterval=2) as bar:
         for rec in iter_encoded(exp, pending, out.path / "tokenizer", exp.extract.num_actors, exp.extract.batch_size,
                                 exp.extract.num_gpus_per_actor):
-            index = chunk_of[rec["id"]]
+            uid = rec["input_id"]
+            parts = segments.setdefault(uid, [])
+            parts.append(rec)
+            if len(parts) < rec["n_segments"]:
+                continue
+            index = chunk_of[uid]
             good, bad = received[index]
-            (bad if rec["error"] else good).append(rec)
-            if len(good) + len(bad) == len(chunks[index]):
+            (bad if rec["error"] else good).extend(segments.pop(uid))
+            files_done[index] += 1
+            seconds += sum(p["audio_seconds"] for p in parts)
+            errors_seen += 1 if rec["error"] else 0
+            bar.update()
+            bar.set_postfix_str(f"{seconds / 3600:.2f} h audio, {errors_seen} errors", refresh=False)
+            if files_done[index] == len(chunks[index]):
                 _write_chunk(out, index, good, bad)
                 del received[index]
     errors = [json.loads(line) for i in range(len(chunks))
@@ -212,11 +230,12 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
     audio_s = float(pa.compute.sum(table["audio_seconds"]).as_py() or 0.0)
     n_units = int(pa.compute.sum(pa.compute.list_value_length(table["units"])).as_py() or 0)
     return StageResult(
-        counts={"files": len(rows), "encoded": table.num_rows, "units": n_units, "audio_seconds": round(audio_s, 1),
+        counts={"files": len(rows), "encoded": len(rows) - len(errors), "segments": table.num_rows, "units": n_units, "audio_seconds": round(audio_s, 1),
                 "shards": len(chunks), "shards_resumed": len(chunks) - len(todo)},
         outputs={"units": [f"units/part-{i:05d}.parquet" for i in range(len(chunks))], "tokenizer": "tokenizer"},
         errors=errors,
         metrics={"throughput/audio_seconds_per_s": audio_s / max(timer.timings["encode"], 1e-9),
+                 "errors": float(len(errors)),
                  "units_per_second_of_audio": n_units / max(audio_s, 1e-9)},
     )
 

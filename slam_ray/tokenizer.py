@@ -1,12 +1,10 @@
-"""Speech tokenisers: frame features -> k-means units, behind one interface.
+"""Speech tokenisers: frame features (`slam_ray/features.py`) -> nearest k-means centroid -> de-duplicated units.
 
-- `logmel`: log-mel frames at `frame_rate` Hz (25 Hz = hop 640 at 16 kHz), standardised per dimension. Needs
-  no download; GSLM evaluated exactly such a log-mel + k-means baseline.
-- `hubert`: hidden states of layer `layer` of any transformers `HubertModel` (HF id or local path), running
-  only the layers up to the one read.
-
-Frame count convention (mHuBERT's): `n_frames = n_samples // hop`, so 14.085 s at 25 Hz -> 352 frames.
-A fitted tokeniser is a folder: `tokenizer.json` (its config), `centroids.npy`, `feature_norm.npz`.
+Centroids are fitted here (scikit-learn MiniBatchKMeans on a sample of standardised frames) or loaded from
+`.npy`, safetensors, or slamkit/fairseq's sklearn k-means `.bin` (a pickle: only with `trust_pickle: true`);
+pre-fitted centroids are applied to raw features, as TWIST/slamkit do. Units are assigned as one matmul-argmin
+on the extractor's device. A fitted tokeniser is a folder: `tokenizer.json` (its config), `centroids.npy`,
+`feature_norm.npz`.
 """
 
 from __future__ import annotations
@@ -20,59 +18,47 @@ import numpy as np
 from slam_ray.audio import TARGET_SAMPLE_RATE
 from slam_ray.config import TokenizerConfig
 from slam_ray.errors import SlamError
+from slam_ray.features import make_features
 from slam_ray.units import dedup
 
-
-class LogMelFeatures:
-    def __init__(self, frame_rate: int = 25, n_mels: int = 80, sample_rate: int = TARGET_SAMPLE_RATE) -> None:
-        import torchaudio
-
-        self.hop = sample_rate // frame_rate
-        self.transform = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=max(1024, 2 * self.hop), hop_length=self.hop, n_mels=n_mels, center=True
-        )
-
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        import torch
-
-        n_frames = len(audio) // self.hop
-        if n_frames == 0:
-            raise ValueError(f"audio is shorter than one frame ({len(audio)} samples < hop {self.hop})")
-        with torch.no_grad():
-            mel = self.transform(torch.from_numpy(audio))  # (n_mels, n_frames + 1) with center=True
-        return torch.log(mel[:, :n_frames] + 1e-6).T.numpy()
+PICKLE_SUFFIXES = {".bin", ".pkl", ".pickle", ".joblib"}
 
 
-class HubertFeatures:
-    def __init__(self, model: str, layer: int, device: str | None = None) -> None:
-        import torch
-        from transformers import HubertModel
+def load_centroids(cfg: TokenizerConfig) -> np.ndarray:
+    """(n_units, dim) float32 centroids from `cfg.centroids`: .npy, .safetensors (tensor `centroids`, or its only
+    tensor), or a pickled sklearn KMeans (slamkit/fairseq's `km.bin`; needs `trust_pickle`)."""
+    assert cfg.centroids is not None
+    path = Path(cfg.centroids)
+    if not path.is_file():
+        raise SlamError(f"extract.tokenizer.centroids {cfg.centroids!r} is not an existing file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        centroids = np.load(path, allow_pickle=False)
+    elif suffix == ".safetensors":
+        from safetensors.numpy import load_file
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            hubert = HubertModel.from_pretrained(model)
-        except OSError as e:
-            raise SlamError(f"cannot load HubertModel {model!r} (HF id in the local cache, or a folder): {e}") from e
-        if layer > hubert.config.num_hidden_layers:
-            raise SlamError(f"tokenizer.layer={layer} but {model} has {hubert.config.num_hidden_layers} layers")
-        hubert.encoder.layers = hubert.encoder.layers[:layer]  # never compute the layers above the one read
-        self.model = hubert.eval().to(self.device)
-        self.layer = layer
+        tensors = load_file(path)
+        if "centroids" not in tensors and len(tensors) != 1:
+            raise SlamError(f"{path} holds tensors {sorted(tensors)}; name the centroids tensor 'centroids'")
+        centroids = tensors.get("centroids", next(iter(tensors.values())))
+    elif suffix in PICKLE_SUFFIXES:
+        if not cfg.trust_pickle:
+            raise SlamError(f"{path} is a pickle (slamkit/fairseq's sklearn k-means): loading it runs code stored in the "
+                            "file. Set extract.tokenizer.trust_pickle=true only for a file you trust, or convert it "
+                            "once to .npy (np.save('km.npy', joblib.load('km.bin').cluster_centers_))")
+        import joblib
 
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            x = torch.from_numpy(audio).to(self.device)[None]
-            hidden = self.model(x, output_hidden_states=True).hidden_states[self.layer]
-        return hidden[0].float().cpu().numpy()
-
-
-def make_features(cfg: TokenizerConfig):
-    if cfg.kind == "logmel":
-        return LogMelFeatures(cfg.frame_rate, cfg.n_mels)
-    assert cfg.model is not None and cfg.layer is not None
-    return HubertFeatures(cfg.model, cfg.layer)
+        kmeans = joblib.load(path)
+        if not hasattr(kmeans, "cluster_centers_"):
+            raise SlamError(f"{path} holds a {type(kmeans).__name__}, not a fitted sklearn k-means (no cluster_centers_)")
+        centroids = kmeans.cluster_centers_
+    else:
+        raise SlamError(f"extract.tokenizer.centroids {path.name!r}: unknown format; give .npy, .safetensors or a "
+                        f"sklearn k-means pickle ({', '.join(sorted(PICKLE_SUFFIXES))})")
+    centroids = np.asarray(centroids, dtype=np.float32)
+    if centroids.ndim != 2 or centroids.shape[0] != cfg.n_units:
+        raise SlamError(f"{path} holds centroids of shape {centroids.shape} but extract.tokenizer.n_units={cfg.n_units}")
+    return centroids
 
 
 def fit_kmeans(features: list[np.ndarray], cfg: TokenizerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,22 +80,37 @@ def fit_kmeans(features: list[np.ndarray], cfg: TokenizerConfig) -> tuple[np.nda
 
 
 class UnitTokenizer:
-    """features -> standardise -> nearest centroid (a matmul-argmin) -> optional de-duplication."""
+    """features -> standardise -> nearest centroid (a matmul-argmin on the features' device) -> de-duplication."""
 
     def __init__(self, cfg: TokenizerConfig, centroids: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+        import torch
+
         self.cfg, self.features = cfg, make_features(cfg)
         self.centroids, self.mean, self.std = centroids, mean, std
-        self._c_sq = (centroids**2).sum(1)
+        device = self.features.device
+        self._c = torch.from_numpy(centroids).to(device)
+        self._c_sq = (self._c**2).sum(1)
+        self._mean, self._std = torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device)
 
-    def assign(self, feats: np.ndarray) -> np.ndarray:
-        x = (feats - self.mean) / self.std
-        dist = self._c_sq[None, :] - 2.0 * x @ self.centroids.T  # |x|^2 is constant per row
-        return dist.argmin(1)
+    def assign(self, feats) -> np.ndarray:
+        """Nearest centroid of every frame (`feats`: a (frames, dim) tensor or array)."""
+        import torch
 
-    def encode(self, audio: np.ndarray) -> dict[str, np.ndarray | int]:
-        frames = self.assign(self.features(audio))
+        x = torch.as_tensor(feats, device=self._c.device)
+        x = (x - self._mean) / self._std
+        dist = self._c_sq[None, :] - 2.0 * x @ self._c.T  # |x|^2 is constant per row
+        return dist.argmin(1).cpu().numpy()
+
+    def _units(self, frames: np.ndarray) -> dict[str, np.ndarray | int]:
         units, durations = dedup(frames) if self.cfg.dedup else (frames, np.ones_like(frames))
         return {"units": units.astype(np.uint16), "durations": durations.astype(np.uint16), "n_frames": len(frames)}
+
+    def encode(self, audio: np.ndarray) -> dict[str, np.ndarray | int]:
+        return self._units(self.assign(self.features(audio)))
+
+    def encode_batch(self, audios: list[np.ndarray]) -> list[dict[str, np.ndarray | int]]:
+        """The same units as `encode` on each, with the features computed in batches where the model allows."""
+        return [self._units(self.assign(f)) for f in self.features.batch(audios)]
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -127,14 +128,8 @@ class UnitTokenizer:
 
     @classmethod
     def from_centroids(cls, cfg: TokenizerConfig) -> UnitTokenizer:
-        """Pre-fitted centroids from `cfg.centroids` (.npy, features used unstandardised, as TWIST/slamkit do)."""
-        assert cfg.centroids is not None
-        path = Path(cfg.centroids)
-        if path.suffix != ".npy" or not path.is_file():
-            raise SlamError(f"extract.tokenizer.centroids {cfg.centroids!r} is not an existing .npy file")
-        centroids = np.load(path).astype(np.float32)
-        if centroids.shape[0] != cfg.n_units:
-            raise SlamError(f"{path} holds {centroids.shape[0]} centroids but tokenizer.n_units={cfg.n_units}")
+        """Pre-fitted centroids from `cfg.centroids`, applied to unstandardised features (as TWIST/slamkit do)."""
+        centroids = load_centroids(cfg)
         dim = centroids.shape[1]
         return cls(cfg, centroids, np.zeros(dim, np.float32), np.ones(dim, np.float32))
 
@@ -143,40 +138,83 @@ class UnitTokenizer:
 
 
 class EncodeActor:
-    def __init__(self, tokenizer_dir: str) -> None:
+    """Ray Data actor: rows (id, path, text, speaker, dataset) -> one row per segment with its units, or one
+    error row per file that cannot be used (every good file of the batch still comes through)."""
+
+    def __init__(self, tokenizer_dir: str, max_segment_seconds: float | None = None,
+                 flush_seconds: float = 200.0) -> None:
         from slam_ray.parallel import limit_threads
 
         limit_threads()
         self.tokenizer = UnitTokenizer.load(tokenizer_dir)
+        self.max_segment_seconds = max_segment_seconds
+        self.flush_samples = int(flush_seconds * TARGET_SAMPLE_RATE)  # bounds memory whatever the file length
 
     def __call__(self, batch):  # pandas DataFrame in and out
         import pandas as pd
 
-        from slam_ray.audio import decode_audio
-        from slam_ray.parallel import error_row
+        from slam_ray.audio import decode_segments
+
+        segments: dict[str, list[dict]] = {}
+        failed: dict[str, str] = {}
+        pending: list[tuple[str, dict, np.ndarray]] = []
+
+        def flush() -> None:
+            try:
+                encoded = self.tokenizer.encode_batch([audio for _, _, audio in pending])
+            except Exception:  # find the culprit(s): one at a time
+                encoded = []
+                for uid, _, audio in pending:
+                    try:
+                        encoded.append(self.tokenizer.encode(audio))
+                    except Exception as e:
+                        failed.setdefault(uid, str(e) or type(e).__name__)
+                        encoded.append(None)
+            for (_, seg, _), enc in zip(pending, encoded, strict=True):
+                if enc is not None:
+                    seg.update(units=enc["units"].tolist(), durations=enc["durations"].tolist(), n_frames=enc["n_frames"])
+            pending.clear()
+
+        rows = batch.to_dict("records")
+        for row in rows:
+            uid = row["id"]
+            segments[uid] = []
+            try:
+                for start, end, audio in decode_segments(row["path"], self.max_segment_seconds):
+                    seg = {"seg_start": start, "seg_end": end, "audio_seconds": end - start}
+                    segments[uid].append(seg)
+                    pending.append((uid, seg, audio))
+                    if sum(len(a) for _, _, a in pending) >= self.flush_samples:
+                        flush()
+            except Exception as e:
+                failed[uid] = str(e) or type(e).__name__
+                pending[:] = [p for p in pending if p[0] != uid]
+        flush()
 
         out = []
-        for row in batch.to_dict("records"):
+        for row in rows:
+            uid = row["id"]
             base = {k: row.get(k, "") for k in ("id", "path", "text", "speaker", "dataset")}
-            try:
-                audio = decode_audio(row["path"])
-                enc = self.tokenizer.encode(audio)
-                seconds = len(audio) / TARGET_SAMPLE_RATE
-                out.append({**base, "units": enc["units"].tolist(), "durations": enc["durations"].tolist(),
-                            "n_frames": enc["n_frames"], "audio_seconds": seconds, "seg_start": 0.0,
-                            "seg_end": seconds, "error": None})
-            except Exception as e:
-                out.append({**error_row(base, e), "units": [], "durations": [], "n_frames": 0,
-                            "audio_seconds": 0.0, "seg_start": 0.0, "seg_end": 0.0})
+            if uid in failed:
+                out.append({**base, "input_id": uid, "n_segments": 1, "error": failed[uid], "units": [], "durations": [],
+                            "n_frames": 0, "audio_seconds": 0.0, "seg_start": 0.0, "seg_end": 0.0})
+                continue
+            many = len(segments[uid]) > 1
+            for k, seg in enumerate(segments[uid]):
+                out.append({**base, **seg, "id": f"{uid}@{k:04d}" if many else uid, "input_id": uid,
+                            "n_segments": len(segments[uid]), "error": None})
         return pd.DataFrame(out)
 
 
 def iter_encoded(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: int, batch_size: int,
                  num_gpus: float = 0.0) -> Iterator[dict]:
-    """Stream encoded rows (`id`, `path`, `text`, `speaker` plus units, ... and `error`: None or the reason)."""
+    """Stream encoded rows (`id`, `path`, `text`, `speaker` plus units, ... and `error`: None or the reason).
+    A file longer than `extract.max_segment_seconds` gives one row per segment (`<id>@0000`, ...), all with
+    its `input_id` and `n_segments`; a file that fails gives one error row."""
     from slam_ray.parallel import map_rows
 
-    for df in map_rows(exp, rows, EncodeActor, {"tokenizer_dir": str(tokenizer_dir)}, num_actors, batch_size, num_gpus):
+    ctor = {"tokenizer_dir": str(tokenizer_dir), "max_segment_seconds": exp.extract.max_segment_seconds}
+    for df in map_rows(exp, rows, EncodeActor, ctor, num_actors, batch_size, num_gpus):
         for rec in df.to_dict("records"):
             if not isinstance(rec.get("error"), str):
                 rec["error"] = None
