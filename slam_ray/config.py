@@ -104,6 +104,7 @@ class ExtractConfig(Section):
     num_actors: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
     num_gpus_per_actor: float = 0.0
+    shard_files: int = Field(2000, ge=1, description="input files per Parquet shard: the unit of resume")
     max_segment_seconds: float | None = Field(
         60.0, gt=1, description="files longer than this are read block by block and cut at the quietest 20 ms "
                                 "of each window's last quarter (bounded memory); None = never cut")

@@ -30,7 +30,6 @@ from slam_ray.tokenizer import UnitTokenizer, fit_kmeans, iter_encoded
 from slam_ray.tracking import Tracker
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
-SHARD_ROWS = 2_000  # inputs per shard: the unit of resume after an interruption
 
 UNITS_SCHEMA = pa.schema([
     ("id", pa.string()), ("path", pa.string()), ("units", pa.list_(pa.uint16())),
@@ -191,7 +190,8 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
         rows = sorted(resolve_inputs(exp), key=lambda r: r["id"])
     if not rows:
         raise SlamError("extract.inputs resolved to no audio files")
-    chunks = [rows[i : i + SHARD_ROWS] for i in range(0, len(rows), SHARD_ROWS)]
+    size = exp.extract.shard_files
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
     todo = {i for i in range(len(chunks)) if not (out.path / "units" / f"part-{i:05d}.parquet").is_file()}
     if len(todo) < len(chunks):
         print(f"[extract] resuming: {len(chunks) - len(todo)} of {len(chunks)} shards already written")

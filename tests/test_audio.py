@@ -45,3 +45,74 @@ def test_zero_length_audio(tmp_path):
     sf.write(tmp_path / "empty.wav", np.zeros((0,), np.float32), 16_000)
     with pytest.raises(AudioError, match="no samples"):
         decode_audio(tmp_path / "empty.wav")
+
+
+@pytest.mark.parametrize(("name", "sr", "subtype", "channels"), [
+    ("u8.wav", 16_000, "PCM_U8", 1), ("s24.flac", 16_000, "PCM_24", 1), ("narrowband.wav", 8_000, "PCM_16", 1),
+    ("cd.flac", 44_100, "PCM_16", 2), ("float.wav", 22_050, "FLOAT", 1), ("speech.ogg", 16_000, "VORBIS", 1),
+    ("speech.mp3", 16_000, "MPEG_LAYER_III", 1),
+])
+def test_odd_but_valid_files_are_converted(fixtures, tmp_path, name, sr, subtype, channels):
+    """8-bit, 24-bit, 8 kHz, 44.1 kHz stereo, float, Ogg Vorbis and MP3 all come back as 16 kHz mono speech."""
+    from slam_ray.audio import resample
+
+    speech = decode_audio(fixtures / "audio1.flac")
+    native = resample(speech, 16_000, sr)
+    data = np.stack([native] * channels, 1) if channels > 1 else native
+    sf.write(tmp_path / name, data, sr, subtype=subtype)
+    audio = decode_audio(tmp_path / name)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(len(audio) - len(speech)) < 16_000 * 0.1  # codecs may pad a few frames
+    n = min(len(audio), len(speech))
+    if subtype not in ("VORBIS", "MPEG_LAYER_III"):  # lossless up to quantisation and band limit: the same waveform
+        assert np.corrcoef(audio[:n], speech[:n])[0, 1] > 0.9
+
+
+def long_speech(fixtures, path, seconds: float, sr: int = 16_000) -> np.ndarray:
+    """A long file of real speech (the fixture over and over), written block by block."""
+    speech = decode_audio(fixtures / "audio1.flac")
+    total = int(seconds * sr)
+    with sf.SoundFile(path, "w", sr, 1, "PCM_16") as f:
+        written = 0
+        while written < total:
+            piece = speech[: total - written]
+            f.write(piece)
+            written += len(piece)
+    return sf.read(path, dtype="float32")[0]
+
+
+def test_long_files_are_cut_at_quiet_points_into_contiguous_segments(fixtures, tmp_path):
+    from slam_ray.audio import decode_segments
+
+    whole = long_speech(fixtures, tmp_path / "long.flac", 130.0)
+    segments = list(decode_segments(tmp_path / "long.flac", max_seconds=30))
+    assert len(segments) == 5
+    assert segments[0][0] == 0.0 and segments[-1][1] == pytest.approx(130.0)
+    for (_, end, _), (start, _, _) in zip(segments, segments[1:], strict=False):
+        assert end == start  # contiguous: nothing lost, nothing twice
+    for start, end, audio in segments:
+        assert 30 * 0.75 - 0.02 <= end - start <= 30 or end == 130.0
+        assert len(audio) == round((end - start) * 16_000)
+    # at 16 kHz there is no resampling: the segments are the file, sample for sample
+    assert np.array_equal(np.concatenate([a for _, _, a in segments]), whole)
+    # each cut lies in a quiet stretch: the 20 ms around it are quieter than 95% of the 20 ms frames of the
+    # window's last quarter, where the cut was searched for
+    for _, end, _ in segments[:-1]:
+        cut = round(end * 16_000)
+        searched = whole[cut - 16_000 * 7 : cut + 16_000 * 1][: 8 * 50 * 320].reshape(-1, 320)
+        assert (whole[cut - 160 : cut + 160] ** 2).mean() <= np.quantile((searched**2).mean(1), 0.05)
+    # a file shorter than the limit is one segment; a tail under 0.5 s joins the segment before it
+    assert len(list(decode_segments(tmp_path / "long.flac", max_seconds=200))) == 1
+    long_speech(fixtures, tmp_path / "tail.flac", 60.2)
+    tail = list(decode_segments(tmp_path / "tail.flac", max_seconds=30))
+    assert tail[-1][1] == pytest.approx(60.2) and tail[-1][1] - tail[-1][0] >= 0.5
+
+
+def test_nan_in_the_middle_of_a_long_file_is_an_error(tmp_path):
+    from slam_ray.audio import decode_segments
+
+    audio = np.random.default_rng(0).normal(0, 0.1, 16_000 * 50).astype(np.float32)
+    audio[16_000 * 40] = np.nan
+    sf.write(tmp_path / "nan.wav", audio, 16_000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="NaN"):
+        list(decode_segments(tmp_path / "nan.wav", max_seconds=20))

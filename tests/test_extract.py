@@ -47,6 +47,100 @@ def test_bad_files_are_reported_and_good_files_come_through(fixtures, tmp_path, 
     assert manifest["counts"]["encoded"] == 2 and manifest["counts"]["files"] == 6
 
 
+def a_dozen_broken_files(fixtures, folder) -> set[str]:
+    """Twelve kinds of unusable input, each named by what is wrong with it."""
+    import os
+
+    import soundfile as sf
+
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "random_bytes.flac").write_bytes(np.random.default_rng(0).bytes(5000))
+    (folder / "text.wav").write_text("this is not audio\n" * 20)
+    (folder / "header_only.flac").write_bytes((fixtures / "audio1.flac").read_bytes()[:300])
+    (folder / "riff_junk.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 4)
+    (folder / "garbage.mp3").write_bytes(b"\xff\xfb" + np.random.default_rng(1).bytes(3000))
+    sf.write(folder / "zero_length.wav", np.zeros(0, np.float32), 16_000)
+    nan = np.random.default_rng(2).normal(0, 0.1, 16_000).astype(np.float32)
+    nan[8000] = np.nan
+    sf.write(folder / "nan.wav", nan, 16_000, subtype="FLOAT")
+    sf.write(folder / "infinite.wav", np.full(16_000, np.inf, np.float32), 16_000, subtype="FLOAT")
+    sf.write(folder / "too_short.wav", np.zeros(100, np.float32), 16_000)  # shorter than one frame
+    os.symlink(folder / "gone.flac", folder / "dangling_link.flac")
+    (folder / "a_folder.wav").mkdir()
+    return {"empty", "random_bytes", "text", "header_only", "riff_junk", "garbage", "zero_length", "nan",
+            "infinite", "too_short", "dangling_link", "a_folder"}
+
+
+def test_a_dozen_kinds_of_broken_files_beside_real_speech_piper_and_odd_formats(fixtures, tmp_path, ray_local):
+    """Every good file yields units (real speech, piper speech, and odd but valid encodings); every bad file is
+    one line of errors.jsonl with its reason; good files in the same batch are unaffected."""
+    import soundfile as sf
+
+    from slam_ray.audio import decode_audio, resample
+    from slam_ray.tts import make_backend
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    shutil.copy(fixtures / "audio1.flac", folder / "real1.flac")
+    shutil.copy(fixtures / "audio2.flac", folder / "real2.flac")
+    piper = make_backend("piper")
+    sf.write(folder / "piper.wav", piper.synthesize("A small dog ran across the quiet park.", "joe", 160), 16_000)
+    speech = decode_audio(fixtures / "audio2.flac")
+    sf.write(folder / "stereo_44k.flac", np.stack([resample(speech, 16_000, 44_100)] * 2, 1), 44_100)
+    sf.write(folder / "phone_8k_u8.wav", resample(speech, 16_000, 8_000), 8_000, subtype="PCM_U8")
+    sf.write(folder / "studio_24bit.flac", speech, 16_000, subtype="PCM_24")
+    sf.write(folder / "podcast.mp3", speech, 16_000, subtype="MPEG_LAYER_III")
+    sf.write(folder / "radio.ogg", speech, 16_000, subtype="VORBIS")
+    good = {"real1", "real2", "piper", "stereo_44k", "phone_8k_u8", "studio_24bit", "podcast", "radio"}
+    bad = a_dozen_broken_files(fixtures, folder)
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(folder)], "batch_size": 32,  # good and bad share one batch
+                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    out = extract(exp)
+    units = read_unit_shards(out.path)
+    assert set(units.id) == good
+    frames = dict(zip(units.id, units.n_frames, strict=True))
+    assert frames["real1"] == 352 and frames["real2"] == 398
+    for name in ("stereo_44k", "phone_8k_u8", "studio_24bit", "podcast", "radio"):
+        assert abs(frames[name] - 398) <= 2, name  # converted to 16 kHz mono, same length
+    errors = [json.loads(line) for line in out.errors_path.read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == sorted(bad)  # one line per bad file
+    reasons = {e["id"]: e["error"] for e in errors}
+    assert "NaN" in reasons["nan"] and "infinite" in reasons["infinite"] and "no samples" in reasons["zero_length"]
+    assert "shorter than one frame" in reasons["too_short"]
+    manifest = json.loads(out.manifest_path.read_text())
+    assert manifest["counts"]["encoded"] == len(good) and manifest["counts"]["files"] == len(good) + len(bad)
+
+
+def test_hubert_extraction_units_do_not_depend_on_batch_mates(fixtures, tmp_path, ray_local):
+    """The stage with a tiny mHuBERT-25Hz-shaped model loaded by path: 352 / 398 frames, and each file's units
+    equal those of the file encoded alone."""
+    from test_features import save_tiny_hubert
+
+    from slam_ray.audio import decode_audio
+    from slam_ray.tokenizer import UnitTokenizer
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(fixtures / "audio1.flac", folder / f"a{i}.flac")
+        shutil.copy(fixtures / "audio2.flac", folder / f"b{i}.flac")
+    model = save_tiny_hubert(tmp_path / "mhubert", rate=25)
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(folder)], "batch_size": 6,
+                                    "tokenizer": {"kind": "hubert", "model": model, "layer": 2, "n_units": 12,
+                                                  "fit_frames": 1000}})
+    out = extract(exp)
+    units = read_unit_shards(out.path).set_index("id")
+    assert list(units.n_frames) == [352] * 3 + [398] * 3
+    tokenizer = UnitTokenizer.load(out.path / "tokenizer")
+    assert tokenizer.cfg.kind == "hubert" and tokenizer.centroids.shape == (12, 32)
+    for name, source in (("a1", "audio1"), ("b2", "audio2")):
+        alone = tokenizer.encode(decode_audio(fixtures / f"{source}.flac"))
+        assert list(units.loc[name, "units"]) == alone["units"].tolist()
+        assert list(units.loc[name, "durations"]) == alone["durations"].tolist()
+
+
 def test_manifest_inputs_and_duplicate_ids(fixtures, tmp_path):
     manifest = tmp_path / "m.jsonl"
     rows = [{"path": str(fixtures / "audio1.flac"), "id": "a", "text": "hello", "speaker": "s1"},
@@ -74,18 +168,16 @@ def test_synth_input_needs_the_synth_stage(tmp_path):
     assert not stage_dir(exp, "synth").is_complete()
 
 
-def test_interrupted_extraction_resumes_without_redoing_shards(fixtures, tmp_path, ray_local, monkeypatch):
+def test_interrupted_extraction_resumes_without_redoing_shards(fixtures, tmp_path, ray_local):
     """Shards are written per fixed chunk of inputs: after an interruption only the missing chunks are encoded,
     and the result equals a clean run's."""
     import pyarrow.parquet as pq
 
-    import slam_ray.extract as extract_module
-
-    monkeypatch.setattr(extract_module, "SHARD_ROWS", 2)
     folder = tmp_path / "audio"
     corpus_with_broken_files(fixtures, folder)  # 6 inputs -> 3 chunks, one of them with a bad file
     exp = small_experiment(tmp_path / "w", stages=["extract"],
-                           extract={"inputs": [str(folder)], "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+                           extract={"inputs": [str(folder)], "shard_files": 2,
+                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
     out = extract(exp)
     shards = sorted((out.path / "units").glob("part-*.parquet"))
     assert len(shards) == 3
@@ -120,3 +212,130 @@ def test_named_inputs_tag_their_dataset(fixtures, tmp_path, ray_local):
                                     "tokenizer": {"n_units": 16, "fit_frames": 1000}})
     units = read_unit_shards(extract(exp).path)
     assert dict(zip(units.id, units.dataset, strict=True)) == {"one": "books", "two": "b"}
+
+
+PEAK_MEMORY_SCRIPT = """
+import json, re, sys
+from pathlib import Path
+import pandas as pd
+from slam_ray.tokenizer import EncodeActor
+
+def rss_mb(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+tokenizer_dir, path, max_seconds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+actor = EncodeActor(tokenizer_dir, max_segment_seconds=max_seconds)
+Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the current RSS
+before = rss_mb("VmRSS")
+out = actor(pd.DataFrame([{"id": "long", "path": path, "text": "", "speaker": "", "dataset": ""}]))
+peak = rss_mb("VmHWM")
+print(json.dumps({"peak_growth_mb": peak - before, "peak_mb": peak, "rows": len(out),
+                  "errors": out.error.notna().sum().item(), "frames": int(out.n_frames.sum())}))
+"""
+
+
+@pytest.mark.slow
+def test_a_30_minute_file_is_encoded_in_bounded_memory(fixtures, tmp_path, ray_local):
+    """Read block by block and cut into <= 60 s segments, a 30-minute file costs a few MB of memory beyond the
+    model; decoded whole it costs hundreds. The stage writes one row per segment, contiguous and complete."""
+    import subprocess
+    import sys
+
+    from test_audio import long_speech
+
+    from slam_ray.config import TokenizerConfig
+    from slam_ray.tokenizer import UnitTokenizer
+
+    long_speech(fixtures, tmp_path / "lecture.flac", 30 * 60)
+    long_speech(fixtures, tmp_path / "talk.flac", 10 * 60)
+    rng = np.random.default_rng(0)
+    tok = UnitTokenizer(TokenizerConfig(n_units=16), rng.normal(size=(16, 80)).astype(np.float32),
+                        np.zeros(80, np.float32), np.ones(80, np.float32))
+    tok.save(tmp_path / "tok")
+    peaks = {}
+    for name, minutes, max_seconds in (("talk", 10, 60), ("lecture", 30, 60), ("lecture", 30, None)):
+        run = subprocess.run([sys.executable, "-c", PEAK_MEMORY_SCRIPT, str(tmp_path / "tok"), str(tmp_path / f"{name}.flac"),
+                              json.dumps(max_seconds)], capture_output=True, text=True, check=True)
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        assert result["errors"] == 0 and abs(result["frames"] - minutes * 60 * 25) <= 30
+        peaks[minutes, max_seconds] = result["peak_growth_mb"]
+        print(f"{minutes}-minute file, max_segment_seconds={max_seconds}: {result['rows']} rows, "
+              f"peak RSS {result['peak_mb']:.0f} MB (growth while encoding {result['peak_growth_mb']:.0f} MB)")
+    # segmented, memory does not grow with the file: 3x the audio, about the same peak
+    assert abs(peaks[30, 60] - peaks[10, 60]) < 40
+    # decoded whole, it does (float32 samples alone are 115 MB for 30 minutes): the measurement can see it
+    assert peaks[30, None] > 4 * peaks[30, 60]
+
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(tmp_path / "lecture.flac")], "max_segment_seconds": 60,
+                                    "tokenizer": {"centroids": str(tmp_path / "tok" / "centroids.npy"), "n_units": 16}})
+    units = read_unit_shards(extract(exp).path)
+    assert len(units) >= 30 and all(i.startswith("lecture@") for i in units.id)
+    starts = [s["start"] for s in units.segment]
+    ends = [s["end"] for s in units.segment]
+    assert starts[0] == 0 and ends[-1] == pytest.approx(1800) and starts[1:] == ends[:-1]
+    assert max(e - s for s, e in zip(starts, ends, strict=True)) <= 60
+
+
+@pytest.mark.slow
+def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tmp_path):
+    """SIGKILL `slam-ray extract` (driver, local Ray, actors) mid-way, run the same command again: it encodes
+    only the missing shards and ends with exactly the shards and error lines of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow.parquet as pq
+    from test_features import save_tiny_hubert
+
+    from slam_ray.config import to_yaml
+
+    folder = tmp_path / "audio"
+    corpus_with_broken_files(fixtures, folder)
+    for i in range(40):
+        shutil.copy(fixtures / f"audio{1 + i % 2}.flac", folder / f"copy{i:02d}.flac")
+    model = save_tiny_hubert(tmp_path / "hubert", rate=25)
+
+    def command(workdir):
+        exp = small_experiment(workdir, stages=["extract"],
+                               extract={"inputs": [str(folder)], "shard_files": 4, "batch_size": 2,
+                                        "tokenizer": {"kind": "hubert", "model": model, "layer": 3, "n_units": 12,
+                                                      "fit_frames": 1000}})
+        path = workdir.parent / f"{workdir.name}.yaml"
+        path.write_text(to_yaml(exp))
+        return [sys.executable, "-m", "slam_ray.cli", "extract", str(path)], stage_dir(exp, "extract")
+
+    clean_cmd, clean_out = command(tmp_path / "clean")
+    subprocess.run(clean_cmd, cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    shard_names = sorted(p.name for p in (clean_out.path / "units").glob("part-*.parquet"))
+    assert len(shard_names) == 12  # 46 inputs, 4 per shard
+
+    killed_cmd, killed_out = command(tmp_path / "killed")
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(killed_cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, written = time.time() + 300, []
+    try:
+        while len(written) < 2:
+            assert proc.poll() is None, "finished before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no shard written in time"
+            time.sleep(0.1)
+            written = list((killed_out.path / "units").glob("part-*.parquet")) if killed_out.path.exists() else []
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        log.close()
+    before = {p.name: p.stat().st_mtime_ns for p in (killed_out.path / "units").glob("part-*.parquet")}
+    assert 2 <= len(before) < 12
+
+    rerun = subprocess.run(killed_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    manifest = killed_out.read_manifest()
+    assert manifest["counts"]["shards_resumed"] == len(before)
+    for name, mtime in before.items():
+        assert (killed_out.path / "units" / name).stat().st_mtime_ns == mtime  # not redone
+    assert sorted(p.name for p in (killed_out.path / "units").glob("part-*.parquet")) == shard_names
+    for name in shard_names:
+        assert pq.read_table(killed_out.path / "units" / name).equals(pq.read_table(clean_out.path / "units" / name)), name
+    assert killed_out.errors_path.read_text() == clean_out.errors_path.read_text()  # same lines, none twice
