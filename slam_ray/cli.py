@@ -57,6 +57,13 @@ def _cmd_config(args: argparse.Namespace) -> None:
         print(f"{args.experiment}: valid ({len(exp.stages)} stages: {', '.join(exp.stages)})")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from slam_ray.extract import export_slamkit
+
+    n = export_slamkit(load_experiment(args.experiment, args.set), args.format, args.out)
+    print(f"wrote {n} rows of slamkit {args.format} JSONL to {args.out}")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from slam_ray.search_space import load_space
 
@@ -101,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         with_experiment(p)
         p.set_defaults(func=_cmd_stage)
+    p = sub.add_parser("export", help="write the extract stage's units as slamkit features or tokens JSONL")
+    with_experiment(p)
+    p.add_argument("--format", choices=["features", "tokens"], default="features")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.set_defaults(func=_cmd_export)
     p = sub.add_parser("sweep", help="run an ablation: the experiment over a search space, with Ray Tune")
     with_experiment(p)
     p.add_argument("--space", required=True, help="search space YAML, or the name of one in search_spaces/")

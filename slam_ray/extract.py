@@ -243,3 +243,24 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
 def extract(exp: Experiment) -> StageDir:
     return run_stage(exp, "extract", _extract)
 
+
+def export_slamkit(exp: Experiment, form: str, path: str | Path) -> int:
+    """Write this experiment's units in slamkit's `features` JSONL (`units`, `duration`, `file_name`) or `tokens`
+    JSONL (`file_name`, `audio_repr`), one line per row in id order, for slamkit's own tools. Returns the rows."""
+    from slam_ray.stage_io import stage_dir
+    from slam_ray.units import read_unit_shards, units_to_repr, write_jsonl
+
+    out = stage_dir(exp, "extract")
+    if not out.is_complete():
+        raise SlamError(f"no complete extract output for this experiment at {out.path}: run `slam-ray extract` first")
+    table = read_unit_shards(out.path).sort_values("id")
+    if form == "features":
+        rows = ({"units": [int(u) for u in r.units], "duration": [int(d) for d in r.durations], "file_name": r.path}
+                for r in table.itertuples())
+    elif form == "tokens":
+        rows = ({"file_name": r.path, "audio_repr": units_to_repr(r.units)} for r in table.itertuples())
+    else:
+        raise SlamError(f"unknown slamkit format {form!r}; choose features or tokens")
+    write_jsonl(path, rows)
+    return len(table)
+

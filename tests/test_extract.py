@@ -141,6 +141,36 @@ def test_hubert_extraction_units_do_not_depend_on_batch_mates(fixtures, tmp_path
         assert list(units.loc[name, "durations"]) == alone["durations"].tolist()
 
 
+def test_export_to_slamkit_features_and_tokens_jsonl_round_trips(fixtures, tmp_path, ray_local, capsys):
+    """`slam-ray export`: the units of the stage in slamkit's two JSONL forms (the fixtures' key order), which
+    slamkit's tools and our own `pack` read back to the same units."""
+    from slam_ray.cli import main
+    from slam_ray.config import to_yaml
+    from slam_ray.pack import read_slamkit_units
+    from slam_ray.units import read_jsonl
+
+    (tmp_path / "audio").mkdir()
+    for i in (1, 2):
+        shutil.copy(fixtures / f"audio{i}.flac", tmp_path / "audio" / f"audio{i}.flac")
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(tmp_path / "audio")], "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    (tmp_path / "exp.yaml").write_text(to_yaml(exp))
+    assert main(["export", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "f.jsonl")]) == 2
+    assert "run `slam-ray extract` first" in capsys.readouterr().err
+    units = read_unit_shards(extract(exp).path).sort_values("id")
+    assert main(["export", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "f.jsonl")]) == 0
+    assert main(["export", str(tmp_path / "exp.yaml"), "--format", "tokens", "--out", str(tmp_path / "t.jsonl")]) == 0
+    features, tokens = list(read_jsonl(tmp_path / "f.jsonl")), list(read_jsonl(tmp_path / "t.jsonl"))
+    slamkit_features = next(read_jsonl(fixtures / "features.jsonl"))
+    slamkit_tokens = next(read_jsonl(fixtures / "tokens.jsonl"))
+    assert [list(r) for r in features] == [list(slamkit_features)] * 2  # same keys, same order
+    assert [list(r) for r in tokens] == [list(slamkit_tokens)] * 2
+    assert [sum(r["duration"]) for r in features] == [352, 398]
+    for path in ("f.jsonl", "t.jsonl"):
+        back = read_slamkit_units(tmp_path / path, "x")
+        assert [list(u) for u in back.units] == [list(u) for u in units.units]
+
+
 def test_manifest_inputs_and_duplicate_ids(fixtures, tmp_path):
     manifest = tmp_path / "m.jsonl"
     rows = [{"path": str(fixtures / "audio1.flac"), "id": "a", "text": "hello", "speaker": "s1"},
