@@ -149,7 +149,7 @@ class ModelConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["adamw", "adamw_fused", "adafactor", "ademamix", "lion"] = "adamw"
+    name: Literal["adamw", "adamw_fused", "adafactor", "ademamix", "lion", "adalomo"] = "adamw"
     lr: float = Field(1.5e-3, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)

@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules of the paper's ablations, from well-kept implementations.
 
-Optimizers: `adamw` and `adamw_fused` (torch), `adafactor` (torch), `ademamix` and `lion` (pytorch-optimizer).
+Optimizers: `adamw` and `adamw_fused` (torch), `adafactor` (torch), `ademamix` and `lion` (pytorch-optimizer),
+`adalomo` (AdaLomo's update rule, below: lomo-optim's own class needs CUDA and a fused backward).
 Schedules (a multiplier of the base lr per step, after linear warmup): `cosine` (to `min_lr`), `linear`
 (to `min_lr`), `inverse_sqrt`, `wsd` (warmup-stable-decay: flat, then a linear decay to `min_lr` over the
 last `decay_ratio` of the steps), `constant`.
@@ -12,7 +13,62 @@ import math
 
 from slam_ray.config import OptimizerConfig, ScheduleConfig
 
-OPTIMIZERS = ("adamw", "adamw_fused", "adafactor", "ademamix", "lion")
+OPTIMIZERS = ("adamw", "adamw_fused", "adafactor", "ademamix", "lion", "adalomo")
+
+
+def _adalomo_class():
+    import torch
+
+    class AdaLomo(torch.optim.Optimizer):
+        """AdaLomo (Lv et al. 2023): an Adafactor-style factored second moment (rows x columns for matrices),
+        the update clipped to RMS <= `clip_threshold`, and a step scaled by the parameter's RMS (at least
+        `eps[1]`), with beta2 = 1 - t^decay_rate. lomo-optim applies it inside the backward pass to save gradient
+        memory; that fused form allocates its state with `.cuda()`, cannot accumulate gradients or sum them
+        across DDP ranks, and updates a tied weight from half its gradient. This is the same rule as an
+        ordinary `step()` after backward (tested against lomo-optim's fused version, parameter for parameter),
+        so it runs on CPU, with accumulation, DDP and tied embeddings; the memory saving is not reproduced."""
+
+        def __init__(self, params, lr: float = 1e-3, eps: tuple[float, float] = (1e-30, 1e-3),
+                     clip_threshold: float = 1.0, decay_rate: float = -0.8, weight_decay: float = 0.0) -> None:
+            super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
+                                          weight_decay=weight_decay))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                eps, decay_rate = group["eps"], group["decay_rate"]
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    grad = p.grad.float()
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = 0
+                        if p.dim() > 1:
+                            state["row"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+                            state["col"] = torch.zeros(p.shape[1], dtype=torch.float32, device=p.device)
+                        else:
+                            state["sq"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+                    state["step"] += 1
+                    beta2t = 1.0 - math.pow(state["step"], decay_rate)
+                    squared = grad**2 + eps[0]
+                    if p.dim() > 1:
+                        state["row"].mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
+                        state["col"].mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
+                        row_factor = (state["row"] / state["row"].mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+                        update = row_factor * state["col"].unsqueeze(-2).rsqrt() * grad
+                    else:
+                        state["sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
+                        update = state["sq"].rsqrt() * grad
+                    update.div_((update.norm(2) / update.numel() ** 0.5 / group["clip_threshold"]).clamp_(min=1.0))
+                    weights = p.float()
+                    lr = group["lr"] * max(eps[1], float(weights.norm(2) / math.sqrt(p.numel())))
+                    if group["weight_decay"]:
+                        weights.mul_(1.0 - lr * group["weight_decay"])
+                    weights.add_(update, alpha=-lr)
+                    p.copy_(weights)
+
+    return AdaLomo
 
 
 def build_optimizer(cfg: OptimizerConfig, params):
@@ -21,6 +77,8 @@ def build_optimizer(cfg: OptimizerConfig, params):
     if cfg.name in ("adamw", "adamw_fused"):
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                  fused=cfg.name == "adamw_fused")
+    if cfg.name == "adalomo":
+        return _adalomo_class()(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "adafactor":
         return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     from pytorch_optimizer import AdEMAMix, Lion

@@ -73,7 +73,7 @@ def test_warmup_steps_override_the_ratio():
     assert warmup_steps(ScheduleConfig(warmup_ratio=0.1, warmup_steps=7), 200) == 7
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw_fused", "adafactor", "ademamix", "lion"])
+@pytest.mark.parametrize("name", ["adamw", "adamw_fused", "adafactor", "ademamix", "lion", "adalomo"])
 def test_every_optimizer_trains_a_few_steps(name):
     """Each optimizer of the ablation space lowers the loss of a tiny Qwen2 on a repeating unit pattern."""
     import torch
@@ -85,7 +85,7 @@ def test_every_optimizer_trains_a_few_steps(name):
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                          num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True))
-    lr = {"adafactor": 5e-2}.get(name, 3e-3)  # torch's Adafactor scales steps by the weights' RMS
+    lr = {"adafactor": 5e-2, "adalomo": 5e-2}.get(name, 3e-3)  # both scale steps by the weights' RMS
     opt = build_optimizer(OptimizerConfig(name=name, lr=lr), model.parameters())
     x = torch.arange(2, 34).repeat(4, 2)
     losses = []
@@ -96,6 +96,38 @@ def test_every_optimizer_trains_a_few_steps(name):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], (name, losses[0], losses[-1])
+
+
+def test_adalomo_matches_lomo_optims_fused_implementation(monkeypatch):
+    """Our AdaLomo step equals lomo-optim's (the authors' package) fused-backward update, parameter for
+    parameter, over several steps. lomo-optim allocates its state with `.cuda()`: on this CPU-only machine the
+    test makes `.cuda()` a no-op so the reference runs unchanged otherwise."""
+    import copy
+
+    import lomo_optim
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.config import OptimizerConfig
+    from slam_ray.optim import build_optimizer
+
+    torch.manual_seed(0)
+    # untied: the fused reference would update a tied weight from half its gradient
+    ours = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False))
+    reference, start = copy.deepcopy(ours), copy.deepcopy(ours)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    lomo = lomo_optim.AdaLomo(reference, lr=1e-2, loss_scale=0)  # no loss scaling: exact fp32 gradients
+    opt = build_optimizer(OptimizerConfig(name="adalomo", lr=1e-2), ours.parameters())
+    x = torch.arange(2, 34).repeat(4, 2)
+    for _ in range(4):
+        lomo.fused_backward(reference(input_ids=x, labels=x).loss, lr=1e-2)
+        ours(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for (name, a), b, before in zip(ours.named_parameters(), reference.parameters(), start.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(a, before), f"{name} did not move"
 
 
 def units_frame(sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
