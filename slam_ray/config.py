@@ -140,6 +140,9 @@ class ModelConfig(Section):
     intermediate_size: int = 512
     dropout: float = Field(0.0, ge=0, lt=1)
     rope_theta: float = 10_000.0
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel: sdpa (torch; FlashAttention/efficient kernels on GPU), eager, or "
+                            "flash_attention_2 (needs the flash-attn package and a GPU)")
 
     @model_validator(mode="after")
     def _twist_needs_base(self) -> ModelConfig:
@@ -177,6 +180,9 @@ class TrainConfig(Section):
     max_tokens: int | None = Field(None, ge=1, description="token budget (all workers); sets the step count")
     max_minutes: float | None = Field(3.0, gt=0, description="wall-clock training budget (excludes data prep)")
     precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more compute")
+    compile: bool = Field(False, description="torch.compile the model (inductor; the first steps pay the compile time)")
+    peak_tflops: float | None = Field(None, gt=0, description="per-GPU peak for MFU; None = looked up by GPU name (bf16 dense)")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None = worker CPUs")
@@ -184,6 +190,7 @@ class TrainConfig(Section):
     val_reports: int = Field(10, ge=0, le=100, description="validation passes spread over the budget, each "
                              "reported (MLflow val/loss; a sweep's ASHA/median compare them); 0 = only at the end")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between resumable checkpoints")
+    checkpoint_every_minutes: float | None = Field(None, gt=0, description="minutes between resumable checkpoints")
     max_failures: int = Field(0, ge=-1, description="Ray Train retries after a worker failure (-1: forever)")
     seed: int = 0
 

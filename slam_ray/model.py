@@ -28,7 +28,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096):
     if cfg.init == "twist":
         # TWIST: keep the text LM's transformer, cut its embeddings (and an untied head) to the unit ids.
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.base)
+            model = AutoModelForCausalLM.from_pretrained(cfg.base, attn_implementation=cfg.attn_implementation)
         except OSError as e:
             raise SlamError(f"cannot load text LM {cfg.base!r} for TWIST init (HF id in the local cache, or a folder): {e}") from e
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
@@ -46,7 +46,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096):
             max_position_embeddings=max_positions, tie_word_embeddings=True,
         )
     _set_overrides(config, cfg, vocab_size)
-    return AutoModelForCausalLM.from_config(config)
+    try:
+        return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    except (ImportError, ValueError) as e:
+        raise SlamError(f"train.model.attn_implementation={cfg.attn_implementation!r} is not available here: {e}. "
+                        "Use 'sdpa' (torch's kernels, FlashAttention included on GPU) or 'eager'") from e
 
 
 def count_parameters(model) -> int:

@@ -20,7 +20,8 @@ from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
 from slam_ray.preferences import PREFERENCES_VERSION
 
 # Fields that only change scheduling, not results.
-_OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "val_reports", "torch_threads", "checkpoint_every", "max_failures"}
+_OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "val_reports", "torch_threads", "checkpoint_every", "checkpoint_every_minutes",
+                "max_failures", "peak_tflops"}
 
 
 def _strip(d: Any) -> Any:

@@ -22,7 +22,7 @@ from slam_ray.optim import build_optimizer, lr_factor, warmup_steps
 from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, upstream_dir
 from slam_ray.tracking import Tracker
-from slam_ray.train_utils import all_ranks, report_checkpoint, resume_state
+from slam_ray.train_utils import all_ranks, flops_per_token, peak_tflops, report_checkpoint, resume_state
 from slam_ray.units import PAD_ID
 
 PROBE_STEPS = 6  # timed forward/backward passes (weights untouched) that size a time-budgeted schedule
@@ -73,7 +73,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed = resume_state(model)
     if resumed is None:
         report_checkpoint(model, rank, {"step": 0, "kind": "init", "params": n_params})
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        model = torch.compile(model)  # save_pretrained and state_dict pass through to the HF model
     model = ray.train.torch.prepare_model(model)
+    # MFU on GPU: model FLOPs per token over the GPUs' peak (train.peak_tflops, or looked up by name)
+    peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    hf_config = getattr(model, "module", model).config
+    model_flops = flops_per_token(n_params, hf_config.num_hidden_layers, hf_config.hidden_size, context_len)
     opt = build_optimizer(cfg.optimizer, model.parameters())
     data = WindowBatches(train_windows, cfg.batch_size, rank, world, cfg.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -147,7 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             group["lr"] = lr
 
     first_step, loss_sum, last_step = step, 0.0, step
-    loop_start = last_log = last_print = time.perf_counter()
+    loop_start = last_log = last_print = last_checkpoint = time.perf_counter()
     while step < plan["total"]:
         model.train()
         for micro in range(cfg.grad_accum):
@@ -172,14 +180,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             elapsed_steps = step - last_step
             loss_sum = all_ranks(loss_sum, "sum") / world  # the loss of the global batch, not rank 0's share
             tokens_per_s = elapsed_steps * tokens_per_step / (now - last_log)
+            mfu = {"train/mfu": tokens_per_s * model_flops / (world * peak * 1e12)} if peak else {}
             if tracker:
                 log_thread.submit(tracker.log_metrics, {
                     "train/loss": loss_sum / elapsed_steps, "train/lr": sched.get_last_lr()[0],
                     "train/grad_norm": float(grad_norm), "train/tokens": step * tokens_per_step,
-                    "train/tokens_per_s": tokens_per_s}, step)
+                    "train/tokens_per_s": tokens_per_s, **mfu}, step)
                 if now - last_print > 20 or step == plan["total"]:
                     print(f"[train] step {step}/{plan['total']}  loss {loss_sum / elapsed_steps:.3f}  "
-                          f"lr {sched.get_last_lr()[0]:.2e}  {tokens_per_s:,.0f} tokens/s")
+                          f"lr {sched.get_last_lr()[0]:.2e}  {tokens_per_s:,.0f} tokens/s"
+                          + (f"  MFU {mfu['train/mfu']:.1%}" if mfu else ""))
                     last_print = now
             loss_sum, last_log, last_step = 0.0, now, step
             # Every rank must stop on the same step: agree on the budget check.
@@ -194,7 +204,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if tracker:
                 log_thread.submit(tracker.log_metrics, {"val/loss": progress["val/loss"]}, step)
             ray.train.report(progress)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < plan["total"]:
+        due = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+        if cfg.checkpoint_every_minutes and step < plan["total"]:  # every rank must agree: it is a barrier
+            due |= all_ranks(float(time.perf_counter() - last_checkpoint > cfg.checkpoint_every_minutes * 60), "max") > 0
+        if due and step < plan["total"]:
+            last_checkpoint = time.perf_counter()
             state = {"step": step, "plan": plan, "reports_done": reports_done,
                      "train_seconds": time.perf_counter() - start,
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -208,8 +222,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics = {"step": step, "kind": "final", "progress": 100.0, "val/loss": val_loss, "tokens": step * tokens_per_step,
                "train_seconds": train_seconds, "tokens_per_s": (step - first_step) * tokens_per_step / (time.perf_counter() - loop_start),
                "params": n_params, "total_steps": plan["total"]}
+    if peak:
+        metrics["mfu"] = metrics["tokens_per_s"] * model_flops / (world * peak * 1e12)
     if tracker:
-        tracker.log_metrics({"val/loss": val_loss, "train/tokens_per_s_mean": metrics["tokens_per_s"]}, step)
+        tracker.log_metrics({"val/loss": val_loss, "train/tokens_per_s_mean": metrics["tokens_per_s"],
+                             **({"train/mfu_mean": metrics["mfu"]} if peak else {})}, step)
     report_checkpoint(model, rank, metrics)
 
 
@@ -259,7 +276,8 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
         counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"])},
         outputs={"checkpoint": "checkpoint", "checkpoint_init": "checkpoint_init"},
         metrics={"val/loss_final": float(final["val/loss"]), "train/seconds": float(final["train_seconds"]),
-                 "train/tokens_per_s_mean": float(final["tokens_per_s"])},
+                 "train/tokens_per_s_mean": float(final["tokens_per_s"]),
+                 **({"train/mfu_mean": float(final["mfu"])} if "mfu" in final else {})},
     )
 
 

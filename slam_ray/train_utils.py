@@ -53,3 +53,22 @@ def resume_state(model: Any) -> dict[str, Any] | None:
             return None  # the step-0 checkpoint: nothing trained yet
         model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
         return torch.load(Path(folder) / TRAINER_STATE, weights_only=False)
+
+
+# Dense bf16 tensor-core peaks (no sparsity), per GPU, from the vendors' data sheets; matched by device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+                    "A6000": 155.0, "A5000": 111.0, "A10": 125.0, "4090": 165.0, "3090": 71.0, "V100": 125.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The bf16 peak of a GPU by its `torch.cuda.get_device_name()`; None when unknown (set train.peak_tflops)."""
+    for key, tflops in PEAK_BF16_TFLOPS.items():  # the more specific names come first
+        if key in device_name:
+            return tflops
+    return None
+
+
+def flops_per_token(n_params: int, n_layers: int, hidden: int, context: int) -> float:
+    """Training FLOPs per token: 6 N for the weights (forward + backward) plus 12 L H T for attention scores
+    (PaLM, appendix B). Recomputation for gradient checkpointing is not counted, as MFU conventions require."""
+    return 6.0 * n_params + 12.0 * n_layers * hidden * context

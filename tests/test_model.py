@@ -56,3 +56,20 @@ def test_random_init_from_a_base_config(tmp_path):
 def test_missing_base_is_a_clear_error(tmp_path):
     with pytest.raises(SlamError, match="cannot load text LM"):
         build_model(ModelConfig(init="twist", base=str(tmp_path / "nothing")), vocab_size=10)
+
+
+def test_attention_implementations_agree_and_a_missing_one_is_a_clear_error():
+    """`sdpa` (default) and `eager` compute the same model; flash_attention_2 needs flash-attn and a GPU."""
+    x = torch.arange(2, 50).reshape(2, 24)
+    logits = {}
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=64,
+                                        attn_implementation=impl), vocab_size=52).eval()
+        assert model.config._attn_implementation == impl
+        with torch.no_grad():
+            logits[impl] = model(input_ids=x).logits
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-4, atol=1e-5)
+    if not torch.cuda.is_available():
+        with pytest.raises(SlamError, match="flash_attention_2.*not available here.*sdpa"):
+            build_model(ModelConfig(attn_implementation="flash_attention_2"), vocab_size=52)

@@ -98,6 +98,57 @@ def test_every_optimizer_trains_a_few_steps(name):
     assert losses[-1] < 0.8 * losses[0], (name, losses[0], losses[-1])
 
 
+def tiny_lm_and_batch():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=64))
+    return model, torch.arange(2, 34).repeat(4, 2)
+
+
+def loss_and_grads(model, x):
+    model.train()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return loss.item(), grads
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    import copy
+
+    import torch
+
+    model, x = tiny_lm_and_batch()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointed.is_gradient_checkpointing
+    loss, grads = loss_and_grads(model, x)
+    loss_ckpt, grads_ckpt = loss_and_grads(checkpointed, x)
+    assert loss_ckpt == pytest.approx(loss, abs=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_loss_and_gradients():
+    """Inductor on CPU (it needs a C compiler; ~20 s to compile the tiny model here)."""
+    import copy
+
+    import torch
+
+    model, x = tiny_lm_and_batch()
+    compiled = torch.compile(copy.deepcopy(model))
+    loss, grads = loss_and_grads(model, x)
+    loss_c, grads_c = loss_and_grads(compiled, x)
+    assert loss_c == pytest.approx(loss, abs=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_c["_orig_mod." + name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_adalomo_matches_lomo_optims_fused_implementation(monkeypatch):
     """Our AdaLomo step equals lomo-optim's (the authors' package) fused-backward update, parameter for
     parameter, over several steps. lomo-optim allocates its state with `.cuda()`: on this CPU-only machine the

@@ -117,3 +117,22 @@ def test_two_workers_match_one_worker_with_twice_the_batch(tmp_path, ray_local):
     a, b = loss_curve(one), loss_curve(two)
     assert sorted(a) == sorted(b) == [5, 10, 15, 20]
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_model_with_time_based_checkpoints(tmp_path, ray_local):
+    """train.compile + train.gradient_checkpointing through the stage, resumable checkpoints every few seconds
+    of training: the run learns, reports its periodic checkpoints, and its final checkpoint loads with plain
+    transformers (no torch.compile prefixes in the weights)."""
+    from transformers import AutoModelForCausalLM
+
+    exp = small_experiment(tmp_path / "w", train={"max_steps": 30, "max_minutes": None, "log_every": 5, "compile": True,
+                                                  "gradient_checkpointing": True, "checkpoint_every_minutes": 0.02})
+    fake_pack_output(exp)
+    out = train(exp)
+    curve = loss_curve(exp)
+    assert curve[30] < curve[5]
+    periodic = [p for p in (out.path / "ray" / "train").glob("checkpoint_*") if (p / "trainer_state.pt").is_file()]
+    assert periodic, "no time-based checkpoint was reported"
+    model = AutoModelForCausalLM.from_pretrained(out.path / "checkpoint")
+    assert not any(k.startswith("_orig_mod") for k in model.state_dict())
