@@ -1,6 +1,6 @@
 """Speech tokenisers: frame features (`slam_ray/features.py`) -> nearest k-means centroid -> de-duplicated units.
 
-Centroids are fitted here (scikit-learn MiniBatchKMeans on a sample of standardised frames) or loaded from
+Centroids are fitted here (k-means++ and Lloyd in torch on a sample of standardised frames) or loaded from
 `.npy`, safetensors, or slamkit/fairseq's sklearn k-means `.bin` (a pickle: only with `trust_pickle: true`);
 pre-fitted centroids are applied to raw features, as TWIST/slamkit do. Units are assigned as one matmul-argmin
 on the extractor's device. A fitted tokeniser is a folder: `tokenizer.json` (its config), `centroids.npy`,
@@ -61,9 +61,28 @@ def load_centroids(cfg: TokenizerConfig) -> np.ndarray:
     return centroids
 
 
-def fit_kmeans(features: list[np.ndarray], cfg: TokenizerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fit (centroids, mean, std) on a sample of frames with scikit-learn's MiniBatchKMeans."""
-    from sklearn.cluster import MiniBatchKMeans
+def _nearest(x, centroids, chunk: int = 65_536):
+    """(index, squared distance) of every row's nearest centroid: one matmul-argmin per chunk of rows."""
+    import torch
+
+    c_sq = (centroids**2).sum(1)
+    index, dist = [], []
+    for part in x.split(chunk):
+        d = c_sq[None, :] - 2.0 * part @ centroids.T + (part**2).sum(1, keepdim=True)
+        best = d.min(1)
+        index.append(best.indices)
+        dist.append(best.values.clamp(min=0))
+    return torch.cat(index), torch.cat(dist)
+
+
+def fit_kmeans(features: list[np.ndarray], cfg: TokenizerConfig, device: str | None = None,
+               max_iter: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit (centroids, mean, std) on a seeded sample of `fit_frames` standardised frames: k-means++ seeding,
+    then Lloyd iterations as batched matmul-argmins in torch (on `device`: a GPU when there is one). Plain torch
+    also keeps scikit-learn out of the driver: importing it sets KMP_DUPLICATE_LIB_OK / KMP_INIT_AT_FORK in the
+    environment, and a process started with those (a Ray job driver was) aborts at its first torch op with
+    "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"."""
+    import torch
 
     frames = np.concatenate(features).astype(np.float32)
     rng = np.random.default_rng(cfg.seed)
@@ -73,10 +92,29 @@ def fit_kmeans(features: list[np.ndarray], cfg: TokenizerConfig) -> tuple[np.nda
         raise SlamError(f"only {len(frames)} frames to fit {cfg.n_units} k-means units; give more audio or fewer units")
     mean = frames.mean(0)
     std = frames.std(0) + 1e-5
-    kmeans = MiniBatchKMeans(n_clusters=cfg.n_units, random_state=cfg.seed, batch_size=4096, n_init=3,
-                             max_iter=100, reassignment_ratio=0.01)
-    kmeans.fit((frames - mean) / std)
-    return kmeans.cluster_centers_.astype(np.float32), mean.astype(np.float32), std.astype(np.float32)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    x = torch.from_numpy((frames - mean) / std).to(device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    # k-means++: each new centroid drawn with probability proportional to its squared distance to the chosen ones
+    centroids = x[torch.randint(len(x), (1,), generator=generator).to(device)]
+    dist = _nearest(x, centroids)[1]
+    for _ in range(cfg.n_units - 1):
+        pick = torch.multinomial((dist + 1e-12).cpu(), 1, generator=generator).to(device)
+        centroids = torch.cat([centroids, x[pick]])
+        dist = torch.minimum(dist, _nearest(x, centroids[-1:])[1])
+    for _ in range(max_iter):
+        assign, dist = _nearest(x, centroids)
+        counts = torch.bincount(assign, minlength=cfg.n_units)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        updated = sums / counts.clamp(min=1)[:, None]
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):  # re-seed an empty cluster with the frames farthest from their centroids
+            updated[empty] = x[dist.topk(len(empty)).indices]
+        shift = (updated - centroids).norm(dim=1).max().item()
+        centroids = updated
+        if shift < 1e-4:
+            break
+    return centroids.cpu().numpy().astype(np.float32), mean.astype(np.float32), std.astype(np.float32)
 
 
 class UnitTokenizer:
