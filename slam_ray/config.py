@@ -6,7 +6,6 @@ without GPU or network; the shipped recipes (`slam_ray/recipes/*.yaml`) override
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +35,7 @@ class RayConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db")
+    uri: str | None = Field(None, description="MLflow tracking URI; None = sqlite:///WORKDIR/mlflow.db")
     experiment: str | None = Field(None, description="MLflow experiment name; None = the experiment's name")
 
 
@@ -299,9 +298,9 @@ class Experiment(Section):
 
     @property
     def tracking_uri(self) -> str:
-        """`tracking.uri`, else $MLFLOW_TRACKING_URI (how a cluster's pods are pointed at its server), else a
-        sqlite store in the workdir."""
-        return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+        # Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() exports it, so one experiment's store would leak
+        # into the next one run in the same process. Clusters pass --set tracking.uri=... instead.
+        return self.tracking.uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
 
     @property
     def tracking_experiment(self) -> str:
