@@ -74,7 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resumed is None:
         report_checkpoint(model, rank, {"step": 0, "kind": "init", "params": n_params})
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
         model = torch.compile(model)  # save_pretrained and state_dict pass through to the HF model
     model = ray.train.torch.prepare_model(model)

@@ -124,8 +124,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
     model, x = tiny_lm_and_batch()
     checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert checkpointed.is_gradient_checkpointing
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointed.is_activation_checkpointing
     loss, grads = loss_and_grads(model, x)
     loss_ckpt, grads_ckpt = loss_and_grads(checkpointed, x)
     assert loss_ckpt == pytest.approx(loss, abs=1e-6)
