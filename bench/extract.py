@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "slamkit_example"
@@ -136,7 +137,7 @@ def main() -> None:
         tmp_path = Path(tmp)
         (tmp_path / "audio").mkdir()
         paths = make_files(tmp_path / "audio", args.files)
-        audio_seconds = sum(__import__("soundfile").info(str(p)).duration for p in paths)
+        audio_seconds = sum(sf.info(str(p)).duration for p in paths)
         model = args.model or mhubert_base_shaped(tmp_path / "model")
         centroids = np.random.default_rng(0).normal(size=(args.units, 768)).astype(np.float32)
         cfg = TokenizerConfig(kind="hubert", model=model, layer=args.layer, n_units=args.units, dtype=args.dtype)

@@ -79,11 +79,10 @@ def decode_segments(path: str | Path, max_seconds: float | None,
         while True:
             want = window - len(carry)
             try:
-                block = _mono(f.read(want, dtype="float32", always_2d=True))
-            except AudioError:
-                raise
+                data = f.read(want, dtype="float32", always_2d=True)
             except Exception as e:  # a file truncated or corrupt mid-way
                 raise AudioError(f"cannot decode audio at {start / sr:.1f} s: {e}") from e
+            block = _mono(data)
             buf = np.concatenate([carry, block])
             at_end = len(block) < want
             cut = len(buf) if at_end else _quietest(buf, sr, window * 3 // 4)

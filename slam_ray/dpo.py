@@ -7,8 +7,8 @@ synth voices and tokenised with the extract tokenizer, or slamkit's preference J
 reference's log-probs of every triple once (`reference_logps.parquet`), so training workers hold no reference
 model; otherwise each worker keeps a frozen copy beside the policy. Each worker loads the `train` stage's
 checkpoint as the policy and trains with the DPO (or IPO) loss (`slam_ray/dpo_loss.py`): AdamW, inverse-sqrt
-or cosine, grad-norm clipping, a step / token / epoch / time budget, resumable checkpoints. Rank 0 logs loss, rewards, reward accuracy and margin to MLflow. At the end, the
-held-out triples measure what DPO changed: the policy's chosen-vs-rejected log-likelihood margin before and
+or cosine, grad-norm clipping, a step / token / epoch / time budget, resumable checkpoints. Rank 0 logs loss,
+rewards, reward accuracy and margin to MLflow. At the end, the held-out triples measure what DPO changed: the policy's chosen-vs-rejected log-likelihood margin before and
 after, and the reward accuracy. Outputs: `checkpoint` (after DPO), `checkpoint_before_dpo` and
 `checkpoint_init` (the pre-trained and the untrained model, which `eval` scores beside it), `triples.json`.
 The spoken, tokenised triples are cached under `WORKDIR/dpo_triples/` for every DPO run on them.
@@ -178,13 +178,17 @@ def precompute_reference(exp: Experiment, triples: dict, checkpoint: str, path: 
     return path
 
 
-def _load_reference(path: str, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_reference(path: str, sizes: dict[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{split: (chosen, rejected)} reference log-probs in triple order, from the Parquet of the reference pass."""
     import torch
 
     table = pd.read_parquet(path).set_index("key")
-    keys = [f"{split}/{i}" for i in range(n)]
-    return (torch.tensor(table.loc[keys, "ref_chosen"].to_numpy(), dtype=torch.float32),
-            torch.tensor(table.loc[keys, "ref_rejected"].to_numpy(), dtype=torch.float32))
+    out = {}
+    for split, n in sizes.items():
+        rows = table.loc[[f"{split}/{i}" for i in range(n)]]
+        out[split] = (torch.tensor(rows["ref_chosen"].to_numpy(), dtype=torch.float32),
+                      torch.tensor(rows["ref_rejected"].to_numpy(), dtype=torch.float32))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,8 +236,9 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     reference = precomputed = None
     if config.get("reference_logps"):
         # the Ray Data pass computed them before training: no reference model in this worker's memory
-        precomputed = tuple(t.to(device) for t in _load_reference(config["reference_logps"], "train", len(train)))
-        ref_val = tuple(t.to(device) for t in _load_reference(config["reference_logps"], "val", len(val)))
+        loaded = _load_reference(config["reference_logps"], {"train": len(train), "val": len(val)})
+        precomputed = tuple(t.to(device) for t in loaded["train"])
+        ref_val = tuple(t.to(device) for t in loaded["val"])
     else:
         reference = AutoModelForCausalLM.from_pretrained(config["init_checkpoint"]).to(device).eval().requires_grad_(False)
         ref_val = all_logps(reference, val)

@@ -263,4 +263,3 @@ def export_slamkit(exp: Experiment, form: str, path: str | Path) -> int:
         raise SlamError(f"unknown slamkit format {form!r}; choose features or tokens")
     write_jsonl(path, rows)
     return len(table)
-

@@ -26,8 +26,6 @@ from slam_ray.errors import SlamError
 if TYPE_CHECKING:
     import torch
 
-DTYPES = {"float32", "bfloat16", "float16"}
-
 
 class LogMelFeatures:
     def __init__(self, frame_rate: int = 25, n_mels: int = 80, sample_rate: int = TARGET_SAMPLE_RATE) -> None:

@@ -68,10 +68,9 @@ def _nearest(x, centroids, chunk: int = 65_536):
     c_sq = (centroids**2).sum(1)
     index, dist = [], []
     for part in x.split(chunk):
-        d = c_sq[None, :] - 2.0 * part @ centroids.T + (part**2).sum(1, keepdim=True)
-        best = d.min(1)
+        best = (c_sq[None, :] - 2.0 * part @ centroids.T).min(1)  # |x|^2 is constant per row: added after
         index.append(best.indices)
-        dist.append(best.values.clamp(min=0))
+        dist.append((best.values + (part**2).sum(1)).clamp(min=0))
     return torch.cat(index), torch.cat(dist)
 
 
@@ -127,17 +126,14 @@ class UnitTokenizer:
         self.centroids, self.mean, self.std = centroids, mean, std
         device = self.features.device
         self._c = torch.from_numpy(centroids).to(device)
-        self._c_sq = (self._c**2).sum(1)
         self._mean, self._std = torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device)
 
     def assign(self, feats) -> np.ndarray:
         """Nearest centroid of every frame (`feats`: a (frames, dim) tensor or array)."""
         import torch
 
-        x = torch.as_tensor(feats, device=self._c.device)
-        x = (x - self._mean) / self._std
-        dist = self._c_sq[None, :] - 2.0 * x @ self._c.T  # |x|^2 is constant per row
-        return dist.argmin(1).cpu().numpy()
+        x = (torch.as_tensor(feats, device=self._c.device) - self._mean) / self._std
+        return _nearest(x, self._c)[0].cpu().numpy()
 
     def _units(self, frames: np.ndarray) -> dict[str, np.ndarray | int]:
         units, durations = dedup(frames) if self.cfg.dedup else (frames, np.ones_like(frames))

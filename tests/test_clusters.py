@@ -3,7 +3,6 @@ KubeRay (no offline schema package), KubeRay's v1 field names, replica arithmeti
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
-VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
