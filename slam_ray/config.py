@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from slam_ray.errors import ConfigError
+from slam_ray.errors import ConfigError, SlamError
 
 STAGES = ("synth", "extract", "pack", "train", "dpo", "eval")
 StageName = Literal["synth", "extract", "pack", "train", "dpo", "eval"]
@@ -244,19 +244,82 @@ class GenerationConfig(Section):
     temperature: float = Field(0.8, gt=0)
     top_k: int = Field(25, ge=1)
     max_new_tokens: int = Field(150, ge=1)
-    repetition_penalty: float = Field(1.0, ge=1.0)
-    prompt_seconds: float = 3.0
+    repetition_penalty: float = Field(1.0, ge=1.0, description="1.1 after DPO in the paper")
+    prompt_seconds: float = Field(3.0, gt=0, description="prompts are the first seconds of each audio file")
+    n_prompts: int = Field(1000, ge=1, description="files (in name order) whose openings are prompts")
+    samples_per_prompt: int = Field(1, ge=1)
+    seed: int = 0
+    vocoder: str | None = Field(None, description="unit HiFi-GAN checkpoint folder (units -> audio); None = no audio")
+    asr: str = Field("pocketsphinx", description="pocketsphinx (offline) or a Whisper HF id/path, e.g. "
+                     "openai/whisper-large-v3-turbo")
+    text_lm: str | None = Field(None, description="HF id/path of the text LM for GenPPL (paper: meta-llama/Llama-3.2-1B)")
+    drop_prompt: bool = Field(True, description="score only the continuation's transcript, not the prompt's")
+    auto_bleu_n: int = Field(2, ge=1, description="n-gram order of Auto-BLEU (the paper: bigrams)")
+
+
+BUILTIN_TASKS = ("lexical", "word_order", "agreement")
+
+
+class EvalTask(Section):
+    task: str = Field(..., description="a shipped task (swuggy, sblimp, ssc, tsc, salmon, manifest, lexical, "
+                      "word_order, agreement, generate) or a task YAML file")
+    path: str | None = Field(None, description="the dataset: folder of the official release, or a JSONL manifest")
+    name: str | None = Field(None, description="name in results and MLflow (eval/<name>/...); default: task")
+    split: str | None = Field(None, description="ZeroSpeech split (dev: the public gold labels)")
+    subsets: list[str] | None = Field(None, description="SALMon subsets; None = all 8")
+    limit: int | None = Field(None, ge=1, description="score only the first N items (a quick look)")
+
+    @property
+    def key(self) -> str:
+        return self.name or Path(self.task).stem
+
+    @property
+    def reader_options(self) -> dict[str, Any]:
+        return {k: v for k, v in (("split", self.split), ("subsets", self.subsets)) if v is not None}
 
 
 class EvalConfig(Section):
-    tasks: list[Literal["lexical", "word_order", "agreement"]] = Field(
-        default_factory=lambda: ["lexical", "word_order", "agreement"], min_length=1
+    tasks: list[str | EvalTask] = Field(
+        default_factory=lambda: list(BUILTIN_TASKS), min_length=1,
+        description="task names, or {task, path, ...} entries for datasets; see slam_ray/eval_tasks/"
     )
-    n_pairs: int = Field(200, ge=1, description="minimal pairs per task")
+    checkpoints: list[str] = Field(
+        default_factory=lambda: ["final", "before_dpo", "init"], min_length=1,
+        description="final | before_dpo | init (skipped when absent) | all (every checkpoint of the training "
+                    "run: a learning curve) | a checkpoint folder"
+    )
+    n_pairs: int = Field(200, ge=1, description="minimal pairs per built-in grammar task")
     convention: Literal["mean", "sum"] = Field("mean", description="score by mean (slamkit) or summed token NLL")
     batch_size: int = Field(32, ge=1)
+    num_actors: int = Field(1, ge=1, description="Ray Data scoring actors (one per GPU on a GPU cluster)")
+    num_gpus_per_actor: float = Field(0.0, ge=0)
     seed: int = 1234
     generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> EvalConfig:
+        from slam_ray.benchmarks import load_task
+
+        seen = set()
+        for i, entry in enumerate(self.task_entries()):
+            try:
+                spec = load_task(entry.task)
+            except SlamError as e:
+                raise ValueError(f"tasks[{i}]: {e}") from None
+            if spec.needs_path and not entry.path:
+                raise ValueError(f"tasks[{i}]: task {entry.task!r} reads a dataset; give it as "
+                                 f"{{task: {entry.task}, path: /where/the/data/is}}")
+            if entry.key in seen:
+                raise ValueError(f"tasks[{i}]: two tasks are named {entry.key!r}; give one a `name`")
+            seen.add(entry.key)
+        return self
+
+    def task_entries(self) -> list[EvalTask]:
+        return [EvalTask(task=t) if isinstance(t, str) else t for t in self.tasks]
+
+    @property
+    def grammar_tasks(self) -> list[str]:
+        return [e.task for e in self.task_entries() if e.task in BUILTIN_TASKS]
 
 
 class SweepConfig(Section):

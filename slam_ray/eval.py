@@ -1,28 +1,40 @@
-"""`slam-ray eval`: spoken minimal pairs from held-out grammar sentences, scored by the trained model.
+"""`slam-ray eval`: every task of `eval.tasks`, for every checkpoint of `eval.checkpoints`.
 
-Tasks, in the shape of the real benchmarks: `lexical` (a word replaced by a pronounceable non-word, like
-sWUGGY), `word_order` (two adjacent words swapped, like sBLIMP's word-order items) and `agreement` (the
-verb's number flipped). Both members of a pair are spoken with the same voice and speed by the synth backend,
-tokenised with the extract stage's tokeniser, and scored by NLL (`eval.convention`). The untrained model
-(`checkpoint_init`) is scored too: `<task>@init` is the chance baseline.
-Outputs: `results.json`, `scores.csv` (one row per pair and checkpoint); the pair audio and units are cached
-under `WORKDIR/eval_pairs/` for every model evaluated on the same pairs.
+Likelihood tasks (slam_ray/eval_tasks/*.yaml, read by slam_ray/benchmarks.py) are comparisons of audio: the
+official ZeroSpeech 2021 sWUGGY/sBLIMP, SpokenStoryCloze sSC/tSC, SALMon, a JSONL manifest of your own, and the
+built-in grammar minimal pairs (`lexical`, `word_order`, `agreement`, spoken by the synth engine; no download).
+Audio becomes units with the experiment's own tokenizer (the extract stage's), cached under
+WORKDIR/eval_units/ and WORKDIR/eval_pairs/ for every model evaluated on the same data; NLLs come from a pool
+of Ray Data actors (slam_ray/scoring.py). The `generate` task continues spoken prompts (slam_ray/generation.py).
+A task that cannot be loaded (dataset missing, say) is reported and the other tasks still run.
+
+Outputs: `results.json` (per task and checkpoint: accuracy, n, 95% CI, breakdowns, how it was scored),
+`scores.csv` (one row per comparison and checkpoint), `learning_curve.png` with `checkpoints: [all]`.
+MLflow: `eval/<task>/accuracy` for the final model, `eval/<task>/<checkpoint>_accuracy` for the others,
+`eval/<task>/by_<column>/<value>/accuracy` breakdowns, `eval/<task>/curve_accuracy` by training step.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from slam_ray import grammar
-from slam_ray.config import Experiment
+from slam_ray.benchmarks import READERS_VERSION, TaskSpec, load_task, read_comparisons
+from slam_ray.config import EvalTask, Experiment
+from slam_ray.errors import SlamError
 from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
-from slam_ray.scoring import accuracy_with_ci, pair_outcomes, sequence_nll
+from slam_ray.scoring import aggregate, group_outcome, score_sequences
 from slam_ray.stage_io import (
     StageDir,
     Timer,
+    evaluates_trained_stage,
+    stage_key,
     stage_payload,
     trained_checkpoint_dir,
     trained_stage,
@@ -32,17 +44,68 @@ from slam_ray.tokenizer import encode_files
 from slam_ray.tracking import Tracker
 from slam_ray.tts import speak_items
 
-
-def build_pairs(exp: Experiment) -> list[grammar.MinimalPair]:
-    held_out = exp.synth.corpus.held_out_percent
-    return [p for task in exp.eval.tasks for p in grammar.make_minimal_pairs(task, exp.eval.n_pairs, exp.eval.seed, held_out)]
+NAMED_CHECKPOINTS = {"final": ("", "checkpoint"), "before_dpo": ("@before_dpo", "checkpoint_before_dpo"),
+                     "init": ("@init", "checkpoint_init")}
 
 
-def metric_name(result_key: str) -> str:
+def metric_name(result_key: str, field: str = "accuracy") -> str:
     """MLflow name of a results.json key: `word_order` -> eval/word_order/accuracy, `word_order@init` ->
     eval/word_order/init_accuracy (MLflow metric names cannot hold '@')."""
     task, _, checkpoint = result_key.partition("@")
-    return f"eval/{task}/{checkpoint + '_' if checkpoint else ''}accuracy"
+    return f"eval/{task}/{checkpoint + '_' if checkpoint else ''}{field}"
+
+
+def _metric_safe(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", value.replace(">", "gt").replace("<", "lt"))
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoints(exp: Experiment) -> list[tuple[str, Path, int | None]]:
+    """(result suffix, HF folder, training step or None) for every entry of `eval.checkpoints`."""
+    out: list[tuple[str, Path, int | None]] = []
+    trained = trained_checkpoint_dir(exp).path if evaluates_trained_stage(exp) else None
+    for entry in exp.eval.checkpoints:
+        if entry in NAMED_CHECKPOINTS:
+            suffix, folder = NAMED_CHECKPOINTS[entry]
+            if (trained / folder).is_dir():
+                out.append((suffix, trained / folder, None))
+            elif entry == "final":
+                raise SlamError(f"eval.checkpoints: the final checkpoint {trained / folder} is missing; rerun "
+                                f"`slam-ray {trained_stage(exp)}`")
+        elif entry == "all":
+            listing = upstream_dir(exp, "train").path / "checkpoints.json"
+            if not listing.is_file():
+                raise SlamError(f"eval.checkpoints: [all] needs {listing}, written by training since this version; "
+                                "rerun `slam-ray train` into a fresh workdir, or list checkpoint folders")
+            by_step = {c["step"]: c for c in json.loads(listing.read_text())}  # final wins a shared step
+            out += [(f"@step_{step}", Path(c["path"]), step) for step, c in sorted(by_step.items())]
+        else:
+            folder = Path(entry).expanduser()
+            if not (folder / "config.json").is_file():
+                raise SlamError(f"eval.checkpoints: {entry!r} is neither final/before_dpo/init/all nor a folder "
+                                "holding a Hugging Face checkpoint (config.json)")
+            out.append((f"@{_metric_safe(folder.name)}", folder.absolute(), None))
+    return out
+
+
+def _check_vocabulary(exp: Experiment, folder: Path) -> None:
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(folder).vocab_size
+    if vocab < exp.vocab_size:
+        raise SlamError(f"checkpoint {folder} has a vocabulary of {vocab} ids but this experiment's tokenizer needs "
+                        f"{exp.vocab_size} ({exp.extract.tokenizer.n_units} units + 2): was it trained on other units?")
+
+
+# --- comparisons and their units ---------------------------------------------------------------------------------
+
+
+def build_pairs(exp: Experiment) -> list[grammar.MinimalPair]:
+    held_out = exp.synth.corpus.held_out_percent
+    return [p for task in exp.eval.grammar_tasks
+            for p in grammar.make_minimal_pairs(task, exp.eval.n_pairs, exp.eval.seed, held_out)]
 
 
 def _speech_items(exp: Experiment, pairs: list[grammar.MinimalPair], out: StageDir) -> list[dict]:
@@ -58,22 +121,20 @@ def _speech_items(exp: Experiment, pairs: list[grammar.MinimalPair], out: StageD
     return items
 
 
-def _pair_units(exp: Experiment, timer: Timer) -> tuple[dict[str, list[int]], list[dict]]:
-    """The pairs spoken and tokenised: (units by item id, errors). They depend on the pairs, the voices and
-    the tokenizer but not on the model, so they are made once under WORKDIR/eval_pairs/<key>/ and shared by
-    every checkpoint evaluated on them (each trial of a sweep)."""
+def _grammar_units(exp: Experiment) -> tuple[dict[str, list[int]], list[dict]]:
+    """The grammar pairs spoken and tokenised: (units by item id, errors). They depend on the pairs, the voices
+    and the tokenizer but not on the model, so they are made once under WORKDIR/eval_pairs/<key>/ and shared
+    by every checkpoint evaluated on them (each trial of a sweep)."""
     payload = stage_payload(exp, "eval")
-    payload.pop(trained_stage(exp))
-    payload["eval"] = {k: payload["eval"][k] for k in ("tasks", "n_pairs", "seed")}
+    payload.pop(trained_stage(exp), None)
+    payload.pop("readers_version")
+    payload["eval"] = {"tasks": exp.eval.grammar_tasks, "n_pairs": exp.eval.n_pairs, "seed": exp.eval.seed}
 
     def speak_and_tokenise(cache: StageDir) -> dict:
         init_ray(exp)
-        with timer.phase("speak"):
-            spoken, errors = speak_items(exp, _speech_items(exp, build_pairs(exp), cache), exp.synth.backend,
-                                         exp.synth.sample_rate, exp.synth.num_actors, exp.synth.batch_size)
-        with timer.phase("tokenise"):
-            tokenizer_dir = upstream_dir(exp, "extract").path / "tokenizer"
-            encoded, bad = encode_files(exp, spoken, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size)
+        spoken, errors = speak_items(exp, _speech_items(exp, build_pairs(exp), cache), exp.synth.backend,
+                                     exp.synth.sample_rate, exp.synth.num_actors, exp.synth.batch_size)
+        encoded, bad = encode_files(exp, spoken, _tokenizer_dir(exp), exp.extract.num_actors, exp.extract.batch_size)
         return {"units": {r["id"]: [int(u) for u in r["units"]] for r in encoded},
                 "errors": [{k: e.get(k) for k in ("id", "path", "error")} for e in errors + bad]}
 
@@ -81,44 +142,184 @@ def _pair_units(exp: Experiment, timer: Timer) -> tuple[dict[str, list[int]], li
     return cached["units"], cached["errors"]
 
 
+def _grammar_comparisons(exp: Experiment, kind: str, pairs: list[grammar.MinimalPair]) -> pd.DataFrame:
+    rows = [{"item": p.id, "positive": f"{p.id}-pos", "negatives": [f"{p.id}-neg"], "positive_text": p.positive,
+             "negative_text": p.negative} for p in pairs if p.task == kind]
+    return pd.DataFrame(rows)
+
+
+def _tokenizer_dir(exp: Experiment) -> Path:
+    return upstream_dir(exp, "extract").path / "tokenizer"
+
+
+def audio_units(exp: Experiment, paths: list[str]) -> tuple[dict[str, list[int]], list[dict]]:
+    """Units of every audio file (by path) with the experiment's tokenizer, cached under WORKDIR/eval_units/ per
+    file list and tokenizer; a file cut into segments (extract.max_segment_seconds) is joined back in order."""
+    payload = {"files": sorted(set(paths)), "extract": stage_key(exp, "extract"), "readers_version": READERS_VERSION}
+
+    def tokenise(cache: StageDir) -> dict:
+        init_ray(exp)
+        rows = [{"id": f"f{i:08d}", "path": p, "text": "", "speaker": ""} for i, p in enumerate(payload["files"])]
+        good, bad = encode_files(exp, rows, _tokenizer_dir(exp), exp.extract.num_actors, exp.extract.batch_size,
+                                 exp.extract.num_gpus_per_actor)
+        joined: dict[str, list[int]] = {}
+        for rec in sorted(good, key=lambda r: (r["path"], r["seg_start"])):
+            units = joined.setdefault(rec["path"], [])
+            first = 1 if units and rec["units"] and exp.extract.tokenizer.dedup and units[-1] == rec["units"][0] else 0
+            units += rec["units"][first:]
+        return {"units": joined, "errors": [{"path": e["path"], "error": e["error"]} for e in bad]}
+
+    _, cached = cached_json(exp, "eval_units", payload, "units.json", tokenise)
+    return cached["units"], cached["errors"]
+
+
+def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec,
+                     grammar_pairs: list[grammar.MinimalPair]) -> tuple[pd.DataFrame, dict[str, list[int]], list[dict]]:
+    """(comparisons whose audio all has units, units by audio key, errors)."""
+    if spec.reader == "grammar":
+        comparisons = _grammar_comparisons(exp, spec.reader_args["kind"], grammar_pairs)
+        units, errors = _grammar_units(exp)
+    else:
+        comparisons = read_comparisons(spec, entry.path, entry.reader_options, entry.limit)
+        files = [*comparisons["positive"], *(p for negs in comparisons["negatives"] for p in negs)]
+        units, errors = audio_units(exp, files)
+    complete = [c["positive"] in units and all(n in units for n in c["negatives"])
+                for c in comparisons[["positive", "negatives"]].to_dict("records")]
+    errors = [{**e, "task": entry.key} for e in errors]
+    if not all(complete):
+        errors.append({"task": entry.key, "error": f"{len(complete) - sum(complete)} comparisons dropped: an audio "
+                       "file of theirs could not be tokenised (see the file errors)"})
+    return comparisons[complete].reset_index(drop=True), units, errors
+
+
+# --- the stage ---------------------------------------------------------------------------------------------------
+
+
+def _score_task(comparisons: pd.DataFrame, nll: dict[str, float]) -> pd.DataFrame:
+    scored = comparisons.copy()
+    scored["nll_positive"] = [nll[p] for p in scored["positive"]]
+    scored["nll_negatives"] = [[nll[n] for n in negs] for negs in scored["negatives"]]
+    scored["outcome"] = [group_outcome(p, ns) for p, ns in zip(scored["nll_positive"], scored["nll_negatives"],
+                                                                  strict=True)]
+    return scored
+
+
+def _flat_metrics(key: str, result: dict[str, Any]) -> dict[str, float]:
+    metrics = {metric_name(key): result["accuracy"]}
+    for field, table in result.items():
+        if field.startswith("by_"):
+            for value, stats in table.items():
+                metrics[metric_name(key, f"{field}/{_metric_safe(value)}/accuracy")] = stats["accuracy"]
+    return metrics
+
+
+def _plot_curve(curve: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task, points in curve.items():
+        ax.plot(*zip(*points, strict=True), marker="o", label=task)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="training step", ylabel="accuracy", title="accuracy by checkpoint")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
-    from transformers import AutoModelForCausalLM
-
-    trained = trained_checkpoint_dir(exp)
-    pairs = build_pairs(exp)
-    units, errors = _pair_units(exp, timer)
-    complete = [p for p in pairs if f"{p.id}-pos" in units and f"{p.id}-neg" in units]
-
+    checkpoints = resolve_checkpoints(exp)
+    for _, folder, _ in checkpoints:
+        _check_vocabulary(exp, folder)
+    grammar_pairs = build_pairs(exp)
     results: dict[str, dict] = {}
-    rows = []
+    errors: list[dict] = []
+    tasks: dict[str, tuple[TaskSpec, pd.DataFrame]] = {}
+    units: dict[str, list[int]] = {}
+    generate: list[EvalTask] = []
+
+    with timer.phase("load"):
+        for entry in exp.eval.task_entries():
+            spec = load_task(entry.task)
+            if spec.reader == "generate":
+                generate.append(entry)
+                continue
+            try:
+                comparisons, task_units, task_errors = load_comparisons(exp, entry, spec, grammar_pairs)
+            except (SlamError, OSError, ValueError) as e:  # this task cannot run; the others still do
+                print(f"[eval] task {entry.key} skipped: {e}")
+                results[entry.key] = {"error": str(e)}
+                errors.append({"task": entry.key, "error": str(e)})
+                continue
+            tasks[entry.key] = (spec, comparisons)
+            units.update(task_units)
+            errors += task_errors
+    if not tasks and not generate:
+        raise SlamError("no eval task could be loaded:\n" + "\n".join(f"  {e['task']}: {e['error']}" for e in errors))
+
+    rows: list[pd.DataFrame] = []
+    curve: dict[str, list[tuple[int, float]]] = {}
+    needed = {k: units[k] for _, c in tasks.values() for k in [*c["positive"], *(n for ns in c["negatives"] for n in ns)]}
     with timer.phase("score"):
-        checkpoints = [("", trained.path / "checkpoint"), ("@before_dpo", trained.path / "checkpoint_before_dpo"),
-                       ("@init", trained.path / "checkpoint_init")]  # the middle one after DPO, the last if known
-        checkpoints = [(suffix, folder) for suffix, folder in checkpoints if suffix == "" or folder.is_dir()]
-        for suffix, folder in checkpoints:
-            model = AutoModelForCausalLM.from_pretrained(folder)
-            pos = sequence_nll(model, [units[f"{p.id}-pos"] for p in complete], exp.eval.convention, exp.eval.batch_size)
-            neg = sequence_nll(model, [units[f"{p.id}-neg"] for p in complete], exp.eval.convention, exp.eval.batch_size)
-            outcome = pair_outcomes(pos, neg)
-            for task in exp.eval.tasks:
-                mask = [p.task == task for p in complete]
-                stats = accuracy_with_ci(outcome[mask])
-                results[f"{task}{suffix}"] = {**stats, "convention": exp.eval.convention, "checkpoint": str(folder)}
-            rows += [{"id": p.id, "task": p.task, "checkpoint": f"final{suffix}", "positive": p.positive,
-                      "negative": p.negative, "nll_positive": a, "nll_negative": b, "outcome": o}
-                     for p, a, b, o in zip(complete, pos, neg, outcome, strict=True)]
-    (out.path / "results.json").write_text(json.dumps(results, indent=2))
-    pd.DataFrame(rows).to_csv(out.path / "scores.csv", index=False)
+        init_ray(exp)
+        for suffix, folder, step in checkpoints if tasks else []:
+            nll = score_sequences(exp, str(folder), needed)
+            for key, (spec, comparisons) in tasks.items():
+                scored = _score_task(comparisons, nll)
+                result = aggregate(scored, spec.aggregate_by, spec.breakdown)
+                results[f"{key}{suffix}"] = {**result, "task": spec.name, "reader": spec.reader,
+                                             "aggregate_by": spec.aggregate_by, "convention": exp.eval.convention,
+                                             "checkpoint": str(folder), **({"step": step} if step is not None else {})}
+                if step is not None:
+                    curve.setdefault(key, []).append((step, result["accuracy"]))
+                scored.insert(0, "checkpoint", f"final{suffix}")
+                scored.insert(0, "task", key)
+                rows.append(scored)
+
+    if generate:
+        from slam_ray.generation import run_generation
+
+        with timer.phase("generate"):
+            final = next((folder for suffix, folder, _ in checkpoints if suffix == ""), checkpoints[0][1])
+            for entry in generate:
+                try:
+                    results[entry.key] = run_generation(exp, entry, final, out.path / entry.key)
+                except (SlamError, OSError, ValueError) as e:
+                    print(f"[eval] task {entry.key} skipped: {e}")
+                    results[entry.key] = {"error": str(e)}
+                    errors.append({"task": entry.key, "error": str(e)})
+
+    outputs = {"results": "results.json"}
+    (out.path / "results.json").write_text(json.dumps(results, indent=2, default=str))
     tracker.log_artifact(out.path / "results.json")
-    tracker.log_artifact(out.path / "scores.csv")
+    if rows:
+        table = pd.concat(rows, ignore_index=True)
+        table["negatives"] = ["|".join(n) for n in table["negatives"]]
+        table.to_csv(out.path / "scores.csv", index=False)
+        tracker.log_artifact(out.path / "scores.csv")
+        outputs["scores"] = "scores.csv"
+    metrics: dict[str, float] = {}
     for key, r in results.items():
-        print(f"[eval] {key:<20} accuracy {r['accuracy']:.3f}  (n={r['n']}, 95% CI {r['ci95_low']:.3f}-{r['ci95_high']:.3f})")
-    metrics = {metric_name(key): r["accuracy"] for key, r in results.items()}
-    return StageResult(counts={"pairs": len(complete), "tasks": len(exp.eval.tasks)},
-                       outputs={"results": "results.json", "scores": "scores.csv"},
-                       errors=errors, metrics=metrics)
+        if "accuracy" in r:
+            metrics.update(_flat_metrics(key, r))
+            print(f"[eval] {key:<24} accuracy {r['accuracy']:.3f}  (n={r['n']}, 95% CI "
+                  f"{r['ci95_low']:.3f}-{r['ci95_high']:.3f})")
+        elif "error" not in r:  # generation: its own figures
+            metrics.update({f"eval/{key}/{name}": v for name, v in r.items() if isinstance(v, int | float)})
+    for key, points in curve.items():
+        for step, acc in points:
+            tracker.log_metrics({f"eval/{key}/curve_accuracy": acc}, step=step)
+    if curve:
+        _plot_curve(curve, out.path / "learning_curve.png")
+        tracker.log_artifact(out.path / "learning_curve.png")
+        outputs["learning_curve"] = "learning_curve.png"
+    return StageResult(counts={"comparisons": sum(len(c) for _, c in tasks.values()), "tasks": len(exp.eval.task_entries()),
+                               "checkpoints": len(checkpoints)},
+                       outputs=outputs, errors=errors, metrics=metrics)
 
 
 def evaluate(exp: Experiment) -> StageDir:
     return run_stage(exp, "eval", _evaluate)
-

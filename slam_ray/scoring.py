@@ -2,14 +2,19 @@
 
 A sequence is `<s> u+2 ... <s>`; its score is the NLL of every token after BOS (EOS included), averaged per
 token (`mean`, slamkit's convention) or summed (`sum`, older papers). Lower NLL = the model prefers it.
+A comparison (a pair, or a group of one positive and several negatives) scores 1 when the positive is strictly
+the most likely, 0 when a negative is more likely, and 1/k when it ties k-1 negatives (0.5 for a pair).
+`score_sequences` spreads the NLLs over a pool of Ray Data actors (one model each; one per GPU on a cluster).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from slam_ray.units import PAD_ID, units_to_tokens
 
@@ -48,9 +53,70 @@ def pair_outcomes(positive_nll: np.ndarray, negative_nll: np.ndarray) -> np.ndar
     return np.where(positive_nll < negative_nll, 1.0, np.where(positive_nll > negative_nll, 0.0, 0.5))
 
 
+def group_outcome(positive_nll: float, negative_nlls: Sequence[float]) -> float:
+    """1 if the positive is strictly the most likely, 0 if any negative is more likely, 1/k on a k-way tie."""
+    best = min(negative_nlls)
+    if positive_nll < best:
+        return 1.0
+    if positive_nll > best:
+        return 0.0
+    return 1.0 / (1 + sum(n == positive_nll for n in negative_nlls))
+
+
 def accuracy_with_ci(outcomes: np.ndarray) -> dict[str, float]:
-    """Accuracy with a 95% normal-approximation confidence interval (clipped to [0, 1])."""
+    """Mean outcome with a 95% normal-approximation confidence interval (clipped to [0, 1]). For 0/1
+    outcomes the variance is p(1-p); for outcomes averaged over voices, their own variance."""
+    outcomes = np.asarray(outcomes, dtype=np.float64)
     n = len(outcomes)
     acc = float(outcomes.mean()) if n else float("nan")
-    half = 1.96 * math.sqrt(max(acc * (1 - acc), 0.0) / n) if n else float("nan")
+    half = 1.96 * math.sqrt(float(outcomes.var()) / n) if n else float("nan")
     return {"accuracy": acc, "n": n, "ci95_low": max(0.0, acc - half), "ci95_high": min(1.0, acc + half)}
+
+
+def aggregate(scored: pd.DataFrame, aggregate_by: str | None, breakdown: Sequence[str]) -> dict[str, Any]:
+    """Task accuracy from per-comparison `outcome`s: averaged per `aggregate_by` first (ZeroSpeech: an item over
+    its voices), then over items; plus the same for every value of each breakdown column."""
+    def stats(df: pd.DataFrame) -> dict[str, float]:
+        per_item = df.groupby(aggregate_by, sort=False)["outcome"].mean() if aggregate_by else df["outcome"]
+        return {**accuracy_with_ci(per_item.to_numpy()), "comparisons": len(df)}
+
+    result: dict[str, Any] = stats(scored)
+    for column in breakdown:
+        if column in scored:
+            result[f"by_{column}"] = {str(value): stats(part) for value, part in scored.groupby(column, sort=True)}
+    return result
+
+
+class NllActor:
+    """Ray Data actor: rows (`key`, `units`) -> (`key`, `nll`) under one checkpoint."""
+
+    def __init__(self, checkpoint: str, convention: str, batch_size: int, threads: int = 1) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from slam_ray.parallel import limit_threads
+
+        limit_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU only when the actor was given one
+        self.model = AutoModelForCausalLM.from_pretrained(checkpoint).to(self.device)
+        self.convention, self.batch_size = convention, batch_size
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        units = [list(u) for u in batch["units"]]
+        nll = sequence_nll(self.model, units, self.convention, self.batch_size, self.device)
+        return pd.DataFrame({"key": batch["key"].to_numpy(), "nll": nll})
+
+
+def score_sequences(exp, checkpoint: str, sequences: dict[str, list[int]]) -> dict[str, float]:
+    """NLL of every unit sequence under `checkpoint`, on `eval.num_actors` Ray Data actors. Rows go out sorted by
+    length, so each batch pads little."""
+    from slam_ray.parallel import map_rows
+
+    rows = [{"key": k, "units": u} for k, u in sorted(sequences.items(), key=lambda kv: len(kv[1]))]
+    ctor = {"checkpoint": str(checkpoint), "convention": exp.eval.convention, "batch_size": exp.eval.batch_size,
+            "threads": max(1, int(exp.ray.actor_cpus))}
+    out: dict[str, float] = {}
+    for df in map_rows(exp, rows, NllActor, ctor, exp.eval.num_actors, exp.eval.batch_size,
+                       exp.eval.num_gpus_per_actor):
+        out.update(zip(df["key"], df["nll"].astype(float), strict=True))
+    return out

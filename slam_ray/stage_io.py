@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slam_ray.benchmarks import READERS_VERSION
 from slam_ray.config import STAGES, Experiment
 from slam_ray.errors import SlamError
 from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
@@ -38,6 +39,10 @@ def config_hash(payload: Any) -> str:
 def trained_stage(exp: Experiment) -> str:
     """The stage whose checkpoint evaluation reads: dpo when the experiment runs it, else train."""
     return "dpo" if "dpo" in exp.stages else "train"
+
+
+def evaluates_trained_stage(exp: Experiment) -> bool:
+    return any(c in ("final", "before_dpo", "init", "all") for c in exp.eval.checkpoints)
 
 
 def _spoken_grammar(exp: Experiment) -> dict[str, Any]:
@@ -76,9 +81,12 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
             payload.update(_spoken_grammar(exp), preferences_version=PREFERENCES_VERSION)
         return payload
     if stage == "eval":
-        trained_by = trained_stage(exp)
-        return {"eval": section("eval"), **_spoken_grammar(exp), "pairs_version": PAIRS_VERSION,
-                trained_by: stage_key(exp, trained_by)}
+        payload = {"eval": section("eval"), **_spoken_grammar(exp), "pairs_version": PAIRS_VERSION,
+                   "readers_version": READERS_VERSION}
+        if evaluates_trained_stage(exp):  # not when every checkpoint is a folder given by path
+            trained_by = trained_stage(exp)
+            payload[trained_by] = stage_key(exp, trained_by)
+        return payload
     raise ValueError(f"unknown stage {stage!r}")
 
 

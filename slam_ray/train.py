@@ -9,6 +9,7 @@ untrained baseline evaluation compares against) and `final`. The driver copies b
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -271,6 +272,10 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
         target = out.path / folder
         shutil.rmtree(target, ignore_errors=True)
         checkpoints[kind][0].to_directory(str(target))
+    # Every reported checkpoint, oldest first: what `eval.checkpoints: [all]` scores for a learning curve.
+    listing = sorted(({"step": int(m["step"]), "kind": m.get("kind"), "path": ckpt.path}
+                      for ckpt, m in result.best_checkpoints), key=lambda c: c["step"])
+    (out.path / "checkpoints.json").write_text(json.dumps(listing, indent=1))
     final = checkpoints["final"][1]
     return StageResult(
         counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"])},

@@ -145,3 +145,63 @@ def mlflow_server(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+
+
+def speak_wav(path: Path, text: str, voice: str = "en-us", speed: int = 160) -> Path:
+    """Real speech for miniature benchmark layouts: espeak-ng straight to a 22 kHz WAV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True)
+    return path
+
+
+def make_benchmark_layouts(root: Path) -> dict[str, Path]:
+    """Miniature copies of the official layouts, spoken by espeak-ng: ZeroSpeech 2021 lexical + syntactic dev
+    (wavs + gold.csv), a SpokenStoryCloze folder, two SALMon subsets, and a JSONL manifest with a 3-way group."""
+    import pandas as pd
+
+    voices = ["en-us", "en-gb"]
+    lexical = root / "zr2021" / "lexical" / "dev"
+    rows = []
+    for i, (word, nonword, freq) in enumerate([("garden", "gardel", 120), ("window", "wintow", 40),
+                                                ("pencil", "pentil", 3), ("zebra", "zeblo", 0)]):
+        for voice in voices:
+            for text, correct in ((word, 1), (nonword, 0)):
+                name = f"{'w' if correct else 'n'}{i}_{voice}"
+                speak_wav(lexical / f"{name}.wav", text, voice)
+                rows.append({"filename": name, "id": i, "voice": voice, "frequency": freq if correct else None,
+                             "word": text, "phones": "", "length": len(text), "correct": correct})
+    pd.DataFrame(rows).to_csv(lexical / "gold.csv", index=False)
+    syntactic = root / "zr2021" / "syntactic" / "dev"
+    rows = []
+    for i, (good, bad, kind) in enumerate([("the dog runs", "the dog run", "agreement"),
+                                           ("the cats sleep", "the cats sleeps", "agreement"),
+                                           ("a big bird sings", "a bird big sings", "word_order")]):
+        for voice in voices:
+            for text, correct in ((good, 1), (bad, 0)):
+                name = f"{i}_{voice}_{correct}"
+                speak_wav(syntactic / f"{name}.wav", text, voice)
+                rows.append({"filename": name, "id": i, "voice": voice, "type": kind, "subtype": kind,
+                             "correct": correct, "transcription": text})
+    pd.DataFrame(rows).to_csv(syntactic / "gold.csv", index=False)
+    ssc = root / "sSC"
+    for i, (story, right, wrong) in enumerate([("she was hungry", "so she ate", "so the car flew"),
+                                               ("it rained all day", "the grass was wet", "the moon sang"),
+                                               ("he lost his keys", "he looked for them", "a fish is blue")]):
+        speak_wav(ssc / f"{i}_correct.wav", f"{story} {right}")
+        speak_wav(ssc / f"{i}_incorrect.wav", f"{story} {wrong}")
+    salmon = root / "salmon"
+    for subset in ("gender_consistency", "speaker_consistency"):
+        for i in range(3):
+            speak_wav(salmon / subset / f"sample_{i}_0.wav", "one two three four", voices[0])
+            speak_wav(salmon / subset / f"sample_{i}_1.wav", "one two three four", voices[i % 2])
+    manifest = root / "pairs" / "pairs.jsonl"
+    lines = []
+    for i, (pos, negs) in enumerate([("the girl sings", ["sings the girl"]),
+                                     ("a boy walks", ["walks boy a", "boy a walks"])]):
+        speak_wav(manifest.parent / f"p{i}.wav", pos)
+        for k, neg in enumerate(negs):
+            speak_wav(manifest.parent / f"n{i}_{k}.wav", neg)
+        lines.append({"id": f"m{i}", "positive": f"p{i}.wav", "negatives": [f"n{i}_{k}.wav" for k in range(len(negs))],
+                      "subset": "pairs" if len(negs) == 1 else "groups"})
+    manifest.write_text("\n".join(__import__("json").dumps(line) for line in lines) + "\n")
+    return {"zerospeech": root / "zr2021", "ssc": ssc, "salmon": salmon, "manifest": manifest}

@@ -1,0 +1,192 @@
+"""Likelihood benchmarks as data: task definitions (YAML, `slam_ray/eval_tasks/`) and readers of the official layouts.
+
+A task definition names a reader, its arguments, how comparisons are aggregated (`aggregate_by`: the official
+ZeroSpeech scoring averages the voices of an item first) and which columns break the accuracy down. A reader
+turns a dataset folder into *comparisons*, one row each: `item` (what is averaged first), `positive` (the audio
+the model should prefer), `negatives` (one audio for a pair, several for a group) and breakdown columns.
+Scoring (slam_ray/scoring.py) is shared by every task.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slam_ray.errors import SlamError
+
+READERS_VERSION = 1  # part of the eval unit cache key: bump when a reader's output changes
+SPECIAL_READERS = ("grammar", "generate")  # handled by eval.py itself: spoken grammar pairs, generation
+SALMON_SUBSETS = ("bg_alignment", "bg_all_consistency", "bg_domain_consistency", "gender_consistency",
+                  "rir_consistency", "sentiment_alignment", "sentiment_consistency", "speaker_consistency")
+
+
+class TaskSpec(BaseModel):
+    """One benchmark, as written in `slam_ray/eval_tasks/<name>.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    reader: str = Field(..., description="zerospeech | storycloze | salmon | manifest | grammar | generate")
+    reader_args: dict[str, Any] = Field(default_factory=dict)
+    needs_path: bool = True
+    aggregate_by: str | None = Field(None, description="column averaged first (ZeroSpeech: an item over its voices)")
+    breakdown: list[str] = Field(default_factory=list, description="columns reported as sub-accuracies")
+    reference: str = ""
+
+
+def task_names() -> list[str]:
+    folder = resources.files("slam_ray") / "eval_tasks"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_task(name_or_path: str) -> TaskSpec:
+    """A shipped task by name (`sblimp`) or a task YAML file of your own."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = Path(str(resources.files("slam_ray") / "eval_tasks" / f"{name_or_path}.yaml"))
+    if not path.is_file():
+        raise SlamError(f"unknown eval task {name_or_path!r}: give a task YAML file or one of {', '.join(task_names())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.setdefault("name", path.stem)
+    try:
+        spec = TaskSpec.model_validate(data)
+    except ValidationError as e:
+        raise SlamError(f"eval task {path}: {e}") from None
+    if spec.reader not in (*READERS, *SPECIAL_READERS):
+        raise SlamError(f"eval task {path}: reader {spec.reader!r} is unknown; use one of "
+                        f"{', '.join((*READERS, *SPECIAL_READERS))}")
+    return spec
+
+
+# --- readers: (dataset path, options) -> comparisons DataFrame --------------------------------------------------
+
+
+def _need_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise SlamError(f"{what}: folder {path} does not exist. Download the dataset and point the task's `path` at it")
+    return path
+
+
+def _wavs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".wav", ".flac"))
+
+
+def frequency_band(frequency: float) -> str:
+    """sWUGGY's bands of the word's corpus frequency (ZeroSpeech 2021): oov, 1-5, 6-20, 21-100, >100."""
+    if pd.isna(frequency) or frequency <= 0:
+        return "oov"
+    return "1-5" if frequency <= 5 else "6-20" if frequency <= 20 else "21-100" if frequency <= 100 else ">100"
+
+
+def read_zerospeech(path: Path, part: str, split: str = "dev", **_: Any) -> pd.DataFrame:
+    """ZeroSpeech 2021 `lexical` (sWUGGY) or `syntactic` (sBLIMP): `<path>/<part>/<split>/*.wav` and `gold.csv`
+    (path may also be the `<part>/<split>` folder itself). Pairs the correct and incorrect file of the same `id`
+    and `voice`, as the official toolkit does; sWUGGY items also get the word's frequency band."""
+    folder = path / part / split if (path / part / split).is_dir() else path
+    gold_path = _need_dir(folder, f"ZeroSpeech {part}/{split}") / "gold.csv"
+    if not gold_path.is_file():
+        raise SlamError(f"ZeroSpeech {part}/{split}: {gold_path} is missing (only the dev split's gold labels are public)")
+    gold = pd.read_csv(gold_path)
+    need = {"filename", "id", "voice", "correct"}
+    if missing := need - set(gold.columns):
+        raise SlamError(f"{gold_path} lacks columns {sorted(missing)}: is this a ZeroSpeech 2021 gold.csv?")
+    gold["audio"] = [str(folder / f"{name}.wav") for name in gold["filename"]]
+    pos, neg = gold[gold["correct"] == 1], gold[gold["correct"] == 0]
+    extra = [c for c in ("type", "subtype", "frequency", "word", "length") if c in pos.columns]
+    pairs = pos[["id", "voice", "audio", *extra]].merge(neg[["id", "voice", "audio"]], on=["id", "voice"],
+                                                       suffixes=("_pos", "_neg"))
+    out = pd.DataFrame({"item": pairs["id"].astype(str), "voice": pairs["voice"].astype(str),
+                        "positive": pairs["audio_pos"], "negatives": [[a] for a in pairs["audio_neg"]]})
+    for column in extra:
+        out[column] = pairs[column].values
+    if "frequency" in out:
+        out["frequency_band"] = [frequency_band(f) for f in out["frequency"]]
+    return out
+
+
+def read_storycloze(path: Path, **_: Any) -> pd.DataFrame:
+    """The SpokenStoryCloze release (sSC or tSC): one flat folder of `<n>_<tag>.wav`, two files per story `n`.
+    The positive is the file whose tag says `correct` (not `incorrect`); otherwise the first in name order,
+    as slamkit reads it."""
+    groups: dict[int, list[Path]] = {}
+    for wav in _wavs(_need_dir(path, "StoryCloze")):
+        head = wav.stem.split("_", 1)[0]
+        if head.isdigit():
+            groups.setdefault(int(head), []).append(wav)
+    if not groups:
+        raise SlamError(f"StoryCloze: no `<number>_<tag>.wav` files in {path}")
+    rows = []
+    for n, files in sorted(groups.items()):
+        if len(files) != 2:
+            raise SlamError(f"StoryCloze: story {n} has {len(files)} files in {path} (expected 2: correct, incorrect)")
+        correct = [f for f in files if re.search(r"(?<!in)correct", f.stem.split("_", 1)[-1].lower())]
+        positive = correct[0] if len(correct) == 1 else files[0]
+        rows.append({"item": str(n), "positive": str(positive), "negatives": [str(f) for f in files if f != positive]})
+    return pd.DataFrame(rows)
+
+
+def read_salmon(path: Path, subsets: list[str] | None = None, **_: Any) -> pd.DataFrame:
+    """SALMon's released folder: `<path>/<subset>/sample_<n>_<k>.wav`, `k = 0` the positive, others negatives."""
+    rows = []
+    for subset in subsets or SALMON_SUBSETS:
+        if subset not in SALMON_SUBSETS:
+            raise SlamError(f"SALMon: unknown subset {subset!r}; choose from {', '.join(SALMON_SUBSETS)}")
+        folder = _need_dir(path / subset, f"SALMon {subset}")
+        samples: dict[int, dict[int, Path]] = {}
+        for wav in _wavs(folder):
+            match = re.fullmatch(r"sample_(\d+)_(\d+)", wav.stem)
+            if match:
+                samples.setdefault(int(match[1]), {})[int(match[2])] = wav
+        if not samples:
+            raise SlamError(f"SALMon {subset}: no sample_<n>_<k>.wav files in {folder}")
+        for n, files in sorted(samples.items()):
+            if 0 not in files or len(files) < 2:
+                raise SlamError(f"SALMon {subset}: sample {n} needs sample_{n}_0.wav (positive) and a negative")
+            rows.append({"item": f"{subset}/{n}", "subset": subset, "positive": str(files[0]),
+                         "negatives": [str(files[k]) for k in sorted(files) if k != 0]})
+    return pd.DataFrame(rows)
+
+
+def read_manifest(path: Path, **_: Any) -> pd.DataFrame:
+    """JSONL, one comparison per line: `{"id", "positive", "negative"}` or `{"id", "positive", "negatives": [...]}`,
+    optional `subset`; relative paths are relative to the manifest."""
+    if not path.is_file():
+        raise SlamError(f"manifest {path} does not exist: write a JSONL file of {{\"id\", \"positive\", \"negative\"}}")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            negatives = rec["negatives"] if "negatives" in rec else [rec["negative"]]
+            positive = rec["positive"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SlamError(f"{path}:{n}: need a JSON object with positive and negative(s) ({e})") from None
+        resolve = lambda p: str(p if Path(p).is_absolute() else path.parent / p)  # noqa: E731
+        rows.append({"item": str(rec.get("id", n)), "subset": str(rec.get("subset", "all")),
+                     "positive": resolve(positive), "negatives": [resolve(p) for p in negatives]})
+    if not rows:
+        raise SlamError(f"manifest {path} holds no comparisons")
+    return pd.DataFrame(rows)
+
+
+READERS: dict[str, Callable[..., pd.DataFrame]] = {
+    "zerospeech": read_zerospeech, "storycloze": read_storycloze, "salmon": read_salmon, "manifest": read_manifest,
+}
+
+
+def read_comparisons(spec: TaskSpec, path: str, options: dict[str, Any], limit: int | None = None) -> pd.DataFrame:
+    """The task's comparisons (at most `limit` items, the first in item order: a quick look at a big set)."""
+    df = READERS[spec.reader](Path(path).expanduser(), **{**spec.reader_args, **options})
+    if limit is not None:
+        keep = list(dict.fromkeys(df["item"]))[:limit]
+        df = df[df["item"].isin(set(keep))].reset_index(drop=True)
+    return df

@@ -1,0 +1,72 @@
+"""The unit HiFi-GAN loads a textlesslib-style checkpoint (weight-normalised convolutions, `generator` key)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slam_ray.errors import SlamError
+from slam_ray.vocoder import UnitHifiGan, load_vocoder, vocode
+
+TINY = {"num_embeddings": 20, "embedding_dim": 16, "model_in_dim": 16, "upsample_initial_channel": 32,
+        "upsample_rates": [5, 4], "upsample_kernel_sizes": [11, 8], "resblock_kernel_sizes": [3, 5],
+        "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5]], "resblock": "1", "sampling_rate": 16000}
+
+
+def save_weight_normed(model: UnitHifiGan, folder, step: int = 1000):
+    """Save `model` the way textlesslib/speech-resynthesis training does: every conv weight-normalised."""
+    import copy
+
+    from torch.nn.utils import weight_norm
+
+    normed = copy.deepcopy(model)
+    for module in normed.modules():
+        if isinstance(module, torch.nn.Conv1d | torch.nn.ConvTranspose1d):
+            weight_norm(module)
+    with torch.no_grad():  # make g differ from |v| so folding really matters
+        for name, p in normed.named_parameters():
+            if name.endswith("weight_g"):
+                p.mul_(1.7)
+    state = normed.state_dict()
+    assert any(k.endswith("weight_g") for k in state)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"generator": state}, folder / f"g_{step:08d}")
+    (folder / "config.json").write_text(json.dumps(model.cfg))
+    return normed
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
+@pytest.mark.parametrize("dur", [False, True])
+def test_loads_weight_normed_checkpoint_and_matches_its_forward(tmp_path, dur):
+    cfg = {**TINY, **({"dur_predictor_params": {"encoder_embed_dim": 16, "var_pred_hidden_dim": 16,
+                                               "var_pred_kernel_size": 3, "var_pred_dropout": 0.5}} if dur else {})}
+    torch.manual_seed(0)
+    normed = save_weight_normed(UnitHifiGan(cfg), tmp_path / "voc").eval()
+    loaded = load_vocoder(tmp_path / "voc")
+    units = [3, 7, 7, 1, 19, 0, 4]
+    wav = vocode(loaded, units)
+    expected = normed(torch.tensor(units)).numpy()
+    np.testing.assert_allclose(wav, expected, atol=1e-5)
+    assert np.abs(wav).max() <= 1.0
+    if not dur:  # one frame per unit, 20 samples per frame (5 x 4)
+        assert wav.shape == (len(units) * 20,)
+    assert loaded.sample_rate == 16000
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
+def test_bad_vocoders_are_refused_clearly(tmp_path):
+    torch.manual_seed(0)
+    save_weight_normed(UnitHifiGan(TINY), tmp_path / "voc")
+    loaded = load_vocoder(tmp_path / "voc" / "g_00001000")  # the weights file itself works too
+    with pytest.raises(SlamError, match="outside the vocoder's 20 units"):
+        vocode(loaded, [1, 25])
+    (tmp_path / "voc" / "config.json").write_text(json.dumps({**TINY, "embedding_dim": 8, "model_in_dim": 8}))
+    with pytest.raises(SlamError, match="does not match its config.json|size mismatch"):
+        load_vocoder(tmp_path / "voc")
+    with pytest.raises(SlamError, match="no config.json"):
+        load_vocoder(tmp_path / "elsewhere")
+    with pytest.raises(SlamError, match="f0"):
+        UnitHifiGan({**TINY, "f0": True})
