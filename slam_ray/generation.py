@@ -38,7 +38,7 @@ def _prompt_sources(path: str, n: int) -> list[dict[str, Any]]:
         if not p.is_file():
             raise SlamError(f"generate: prompt manifest {p} does not exist")
         rows = []
-        for i, line in enumerate(l for l in p.read_text().splitlines() if l.strip()):
+        for i, line in enumerate(t for t in p.read_text().splitlines() if t.strip()):
             rec = json.loads(line)
             uid = str(rec.get("id") or Path(rec.get("file_name") or rec.get("path") or f"prompt{i}").stem)
             if "units" in rec:

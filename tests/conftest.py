@@ -205,3 +205,19 @@ def make_benchmark_layouts(root: Path) -> dict[str, Path]:
                       "subset": "pairs" if len(negs) == 1 else "groups"})
     manifest.write_text("\n".join(__import__("json").dumps(line) for line in lines) + "\n")
     return {"zerospeech": root / "zr2021", "ssc": ssc, "salmon": salmon, "manifest": manifest}
+
+
+def save_tiny_text_lm(folder: Path) -> Path:
+    """A tiny random GPT-2 with a word-level tokenizer, saved like any HF text LM (for GenPPL)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>", "the", "dog", "cat", "runs", "sat", "a", "one", "two", "three", "four"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=1, eos_token_id=1)).save_pretrained(folder)
+    return folder

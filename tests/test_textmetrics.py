@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_text_lm
 
 from slam_ray.textmetrics import Transcriber, auto_bleu, generative_summary, text_nll, word_error_rate
 
@@ -29,18 +30,9 @@ def test_word_error_rate_is_word_levenshtein():
 
 @pytest.fixture(scope="module")
 def text_lm(tmp_path_factory):
-    """A tiny random GPT-2 with a word-level tokenizer, both saved and loaded like any HF text LM."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("text_lm")
-    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "the", "dog", "cat", "runs", "sat", "a"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=16, n_layer=1, n_head=2,
-                               bos_token_id=1, eos_token_id=1)).save_pretrained(folder)
+    folder = save_tiny_text_lm(tmp_path_factory.mktemp("text_lm"))
     return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 
