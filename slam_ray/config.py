@@ -192,6 +192,9 @@ class TrainConfig(Section):
     checkpoint_every: int | None = Field(None, ge=1, description="steps between resumable checkpoints")
     checkpoint_every_minutes: float | None = Field(None, gt=0, description="minutes between resumable checkpoints")
     max_failures: int = Field(0, ge=-1, description="Ray Train retries after a worker failure (-1: forever)")
+    storage_path: str | None = Field(None, description="where Ray Train keeps the run (checkpoints, trainer state): "
+                                     "a shared folder or s3://bucket/prefix, gs://bucket/prefix, credentials from the "
+                                     "environment; None = the stage folder")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -291,7 +294,8 @@ class EvalConfig(Section):
     n_pairs: int = Field(200, ge=1, description="minimal pairs per built-in grammar task")
     convention: Literal["mean", "sum"] = Field("mean", description="score by mean (slamkit) or summed token NLL")
     batch_size: int = Field(32, ge=1)
-    num_actors: int = Field(1, ge=1, description="Ray Data scoring actors (one per GPU on a GPU cluster)")
+    num_actors: int = Field(1, ge=1, description="Ray Data scoring actors (one per GPU on a cluster); 1 without GPUs "
+                            "scores in the eval process itself")
     num_gpus_per_actor: float = Field(0.0, ge=0)
     seed: int = 1234
     generation: GenerationConfig = GenerationConfig()

@@ -36,6 +36,7 @@ from slam_ray.optim import lr_factor
 from slam_ray.preferences import grammar_preference_triples, read_slamkit_preferences
 from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, stage_payload, upstream_dir
+from slam_ray.storage import run_storage
 from slam_ray.tracking import Tracker
 from slam_ray.train_utils import all_ranks, report_checkpoint, resume_state
 from slam_ray.units import UNIT_OFFSET, units_to_tokens
@@ -387,7 +388,7 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
                            "reference_logps": reference},
         scaling_config=ScalingConfig(num_workers=exp.dpo.num_workers or exp.train.num_workers, use_gpu=exp.train.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name="dpo", storage_path=str(out.path / "ray"),
+        run_config=RunConfig(**run_storage(exp, out, "dpo"),
                              failure_config=FailureConfig(max_failures=exp.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
     )

@@ -40,6 +40,7 @@ from slam_ray.stage_io import (
     trained_stage,
     upstream_dir,
 )
+from slam_ray.storage import download, is_remote
 from slam_ray.tokenizer import encode_files
 from slam_ray.tracking import Tracker
 from slam_ray.tts import speak_items
@@ -80,7 +81,12 @@ def resolve_checkpoints(exp: Experiment) -> list[tuple[str, Path, int | None]]:
                 raise SlamError(f"eval.checkpoints: [all] needs {listing}, written by training since this version; "
                                 "rerun `slam-ray train` into a fresh workdir, or list checkpoint folders")
             by_step = {c["step"]: c for c in json.loads(listing.read_text())}  # final wins a shared step
-            out += [(f"@step_{step}", Path(c["path"]), step) for step, c in sorted(by_step.items())]
+            for step, c in sorted(by_step.items()):
+                folder = Path(c["path"])
+                if not folder.is_dir() and is_remote(exp.train.storage_path):  # in a bucket: fetched once
+                    cache = exp.workdir_path / "eval_checkpoints" / stage_key(exp, "train") / f"step_{step}"
+                    folder = download(exp.train.storage_path, c["path"], cache)
+                out.append((f"@step_{step}", folder, step))
         else:
             folder = Path(entry).expanduser()
             if not (folder / "config.json").is_file():

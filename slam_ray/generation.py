@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,11 @@ from slam_ray.runner import cached_json, init_ray
 from slam_ray.stage_io import StageDir, stage_key, upstream_dir
 from slam_ray.textmetrics import generative_summary, text_nll, word_error_rate
 from slam_ray.units import EOS_ID, PAD_ID, tokens_to_units, units_to_tokens
+
+
+def _natural(path: str) -> list:
+    """Name order with numbers compared as numbers: `2_correct` before `10_correct` (the sSC layout)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
 def _prompt_sources(path: str, n: int) -> list[dict[str, Any]]:
@@ -50,7 +56,8 @@ def _prompt_sources(path: str, n: int) -> list[dict[str, Any]]:
                 raise SlamError(f"{p}:{i + 1}: a prompt line needs `path` (audio) or `units`")
     else:
         pattern = str(p / "**" / "*") if p.is_dir() else str(p)
-        files = sorted(f for f in glob.glob(pattern, recursive=True) if Path(f).suffix.lower() in (".wav", ".flac", ".ogg", ".mp3"))
+        files = sorted((f for f in glob.glob(pattern, recursive=True)
+                        if Path(f).suffix.lower() in (".wav", ".flac", ".ogg", ".mp3")), key=_natural)
         rows = [{"id": Path(f).stem, "path": f} for f in files]
     if not rows:
         raise SlamError(f"generate: no prompts in {path} (a folder or glob of audio, or a JSONL of paths or units)")

@@ -108,11 +108,18 @@ class NllActor:
 
 
 def score_sequences(exp, checkpoint: str, sequences: dict[str, list[int]]) -> dict[str, float]:
-    """NLL of every unit sequence under `checkpoint`, on `eval.num_actors` Ray Data actors. Rows go out sorted by
-    length, so each batch pads little."""
+    """NLL of every unit sequence under `checkpoint`: on `eval.num_actors` Ray Data actors (one model each; a GPU
+    each with `eval.num_gpus_per_actor`), or in this process when one CPU actor is asked for (an actor would only
+    add its start-up). Rows go out sorted by length, so each batch pads little."""
     from slam_ray.parallel import map_rows
 
     rows = [{"key": k, "units": u} for k, u in sorted(sequences.items(), key=lambda kv: len(kv[1]))]
+    if exp.eval.num_actors == 1 and not exp.eval.num_gpus_per_actor:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        nll = sequence_nll(model, [r["units"] for r in rows], exp.eval.convention, exp.eval.batch_size)
+        return {r["key"]: float(v) for r, v in zip(rows, nll, strict=True)}
     ctor = {"checkpoint": str(checkpoint), "convention": exp.eval.convention, "batch_size": exp.eval.batch_size,
             "threads": max(1, int(exp.ray.actor_cpus))}
     out: dict[str, float] = {}

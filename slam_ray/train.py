@@ -22,6 +22,7 @@ from slam_ray.config import Experiment
 from slam_ray.optim import build_optimizer, lr_factor, warmup_steps
 from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, upstream_dir
+from slam_ray.storage import run_storage
 from slam_ray.tracking import Tracker
 from slam_ray.train_utils import all_ranks, flops_per_token, peak_tflops, report_checkpoint, resume_state
 from slam_ray.units import PAD_ID
@@ -261,7 +262,7 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
                            "val_path": str(packed / "val.npy")},
         scaling_config=ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name="train", storage_path=str(out.path / "ray"),
+        run_config=RunConfig(**run_storage(exp, out, "train"),
                              failure_config=FailureConfig(max_failures=exp.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None), callbacks=_tune_callbacks()),
     )

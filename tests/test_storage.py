@@ -1,0 +1,104 @@
+"""Training checkpoints on S3-compatible object storage (a real moto server on 127.0.0.1), and no credential
+anywhere in what MLflow records."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from conftest import free_port, small_experiment
+
+from slam_ray.config import to_yaml
+from slam_ray.stage_io import stage_dir
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SECRET = "planted-SECRET-9f8e7d6c5b4a"  # the secret key: must never reach params, tags, artifacts or manifests
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    port = free_port()
+    log = open(tmp_path / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    env = {"AWS_ACCESS_KEY_ID": "slamtestkey", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    yield url, port, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak):
+    import boto3
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    url, port, env = s3_server
+    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=SECRET, region_name="us-east-1")
+    s3.create_bucket(Bucket="slam")
+    storage = f"s3://slam/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
+    exp = small_experiment(tmp_path / "work", stages=["synth", "extract", "pack", "train", "eval"],
+                           train={"max_steps": 20, "checkpoint_every": 10, "storage_path": storage},
+                           eval={"tasks": ["word_order"], "n_pairs": 12, "checkpoints": ["final", "all"]})
+    (tmp_path / "s3.yaml").write_text(to_yaml(exp))
+    proc = subprocess.run([sys.executable, "-m", "slam_ray.cli", "run", str(tmp_path / "s3.yaml")], cwd=tmp_path,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    # the Ray Train run lives in the bucket: every reported checkpoint, each loadable as a HF model
+    out = stage_dir(exp, "train")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="slam", Prefix="runs/")["Contents"]]
+    weights = sorted(k for k in keys if k.endswith("model.safetensors"))
+    assert len(weights) == 3  # step 0 (init), step 10, step 20 (final)
+    assert all(k.startswith(f"runs/tiny-train-{out.key}/checkpoint_") for k in weights)
+    listing = json.loads((out.path / "checkpoints.json").read_text())
+    assert [c["step"] for c in listing] == [0, 10, 20] and all(c["path"].startswith("slam/runs/") for c in listing)
+    last = tmp_path / "from_s3"
+    last.mkdir()
+    prefix = listing[-1]["path"].removeprefix("slam/")
+    for key in (k for k in keys if k.startswith(prefix + "/") and not k.endswith("/")):  # skip folder markers
+        target = last / key[len(prefix) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file("slam", key, str(target))
+    from_bucket = AutoModelForCausalLM.from_pretrained(last)
+    local = AutoModelForCausalLM.from_pretrained(out.path / "checkpoint")
+    for a, b in zip(from_bucket.state_dict().values(), local.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+    # eval's `all` fetched each checkpoint from the bucket: the step-20 one scores like the final one
+    results = json.loads((stage_dir(exp, "eval").path / "results.json").read_text())
+    assert [k for k in results if k.startswith("word_order@step_")] == ["word_order@step_0", "word_order@step_10",
+                                                                         "word_order@step_20"]
+    assert results["word_order@step_20"]["accuracy"] == results["word_order"]["accuracy"]
+    assert "eval_checkpoints" in results["word_order@step_10"]["checkpoint"]
+
+    # the secret is nowhere: params, tags, metrics' names, artifacts, manifests
+    client = MlflowClient(exp.tracking_uri)
+    mlflow.set_tracking_uri(exp.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(runs) >= 5
+    for run in runs:
+        blob = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        assert SECRET not in blob and "slamtestkey" not in blob
+        folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "art" / run.info.run_id))
+        for path in __import__("pathlib").Path(folder).rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
+    for manifest in exp.workdir_path.rglob("manifest.json"):
+        assert SECRET not in manifest.read_text()
