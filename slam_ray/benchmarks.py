@@ -134,12 +134,16 @@ def read_storycloze(path: Path, **_: Any) -> pd.DataFrame:
 
 
 def read_salmon(path: Path, subsets: list[str] | None = None, **_: Any) -> pd.DataFrame:
-    """SALMon's released folder: `<path>/<subset>/sample_<n>_<k>.wav`, `k = 0` the positive, others negatives."""
+    """SALMon's released folder: `<path>/<subset>/sample_<n>_<k>.wav`, `k = 0` the positive, others negatives;
+    or its Hugging Face parquet: `<path>/<subset>/*.parquet` with `positive_audio` / `negative_audio`."""
     rows = []
     for subset in subsets or SALMON_SUBSETS:
         if subset not in SALMON_SUBSETS:
             raise SlamError(f"SALMon: unknown subset {subset!r}; choose from {', '.join(SALMON_SUBSETS)}")
         folder = _need_dir(path / subset, f"SALMon {subset}")
+        if parquet := sorted(folder.glob("*.parquet")):
+            rows += _salmon_parquet(subset, parquet)
+            continue
         samples: dict[int, dict[int, Path]] = {}
         for wav in _wavs(folder):
             match = re.fullmatch(r"sample_(\d+)_(\d+)", wav.stem)
@@ -153,6 +157,37 @@ def read_salmon(path: Path, subsets: list[str] | None = None, **_: Any) -> pd.Da
             rows.append({"item": f"{subset}/{n}", "subset": subset, "positive": str(files[0]),
                          "negatives": [str(files[k]) for k in sorted(files) if k != 0]})
     return pd.DataFrame(rows)
+
+
+def _salmon_parquet(subset: str, files: list[Path]) -> list[dict[str, Any]]:
+    """SALMon as Hugging Face parquet (`<subset>/train-*.parquet`, audio columns `positive_audio` and
+    `negative_audio` holding encoded bytes): the audio is written once to a cache folder so the encoding actors
+    read files like any other task's."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    rows = []
+    for file in files:
+        table = pq.read_table(file)
+        if missing := {"positive_audio", "negative_audio"} - set(table.column_names):
+            raise SlamError(f"SALMon {file}: no {sorted(missing)} columns (found {table.column_names}); "
+                            "use the released folder layout or rename the audio columns")
+        digest = hashlib.sha1(f"{file.resolve()}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        cache = Path.home() / ".cache" / "slam_ray" / "salmon" / digest
+        cache.mkdir(parents=True, exist_ok=True)
+        for i, rec in enumerate(table.select(["positive_audio", "negative_audio"]).to_pylist()):
+            paths = []
+            for side in ("positive_audio", "negative_audio"):
+                target = cache / f"{i:05d}_{side}.wav"
+                if not target.is_file():
+                    tmp = target.with_suffix(".tmp")
+                    tmp.write_bytes(rec[side]["bytes"])
+                    tmp.replace(target)
+                paths.append(str(target))
+            rows.append({"item": f"{subset}/{file.stem}/{i}", "subset": subset, "positive": paths[0],
+                         "negatives": [paths[1]]})
+    return rows
 
 
 def read_manifest(path: Path, **_: Any) -> pd.DataFrame:

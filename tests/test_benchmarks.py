@@ -99,3 +99,24 @@ def test_config_names_the_task_field_and_the_fix():
         load_experiment("quickstart", ["eval.tasks=[{task: ssc, path: /a}, {task: ssc, path: /b}]"])
     exp = load_experiment("quickstart", ["eval.tasks=[lexical, {task: ssc, path: /a, name: ssc_dev}]"])
     assert [e.key for e in exp.eval.task_entries()] == ["lexical", "ssc_dev"]
+
+
+def test_salmon_hugging_face_parquet(tmp_path, layouts):
+    """The HF release's shape: one parquet per subset, audio columns as {bytes, path} structs."""
+    import pandas as pd
+
+    folder = tmp_path / "salmon_hf" / "gender_consistency"
+    folder.mkdir(parents=True)
+    src = layouts["salmon"] / "gender_consistency"
+    records = [{"task": "gender_consistency", "ind": i,
+                "positive_audio": {"bytes": (src / f"sample_{i}_0.wav").read_bytes(), "path": None},
+                "negative_audio": {"bytes": (src / f"sample_{i}_1.wav").read_bytes(), "path": None}} for i in range(3)]
+    pd.DataFrame(records).to_parquet(folder / "train-00000-of-00001.parquet")
+    df = read_comparisons(load_task("salmon"), str(tmp_path / "salmon_hf"), {"subsets": ["gender_consistency"]})
+    assert len(df) == 3
+    for i, row in enumerate(df.itertuples()):
+        assert Path(row.positive).read_bytes() == (src / f"sample_{i}_0.wav").read_bytes()
+        assert Path(row.negatives[0]).read_bytes() == (src / f"sample_{i}_1.wav").read_bytes()
+    pd.DataFrame([{"audio": b"x"}]).to_parquet(folder / "train-00000-of-00001.parquet")
+    with pytest.raises(SlamError, match="positive_audio"):
+        read_comparisons(load_task("salmon"), str(tmp_path / "salmon_hf"), {"subsets": ["gender_consistency"]})
