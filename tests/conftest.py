@@ -62,6 +62,7 @@ def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool]) -
     import threading
     import time
 
+    import ray
     from ray.util.state import list_actors
 
     errors: list[BaseException] = []
@@ -78,7 +79,9 @@ def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool]) -
     deadline = time.time() + 300
     while victim is None and time.time() < deadline and runner.is_alive():
         if ready():
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            # the address, not a scan of the machine's Ray processes: another local Ray would make that ambiguous
+            workers = list_actors(address=ray.get_runtime_context().gcs_address,
+                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers:
                 victim = workers[0].pid
                 os.kill(victim, signal.SIGKILL)
