@@ -4,6 +4,12 @@ The library, not the CLI: one process per utterance cost ~25 ms, the library spe
 its synthesis callback reports word events (character position and sample index of every word), which give
 word alignments for free. The library is one global engine per process, so calls are serialised by a lock;
 Ray Data runs one actor per process, so actors still run in parallel.
+
+Found the hard way: the library keeps its glottal phase and flutter counters from one utterance to the next
+(re-initialising does not reset them; only a fresh process does), so the same text comes out a few samples
+(< 1 ms) apart depending on what the process spoke before. The CLI is bit-exact per call because each call is
+a fresh process, and it appends ~0.5 s of silence; the library's first utterance equals the CLI's audio
+without that tail.
 """
 
 from __future__ import annotations
