@@ -20,7 +20,7 @@ from slam_ray.errors import SlamError
 
 # A sentence ends at . ! ? (and closing quotes/brackets) followed by whitespace; abbreviations such as
 # "Mr." split too, which costs a short pause in the speech, not a wrong word.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'”’)\]]*\s+")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)\]]))\s+")
 
 
 def split_sentences(text: str) -> list[str]:

@@ -91,7 +91,7 @@ class EspeakBackend:
             except EspeakError as e:
                 raise AudioError(str(e)) from e
             if not words:
-                raise AudioError(f"espeak-ng found no word to speak in this text ({text[:40]!r})")
+                raise AudioError(f"espeak-ng found no word to speak in this text ({text[:40]!r}): nothing speakable in it")
             rate = self.engine.sample_rate
             audio = _checked(samples.astype(np.float32) / 32768.0, text)
             out.append(Speech(resample(audio, rate, self.sample_rate), word_spans(text, words, ends, len(samples), rate)))

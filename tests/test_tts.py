@@ -64,22 +64,22 @@ def test_espeak_speaks_at_16khz_with_word_alignments(espeak):
     assert len(fast.audio) < 0.75 * len(slow.audio)
     assert_aligned(slow.words, SENTENCE, len(slow.audio) / 16_000)
     assert fast.words[-1][2] < 0.75 * slow.words[-1][2]  # the alignment follows the speed
-    # libespeak-ng keeps its glottal phase / flutter state from one utterance to the next, so the same text
-    # comes out a few samples apart depending on what the process spoke before: equal words, timings to 2 ms
+    # bit-exact whatever the process spoke before (the library keeps state; each utterance runs in a fresh fork)
+    backend.synthesize(["something else first", "and more"], "en-gb", 200)
     again = backend.synthesize([SENTENCE], "en-us", 120)[0]
-    assert abs(len(again.audio) - len(slow.audio)) <= 32
-    assert [w for w, _, _ in again.words] == [w for w, _, _ in slow.words]
-    assert np.allclose([t for _, s, e in again.words for t in (s, e)], [t for _, s, e in slow.words for t in (s, e)],
-                       atol=0.002)
+    assert np.array_equal(slow.audio, again.audio) and slow.words == again.words
     # a number is read as several words but stays one text word; punctuation is not part of a word
     words = backend.synthesize(["Hello, café 42 cats!"], "en-us", 160)[0].words
     assert [w for w, _, _ in words] == [" Hello", " café", " 42", " cats"]
+    # espeak joins some function words to the next without an event of their own: one entry, no word lost
+    joined = backend.synthesize(["a cat sleeps in the sun"], "en-us", 160)[0].words
+    assert [w for w, _, _ in joined] == [" a", " cat", " sleeps", " in the", " sun"]
     assert "en-us" in backend.voices() and "fr-fr" in backend.voices()
 
 
 def test_espeak_rejects_what_it_cannot_speak(espeak):
     backend = make_backend("espeak")
-    with pytest.raises(AudioError, match="no word to speak"):
+    with pytest.raises(AudioError, match="nothing speakable"):
         backend.synthesize(["..."], "en-us", 160)
     with pytest.raises(AudioError, match="no voice 'xx-nonexistent'"):
         backend.synthesize([SENTENCE], "xx-nonexistent", 160)
@@ -140,7 +140,7 @@ def test_speak_actor_reports_failures_and_keeps_finished_files(tmp_path, espeak)
     assert pd.isna(out.loc["a", "error"]) and out.loc["a", "duration"] > 0.3
     assert json.loads(out.loc["a", "aligned_text"])[0][0] == " hello"
     assert "no voice 'xx-nonexistent'" in out.loc["b", "error"]
-    assert "no word to speak" in out.loc["c", "error"]
+    assert "nothing speakable" in out.loc["c", "error"]
     assert not (tmp_path / "b.flac").exists() and not (tmp_path / "c.flac").exists()
     # a rerun (resume after interruption) keeps the finished file instead of speaking it again
     before = os.stat(tmp_path / "a.flac").st_mtime_ns
