@@ -1,15 +1,14 @@
 """espeak-ng through its C library (libespeak-ng.so.1, installed with the Debian package), via ctypes.
 
-The library, not the CLI: one process per utterance cost ~25 ms, the library speaks a sentence in ~3 ms, and only
-its synthesis callback reports word events (character position and sample index of every word), which give
-word alignments for free. The library is one global engine per process, so calls are serialised by a lock;
-Ray Data runs one actor per process, so actors still run in parallel.
+The library, not the CLI, because only its synthesis callback reports word events (character position and
+sample index of every word), which give word alignments for free.
 
 Found the hard way: the library carries state from one utterance to the next (glottal phase, flutter, and more:
 the same sentence came out up to 43 ms longer or shorter depending on what the process had spoken before), and
 re-initialising does not reset it; only a fresh process does. So every utterance is spoken in a forked child of
-a process whose engine is initialised but has never spoken: bit-exact whatever came before, at ~25 ms per
-utterance (the fork), like the CLI it replaces. The CLI appends ~0.5 s of silence; otherwise a fresh engine's
+a small server process (`python -m slam_ray.espeak`) whose engine is initialised but never speaks: bit-exact
+whatever was spoken before. Forking that ~30 MB server costs ~1 ms; forking a Ray actor that holds torch cost
+~30 ms per utterance, more than the CLI (~18 ms). The CLI appends ~0.5 s of silence; otherwise a fresh engine's
 audio equals the CLI's sample for sample.
 """
 
@@ -19,6 +18,9 @@ import ctypes
 import os
 import pickle
 import re
+import struct
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -50,8 +52,8 @@ class EspeakError(RuntimeError):
 
 
 class _Engine:
-    """The process's espeak-ng engine; `speak` returns (int16 samples, [(char_pos, n_chars, sample)] words,
-    end sample of each clause)."""
+    """The server's espeak-ng engine; `_speak` returns (int16 samples, [(char_pos, n_chars, sample)] words,
+    end sample of each clause) and is only ever called in a forked child."""
 
     def __init__(self) -> None:
         try:
@@ -65,7 +67,6 @@ class _Engine:
         self._events: list[tuple[int, int, int, int]] = []
         self._callback = _CALLBACK(self._on_audio)  # kept referenced: the library calls it later
         self.lib.espeak_SetSynthCallback(self._callback)
-        self.lock = threading.Lock()
 
     def _on_audio(self, wav, n, events) -> int:
         if n > 0:
@@ -84,32 +85,25 @@ class _Engine:
         select = _VoiceSelect(languages=voice.encode())
         return self.lib.espeak_SetVoiceByProperties(ctypes.byref(select)) == 0
 
-    def speak(self, text: str, voice: str, rate: int, pitch: int | None) -> tuple[np.ndarray, list, list]:
-        """Speak in a forked child, so the engine's state is always the fresh one (see the module doc)."""
-        with self.lock:
-            read, write = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # child: speak, send the result (or the error) back, exit without cleanup
-                os.close(read)
-                try:
-                    samples, words, ends = self._speak(text, voice, rate, pitch)
-                    data = pickle.dumps((samples.tobytes(), words, ends))
-                except BaseException as e:  # noqa: BLE001  (any failure goes back to the parent)
-                    data = pickle.dumps(EspeakError(str(e)))
-                with os.fdopen(write, "wb") as f:
-                    f.write(data)
-                os._exit(0)
-            os.close(write)
-            with os.fdopen(read, "rb") as f:
-                data = f.read()
-            _, status = os.waitpid(pid, 0)
-        if not data:
-            raise EspeakError(f"espeak-ng crashed on this text (exit status {status})")
-        result = pickle.loads(data)  # our own child's bytes
-        if isinstance(result, EspeakError):
-            raise result
-        samples, words, ends = result
-        return np.frombuffer(samples, dtype=np.int16), words, ends
+    def speak_forked(self, request: tuple) -> bytes:
+        """The pickled result of `_speak(*request)` (or of the error it raised), spoken in a forked child."""
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: speak, send the result back, exit without cleanup
+            os.close(read)
+            try:
+                samples, words, ends = self._speak(*request)
+                data = pickle.dumps(("ok", samples.tobytes(), words, ends))
+            except BaseException as e:  # noqa: BLE001  (any failure goes back to the parent)
+                data = pickle.dumps(("error", str(e)))
+            with os.fdopen(write, "wb") as f:
+                f.write(data)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        return data or pickle.dumps(("error", f"espeak-ng crashed on this text (exit status {status})"))
 
     def _speak(self, text: str, voice: str, rate: int, pitch: int | None) -> tuple[np.ndarray, list, list]:
         if not self._set_voice(voice):
@@ -128,16 +122,73 @@ class _Engine:
         return audio, words, ends
 
 
-_engine: _Engine | None = None
-_engine_lock = threading.Lock()
+def _send(stream, data: bytes) -> None:
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
 
 
-def engine() -> _Engine:
-    global _engine
-    with _engine_lock:
-        if _engine is None:
-            _engine = _Engine()
-        return _engine
+def _receive(stream) -> bytes:
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EspeakError("the espeak-ng server stopped")
+    return stream.read(struct.unpack("<Q", head)[0])
+
+
+def serve() -> None:
+    """The server's loop: one request (pickled (text, voice, rate, pitch)) in, one pickled result out:
+    ("ok", int16 bytes, words, clause ends) or ("error", message); the first message is the sample rate."""
+    try:
+        engine = _Engine()
+        _send(sys.stdout.buffer, pickle.dumps(("ok", engine.sample_rate)))
+    except EspeakError as e:
+        _send(sys.stdout.buffer, pickle.dumps(("error", str(e))))
+        return
+    while True:
+        try:
+            request = pickle.loads(_receive(sys.stdin.buffer))  # from our own client
+        except EspeakError:
+            return  # the client went away
+        _send(sys.stdout.buffer, engine.speak_forked(request))
+
+
+class EspeakClient:
+    """This process's handle on its espeak-ng server; `speak` is serialised by a lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "slam_ray.espeak"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        hello = pickle.loads(_receive(self.proc.stdout))  # our own server's bytes
+        if hello[0] != "ok":
+            raise EspeakError(hello[1])
+        self.sample_rate = int(hello[1])
+
+    def speak(self, text: str, voice: str, rate: int, pitch: int | None) -> tuple[np.ndarray, list, list]:
+        """(int16 samples, word events (char_pos, n_chars, sample), clause-end samples) of a fresh engine."""
+        with self.lock:
+            if self.proc.poll() is not None:
+                self._start()
+            _send(self.proc.stdin, pickle.dumps((text, voice, rate, pitch)))
+            result = pickle.loads(_receive(self.proc.stdout))  # our own server's bytes
+        if result[0] != "ok":
+            raise EspeakError(result[1])
+        _, samples, words, ends = result
+        return np.frombuffer(samples, dtype=np.int16), words, ends
+
+
+_client: EspeakClient | None = None
+_client_lock = threading.Lock()
+
+
+def engine() -> EspeakClient:
+    global _client
+    with _client_lock:
+        if _client is None:
+            _client = EspeakClient()
+        return _client
 
 
 def word_spans(text: str, words: list[tuple[int, int, int]], ends: list[int], n_samples: int,
@@ -167,3 +218,7 @@ def word_spans(text: str, words: list[tuple[int, int, int]], ends: list[int], n_
         word = re.sub(r"^\W+|\W+$", "", chunk) or chunk
         spans.append([" " + word, round(start / sample_rate, 3), round(max(end, start) / sample_rate, 3)])
     return spans
+
+
+if __name__ == "__main__":
+    serve()
