@@ -10,7 +10,6 @@ from several. `synth` speaks them; `preferences.jsonl` is slamkit's preference i
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -125,7 +124,3 @@ def export_preference_units(exp: Experiment, path: str | Path) -> int:
     write_jsonl(path, out)
     return len(out)
 
-
-def preference_summary(path: Path) -> dict[str, int]:
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return {"triples": len(lines), "voices": len({json.loads(line)["voice"] for line in lines})}

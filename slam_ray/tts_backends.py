@@ -124,9 +124,30 @@ class PiperBackend:
 
     def _voice(self, voice: str):
         if voice not in self._voices:
+            import onnxruntime
+            import torch
             from piper import PiperVoice
 
-            self._voices[voice] = PiperVoice.load(self.voice_path(voice), include_alignments=self.alignments)
+            path = self.voice_path(voice)
+            loaded = PiperVoice.load(path)  # config and espeak data; its session uses every core, replaced below
+            model: str | bytes = str(path)
+            if self.alignments:  # what PiperVoice.load(include_alignments=True) does, which takes no session options
+                import onnx
+                from piper.patch_voice_with_alignment import add_alignment_output
+
+                proto = onnx.load(str(path))
+                try:
+                    add_alignment_output(proto)
+                except ValueError:  # already patched
+                    pass
+                model = proto.SerializeToString()
+            # as many threads as torch was given (one per actor, limit_threads): two actors on two cores with
+            # onnxruntime's default (every core each) ran slower than one
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = torch.get_num_threads()
+            loaded.session = onnxruntime.InferenceSession(model, sess_options=options,
+                                                          providers=["CPUExecutionProvider"])
+            self._voices[voice] = loaded
         return self._voices[voice]
 
     def synthesize(self, texts: list[str], voice: str, speed: float, noise: float = 0.0,

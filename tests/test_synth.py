@@ -17,6 +17,8 @@ from slam_ray.spoken_swag import auto_bleu, build_triples
 from slam_ray.stage_io import stage_dir
 from slam_ray.synth import plan_items, synth
 
+pytestmark = pytest.mark.ray
+
 LINES = ["the dog runs.", "a cat sleeps in the sun.", "...", "the dog runs.", "birds sing at night.",
          "my friend visits the farmer.", "the old horse walks slowly.", "children laugh outside.",
          "the baker feeds the rabbits.", "?!", "the teacher calls the boys."]
@@ -171,3 +173,54 @@ def test_spoken_swag_to_dpo_readable_unit_triples(tmp_path, ray_local, espeak):
     triples = read_slamkit_preferences(tmp_path / "units.jsonl")  # what dpo.inputs reads
     assert n == 3 and len(triples) == 3 and all(t.prompt and t.chosen and t.rejected for t in triples)
     assert stage_dir(exp, "synth").is_complete()
+
+
+@pytest.mark.slow
+def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak):
+    """SIGKILL `slam-ray synth` (driver, local Ray, actors, espeak servers) mid-way, run the same command again:
+    it speaks only the shards without an index part and ends with exactly a clean run's index and errors."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from slam_ray.config import to_yaml
+
+    def command(workdir):
+        exp = small_experiment(workdir, stages=["synth"],
+                               synth={"corpus": {"n_sentences": 240}, "shard_size": 20, "batch_size": 4})
+        path = workdir.parent / f"{workdir.name}.yaml"
+        path.write_text(to_yaml(exp))
+        return [sys.executable, "-m", "slam_ray.cli", "synth", str(path)], stage_dir(exp, "synth")
+
+    clean_cmd, clean_out = command(tmp_path / "clean")
+    subprocess.run(clean_cmd, cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    killed_cmd, killed_out = command(tmp_path / "killed")
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(killed_cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, written = time.time() + 300, []
+    try:
+        while len(written) < 2:
+            assert proc.poll() is None, "finished before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.time() < deadline, "no shard written in time"
+            time.sleep(0.05)
+            index = killed_out.path / "index"
+            written = list(index.glob("part-*.parquet")) if index.is_dir() else []
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        log.close()
+    before = {p.name: p.stat().st_mtime_ns for p in (killed_out.path / "index").glob("part-*.parquet")}
+    assert 2 <= len(before) < 12
+    rerun = subprocess.run(killed_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert killed_out.read_manifest()["counts"]["shards_resumed"] == len(before)
+    for name, mtime in before.items():
+        assert (killed_out.path / "index" / name).stat().st_mtime_ns == mtime  # not redone
+    clean = pd.read_parquet(clean_out.path / "index.parquet")
+    again = pd.read_parquet(killed_out.path / "index.parquet")
+    assert len(again) == 240 and again["id"].is_unique
+    columns = [c for c in clean.columns if c != "path"]  # paths differ by workdir only
+    pd.testing.assert_frame_equal(again[columns], clean[columns])
+    assert not list((killed_out.path / "audio").rglob(".*tmp*"))
