@@ -56,13 +56,29 @@ class TTSBackend(Protocol):
                    seed: int = 0) -> list[Speech]: ...
 
 
+class _Backend:
+    """`synthesize` over `_speak`, one text at a time (text i gets seed + i). A single string instead of a list
+    returns just its audio, the walking skeleton's `synthesize(text, voice, speed)`."""
+
+    name: str
+    sample_rate: int
+
+    def _speak(self, text: str, voice: str, speed: float, noise: float, seed: int) -> Speech:
+        raise NotImplementedError
+
+    def synthesize(self, texts, voice: str, speed: float, noise: float = 0.0, seed: int = 0):
+        if isinstance(texts, str):
+            return self._speak(texts, voice, speed, noise, seed).audio
+        return [self._speak(text, voice, speed, noise, seed + i) for i, text in enumerate(texts)]
+
+
 def _checked(audio: np.ndarray, text: str) -> np.ndarray:
     if audio.size == 0 or float(np.abs(audio).max()) < 1e-4:
         raise AudioError(f"the engine produced no speech for this text ({text[:40]!r}): nothing speakable in it")
     return audio.astype(np.float32, copy=False)
 
 
-class EspeakBackend:
+class EspeakBackend(_Backend):
     name = "espeak"
 
     def __init__(self, sample_rate: int = TARGET_SAMPLE_RATE, pitch: int | None = None) -> None:
@@ -80,25 +96,21 @@ class EspeakBackend:
         out = subprocess.run(["espeak-ng", "--voices"], capture_output=True, text=True, check=True).stdout
         return [line.split()[1] for line in out.splitlines()[1:] if len(line.split()) > 1]
 
-    def synthesize(self, texts: list[str], voice: str, speed: float, noise: float = 0.0,
-                   seed: int = 0) -> list[Speech]:
+    def _speak(self, text: str, voice: str, speed: float, noise: float, seed: int) -> Speech:
         from slam_ray.espeak import EspeakError, word_spans
 
-        out = []
-        for text in texts:
-            try:
-                samples, words, ends = self.engine.speak(text, voice, round(speed), self.pitch)
-            except EspeakError as e:
-                raise AudioError(str(e)) from e
-            if not words:
-                raise AudioError(f"espeak-ng found no word to speak in this text ({text[:40]!r}): nothing speakable in it")
-            rate = self.engine.sample_rate
-            audio = _checked(samples.astype(np.float32) / 32768.0, text)
-            out.append(Speech(resample(audio, rate, self.sample_rate), word_spans(text, words, ends, len(samples), rate)))
-        return out
+        try:
+            samples, words, ends = self.engine.speak(text, voice, round(speed), self.pitch)
+        except EspeakError as e:
+            raise AudioError(str(e)) from e
+        if not words:
+            raise AudioError(f"espeak-ng found no word to speak in this text ({text[:40]!r}): nothing speakable in it")
+        rate = self.engine.sample_rate
+        audio = _checked(samples.astype(np.float32) / 32768.0, text)
+        return Speech(resample(audio, rate, self.sample_rate), word_spans(text, words, ends, len(samples), rate))
 
 
-class PiperBackend:
+class PiperBackend(_Backend):
     name = "piper"
 
     def __init__(self, sample_rate: int = TARGET_SAMPLE_RATE, alignments: bool = True) -> None:
@@ -150,23 +162,18 @@ class PiperBackend:
             self._voices[voice] = loaded
         return self._voices[voice]
 
-    def synthesize(self, texts: list[str], voice: str, speed: float, noise: float = 0.0,
-                   seed: int = 0) -> list[Speech]:
+    def _speak(self, text: str, voice: str, speed: float, noise: float, seed: int) -> Speech:
         from piper import SynthesisConfig
 
-        piper_voice = self._voice(voice)
+        # `seed` is unused: onnxruntime's noise cannot be seeded per item (module doc)
         config = SynthesisConfig(length_scale=100.0 / speed, noise_scale=noise, noise_w_scale=noise)
-        del seed  # see the module doc: onnxruntime's noise cannot be seeded per item
-        out = []
-        for text in texts:
-            chunks = list(piper_voice.synthesize(text, syn_config=config, include_alignments=self.alignments))
-            if not chunks:
-                raise AudioError(f"piper found no phonemes to speak in this text ({text[:40]!r})")
-            rate = chunks[0].sample_rate
-            audio = _checked(np.concatenate([c.audio_float_array for c in chunks]), text)
-            words = piper_words(text, chunks, rate) if self.alignments else None
-            out.append(Speech(resample(audio, rate, self.sample_rate), words))
-        return out
+        chunks = list(self._voice(voice).synthesize(text, syn_config=config, include_alignments=self.alignments))
+        if not chunks:
+            raise AudioError(f"piper found no phonemes to speak in this text ({text[:40]!r})")
+        rate = chunks[0].sample_rate
+        audio = _checked(np.concatenate([c.audio_float_array for c in chunks]), text)
+        words = piper_words(text, chunks, rate) if self.alignments else None
+        return Speech(resample(audio, rate, self.sample_rate), words)
 
 
 _PAUSES = set(",.!?;:—…\"'()")
@@ -201,7 +208,7 @@ def piper_words(text: str, chunks: list, sample_rate: int) -> list[list] | None:
             for w, (s, e) in zip(words, spans, strict=True)]
 
 
-class HFBackend:
+class HFBackend(_Backend):
     """A transformers VITS text-to-speech model; on GPU when `device` says so."""
 
     name = "hf"
@@ -226,25 +233,20 @@ class HFBackend:
             self._models[model_id] = (model, tokenizer)
         return self._models[model_id]
 
-    def synthesize(self, texts: list[str], voice: str, speed: float, noise: float = 0.0,
-                   seed: int = 0) -> list[Speech]:
+    def _speak(self, text: str, voice: str, speed: float, noise: float, seed: int) -> Speech:
         import torch
 
         model_id, _, speaker = voice.partition("#")
         model, tokenizer = self._model(model_id)
-        model.speaking_rate, model.noise_scale = speed / 100.0, noise
-        model.noise_scale_duration = noise
-        out = []
-        for text in texts:
-            enc = tokenizer(text, return_tensors="pt").to(self.device)
-            if enc["input_ids"].shape[1] == 0:
-                raise AudioError(f"the VITS tokenizer knows no character of this text ({text[:40]!r})")
-            torch.manual_seed(seed)  # VITS samples durations and latents: seed per item for reproducibility
-            with torch.no_grad():
-                result = model(**enc, speaker_id=int(speaker) if speaker else None)
-            audio = result.waveform[0, : int(result.sequence_lengths[0])].float().cpu().numpy()
-            out.append(Speech(resample(_checked(audio, text), model.config.sampling_rate, self.sample_rate)))
-        return out
+        model.speaking_rate, model.noise_scale, model.noise_scale_duration = speed / 100.0, noise, noise
+        enc = tokenizer(text, return_tensors="pt").to(self.device)
+        if enc["input_ids"].shape[1] == 0:
+            raise AudioError(f"the VITS tokenizer knows no character of this text ({text[:40]!r})")
+        torch.manual_seed(seed)  # VITS samples durations and latents: seeded per item, reproducible
+        with torch.no_grad():
+            result = model(**enc, speaker_id=int(speaker) if speaker else None)
+        audio = result.waveform[0, : int(result.sequence_lengths[0])].float().cpu().numpy()
+        return Speech(resample(_checked(audio, text), model.config.sampling_rate, self.sample_rate))
 
 
 def make_backend(name: str, sample_rate: int = TARGET_SAMPLE_RATE, device: str = "cpu") -> TTSBackend:

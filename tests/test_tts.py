@@ -75,6 +75,8 @@ def test_espeak_speaks_at_16khz_with_word_alignments(espeak):
     joined = backend.synthesize(["a cat sleeps in the sun"], "en-us", 160)[0].words
     assert [w for w, _, _ in joined] == [" a", " cat", " sleeps", " in the", " sun"]
     assert "en-us" in backend.voices() and "fr-fr" in backend.voices()
+    single = backend.synthesize(SENTENCE, "en-us", 120)  # one string: just its audio (the skeleton's form)
+    assert np.array_equal(single, slow.audio)
 
 
 def test_espeak_rejects_what_it_cannot_speak(espeak):
