@@ -8,8 +8,8 @@ the same sentence came out up to 43 ms longer or shorter depending on what the p
 re-initialising does not reset it; only a fresh process does. So every utterance is spoken in a forked child of
 a small server process (`python -m slam_ray.espeak`) whose engine is initialised but never speaks: bit-exact
 whatever was spoken before. An utterance costs 7.8 ms this way (a grammar sentence, speaking included; the CLI
-took 8.7 ms; forking the Ray actor itself, which holds torch, took ~30 ms). The CLI appends ~0.5 s of silence; otherwise a fresh engine's
-audio equals the CLI's sample for sample.
+took 8.7 ms; forking the Ray actor itself, which holds torch, took ~30 ms). With the end-of-text sentence pause the CLI
+asks for (espeakENDPAUSE), a fresh engine's audio equals the CLI's sample for sample (tested).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 # espeak_EVENT_TYPE values (speak_lib.h)
 _EV_LIST_TERMINATED, _EV_WORD, _EV_END, _EV_MSG_TERMINATED = 0, 1, 5, 6
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
-_POS_CHARACTER, _CHARS_UTF8 = 1, 1
+_POS_CHARACTER, _CHARS_UTF8, _ENDPAUSE = 1, 1, 0x1000
 _RATE, _PITCH = 1, 3
 
 
@@ -113,7 +113,8 @@ class _Engine:
             self.lib.espeak_SetParameter(_PITCH, int(pitch), 0)
         self._chunks, self._events = [], []
         data = text.encode()
-        status = self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+        # ENDPAUSE: the sentence pause at the end, as the CLI adds it (the walking skeleton's corpus, sample for sample)
+        status = self.lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8 | _ENDPAUSE, None, None)
         if status != 0:
             raise EspeakError(f"espeak-ng could not speak this text (error {status})")
         audio = np.frombuffer(b"".join(self._chunks), dtype=np.int16)
@@ -191,11 +192,13 @@ def engine() -> EspeakClient:
         return _client
 
 
-def word_spans(text: str, words: list[tuple[int, int, int]], ends: list[int], n_samples: int,
+def word_spans(text: str, words: list[tuple[int, int, int]], ends: list[int], samples: np.ndarray,
                sample_rate: int) -> list[list]:
     """slamkit's `aligned_text` ([[" word", start_s, end_s], ...]) from espeak's word events: a word starts at
-    its event and ends at the next word or clause end (the engine reports no word ends; a clause end marks the
-    pause). Words carry a leading space, as slamkit's aligned_text does (its interleaving joins them with '').
+    its event and ends at the next word or clause end (the engine reports no word ends), less the silence at
+    its tail (a clause's pause, the end-of-text pause): the end is 10 ms after its last sample above 1% of the
+    utterance's peak. Words carry a leading space, as slamkit's aligned_text does (its interleaving joins them
+    with '').
 
     Events and text words are not one to one, both ways: a number gives an event per spoken word ("42": at "4"
     and at "2"), merged here into its text word; and espeak joins some function words to the next word without
@@ -209,11 +212,16 @@ def word_spans(text: str, words: list[tuple[int, int, int]], ends: list[int], n_
         if index is None or (starts and starts[-1][0] >= index):
             continue
         starts.append([index, sample])
+    n_samples = len(samples)
+    loud = np.flatnonzero(np.abs(samples.astype(np.int32)) > 0.01 * max(1, int(np.abs(samples.astype(np.int32)).max())))
     spans = []
     for i, (index, start) in enumerate(starts):
         last = starts[i + 1][0] if i + 1 < len(starts) else len(tokens)
         nxt = starts[i + 1][1] if i + 1 < len(starts) else n_samples
         end = min([s for s in ends if s > start] + [nxt, n_samples])
+        inside = loud[(loud >= start) & (loud < end)]
+        if len(inside):  # trim the silent tail (pauses belong to no word)
+            end = min(end, int(inside[-1]) + sample_rate // 100)
         chunk = text[tokens[index][0] : tokens[last - 1][1]]
         word = re.sub(r"^\W+|\W+$", "", chunk) or chunk
         spans.append([" " + word, round(start / sample_rate, 3), round(max(end, start) / sample_rate, 3)])

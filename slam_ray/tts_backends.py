@@ -107,7 +107,7 @@ class EspeakBackend(_Backend):
             raise AudioError(f"espeak-ng found no word to speak in this text ({text[:40]!r}): nothing speakable in it")
         rate = self.engine.sample_rate
         audio = _checked(samples.astype(np.float32) / 32768.0, text)
-        return Speech(resample(audio, rate, self.sample_rate), word_spans(text, words, ends, len(samples), rate))
+        return Speech(resample(audio, rate, self.sample_rate), word_spans(text, words, ends, samples, rate))
 
 
 class PiperBackend(_Backend):

@@ -77,6 +77,19 @@ def test_espeak_speaks_at_16khz_with_word_alignments(espeak):
     assert "en-us" in backend.voices() and "fr-fr" in backend.voices()
     single = backend.synthesize(SENTENCE, "en-us", 120)  # one string: just its audio (the skeleton's form)
     assert np.array_equal(single, slow.audio)
+    # the library's audio is the CLI's, sample for sample (what the walking skeleton spoke with)
+    import io
+    import subprocess
+
+    import soundfile as sf
+
+    from slam_ray.espeak import engine
+
+    for text, voice, rate in [(SENTENCE, "en-us", 120), ("Hello, café 42 cats!", "en-gb+f3", 175)]:
+        cli = subprocess.run([espeak, "-v", voice, "-s", str(rate), "--stdout", "--", text], capture_output=True).stdout
+        assert np.array_equal(engine().speak(text, voice, rate, None)[0], sf.read(io.BytesIO(cli), dtype="int16")[0])
+    # pauses belong to no word: the end-of-text pause (~0.5 s) is not in the last word
+    assert slow.words[-1][2] < len(slow.audio) / 16_000 - 0.3
 
 
 def test_espeak_rejects_what_it_cannot_speak(espeak):
