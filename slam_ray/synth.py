@@ -32,6 +32,10 @@ from slam_ray.text_sources import load_texts
 from slam_ray.tracking import Tracker
 from slam_ray.tts import iter_spoken
 
+# Utterances per Ray Data pass: bounds what one `from_items` ships to the object store; a pass costs one actor
+# start-up (~4 s), nothing next to 100k utterances.
+WAVE_UTTERANCES = 100_000
+
 INDEX_SCHEMA = pa.schema([
     ("id", pa.string()), ("path", pa.string()), ("text", pa.string()), ("voice", pa.string()),
     ("speed", pa.float64()), ("noise", pa.float64()), ("seed", pa.int64()), ("backend", pa.string()),
@@ -82,32 +86,47 @@ def _speak_shards(exp: Experiment, out: StageDir, shards: dict[str, list[dict]],
     if len(todo) < len(shards):
         print(f"[synth] resuming: {len(shards) - len(todo)} of {len(shards)} shards already spoken")
     shard_of = {item["id"]: name for name in todo for item in shards[name]}
-    pending = [item for name in todo for item in shards[name]]
-    for item in pending:  # a killed actor's temporary files; the FLACs of an unfinished shard are redone
-        for tmp in Path(item["path"]).parent.glob(".*.tmp.flac"):
-            tmp.unlink(missing_ok=True)
+    folders = {Path(item["path"]).parent for name in todo for item in shards[name]}
+    for tmp in (t for folder in folders for t in folder.glob(".*.tmp.flac")):
+        tmp.unlink()  # a killed actor's temporary file; the FLACs of an unfinished shard are spoken again
     received: dict[str, tuple[list[dict], list[dict]]] = {name: ([], []) for name in todo}
     cfg = exp.synth
     seconds, errors, start = 0.0, 0, time.perf_counter()
-    with tqdm(total=len(pending), unit="utt", desc="[synth] speak", mininterval=2) as bar:
-        # reuse_files=False: a FLAC from an unfinished shard lacks its alignment row, so it is spoken again
-        for rec in iter_spoken(exp, pending, cfg.backend, cfg.sample_rate, cfg.num_actors, cfg.batch_size,
-                               cfg.num_gpus_per_actor, reuse_files=False, alignments=cfg.alignments):
-            name = shard_of[rec["id"]]
-            good, bad = received[name]
-            failed = isinstance(rec.get("error"), str)
-            (bad if failed else good).append(rec)
-            seconds += rec["duration"]
-            errors += failed
-            bar.update()
-            bar.set_postfix_str(f"{seconds / 3600:.2f} h audio, {errors} errors", refresh=False)
-            if len(good) + len(bad) == len(shards[name]):
-                _write_shard(index_dir, name, good, bad)
-                del received[name]
-                elapsed = time.perf_counter() - start
-                tracker.log_metrics({"progress/audio_seconds_per_s": seconds / max(elapsed, 1e-9),
-                                     "progress/utterances": float(bar.n)}, step=bar.n)
-    return len(shards) - len(todo), len(pending), seconds
+    total = sum(len(shards[name]) for name in todo)
+    with tqdm(total=total, unit="utt", desc="[synth] speak", mininterval=2) as bar:
+        for wave in _waves(todo, shards):
+            # reuse_files=False: a FLAC from an unfinished shard lacks its alignment row, so it is spoken again
+            pending = [item for name in wave for item in shards[name]]
+            for rec in iter_spoken(exp, pending, cfg.backend, cfg.sample_rate, cfg.num_actors, cfg.batch_size,
+                                   cfg.num_gpus_per_actor, reuse_files=False, alignments=cfg.alignments):
+                name = shard_of[rec["id"]]
+                good, bad = received[name]
+                failed = isinstance(rec.get("error"), str)
+                (bad if failed else good).append(rec)
+                seconds += rec["duration"]
+                errors += failed
+                bar.update()
+                bar.set_postfix_str(f"{seconds / 3600:.2f} h audio, {errors} errors", refresh=False)
+                if len(good) + len(bad) == len(shards[name]):
+                    _write_shard(index_dir, name, good, bad)
+                    del received[name]
+                    elapsed = time.perf_counter() - start
+                    tracker.log_metrics({"progress/audio_seconds_per_s": seconds / max(elapsed, 1e-9),
+                                         "progress/utterances": float(bar.n)}, step=bar.n)
+    return len(shards) - len(todo), total, seconds
+
+
+def _waves(todo: list[str], shards: dict[str, list[dict]]) -> list[list[str]]:
+    """Consecutive groups of shards of at most WAVE_UTTERANCES utterances (at least one shard each)."""
+    waves: list[list[str]] = []
+    size = 0
+    for name in todo:
+        if not waves or size + len(shards[name]) > WAVE_UTTERANCES:
+            waves.append([])
+            size = 0
+        waves[-1].append(name)
+        size += len(shards[name])
+    return waves
 
 
 def _read_parts(index_dir: Path, names: list[str]) -> tuple[pd.DataFrame, list[dict]]:

@@ -61,7 +61,10 @@ def test_synth_shards_index_alignments_and_unspeakable_texts(tmp_path, ray_local
     assert sorted(p.name for p in (out.path / "index").glob("part-*.parquet")) == [f"part-0000{k}.parquet" for k in range(4)]
 
 
-def test_interrupted_synth_speaks_only_missing_shards(tmp_path, ray_local, espeak):
+def test_interrupted_synth_speaks_only_missing_shards(tmp_path, ray_local, espeak, monkeypatch):
+    import slam_ray.synth
+
+    monkeypatch.setattr(slam_ray.synth, "WAVE_UTTERANCES", 5)  # one shard of 3 per Ray Data pass
     exp = corpus_experiment(tmp_path)
     out = synth(exp)
     clean = pd.read_parquet(out.path / "index.parquet")
@@ -84,6 +87,14 @@ def test_interrupted_synth_speaks_only_missing_shards(tmp_path, ray_local, espea
     stamp = (out.path / "index.parquet").stat().st_mtime_ns
     synth(exp)
     assert (out.path / "index.parquet").stat().st_mtime_ns == stamp
+
+
+def test_waves_bound_the_utterances_per_pass(monkeypatch):
+    import slam_ray.synth
+
+    monkeypatch.setattr(slam_ray.synth, "WAVE_UTTERANCES", 5)
+    shards = {"a": [0] * 3, "b": [0] * 2, "c": [0] * 7, "d": [0]}
+    assert slam_ray.synth._waves(list(shards), shards) == [["a", "b"], ["c"], ["d"]]
 
 
 def test_plan_is_seeded_and_noise_has_its_own_stream(tmp_path):
@@ -172,6 +183,13 @@ def test_spoken_swag_to_dpo_readable_unit_triples(tmp_path, ray_local, espeak):
     n = export_preference_units(exp, tmp_path / "units.jsonl")
     triples = read_slamkit_preferences(tmp_path / "units.jsonl")  # what dpo.inputs reads
     assert n == 3 and len(triples) == 3 and all(t.prompt and t.chosen and t.rejected for t in triples)
+    # the same through the CLI
+    from slam_ray.cli import main
+    from slam_ray.config import to_yaml
+
+    (tmp_path / "exp.yaml").write_text(to_yaml(exp))
+    assert main(["export", str(tmp_path / "exp.yaml"), "--format", "preferences", "--out", str(tmp_path / "cli.jsonl")]) == 0
+    assert (tmp_path / "cli.jsonl").read_text() == (tmp_path / "units.jsonl").read_text()
     assert stage_dir(exp, "synth").is_complete()
 
 
