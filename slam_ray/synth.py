@@ -153,6 +153,9 @@ def _synthesize(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) 
         resumed, spoken_now, seconds_now = _speak_shards(exp, out, shards, tracker)
     corpus_parts = [n for n in shards if n.startswith("part-")]
     index, errors = _read_parts(out.path / "index", corpus_parts)
+    if index.empty and errors:  # nothing spoken at all is a setup problem, not a few bad texts
+        raise SlamError(f"synth: every utterance failed, e.g. {errors[0]['error']!r}; check synth.backend and "
+                        f"synth.voices (see {out.path / 'index'} for every error)")
     index.to_parquet(out.path / "index.parquet", index=False)
     counts = {"texts": len(texts), "utterances": len(index), **text_counts,
               "audio_seconds": round(float(index["duration"].sum()), 1), "shards": len(shards),

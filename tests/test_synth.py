@@ -120,6 +120,18 @@ def test_config_errors_name_the_field():
         SynthConfig(write_audio=False)
 
 
+def test_a_voice_the_engine_lacks_fails_the_stage_with_the_field(tmp_path, ray_local, espeak):
+    with pytest.raises(SlamError, match="every utterance failed.*no voice 'xx-none'.*synth.voices"):
+        synth(corpus_experiment(tmp_path, voices=["xx-none"]))
+
+
+@pytest.mark.gpu
+def test_hf_vits_on_gpu_actors(tmp_path, ray_local):
+    model = save_tiny_vits(tmp_path / "vits")
+    out = synth(corpus_experiment(tmp_path, backend="hf", voices=[model], num_gpus_per_actor=0.5, shard_size=4))
+    check_index(out, 8)
+
+
 def test_hf_vits_through_the_actor_pool(tmp_path, ray_local):
     model = save_tiny_vits(tmp_path / "vits")
     exp = corpus_experiment(tmp_path, backend="hf", voices=[model], speed=[90, 110], noise=[0.3, 0.6],
