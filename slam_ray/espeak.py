@@ -160,8 +160,10 @@ class EspeakClient:
         self._start()
 
     def _start(self) -> None:
+        # the server computes nothing with numpy: no BLAS thread pools in a process that forks per utterance
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "slam_ray.espeak"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, env=env)
         hello = pickle.loads(_receive(self.proc.stdout))  # our own server's bytes
         if hello[0] != "ok":
             raise EspeakError(hello[1])
