@@ -59,8 +59,13 @@ def _cmd_config(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from slam_ray.extract import export_slamkit
+    from slam_ray.spoken_swag import export_preference_units
 
-    n = export_slamkit(load_experiment(args.experiment, args.set), args.format, args.out)
+    exp = load_experiment(args.experiment, args.set)
+    if args.format == "preferences":
+        n = export_preference_units(exp, args.out)
+    else:
+        n = export_slamkit(exp, args.format, args.out)
     print(f"wrote {n} rows of slamkit {args.format} JSONL to {args.out}")
 
 
@@ -108,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         with_experiment(p)
         p.set_defaults(func=_cmd_stage)
-    p = sub.add_parser("export", help="write the extract stage's units as slamkit features or tokens JSONL")
+    p = sub.add_parser("export", help="write the extract stage's units as slamkit features or tokens JSONL, or "
+                                      "synth's spoken preference triples with their units (for dpo.inputs)")
     with_experiment(p)
-    p.add_argument("--format", choices=["features", "tokens"], default="features")
+    p.add_argument("--format", choices=["features", "tokens", "preferences"], default="features")
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("sweep", help="run an ablation: the experiment over a search space, with Ray Tune")

@@ -40,27 +40,74 @@ class TrackingConfig(Section):
 
 
 class CorpusConfig(Section):
-    source: Literal["grammar", "text"] = "grammar"
-    path: str | None = Field(None, description="text file, one utterance per line (source: text)")
-    n_sentences: int = Field(6000, gt=0)
+    """Where the texts `synth` reads aloud come from and how they are cut (see slam_ray/text_sources.py)."""
+
+    source: Literal["grammar", "text", "jsonl", "parquet", "hf"] = Field(
+        "grammar", description="grammar: the built-in generator (offline default); text: a plain file; jsonl/parquet: "
+                               "a file with a text column; hf: a local datasets folder (save_to_disk)")
+    path: str | None = Field(None, description="file or folder of the corpus (every source but grammar)")
+    text_field: str = Field("text", description="jsonl/parquet/hf: the column holding the text")
+    hf_split: str = Field("train", description="hf: the split of a DatasetDict folder")
+    unit: Literal["line", "paragraph"] = Field("line", description="text: one item per line or per blank-line paragraph")
+    split: Literal["none", "sentence"] = Field("none", description="sentence: one utterance per sentence of an item")
+    max_chars: int | None = Field(None, ge=8, description="longest utterance in characters: a longer item is cut "
+                                  "into packs of whole sentences (a longer sentence between words); None = no cap")
+    min_chars: int = Field(1, ge=1, description="shorter utterances are dropped")
+    dedup: bool = Field(True, description="keep identical utterance texts once")
+    n_sentences: int = Field(6000, gt=0, description="most utterances read (grammar: exactly this many)")
     held_out_percent: int = Field(10, ge=1, le=50, description="share of grammar sentences reserved for eval")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> CorpusConfig:
+        if self.source != "grammar" and not self.path:
+            raise ValueError(f"source {self.source!r} needs `path` (set synth.corpus.path)")
+        return self
+
+
+class SwagConfig(Section):
+    """SpokenSwag-style preference triples from SWAG/HellaSwag-shaped JSONL rows (see slam_ray/spoken_swag.py)."""
+
+    path: str = Field(..., description="JSONL rows {context, endings: [...], label}")
+    context_field: str = "context"
+    endings_field: str = "endings"
+    label_field: str = "label"
+    voices: list[str] | None = Field(None, min_length=1, description="one drawn per triple; None = synth.voices")
+    max_auto_bleu: float = Field(0.3, ge=0, le=1, description="drop rows whose chosen text's bigram Auto-BLEU is above")
+    n_pairs: int | None = Field(None, ge=1, description="most triples kept; None = all")
     seed: int = 0
 
 
 class SynthConfig(Section):
     corpus: CorpusConfig = CorpusConfig()
-    backend: Literal["espeak", "piper"] = "espeak"
-    voices: list[str] = Field(default_factory=lambda: ["en-us"], min_length=1)
-    speed: tuple[float, float] = Field((140, 190), description="espeak words/min, piper 100/length_scale; sampled per item")
+    backend: Literal["espeak", "piper", "hf"] = "espeak"
+    voices: list[str] = Field(default_factory=lambda: ["en-us"], min_length=1,
+                              description="espeak: voice names; piper: 'joe' or .onnx paths; hf: VITS model ids or "
+                                          "paths (optionally '#<speaker id>'); one drawn per utterance")
+    speed: tuple[float, float] = Field((140, 190), description="espeak words/min; piper 100/length_scale; hf "
+                                       "100 x speaking_rate; sampled per item")
+    noise: tuple[float, float] = Field((0.0, 0.0), description="piper/hf noise_scale, sampled per item; keep 0 "
+                                       "where units must be consistent (DESIGN.md); espeak has none")
+    alignments: bool = Field(True, description="record word alignments where the backend gives them")
     sample_rate: int = 16000
     num_actors: int = Field(2, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="hf: GPUs per actor (e.g. 0.25 shares one GPU by 4)")
     batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(1000, ge=1, description="utterances per audio folder and index part: the unit of resume")
+    write_audio: Literal[True] = Field(True, description="only true: fusing synth into extract is not built")
+    preferences: SwagConfig | None = Field(None, description="also speak SpokenSwag-style preference triples")
     seed: int = 0
 
     @model_validator(mode="after")
-    def _speed_range(self) -> SynthConfig:
+    def _ranges(self) -> SynthConfig:
         if self.speed[0] > self.speed[1] or self.speed[0] <= 0:
             raise ValueError("speed must be [low, high] with 0 < low <= high")
+        if self.noise[0] > self.noise[1] or self.noise[0] < 0:
+            raise ValueError("noise must be [low, high] with 0 <= low <= high")
+        if self.backend == "espeak" and self.noise[1] > 0:
+            raise ValueError("espeak has no noise parameter: set synth.noise=[0, 0] or choose backend piper or hf")
+        if self.num_gpus_per_actor > 0 and self.backend != "hf":
+            raise ValueError(f"backend {self.backend!r} runs on CPU: set synth.num_gpus_per_actor=0 (GPUs are for hf)")
         return self
 
 

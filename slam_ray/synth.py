@@ -1,66 +1,180 @@
 """`slam-ray synth`: read a text corpus aloud with a TTS engine, in parallel on Ray Data.
 
-Output: `audio/NNNN/<id>.flac` (16 kHz) and `index.parquet` (id, path, text, voice, speed, backend, duration).
-The offline default corpus is the built-in grammar (slam_ray.grammar), training side only.
+1. Texts from `synth.corpus` (slam_ray/text_sources.py): the built-in grammar by default, or a text / JSONL /
+   Parquet file or a local HF datasets folder, cut into utterances and de-duplicated.
+2. A seeded plan: per utterance a voice, a speed, a noise scale and a seed (the same config, the same audio).
+3. An actor pool of the backend (slam_ray/tts.py) speaks the plan shard by shard: `audio/NNNNN/<id>.flac`
+   (16 kHz) and, when a shard's last utterance is in, `index/part-NNNNN.parquet` (renamed into place last:
+   the mark that the shard is done). A rerun after an interruption speaks only the shards without one.
+4. `index.parquet` (all parts, by id) for `extract`; texts the engine cannot speak are lines of errors.jsonl.
+5. With `synth.preferences`: SpokenSwag-style triples (slam_ray/spoken_swag.py), spoken in the same pass, under
+   `preferences/`, listed in `preferences.jsonl`.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
-from slam_ray import grammar
+from slam_ray import spoken_swag
 from slam_ray.config import Experiment
 from slam_ray.errors import SlamError
 from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer
+from slam_ray.text_sources import load_texts
 from slam_ray.tracking import Tracker
-from slam_ray.tts import speak_items
+from slam_ray.tts import iter_spoken
 
+# Utterances per Ray Data pass: bounds what one `from_items` ships to the object store; a pass costs one actor
+# start-up (~4 s), nothing next to 100k utterances.
+WAVE_UTTERANCES = 100_000
 
-def load_texts(exp: Experiment) -> list[str]:
-    corpus = exp.synth.corpus
-    if corpus.source == "grammar":
-        return grammar.generate_sentences(corpus.n_sentences, corpus.seed, corpus.held_out_percent)
-    if not corpus.path or not Path(corpus.path).is_file():
-        raise SlamError(f"synth.corpus.path {corpus.path!r} is not a file; give a text file with one utterance per line")
-    lines = [line.strip() for line in Path(corpus.path).read_text().splitlines()]
-    texts = list(dict.fromkeys(t for t in lines if t))  # drop empties and duplicates, keep order
-    return texts[: corpus.n_sentences]
+INDEX_SCHEMA = pa.schema([
+    ("id", pa.string()), ("path", pa.string()), ("text", pa.string()), ("voice", pa.string()),
+    ("speed", pa.float64()), ("noise", pa.float64()), ("seed", pa.int64()), ("backend", pa.string()),
+    ("duration", pa.float64()), ("aligned_text", pa.string()),
+])
 
 
 def plan_items(exp: Experiment, texts: list[str], audio_dir: Path) -> list[dict]:
-    """Voice and speed per item, seeded: the same config always gives the same audio."""
-    rng = random.Random(exp.synth.seed)
-    low, high = exp.synth.speed
+    """Voice, speed, noise and seed per item, seeded: the same config always gives the same audio. Voices and
+    speeds come from their own stream, so adding noise to a config leaves them as they were."""
+    cfg = exp.synth
+    rng = random.Random(cfg.seed)
+    extra = random.Random(f"synth:noise:{cfg.seed}")
+    low, high = cfg.speed
     items = []
     for i, text in enumerate(texts):
         uid = f"utt{i:07d}"
-        items.append({"id": uid, "text": text, "voice": rng.choice(exp.synth.voices),
-                      "speed": round(rng.uniform(low, high), 2), "path": str(audio_dir / f"{i // 1000:04d}" / f"{uid}.flac")})
+        items.append({"id": uid, "text": text, "voice": rng.choice(cfg.voices),
+                      "speed": round(rng.uniform(low, high), 2), "noise": round(extra.uniform(*cfg.noise), 3),
+                      "seed": extra.randrange(2**31),
+                      "path": str(audio_dir / f"{i // cfg.shard_size:05d}" / f"{uid}.flac")})
     return items
 
 
+def _shards(items: list[dict], size: int, prefix: str) -> dict[str, list[dict]]:
+    return {f"{prefix}-{k // size:05d}": items[k : k + size] for k in range(0, len(items), size)}
+
+
+def _write_shard(index_dir: Path, name: str, good: list[dict], bad: list[dict]) -> None:
+    """The shard's error lines, then its index part, renamed into place last (the shard's done mark)."""
+    with open(index_dir / f"{name}.errors.jsonl", "w") as f:
+        for rec in sorted(bad, key=lambda r: r["id"]):
+            f.write(json.dumps({"id": rec["id"], "path": rec["path"], "text": rec["text"], "voice": rec["voice"],
+                                "error": rec["error"], "phase": "synth"}, ensure_ascii=False) + "\n")
+    rows = [{k: rec.get(k) for k in INDEX_SCHEMA.names} for rec in sorted(good, key=lambda r: r["id"])]
+    tmp = index_dir / f".{name}.parquet.tmp"
+    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp)
+    tmp.replace(index_dir / f"{name}.parquet")
+
+
+def _speak_shards(exp: Experiment, out: StageDir, shards: dict[str, list[dict]],
+                  tracker: Tracker) -> tuple[int, int, float]:
+    """Speak every shard whose index part is missing; returns (shards already done, utterances spoken now,
+    audio seconds spoken now)."""
+    index_dir = out.path / "index"
+    index_dir.mkdir(parents=True, exist_ok=True)
+    todo = [name for name in shards if not (index_dir / f"{name}.parquet").is_file()]
+    if len(todo) < len(shards):
+        print(f"[synth] resuming: {len(shards) - len(todo)} of {len(shards)} shards already spoken")
+    shard_of = {item["id"]: name for name in todo for item in shards[name]}
+    folders = {Path(item["path"]).parent for name in todo for item in shards[name]}
+    for tmp in (t for folder in folders for t in folder.glob(".*.tmp.flac")):
+        tmp.unlink()  # a killed actor's temporary file; the FLACs of an unfinished shard are spoken again
+    received: dict[str, tuple[list[dict], list[dict]]] = {name: ([], []) for name in todo}
+    cfg = exp.synth
+    seconds, errors, start = 0.0, 0, time.perf_counter()
+    total = sum(len(shards[name]) for name in todo)
+    with tqdm(total=total, unit="utt", desc="[synth] speak", mininterval=2) as bar:
+        for wave in _waves(todo, shards):
+            # reuse_files=False: a FLAC from an unfinished shard lacks its alignment row, so it is spoken again
+            pending = [item for name in wave for item in shards[name]]
+            for rec in iter_spoken(exp, pending, cfg.backend, cfg.sample_rate, cfg.num_actors, cfg.batch_size,
+                                   cfg.num_gpus_per_actor, reuse_files=False, alignments=cfg.alignments):
+                name = shard_of[rec["id"]]
+                good, bad = received[name]
+                failed = isinstance(rec.get("error"), str)
+                (bad if failed else good).append(rec)
+                seconds += rec["duration"]
+                errors += failed
+                bar.update()
+                bar.set_postfix_str(f"{seconds / 3600:.2f} h audio, {errors} errors", refresh=False)
+                if len(good) + len(bad) == len(shards[name]):
+                    _write_shard(index_dir, name, good, bad)
+                    del received[name]
+                    elapsed = time.perf_counter() - start
+                    tracker.log_metrics({"progress/audio_seconds_per_s": seconds / max(elapsed, 1e-9),
+                                         "progress/utterances": float(bar.n)}, step=bar.n)
+    return len(shards) - len(todo), total, seconds
+
+
+def _waves(todo: list[str], shards: dict[str, list[dict]]) -> list[list[str]]:
+    """Consecutive groups of shards of at most WAVE_UTTERANCES utterances (at least one shard each)."""
+    waves: list[list[str]] = []
+    size = 0
+    for name in todo:
+        if not waves or size + len(shards[name]) > WAVE_UTTERANCES:
+            waves.append([])
+            size = 0
+        waves[-1].append(name)
+        size += len(shards[name])
+    return waves
+
+
+def _read_parts(index_dir: Path, names: list[str]) -> tuple[pd.DataFrame, list[dict]]:
+    table = pa.concat_tables([pq.read_table(index_dir / f"{n}.parquet", schema=INDEX_SCHEMA) for n in names])
+    errors = [json.loads(line) for n in names for line in (index_dir / f"{n}.errors.jsonl").read_text().splitlines()]
+    return table.to_pandas().sort_values("id").reset_index(drop=True), errors
+
+
 def _synthesize(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
+    cfg = exp.synth
     with timer.phase("texts"):
-        texts = load_texts(exp)
-        items = plan_items(exp, texts, out.path / "audio")
+        texts, text_counts = load_texts(cfg.corpus)
+        if not texts:
+            raise SlamError(f"synth.corpus gave no text to speak ({text_counts}); check synth.corpus.path and text_field")
+        shards = _shards(plan_items(exp, texts, out.path / "audio"), cfg.shard_size, "part")
+        triples: list[dict] = []
+        if cfg.preferences:
+            triples, pref_counts = spoken_swag.build_triples(cfg.preferences, cfg.preferences.voices or cfg.voices)
+            text_counts.update({f"preference_{k}": v for k, v in pref_counts.items()})
+            pref_items = spoken_swag.plan_items(exp, triples, out.path / "preferences")
+            shards.update(_shards(pref_items, cfg.shard_size, "pref"))
     init_ray(exp)
     with timer.phase("speak"):
-        good, bad = speak_items(exp, items, exp.synth.backend, exp.synth.sample_rate,
-                                exp.synth.num_actors, exp.synth.batch_size)
-    index = pd.DataFrame(good).drop(columns=["error"]).sort_values("id").reset_index(drop=True)
+        resumed, spoken_now, seconds_now = _speak_shards(exp, out, shards, tracker)
+    corpus_parts = [n for n in shards if n.startswith("part-")]
+    index, errors = _read_parts(out.path / "index", corpus_parts)
+    if index.empty and errors:  # nothing spoken at all is a setup problem, not a few bad texts
+        raise SlamError(f"synth: every utterance failed, e.g. {errors[0]['error']!r}; check synth.backend and "
+                        f"synth.voices (see {out.path / 'index'} for every error)")
     index.to_parquet(out.path / "index.parquet", index=False)
-    audio_seconds = float(index["duration"].sum()) if len(index) else 0.0
-    speak_s = timer.timings["speak"]
+    counts = {"texts": len(texts), "utterances": len(index), **text_counts,
+              "audio_seconds": round(float(index["duration"].sum()), 1), "shards": len(shards),
+              "shards_resumed": resumed}
+    outputs = {"index": "index.parquet", "audio_dir": "audio"}
+    if cfg.preferences:
+        pref_parts = [n for n in shards if n.startswith("pref-")]
+        spoken, pref_errors = _read_parts(out.path / "index", pref_parts) if pref_parts else (pd.DataFrame(), [])
+        by_id = {r["id"]: r for r in spoken.to_dict("records")}
+        counts["preference_triples"] = spoken_swag.write_preferences(out.path / "preferences.jsonl", triples, by_id)
+        errors += pref_errors
+        outputs.update(preferences="preferences.jsonl", preference_audio_dir="preferences")
+    speak_s = max(timer.timings["speak"], 1e-9)
     return StageResult(
-        counts={"utterances": len(index), "audio_seconds": round(audio_seconds, 1), "texts": len(texts)},
-        outputs={"index": "index.parquet", "audio_dir": "audio"},
-        errors=bad,
-        metrics={"throughput/utterances_per_s": len(items) / max(speak_s, 1e-9),
-                 "throughput/audio_seconds_per_s": audio_seconds / max(speak_s, 1e-9)},
+        counts=counts, outputs=outputs, errors=errors,
+        # this run's work only: a resumed run does not count the shards spoken before
+        metrics={"throughput/utterances_per_s": spoken_now / speak_s,
+                 "throughput/audio_seconds_per_s": seconds_now / speak_s,
+                 "errors": float(len(errors))},
     )
 
 
