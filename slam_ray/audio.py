@@ -101,6 +101,9 @@ def decode_segments(path: str | Path, max_seconds: float | None,
             yield held[0] / sr, held[1] / sr, resample(held[2], sr, sample_rate)
 
 
-def write_flac(path: str | Path, audio: np.ndarray, sample_rate: int = TARGET_SAMPLE_RATE) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), np.clip(audio, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")
+def write_flac(path: str | Path | io.BytesIO, audio: np.ndarray, sample_rate: int = TARGET_SAMPLE_RATE) -> None:
+    """16-bit FLAC to a path (folders created) or an in-memory buffer."""
+    if not isinstance(path, io.BytesIO):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = str(path)
+    sf.write(path, np.clip(audio, -1.0, 1.0), sample_rate, format="FLAC", subtype="PCM_16")

@@ -94,7 +94,8 @@ class SynthConfig(Section):
     num_gpus_per_actor: float = Field(0.0, ge=0, description="hf: GPUs per actor (e.g. 0.25 shares one GPU by 4)")
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(1000, ge=1, description="utterances per audio folder and index part: the unit of resume")
-    write_audio: Literal[True] = Field(True, description="only true: fusing synth into extract is not built")
+    write_audio: bool = Field(True, description="false: synth only plans the utterances and extract speaks each one "
+                              "in its own actors straight into units, no audio on disk (extract.inputs: ['@synth'])")
     preferences: SwagConfig | None = Field(None, description="also speak SpokenSwag-style preference triples")
     seed: int = 0
 
@@ -106,6 +107,9 @@ class SynthConfig(Section):
             raise ValueError("noise must be [low, high] with 0 <= low <= high")
         if self.backend == "espeak" and self.noise[1] > 0:
             raise ValueError("espeak has no noise parameter: set synth.noise=[0, 0] or choose backend piper or hf")
+        if not self.write_audio and self.preferences:
+            raise ValueError("synth.preferences writes audio files (slamkit's preference JSONL points at them): set "
+                             "synth.write_audio=true")
         if self.num_gpus_per_actor > 0 and self.backend != "hf":
             raise ValueError(f"backend {self.backend!r} runs on CPU: set synth.num_gpus_per_actor=0 (GPUs are for hf)")
         return self

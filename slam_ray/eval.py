@@ -236,6 +236,13 @@ def _plot_curve(curve: dict[str, list[tuple[int, float]]], path: Path) -> None:
     plt.close(fig)
 
 
+def _task_failed(key: str, e: Exception, results: dict, errors: list[dict]) -> None:
+    reason = str(e) if isinstance(e, SlamError) else f"{type(e).__name__}: {e}"
+    print(f"[eval] task {key} skipped: {reason}")
+    results[key] = {"error": reason}
+    errors.append({"task": key, "error": reason})
+
+
 def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     checkpoints = resolve_checkpoints(exp)
     for _, folder, _ in checkpoints:
@@ -255,10 +262,8 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
                 continue
             try:
                 comparisons, task_units, task_errors = load_comparisons(exp, entry, spec, grammar_pairs)
-            except (SlamError, OSError, ValueError) as e:  # this task cannot run; the others still do
-                print(f"[eval] task {entry.key} skipped: {e}")
-                results[entry.key] = {"error": str(e)}
-                errors.append({"task": entry.key, "error": str(e)})
+            except Exception as e:  # this task cannot run (dataset missing, say); the others still do
+                _task_failed(entry.key, e, results, errors)
                 continue
             tasks[entry.key] = (spec, comparisons)
             units.update(task_units)
@@ -293,10 +298,8 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
             for entry in generate:
                 try:
                     results[entry.key] = run_generation(exp, entry, final, out.path / entry.key)
-                except (SlamError, OSError, ValueError) as e:
-                    print(f"[eval] task {entry.key} skipped: {e}")
-                    results[entry.key] = {"error": str(e)}
-                    errors.append({"task": entry.key, "error": str(e)})
+                except Exception as e:
+                    _task_failed(entry.key, e, results, errors)
 
     outputs = {"results": "results.json"}
     (out.path / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -68,6 +68,15 @@ def _file_rows(files: list[Path], root: Path | None) -> list[dict]:
     return rows
 
 
+def _planned(exp: Experiment, row: dict) -> dict:
+    """A synth row with no audio (`synth.write_audio: false`): what the encoding actor needs to speak it, and a
+    duration estimated from the text (~14 characters/s) for sizing the k-means sample."""
+    if row["path"]:
+        return {}
+    spec = {k: row[k] for k in ("backend", "text", "voice", "speed", "noise", "seed")}
+    return {"speak": json.dumps({**spec, "sample_rate": exp.synth.sample_rate}), "duration": len(row["text"]) / 14}
+
+
 def resolve_inputs(exp: Experiment) -> list[dict]:
     rows: list[dict] = []
     for dataset, entry in exp.named_inputs():
@@ -75,7 +84,7 @@ def resolve_inputs(exp: Experiment) -> list[dict]:
         if entry == "@synth":
             index = pd.read_parquet(upstream_dir(exp, "synth").path / "index.parquet")
             found = [{"id": r["id"], "path": r["path"], "text": r["text"], "speaker": r["voice"],
-                      "duration": r["duration"]} for r in index.to_dict("records")]
+                      "duration": r["duration"], **_planned(exp, r)} for r in index.to_dict("records")]
         elif Path(entry).is_dir():
             found = _file_rows([p for p in Path(entry).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES], Path(entry))
         elif Path(entry).is_file() and Path(entry).suffix in (".jsonl", ".csv"):
@@ -112,12 +121,12 @@ class FeatureActor:
         self.max_segment_seconds = max_segment_seconds
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from slam_ray.audio import decode_segments
+        from slam_ray.tts import row_segments
 
         out = []
         for row in batch.to_dict("records"):
             try:
-                _, _, audio = next(decode_segments(row["path"], self.max_segment_seconds))
+                _, _, audio = next(row_segments(row, self.max_segment_seconds))
                 feats = self.features(audio).cpu().numpy().astype(np.float16)
                 out.append({"id": row["id"], "feats": feats.tobytes(), "dim": feats.shape[1], "error": None})
             except Exception as e:
@@ -136,7 +145,7 @@ def _fit_sample(exp: Experiment, rows: list[dict]) -> list[dict]:
     picked, frames = [], 0.0
     for row in sample:
         picked.append(row)
-        frames += row.get("duration", 10.0) * cfg.frame_rate
+        frames += (row.get("duration") or 10.0) * cfg.frame_rate
         if frames >= cfg.fit_frames * 1.1:
             break
     return picked
@@ -255,7 +264,7 @@ def export_slamkit(exp: Experiment, form: str, path: str | Path) -> int:
         raise SlamError(f"no complete extract output for this experiment at {out.path}: run `slam-ray extract` first")
     table = read_unit_shards(out.path).sort_values("id")
     if form == "features":
-        rows = ({"units": [int(u) for u in r.units], "duration": [int(d) for d in r.durations], "file_name": r.path}
+        rows = ({"units": [int(u) for u in r.units], "duration": [int(d) for d in r.durations], "file_name": r.path or r.id}
                 for r in table.itertuples())
     elif form == "tokens":
         rows = ({"file_name": r.path, "audio_repr": units_to_repr(r.units)} for r in table.itertuples())

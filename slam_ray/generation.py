@@ -171,6 +171,12 @@ def run_generation(exp: Experiment, entry: EvalTask, checkpoint: Path, out_dir: 
     from slam_ray.parallel import map_rows
 
     cfg = exp.eval.generation
+    if cfg.vocoder:  # fail here with the reason, not in every actor's constructor
+        from slam_ray.textmetrics import check_asr
+        from slam_ray.vocoder import load_vocoder
+
+        load_vocoder(cfg.vocoder)
+        check_asr(cfg.asr)
     rows, errors = prompts(exp, entry)
     if not rows:
         raise SlamError(f"generate: none of the prompts in {entry.path} could be tokenised ({len(errors)} errors)")

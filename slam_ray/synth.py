@@ -135,13 +135,29 @@ def _read_parts(index_dir: Path, names: list[str]) -> tuple[pd.DataFrame, list[d
     return table.to_pandas().sort_values("id").reset_index(drop=True), errors
 
 
+def _plan_only(exp: Experiment, out: StageDir, plan: list[dict], text_counts: dict) -> StageResult:
+    """`synth.write_audio: false`: the index holds the plan only (no path, duration or alignment); `extract`
+    speaks each utterance in its encoding actors, straight into units."""
+    from slam_ray.tts import check_backend
+
+    check_backend(exp.synth.backend, exp.synth.sample_rate)  # a missing engine fails here, not in every actor
+    rows = [{**{k: item.get(k) for k in INDEX_SCHEMA.names}, "path": "", "backend": exp.synth.backend}
+            for item in plan]
+    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), out.path / "index.parquet")
+    return StageResult(counts={"texts": len(plan), "utterances": len(plan), "planned_only": 1, **text_counts},
+                       outputs={"index": "index.parquet"})
+
+
 def _synthesize(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     cfg = exp.synth
     with timer.phase("texts"):
         texts, text_counts = load_texts(cfg.corpus)
         if not texts:
             raise SlamError(f"synth.corpus gave no text to speak ({text_counts}); check synth.corpus.path and text_field")
-        shards = _shards(plan_items(exp, texts, out.path / "audio"), cfg.shard_size, "part")
+        plan = plan_items(exp, texts, out.path / "audio")
+        if not cfg.write_audio:
+            return _plan_only(exp, out, plan, text_counts)
+        shards = _shards(plan, cfg.shard_size, "part")
         triples: list[dict] = []
         if cfg.preferences:
             triples, pref_counts = spoken_swag.build_triples(cfg.preferences, cfg.preferences.voices or cfg.voices)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from slam_ray.errors import SlamError
+
 _WORD = re.compile(r"[\w']+")
 
 
@@ -70,6 +72,16 @@ def generative_summary(transcripts: Sequence[str], nlls: Sequence[float | None],
     return {"transcripts": len(transcripts), "empty_transcripts": len(transcripts) - len(kept),
             **({"genppl": math.exp(float(np.mean(ppl_nlls)))} if ppl_nlls else {}),
             **({f"auto_bleu_{n}": float(np.mean(bleus))} if bleus else {})}
+
+
+def check_asr(engine: str) -> None:
+    """A clear error on the driver when the ASR engine cannot load (Whisper weights load in the actors)."""
+    if engine == "pocketsphinx":
+        try:
+            import pocketsphinx  # noqa: F401
+        except ImportError as e:
+            raise SlamError("eval.generation.asr: pocketsphinx is not installed (pip install pocketsphinx==5.1.1), "
+                            "or give a Whisper HF id/path") from e
 
 
 class Transcriber:

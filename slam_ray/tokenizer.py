@@ -187,7 +187,7 @@ class EncodeActor:
     def __call__(self, batch):  # pandas DataFrame in and out
         import pandas as pd
 
-        from slam_ray.audio import decode_segments
+        from slam_ray.tts import row_segments
 
         segments: dict[str, list[dict]] = {}
         failed: dict[str, str] = {}
@@ -214,7 +214,7 @@ class EncodeActor:
             uid = row["id"]
             segments[uid] = []
             try:
-                for start, end, audio in decode_segments(row["path"], self.max_segment_seconds):
+                for start, end, audio in row_segments(row, self.max_segment_seconds):
                     seg = {"seg_start": start, "seg_end": end, "audio_seconds": end - start}
                     segments[uid].append(seg)
                     pending.append((uid, seg, audio))

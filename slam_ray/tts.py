@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from slam_ray.tts_backends import BACKENDS, PiperBackend, Speech, TTSBackend, make_backend
 
 __all__ = ["BACKENDS", "PiperBackend", "Speech", "SpeakActor", "TTSBackend", "make_backend", "speak_items"]
@@ -63,6 +65,37 @@ class SpeakActor:
             except Exception as e:  # one unspeakable text must not lose the batch
                 out.append({**error_row(row, e), "backend": self.backend.name, "duration": 0.0, "aligned_text": None})
         return pd.DataFrame(out)
+
+
+_ENGINES: dict[tuple[str, int], TTSBackend] = {}
+
+
+def speak_planned(spec: dict) -> np.ndarray:
+    """16 kHz audio of an utterance synth only planned (`synth.write_audio: false`), spoken in the calling actor.
+    It goes through a 16-bit FLAC in memory, as synth would have written it, so its units are those of the file."""
+    import io
+
+    from slam_ray.audio import decode_audio, write_flac
+
+    key = (spec["backend"], int(spec["sample_rate"]))
+    if key not in _ENGINES:  # one engine per process, reused for every row
+        _ENGINES[key] = make_backend(*key)
+    speech = _ENGINES[key].synthesize([spec["text"]], spec["voice"], spec["speed"], spec["noise"], spec["seed"])[0]
+    buffer = io.BytesIO()
+    write_flac(buffer, speech.audio, key[1])
+    return decode_audio(buffer.getvalue())
+
+
+def row_segments(row: dict, max_segment_seconds: float | None):
+    """(start, end, 16 kHz audio) of an input row: decoded from its file (in segments), or spoken from its plan."""
+    from slam_ray.audio import TARGET_SAMPLE_RATE, decode_segments
+
+    spec = row.get("speak")
+    if isinstance(spec, str) and spec:  # NaN where a batch mixes planned rows with files
+        audio = speak_planned(json.loads(spec))
+        yield 0.0, len(audio) / TARGET_SAMPLE_RATE, audio
+    else:
+        yield from decode_segments(row["path"], max_segment_seconds)
 
 
 def check_backend(backend: str, sample_rate: int) -> None:

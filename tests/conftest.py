@@ -224,3 +224,20 @@ def save_tiny_text_lm(folder: Path) -> Path:
     GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=64, n_embd=16, n_layer=1, n_head=2,
                                bos_token_id=1, eos_token_id=1)).save_pretrained(folder)
     return folder
+
+
+def kill_when(command: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """Start `command` in its own process group and SIGKILL the whole group (driver, Ray, actors) as soon as
+    `ready()`; fails if it finishes first or `ready()` never comes. Its output is kept in cwd/killed.log."""
+    log_path = cwd / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        try:
+            while not ready():
+                assert proc.poll() is None, "finished before it could be killed:\n" + log_path.read_text()[-3000:]
+                assert time.time() < deadline, "not ready to be killed in time"
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import small_experiment
+from conftest import kill_when, small_experiment
 
 from slam_ray.errors import SlamError
 from slam_ray.extract import extract, resolve_inputs
@@ -311,11 +311,8 @@ def test_a_30_minute_file_is_encoded_in_bounded_memory(fixtures, tmp_path, ray_l
 def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tmp_path):
     """SIGKILL `slam-ray extract` (driver, local Ray, actors) mid-way, run the same command again: it encodes
     only the missing shards and ends with exactly the shards and error lines of an uninterrupted run."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
     import pyarrow.parquet as pq
     from test_features import save_tiny_hubert
@@ -343,19 +340,7 @@ def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tm
     assert len(shard_names) == 12  # 46 inputs, 4 per shard
 
     killed_cmd, killed_out = command(tmp_path / "killed")
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(killed_cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline, written = time.time() + 300, []
-    try:
-        while len(written) < 2:
-            assert proc.poll() is None, "finished before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline, "no shard written in time"
-            time.sleep(0.1)
-            written = list((killed_out.path / "units").glob("part-*.parquet")) if killed_out.path.exists() else []
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        log.close()
+    kill_when(killed_cmd, tmp_path, lambda: len(list((killed_out.path / "units").glob("part-*.parquet"))) >= 2)
     before = {p.name: p.stat().st_mtime_ns for p in (killed_out.path / "units").glob("part-*.parquet")}
     assert 2 <= len(before) < 12
 

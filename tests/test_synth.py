@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import soundfile as sf
-from conftest import small_experiment
+from conftest import kill_when, small_experiment
 from test_tts import save_tiny_vits
 
 from slam_ray.config import Experiment, SynthConfig
@@ -116,8 +116,8 @@ def test_config_errors_name_the_field():
         SynthConfig(noise=(0.1, 0.2))
     with pytest.raises(ValueError, match="num_gpus_per_actor"):
         SynthConfig(num_gpus_per_actor=1)
-    with pytest.raises(ValueError, match="write_audio"):
-        SynthConfig(write_audio=False)
+    with pytest.raises(ValueError, match="synth.write_audio=true"):
+        SynthConfig(write_audio=False, preferences={"path": "swag.jsonl"})
 
 
 def test_a_voice_the_engine_lacks_fails_the_stage_with_the_field(tmp_path, ray_local, espeak):
@@ -209,11 +209,8 @@ def test_spoken_swag_to_dpo_readable_unit_triples(tmp_path, ray_local, espeak):
 def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak):
     """SIGKILL `slam-ray synth` (driver, local Ray, actors, espeak servers) mid-way, run the same command again:
     it speaks only the shards without an index part and ends with exactly a clean run's index and errors."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from slam_ray.config import to_yaml
 
@@ -227,20 +224,7 @@ def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak):
     clean_cmd, clean_out = command(tmp_path / "clean")
     subprocess.run(clean_cmd, cwd=tmp_path, check=True, capture_output=True, timeout=600)
     killed_cmd, killed_out = command(tmp_path / "killed")
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(killed_cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline, written = time.time() + 300, []
-    try:
-        while len(written) < 2:
-            assert proc.poll() is None, "finished before it could be killed:\n" + (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.time() < deadline, "no shard written in time"
-            time.sleep(0.05)
-            index = killed_out.path / "index"
-            written = list(index.glob("part-*.parquet")) if index.is_dir() else []
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        log.close()
+    kill_when(killed_cmd, tmp_path, lambda: len(list((killed_out.path / "index").glob("part-*.parquet"))) >= 2)
     before = {p.name: p.stat().st_mtime_ns for p in (killed_out.path / "index").glob("part-*.parquet")}
     assert 2 <= len(before) < 12
     rerun = subprocess.run(killed_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -254,3 +238,38 @@ def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak):
     columns = [c for c in clean.columns if c != "path"]  # paths differ by workdir only
     pd.testing.assert_frame_equal(again[columns], clean[columns])
     assert not list((killed_out.path / "audio").rglob(".*tmp*"))
+
+
+def test_write_audio_false_speaks_inside_extract_with_the_units_of_the_files(tmp_path, ray_local, espeak):
+    """Fused synthesis: synth only plans, extract's actors speak each utterance straight into units. Encoded
+    with the same tokenizer, they are the units of the FLACs synth would have written."""
+    from slam_ray.extract import resolve_inputs
+    from slam_ray.runner import stage_function
+    from slam_ray.tokenizer import encode_files
+
+    written = corpus_experiment(tmp_path / "written", stages=("synth", "extract"))
+    fused = corpus_experiment(tmp_path / "fused", stages=("synth", "extract"), write_audio=False)
+    for exp in (written, fused):
+        for stage in ("synth", "extract"):
+            stage_function(stage)(exp)
+    plan = pd.read_parquet(stage_dir(fused, "synth").path / "index.parquet")
+    assert (plan["path"] == "").all() and plan["duration"].isna().all()
+    assert not (stage_dir(fused, "synth").path / "audio").exists()  # no audio on disk
+
+    def shards(exp):
+        units = pd.concat(pd.read_parquet(p) for p in sorted((stage_dir(exp, "extract").path / "units").glob("*.parquet")))
+        return units.set_index("id")
+
+    a, b = shards(written), shards(fused)
+    assert sorted(a.index) == sorted(b.index) and len(a) == 8  # the 8 distinct speakable lines
+    assert (b["path"] == "").all()
+    for uid in a.index:  # same audio length, so the same frames, spoken in the extract actors
+        assert a.loc[uid, "n_frames"] == b.loc[uid, "n_frames"]
+        assert a.loc[uid, "audio_seconds"] == pytest.approx(b.loc[uid, "audio_seconds"])
+    # the fused rows through the written experiment's tokenizer: exactly the units of the written files
+    rows = [r for r in resolve_inputs(fused) if "speak" in r]
+    assert len(rows) == len(plan)
+    good, bad = encode_files(written, rows, stage_dir(written, "extract").path / "tokenizer", 2, 4)
+    assert {r["id"] for r in bad} == set(plan["id"]) - set(a.index)  # the unspeakable ones, reported
+    for rec in good:
+        assert rec["units"] == list(a.loc[rec["id"], "units"]), rec["id"]
