@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slam_ray.errors import SlamError
 
-READERS_VERSION = 1  # part of the eval unit cache key: bump when a reader's output changes
+READERS_VERSION = 2  # part of the eval unit cache key: bump when a reader's output or the cache format changes
 SPECIAL_READERS = ("grammar", "generate")  # handled by eval.py itself: spoken grammar pairs, generation
 SALMON_SUBSETS = ("bg_alignment", "bg_all_consistency", "bg_domain_consistency", "gender_consistency",
                   "rir_consistency", "sentiment_alignment", "sentiment_consistency", "speaker_consistency")

@@ -158,9 +158,10 @@ def _tokenizer_dir(exp: Experiment) -> Path:
     return upstream_dir(exp, "extract").path / "tokenizer"
 
 
-def audio_units(exp: Experiment, paths: list[str]) -> tuple[dict[str, list[int]], list[dict]]:
-    """Units of every audio file (by path) with the experiment's tokenizer, cached under WORKDIR/eval_units/ per
-    file list and tokenizer; a file cut into segments (extract.max_segment_seconds) is joined back in order."""
+def audio_units(exp: Experiment, paths: list[str]) -> tuple[dict[str, list[int]], dict[str, list[int]], list[dict]]:
+    """(units, durations, errors) of every audio file (by path) with the experiment's tokenizer, cached under
+    WORKDIR/eval_units/ per file list and tokenizer (shared by likelihood tasks and generation prompts); a file
+    cut into segments (extract.max_segment_seconds) is joined back in order."""
     payload = {"files": sorted(set(paths)), "extract": stage_key(exp, "extract"), "readers_version": READERS_VERSION}
 
     def tokenise(cache: StageDir) -> dict:
@@ -169,14 +170,21 @@ def audio_units(exp: Experiment, paths: list[str]) -> tuple[dict[str, list[int]]
         good, bad = encode_files(exp, rows, _tokenizer_dir(exp), exp.extract.num_actors, exp.extract.batch_size,
                                  exp.extract.num_gpus_per_actor)
         joined: dict[str, list[int]] = {}
+        durations: dict[str, list[int]] = {}
         for rec in sorted(good, key=lambda r: (r["path"], r["seg_start"])):
-            units = joined.setdefault(rec["path"], [])
-            first = 1 if units and rec["units"] and exp.extract.tokenizer.dedup and units[-1] == rec["units"][0] else 0
-            units += rec["units"][first:]
-        return {"units": joined, "errors": [{"path": e["path"], "error": e["error"]} for e in bad]}
+            units, runs = joined.setdefault(rec["path"], []), durations.setdefault(rec["path"], [])
+            if units and rec["units"] and exp.extract.tokenizer.dedup and units[-1] == rec["units"][0]:
+                runs[-1] += rec["durations"][0]  # one run across the segment cut
+                units += rec["units"][1:]
+                runs += rec["durations"][1:]
+            else:
+                units += rec["units"]
+                runs += rec["durations"]
+        return {"units": joined, "durations": durations,
+                "errors": [{"path": e["path"], "error": e["error"]} for e in bad]}
 
     _, cached = cached_json(exp, "eval_units", payload, "units.json", tokenise)
-    return cached["units"], cached["errors"]
+    return cached["units"], cached["durations"], cached["errors"]
 
 
 def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec,
@@ -188,7 +196,7 @@ def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec,
     else:
         comparisons = read_comparisons(spec, entry.path, entry.reader_options, entry.limit)
         files = [*comparisons["positive"], *(p for negs in comparisons["negatives"] for p in negs)]
-        units, errors = audio_units(exp, files)
+        units, _, errors = audio_units(exp, files)
     complete = [c["positive"] in units and all(n in units for n in c["negatives"])
                 for c in comparisons[["positive", "negatives"]].to_dict("records")]
     errors = [{**e, "task": entry.key} for e in errors]

@@ -26,8 +26,6 @@ import pandas as pd
 
 from slam_ray.config import EvalTask, Experiment
 from slam_ray.errors import SlamError
-from slam_ray.runner import cached_json, init_ray
-from slam_ray.stage_io import StageDir, stage_key, upstream_dir
 from slam_ray.textmetrics import generative_summary, text_nll, word_error_rate
 from slam_ray.units import EOS_ID, PAD_ID, tokens_to_units, units_to_tokens
 
@@ -73,37 +71,24 @@ def _cut(units: list[int], durations: list[int] | None, seconds: float, frame_ra
 
 
 def prompts(exp: Experiment, entry: EvalTask) -> tuple[list[dict[str, Any]], list[dict]]:
-    """(prompt rows with `units`, errors). Audio prompts are tokenised once per file list and tokenizer."""
-    from slam_ray.tokenizer import encode_files
+    """(prompt rows with `units`, errors). Audio prompts are tokenised through eval's cache of audio units."""
+    from slam_ray.eval import audio_units
 
     cfg = exp.eval.generation
     sources = _prompt_sources(entry.path, cfg.n_prompts)
-    audio = [r for r in sources if "path" in r]
-    errors: list[dict] = []
-    encoded: dict[str, dict] = {}
-    if audio:
-        payload = {"files": [r["path"] for r in audio], "extract": stage_key(exp, "extract")}
-
-        def tokenise(cache: StageDir) -> dict:
-            init_ray(exp)
-            rows = [{"id": r["id"], "path": r["path"], "text": "", "speaker": ""} for r in audio]
-            good, bad = encode_files(exp, rows, upstream_dir(exp, "extract").path / "tokenizer",
-                                     exp.extract.num_actors, exp.extract.batch_size)
-            first = {r["input_id"]: r for r in sorted(good, key=lambda r: r["seg_start"], reverse=True)}
-            return {"units": {k: {"units": r["units"], "duration": r["durations"]} for k, r in first.items()},
-                    "errors": [{"id": e["id"], "path": e["path"], "error": e["error"]} for e in bad]}
-
-        _, cached = cached_json(exp, "eval_prompts", payload, "units.json", tokenise)
-        encoded, errors = cached["units"], cached["errors"]
-    frame_rate = exp.extract.tokenizer.frame_rate
+    audio = [r["path"] for r in sources if "path" in r]
+    units, durations, errors = audio_units(exp, audio) if audio else ({}, {}, [])
     out = []
     for row in sources:
-        unit_row = row if "units" in row else encoded.get(row["id"])
-        if unit_row is None:
+        if "units" in row:
+            found, runs = row["units"], row.get("duration")
+        elif row["path"] in units:
+            found, runs = units[row["path"]], durations[row["path"]]
+        else:
             continue
-        units = _cut(unit_row["units"], unit_row.get("duration"), cfg.prompt_seconds, frame_rate)
-        if units:
-            out.append({**row, "units": units})
+        prompt = _cut(found, runs, cfg.prompt_seconds, exp.extract.tokenizer.frame_rate)
+        if prompt:
+            out.append({**row, "units": prompt})
     return out, errors
 
 

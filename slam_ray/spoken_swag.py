@@ -11,10 +11,9 @@ from several. `synth` speaks them; `preferences.jsonl` is slamkit's preference i
 from __future__ import annotations
 
 import random
-import re
-from collections import Counter
 from pathlib import Path
 
+from slam_ray import textmetrics
 from slam_ray.config import Experiment, SwagConfig
 from slam_ray.errors import SlamError
 from slam_ray.units import read_jsonl, write_jsonl
@@ -23,14 +22,9 @@ PARTS = ("prompt", "chosen", "rejected")
 
 
 def auto_bleu(text: str, n: int = 2) -> float:
-    """Share of the word n-grams of `text` that occur more than once in it (0 for fewer than n words):
-    the repetitiveness measure slamkit's SpokenSwag filter thresholds at 0.3."""
-    words = re.findall(r"\w+", text.lower())
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if not grams:
-        return 0.0
-    counts = Counter(grams)
-    return sum(1 for g in grams if counts[g] > 1) / len(grams)
+    """textmetrics' Auto-BLEU, 0 for a text shorter than n words (nothing repeats): the repetitiveness measure
+    slamkit's SpokenSwag filter thresholds at 0.3."""
+    return textmetrics.auto_bleu(text, n) or 0.0
 
 
 def _row_fields(cfg: SwagConfig, row: dict, where: str) -> tuple[str, list[str], int]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -206,7 +207,7 @@ def make_benchmark_layouts(root: Path) -> dict[str, Path]:
             speak_wav(manifest.parent / f"n{i}_{k}.wav", neg)
         lines.append({"id": f"m{i}", "positive": f"p{i}.wav", "negatives": [f"n{i}_{k}.wav" for k in range(len(negs))],
                       "subset": "pairs" if len(negs) == 1 else "groups"})
-    manifest.write_text("\n".join(__import__("json").dumps(line) for line in lines) + "\n")
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     return {"zerospeech": root / "zr2021", "ssc": ssc, "salmon": salmon, "manifest": manifest}
 
 

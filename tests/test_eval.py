@@ -15,7 +15,7 @@ from conftest import make_benchmark_layouts, save_tiny_text_lm, small_experiment
 
 from slam_ray.config import with_values
 from slam_ray.runner import stage_function
-from slam_ray.stage_io import stage_dir
+from slam_ray.stage_io import stage_dir, stage_payload
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -95,7 +95,7 @@ def test_every_task_and_checkpoint_with_a_missing_dataset(trained, tmp_path):
     # a checkpoint folder given by path needs no training stage in the payload
     alone = with_values(exp, {"eval.tasks": [tasks[3]], "eval.checkpoints": [str(stage_dir(exp, "train").path / "checkpoint")]},
                         "test")
-    assert "train" not in __import__("slam_ray.stage_io", fromlist=["x"]).stage_payload(alone, "eval")
+    assert "train" not in stage_payload(alone, "eval")
     again = json.loads((stage_function("eval")(alone).path / "results.json").read_text())
     assert again["ssc@checkpoint"]["accuracy"] == results["ssc"]["accuracy"]
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak
         blob = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
         assert SECRET not in blob and "slamtestkey" not in blob
         folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "art" / run.info.run_id))
-        for path in __import__("pathlib").Path(folder).rglob("*"):
+        for path in Path(folder).rglob("*"):
             if path.is_file():
                 assert SECRET.encode() not in path.read_bytes(), path
     for manifest in exp.workdir_path.rglob("manifest.json"):
