@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -25,7 +26,11 @@ import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "slamkit_example"
+# shared/ beside the repository; SLAM_RAY_FIXTURES points elsewhere (a GPU box without ../shared)
+FIXTURES = Path(
+    os.environ.get("SLAM_RAY_FIXTURES")
+    or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "slamkit_example"
+)
 
 
 def make_files(folder: Path, n: int, seed: int = 0) -> list[Path]:

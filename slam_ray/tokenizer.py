@@ -74,6 +74,19 @@ def _nearest(x, centroids, chunk: int = 65_536):
     return torch.cat(index), torch.cat(dist)
 
 
+def _cluster_sums(x, assign, n_units: int, chunk: int = 65_536):
+    """Per-cluster sums of the rows of `x`. On CPU `index_add_`; on GPU its atomic adds would make a seeded fit
+    differ run to run in the last bits (seen on an H200), so there one-hot matmuls, which are deterministic."""
+    import torch
+
+    if x.device.type == "cpu":
+        return torch.zeros(n_units, x.shape[1], dtype=x.dtype).index_add_(0, assign, x)
+    sums = torch.zeros(n_units, x.shape[1], dtype=x.dtype, device=x.device)
+    for part, labels in zip(x.split(chunk), assign.split(chunk), strict=True):
+        sums += torch.nn.functional.one_hot(labels, n_units).to(x.dtype).T @ part
+    return sums
+
+
 def fit_kmeans(features: list[np.ndarray], cfg: TokenizerConfig, device: str | None = None,
                max_iter: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit (centroids, mean, std) on a seeded sample of `fit_frames` standardised frames: k-means++ seeding,
@@ -104,7 +117,7 @@ def fit_kmeans(features: list[np.ndarray], cfg: TokenizerConfig, device: str | N
     for _ in range(max_iter):
         assign, dist = _nearest(x, centroids)
         counts = torch.bincount(assign, minlength=cfg.n_units)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        sums = _cluster_sums(x, assign, cfg.n_units)
         updated = sums / counts.clamp(min=1)[:, None]
         empty = (counts == 0).nonzero().flatten()
         if len(empty):  # re-seed an empty cluster with the frames farthest from their centroids
@@ -144,7 +157,14 @@ class UnitTokenizer:
 
     def encode_batch(self, audios: list[np.ndarray]) -> list[dict[str, np.ndarray | int]]:
         """The same units as `encode` on each, with the features computed in batches where the model allows."""
-        return [self._units(self.assign(f)) for f in self.features.batch(audios)]
+        import torch
+
+        features = self.features.batch(audios)
+        if not features:
+            return []
+        # one matmul-argmin and one copy to the host for the whole batch (a copy per file would stall the GPU)
+        frames = self.assign(torch.cat(features))
+        return [self._units(part) for part in np.split(frames, np.cumsum([len(f) for f in features])[:-1])]
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -176,12 +196,14 @@ class EncodeActor:
     error row per file that cannot be used (every good file of the batch still comes through)."""
 
     def __init__(self, tokenizer_dir: str, max_segment_seconds: float | None = None,
-                 flush_seconds: float = 200.0) -> None:
+                 flush_seconds: float | None = None) -> None:
         from slam_ray.parallel import limit_threads
 
         limit_threads()
         self.tokenizer = UnitTokenizer.load(tokenizer_dir)
         self.max_segment_seconds = max_segment_seconds
+        if flush_seconds is None:  # a GPU needs big batches (bench/gpu.py: 200 s -> 2,804, 800 s -> 3,637 audio-h/GPU-h)
+            flush_seconds = 800.0 if self.tokenizer.features.device.type == "cuda" else 200.0
         self.flush_samples = int(flush_seconds * TARGET_SAMPLE_RATE)  # bounds memory whatever the file length
 
     def __call__(self, batch):  # pandas DataFrame in and out

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "slamkit_example"
+# shared/ beside the repository; SLAM_RAY_FIXTURES points elsewhere (a GPU box without ../shared)
+FIXTURES = Path(
+    os.environ.get("SLAM_RAY_FIXTURES")
+    or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "slamkit_example"
+)
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -67,23 +67,58 @@ def test_hubert_frame_counts_on_the_fixtures(tiny_huberts, speech, rate, frames)
 def test_only_the_layers_up_to_the_one_read_run_and_give_the_full_models_features(tiny_huberts, speech, rate):
     from transformers import HubertModel
 
-    full = HubertModel.from_pretrained(tiny_huberts[rate]).eval()
-    x = torch.from_numpy(speech[0])[None]
-    with torch.no_grad():
-        hidden = full(x, output_hidden_states=True).hidden_states
     for layer in (1, 2):
         feats = HubertFeatures(tiny_huberts[rate], layer=layer)
+        full = HubertModel.from_pretrained(tiny_huberts[rate]).eval().to(feats.device)  # same device, same kernels
+        with torch.no_grad():
+            hidden = full(torch.from_numpy(speech[0])[None].to(feats.device), output_hidden_states=True).hidden_states
         assert len(feats.model.encoder.layers) == layer  # the layers above are gone, never computed
         torch.testing.assert_close(feats(speech[0]), hidden[layer][0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rate", [25, 50])
 def test_features_of_a_file_do_not_depend_on_its_batch_mates(tiny_huberts, speech, rate):
-    feats = HubertFeatures(tiny_huberts[rate], layer=3)
-    assert feats.masked_batches == (rate == 50)  # group norm over time cannot be batched with padding
-    short = speech[1][: 16_000 * 3]
-    batched = feats.batch([speech[0], short, speech[1]])
-    for audio, got in zip([speech[0], short, speech[1]], batched, strict=True):
+    """One padded forward for all three (the 25 Hz model's group norm over time included), and each file's
+    features (and units) equal to its own forward's."""
+    from slam_ray.config import TokenizerConfig
+    from slam_ray.tokenizer import UnitTokenizer
+
+    feats = HubertFeatures(tiny_huberts[rate], layer=3, batched=True)  # the GPU's way, here on CPU
+    short = speech[1][: 16_000 * 12]
+    files = [speech[0], short, speech[1], speech[1][: 16_000 * 3]]
+    forwards = []
+    feats.model.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    batched = feats.batch(files)
+    # longest first; the 3 s file is under MIN_FILL of the longest, so it waits for a batch of its own
+    assert forwards == [(3, len(speech[1])), (1, 16_000 * 3)]
+    for audio, got in zip(files, batched, strict=True):
+        torch.testing.assert_close(got, feats(audio), rtol=1e-4, atol=1e-4)
+    # the plain padded forward (slamkit's way) does change a group-norm model's features
+    if rate == 25:
+        with torch.no_grad():
+            x = torch.zeros(2, len(speech[0]))
+            x[0], x[1, : len(short)] = torch.from_numpy(speech[0]), torch.from_numpy(short)
+            plain = feats.model(x.to(feats.device)).last_hidden_state[1, : len(batched[1])]
+        assert (plain - batched[1]).abs().max() > 1e-2
+    centroids = torch.randn(50, 32).numpy()
+    tok = UnitTokenizer(TokenizerConfig(kind="hubert", model=tiny_huberts[rate], layer=3, n_units=50), centroids,
+                        torch.zeros(32).numpy(), torch.ones(32).numpy())
+    tok.features.batched = True
+    for one, together in zip((tok.encode(a) for a in files), tok.encode_batch(files), strict=True):
+        assert one["units"].tolist() == together["units"].tolist()
+
+
+def test_gpu_batch_shapes_keep_each_files_features(tiny_huberts, speech):
+    """The GPU's batch shapes (widths to whole seconds, rows to multiples of 4 with silent filler rows, files
+    down to half the longest), here on CPU: still each file's own features."""
+    feats = HubertFeatures(tiny_huberts[25], layer=3, batched=True)
+    feats.width_quantum, feats.row_quantum, feats.min_fill = 16_000, 4, 0.5
+    files = [speech[0], speech[1][: 16_000 * 9], speech[1], speech[1][: 16_000 * 3]]
+    forwards = []
+    feats.model.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    batched = feats.batch(files)
+    assert forwards == [(4, 16 * 16_000), (4, 3 * 16_000)]  # 15.9 s -> 16 s wide; the 3 s file plus 3 fillers
+    for audio, got in zip(files, batched, strict=True):
         torch.testing.assert_close(got, feats(audio), rtol=1e-4, atol=1e-4)
 
 
