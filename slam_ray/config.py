@@ -236,6 +236,10 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(None, gt=0, description="per-GPU peak for MFU; None = looked up by GPU name (bf16 dense)")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full model copy per worker; fsdp: weights, "
+                                             "gradients and optimizer state sharded across workers (FSDP2), for larger models")
+    resources_per_worker: dict[str, float] | None = Field(
+        None, description="Ray resources per training worker; None = {CPU: ray.worker_cpus, GPU: 1 with use_gpu}")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None = worker CPUs")
     log_every: int = Field(10, ge=1)
     val_reports: int = Field(10, ge=0, le=100, description="validation passes spread over the budget, each "

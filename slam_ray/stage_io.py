@@ -22,7 +22,7 @@ from slam_ray.preferences import PREFERENCES_VERSION
 
 # Fields that only change scheduling, not results.
 _OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "val_reports", "torch_threads", "checkpoint_every", "checkpoint_every_minutes",
-                "max_failures", "peak_tflops", "storage_path"}
+                "max_failures", "peak_tflops", "storage_path", "resources_per_worker"}
 
 
 def _strip(d: Any) -> Any:

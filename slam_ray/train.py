@@ -24,7 +24,16 @@ from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, upstream_dir
 from slam_ray.storage import run_storage
 from slam_ray.tracking import Tracker
-from slam_ray.train_utils import all_ranks, flops_per_token, peak_tflops, report_checkpoint, resume_state
+from slam_ray.train_utils import (
+    all_ranks,
+    flops_per_token,
+    full_state,
+    load_optimizer_state,
+    peak_tflops,
+    report_checkpoint,
+    resume_state,
+    shard_model,
+)
 from slam_ray.units import PAD_ID
 
 PROBE_STEPS = 6  # timed forward/backward passes (weights untouched) that size a time-budgeted schedule
@@ -77,9 +86,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report_checkpoint(model, rank, {"step": 0, "kind": "init", "params": n_params})
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    fsdp = cfg.strategy == "fsdp"
+    if fsdp:
+        model = shard_model(model.to(device))
     if cfg.compile:
         model = torch.compile(model)  # save_pretrained and state_dict pass through to the HF model
-    model = ray.train.torch.prepare_model(model)
+    if not fsdp:
+        model = ray.train.torch.prepare_model(model)  # DDP (and the move to the worker's device)
     # MFU on GPU: model FLOPs per token over the GPUs' peak (train.peak_tflops, or looked up by name)
     peak = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     hf_config = getattr(model, "module", model).config
@@ -95,14 +108,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return net(input_ids=x, labels=labels).loss
 
     def validate(limit: int | None = None) -> float:
-        """Mean loss over (the first `limit` of) the validation windows, all ranks sharing the work. Runs on
-        the unwrapped module: ranks may see unequal numbers of batches, and a DDP forward would wait for the
-        other ranks (a deadlock)."""
-        plain = getattr(model, "module", model).eval()
+        """Mean loss over (the first `limit` of) the validation windows, all ranks sharing the work. Under DDP
+        it runs on the unwrapped module: ranks may see unequal numbers of batches, and a DDP forward would wait
+        for the other ranks (a deadlock). A sharded model's every forward is collective, so under FSDP every
+        rank runs the same number of batches (a rank out of windows repeats one and does not count it)."""
+        plain = (model if fsdp else getattr(model, "module", model)).eval()
         windows = val_windows[:limit]
+        stride = cfg.batch_size * world
+        starts = range(rank * cfg.batch_size, -(-len(windows) // stride) * stride if fsdp else len(windows), stride)
+        losses = []
         with torch.no_grad():
-            losses = [loss_on(windows[i : i + cfg.batch_size], plain).item()
-                      for i in range(rank * cfg.batch_size, len(windows), cfg.batch_size * world)]
+            for i in starts:
+                loss = loss_on(windows[i : i + cfg.batch_size] if i < len(windows) else windows[:1], plain).item()
+                if i < len(windows):
+                    losses.append(loss)
         plain.train()
         return all_ranks(sum(losses), "sum") / max(1.0, all_ranks(len(losses), "sum"))
 
@@ -112,7 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resumed is not None:
         step, plan, reports_done = resumed["step"], resumed["plan"], resumed.get("reports_done", 0)
         start = time.perf_counter() - resumed["train_seconds"]  # the budget counts training time only
-        opt.load_state_dict(resumed["optimizer"])
+        load_optimizer_state(model, opt, resumed["optimizer"])
         torch.set_rng_state(resumed["torch_rng"])
         if tracker:
             print(f"[train] resuming at step {step}/{plan['total']} from the latest checkpoint")
@@ -161,13 +180,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while step < plan["total"]:
         model.train()
         for micro in range(cfg.grad_accum):
-            # DDP all-reduces gradients on the last micro-batch only.
+            # DDP all-reduces (FSDP reduce-scatters) gradients on the last micro-batch only.
             last = micro == cfg.grad_accum - 1
+            if fsdp:
+                getattr(model, "_orig_mod", model).set_requires_gradient_sync(last)
             with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
                 loss = loss_on(data.batch(step * cfg.grad_accum + micro), model) / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: every rank takes part in making it whole
+            grad_norm = grad_norm.full_tensor()
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -211,10 +234,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             due |= all_ranks(float(time.perf_counter() - last_checkpoint > cfg.checkpoint_every_minutes * 60), "max") > 0
         if due and step < plan["total"]:
             last_checkpoint = time.perf_counter()
+            weights, optimizer_state = full_state(model, opt)  # collective under FSDP
             state = {"step": step, "plan": plan, "reports_done": reports_done,
                      "train_seconds": time.perf_counter() - start,
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
-            report_checkpoint(model, rank, {"step": step, "kind": "periodic"}, state)
+                     "optimizer": optimizer_state, "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
+            report_checkpoint(model, rank, {"step": step, "kind": "periodic"}, state, weights)
     train_seconds = time.perf_counter() - start
     log_thread.shutdown(wait=True)
     if tracker:
@@ -229,7 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if tracker:
         tracker.log_metrics({"val/loss": val_loss, "train/tokens_per_s_mean": metrics["tokens_per_s"],
                              **({"train/mfu_mean": metrics["mfu"]} if peak else {})}, step)
-    report_checkpoint(model, rank, metrics)
+    report_checkpoint(model, rank, metrics, weights=full_state(model, opt)[0] if fsdp else None)
 
 
 def _tune_callbacks() -> list:
@@ -254,7 +278,7 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
 
     packed = upstream_dir(exp, "pack").path
     init_ray(exp)
-    resources = {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
+    resources = exp.train.resources_per_worker or {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker),

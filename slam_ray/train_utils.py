@@ -22,16 +22,63 @@ def all_ranks(value: float, op: str) -> float:
 TRAINER_STATE = "trainer_state.pt"
 
 
-def report_checkpoint(model: Any, rank: int, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-    """Every rank calls report (it is a barrier); rank 0 attaches the HF checkpoint, plus the trainer state
-    (optimizer, scheduler, step, plan, RNG, elapsed time) that a resumed run continues from."""
+def shard_model(model: Any) -> Any:
+    """FSDP2 (`fully_shard`): each transformer block (the model's `_no_split_modules` classes) is its own shard
+    unit, the rest (embeddings, tied head, final norm) the root's. Weights, gradients and optimizer state are
+    split across ranks and gathered a block at a time."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def full_state(model: Any, optimizer: Any) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(full model state dict or None when the model is not sharded, optimizer state dict to resume from).
+    For a sharded model both are gathered to full tensors on the CPU — every rank must call this."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    module = getattr(model, "_orig_mod", model)  # under torch.compile
+    if not hasattr(module, "reshard"):  # not FSDP
+        return None, optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=options)
+
+
+def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Put back an optimizer state saved by `full_state` (sharded again under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    module = getattr(model, "_orig_mod", model)
+    if not hasattr(module, "reshard"):
+        optimizer.load_state_dict(state)
+    else:
+        # keys a scheduler added to the saved groups (LambdaLR's initial_lr) must exist before the load
+        for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
+            for key, value in saved.items():
+                group.setdefault(key, value)
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def report_checkpoint(model: Any, rank: int, metrics: dict[str, Any], state: dict[str, Any] | None = None,
+                      weights: dict[str, Any] | None = None) -> None:
+    """Every rank calls report (it is a barrier); rank 0 attaches the HF checkpoint (`weights`: the gathered
+    state dict of a sharded model), plus the trainer state (optimizer, scheduler, step, plan, RNG, elapsed time)
+    that a resumed run continues from."""
     import ray.train
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            getattr(model, "module", model).save_pretrained(tmp)
+            getattr(model, "module", model).save_pretrained(tmp, state_dict=weights)
             if state is not None:
                 torch.save(state, Path(tmp) / TRAINER_STATE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

@@ -136,3 +136,38 @@ def test_compiled_checkpointed_model_with_time_based_checkpoints(tmp_path, ray_l
     assert periodic, "no time-based checkpoint was reported"
     model = AutoModelForCausalLM.from_pretrained(out.path / "checkpoint")
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+
+
+def test_fsdp_matches_ddp_and_resumes_after_a_killed_worker(tmp_path, ray_local):
+    """train.strategy fsdp (FSDP2 over 2 CPU workers, gloo): the same loss curve as DDP, a final checkpoint that
+    plain transformers loads with the same weights, and after a killed worker a resume from the sharded run's
+    checkpoint (gathered weights and optimizer state) that ends on the same step with the same curve."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = {"max_steps": 40, "max_minutes": None, "log_every": 2, "num_workers": 2, "batch_size": 4,
+            "checkpoint_every": 10, "max_failures": 2}
+    runs = {name: small_experiment(tmp_path / name, ray={"worker_cpus": 0.5},
+                                   train={**base, "strategy": "ddp" if name == "ddp" else "fsdp"})
+            for name in ("ddp", "fsdp", "killed")}
+    for name in ("ddp", "fsdp"):
+        fake_pack_output(runs[name])
+        train(runs[name])
+    ddp, fsdp = loss_curve(runs["ddp"]), loss_curve(runs["fsdp"])
+    assert sorted(ddp) == sorted(fsdp) == list(range(2, 41, 2))
+    np.testing.assert_allclose([fsdp[s] for s in sorted(fsdp)], [ddp[s] for s in sorted(ddp)], rtol=1e-3)
+    weights = {name: AutoModelForCausalLM.from_pretrained(stage_dir(runs[name], "train").path / "checkpoint").state_dict()
+               for name in ("ddp", "fsdp")}
+    assert weights["fsdp"].keys() == weights["ddp"].keys()
+    for key, value in weights["ddp"].items():
+        torch.testing.assert_close(weights["fsdp"][key], value, rtol=1e-3, atol=1e-4)
+
+    killed = runs["killed"]
+    fake_pack_output(killed)
+    victim, errors = kill_a_worker_during(lambda: train(killed), lambda: 14 <= max(loss_curve(killed), default=0) < 34)
+    assert victim is not None, "the run finished before a worker could be killed"
+    assert not errors, errors
+    assert json.loads(stage_dir(killed, "train").manifest_path.read_text())["counts"]["steps"] == 40
+    got = loss_curve(killed)
+    assert sorted(got) == sorted(fsdp)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [fsdp[s] for s in sorted(fsdp)], rtol=1e-4)
