@@ -33,12 +33,26 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
         return _resampler(orig_sr, target_sr)(torch.from_numpy(audio)).numpy()
 
 
+def _readable(source: str | Path | bytes):
+    """What soundfile opens: a local path, encoded bytes, or an object in s3:// / gs:// storage."""
+    from slam_ray.storage import is_remote, open_input
+
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
+    return open_input(str(source)) if is_remote(str(source)) else str(source)
+
+
 def decode_audio(source: str | Path | bytes, sample_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
-    """Float32 mono samples at `sample_rate` from a path or encoded bytes; AudioError if unusable."""
+    """Float32 mono samples at `sample_rate` from a path, an s3:// / gs:// URI or encoded bytes; AudioError if
+    unusable."""
     try:
-        data, sr = sf.read(io.BytesIO(source) if isinstance(source, bytes) else str(source), dtype="float32", always_2d=True)
+        data, sr = sf.read(_readable(source), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types for truncated/unknown files
         raise AudioError(f"cannot decode audio: {e}") from e
+    return _at_rate(data, sr, sample_rate)
+
+
+def _at_rate(data: np.ndarray, sr: int, sample_rate: int) -> np.ndarray:
     if data.shape[0] == 0:
         raise AudioError("audio has no samples")
     return resample(_mono(data), sr, sample_rate).astype(np.float32, copy=False)
@@ -64,13 +78,17 @@ def decode_segments(path: str | Path, max_seconds: float | None,
     `max_seconds` is read block by block (memory bounded by one window whatever its length) and cut at the
     quietest 20 ms of each window's last quarter; a last piece under 0.5 s joins the segment before it."""
     try:
-        f = sf.SoundFile(str(path))
+        f = sf.SoundFile(_readable(path))
     except Exception as e:
         raise AudioError(f"cannot decode audio: {e}") from e
     with f:
         sr = f.samplerate
-        if max_seconds is None or f.frames <= max_seconds * sr:
-            audio = decode_audio(path, sample_rate)  # the common case: one segment
+        if max_seconds is None or f.frames <= max_seconds * sr:  # the common case: one segment
+            try:
+                data = f.read(dtype="float32", always_2d=True)
+            except Exception as e:
+                raise AudioError(f"cannot decode audio: {e}") from e
+            audio = _at_rate(data, sr, sample_rate)
             yield 0.0, len(audio) / sample_rate, audio
             return
         window, min_tail = int(max_seconds * sr), sr // 2

@@ -1,6 +1,7 @@
 """`slam-ray extract`: audio -> discrete units, in parallel on Ray Data.
 
-1. Resolve `extract.inputs` (folders, globs, JSONL/CSV manifests, '@synth') into rows (id, path, text, speaker).
+1. Resolve `extract.inputs` (folders, globs, JSONL/CSV manifests, '@synth'; local or s3:// / gs://) into rows
+   (id, path, text, speaker).
 2. Tokeniser: load centroids, or fit k-means on features of a seeded sample of files (saved to `tokenizer/`).
 3. Encode every file in an actor pool (decode -> mono 16 kHz -> features -> units -> de-dup); a file that
    fails is one line of errors.jsonl and its neighbours still come through.
@@ -26,6 +27,7 @@ from slam_ray.errors import SlamError
 from slam_ray.parallel import map_rows
 from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, upstream_dir
+from slam_ray.storage import is_remote, list_files, open_input, resolve_relative
 from slam_ray.tokenizer import UnitTokenizer, fit_kmeans, iter_encoded
 from slam_ray.tracking import Tracker
 
@@ -47,16 +49,36 @@ def _text_field(rec: dict, key: str) -> str:
     return "" if value is None or (isinstance(value, float) and value != value) else str(value)  # NaN != NaN
 
 
-def _manifest_rows(path: Path) -> list[dict]:
-    df = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_csv(path)
+def _manifest_rows(path: str) -> list[dict]:
+    """Rows of a JSONL/CSV manifest, local or in object storage; relative audio paths are relative to it."""
+    remote = is_remote(path)
+    source = open_input(path) if remote else path
+    suffix = Path(path.partition("?")[0] if remote else path).suffix
+    df = pd.read_json(source, lines=True) if suffix == ".jsonl" else pd.read_csv(source)
     if "path" not in df.columns:
         raise SlamError(f"manifest {path} has no `path` column (columns: {', '.join(map(str, df.columns))})")
+    stem = Path(path.partition("?")[0]).stem
     rows = []
     for i, rec in enumerate(df.to_dict("records")):
-        audio = Path(str(rec["path"]))
-        audio = audio if audio.is_absolute() else (path.parent / audio)
-        rows.append({"id": _text_field(rec, "id") or f"{path.stem}-{i:07d}", "path": str(audio),
+        if remote:
+            audio = resolve_relative(path, str(rec["path"]))
+        else:
+            audio = Path(str(rec["path"]))
+            audio = str(audio if audio.is_absolute() else (Path(path).parent / audio))
+        rows.append({"id": _text_field(rec, "id") or f"{stem}-{i:07d}", "path": audio,
                      "text": _text_field(rec, "text"), "speaker": _text_field(rec, "speaker")})
+    return rows
+
+
+def _remote_rows(uri: str) -> list[dict]:
+    """Rows of the audio files under an s3:// / gs:// folder, glob or single object; ids relative to the folder."""
+    root, files = list_files(uri)
+    rows = []
+    for file in files:
+        key = file.partition("?")[0].partition("://")[2]
+        if Path(key).suffix.lower() in AUDIO_SUFFIXES:
+            rows.append({"id": str(Path(key[len(root):].lstrip("/")).with_suffix("")), "path": file, "text": "",
+                         "speaker": ""})
     return rows
 
 
@@ -85,10 +107,15 @@ def resolve_inputs(exp: Experiment) -> list[dict]:
             index = pd.read_parquet(upstream_dir(exp, "synth").path / "index.parquet")
             found = [{"id": r["id"], "path": r["path"], "text": r["text"], "speaker": r["voice"],
                       "duration": r["duration"], **_planned(exp, r)} for r in index.to_dict("records")]
+        elif is_remote(entry):
+            base = entry.partition("?")[0]
+            found = _manifest_rows(entry) if base.endswith((".jsonl", ".csv")) else _remote_rows(entry)
+            if not found:
+                raise SlamError(f"extract.inputs entry {entry!r} holds no audio file ({', '.join(sorted(AUDIO_SUFFIXES))})")
         elif Path(entry).is_dir():
             found = _file_rows([p for p in Path(entry).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES], Path(entry))
         elif Path(entry).is_file() and Path(entry).suffix in (".jsonl", ".csv"):
-            found = _manifest_rows(Path(entry))
+            found = _manifest_rows(entry)
         elif Path(entry).is_file():
             found = _file_rows([Path(entry)], None)
         else:

@@ -103,3 +103,54 @@ def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak
                 assert SECRET.encode() not in path.read_bytes(), path
     for manifest in exp.workdir_path.rglob("manifest.json"):
         assert SECRET not in manifest.read_text()
+
+
+def test_extract_reads_folders_and_manifests_from_s3(tmp_path, s3_server, fixtures):
+    """`extract.inputs` in a bucket: a folder (recursively) and a JSONL manifest with paths relative to it.
+    Every good object yields the units of the same file read from disk; a corrupt object and a manifest entry
+    pointing at nothing are error lines; a prefix holding no audio is a config error naming the entry."""
+    import boto3
+
+    from slam_ray.audio import decode_audio
+    from slam_ray.tokenizer import UnitTokenizer
+    from slam_ray.units import read_unit_shards
+
+    url, port, env = s3_server
+    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=SECRET, region_name="us-east-1")
+    s3.create_bucket(Bucket="speech")
+    s3.upload_file(str(fixtures / "audio1.flac"), "speech", "corpus/a/audio1.flac")
+    s3.upload_file(str(fixtures / "audio2.flac"), "speech", "corpus/b/audio2.flac")
+    s3.put_object(Bucket="speech", Key="corpus/bad.flac", Body=b"not audio at all")
+    s3.put_object(Bucket="speech", Key="corpus/notes.txt", Body=b"not an audio suffix: skipped")
+    manifest = [{"id": "again", "path": "../corpus/a/audio1.flac", "text": "the same file", "speaker": "s1"},
+                {"id": "gone", "path": "../corpus/missing.flac"}]
+    s3.put_object(Bucket="speech", Key="lists/more.jsonl", Body="\n".join(json.dumps(m) for m in manifest).encode())
+    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
+    exp = small_experiment(tmp_path / "work", stages=["extract"],
+                           extract={"inputs": [f"s3://speech/corpus{query}", f"s3://speech/lists/more.jsonl{query}"],
+                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    (tmp_path / "s3.yaml").write_text(to_yaml(exp))
+
+    def extract(path):
+        return subprocess.run([sys.executable, "-m", "slam_ray.cli", "extract", str(path)], cwd=tmp_path,
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+    proc = extract(tmp_path / "s3.yaml")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = stage_dir(exp, "extract").path
+    rows = {r["id"]: r for r in read_unit_shards(out).to_dict("records")}
+    assert sorted(rows) == ["a/audio1", "again", "b/audio2"]
+    assert rows["again"]["text"] == "the same file" and rows["a/audio1"]["path"].startswith("s3://speech/corpus/a/")
+    errors = {json.loads(line)["id"]: json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines()}
+    assert sorted(errors) == ["bad", "gone"]
+    tokenizer = UnitTokenizer.load(out / "tokenizer")
+    for uid, local in (("a/audio1", "audio1"), ("again", "audio1"), ("b/audio2", "audio2")):
+        expected = tokenizer.encode(decode_audio(fixtures / f"{local}.flac"))
+        assert list(rows[uid]["units"]) == expected["units"].tolist()
+
+    empty = small_experiment(tmp_path / "empty", stages=["extract"], extract={"inputs": [f"s3://speech/nothing{query}"]})
+    (tmp_path / "empty.yaml").write_text(to_yaml(empty))
+    proc = extract(tmp_path / "empty.yaml")
+    assert proc.returncode != 0 and "s3://speech/nothing" in proc.stdout + proc.stderr
+    assert "holds no audio file" in proc.stdout + proc.stderr
