@@ -60,9 +60,11 @@ def espeak() -> str:
     return path
 
 
-def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool]) -> tuple[int | None, list[BaseException]]:
-    """Run `run` in a thread and SIGKILL one live Ray Train worker as soon as `ready()`; wait for `run` to end.
-    Returns (the killed pid or None if it ended first, the errors `run` raised)."""
+def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool],
+                         actor_class: str = "RayTrainWorker") -> tuple[int | None, list[BaseException]]:
+    """Run `run` in a thread and SIGKILL one live actor of `actor_class` (a Ray Train worker by default) as soon
+    as `ready()`; wait for `run` to end. Returns (the killed pid or None if it ended first, the errors `run`
+    raised)."""
     import signal
     import threading
     import time
@@ -86,7 +88,7 @@ def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool]) -
         if ready():
             # the address, not a scan of the machine's Ray processes: another local Ray would make that ambiguous
             workers = list_actors(address=ray.get_runtime_context().gcs_address,
-                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                                  filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")])
             if workers:
                 victim = workers[0].pid
                 os.kill(victim, signal.SIGKILL)

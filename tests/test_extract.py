@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import kill_when, small_experiment
+from conftest import kill_a_worker_during, kill_when, small_experiment
 
 from slam_ray.errors import SlamError
 from slam_ray.extract import extract, resolve_inputs
@@ -354,3 +354,35 @@ def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tm
     for name in shard_names:
         assert pq.read_table(killed_out.path / "units" / name).equals(pq.read_table(clean_out.path / "units" / name)), name
     assert killed_out.errors_path.read_text() == clean_out.errors_path.read_text()  # same lines, none twice
+
+
+def test_a_killed_encoding_actor_loses_and_duplicates_no_file(fixtures, tmp_path, ray_local):
+    """SIGKILL an encoding actor mid-run: Ray restarts it and retries its batches, and every file still comes
+    out exactly once, with the units an uninterrupted encoding gives it."""
+    from slam_ray.audio import decode_audio, write_flac
+    from slam_ray.tokenizer import UnitTokenizer
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    speech = [decode_audio(fixtures / f"audio{i}.flac") for i in (1, 2)]
+    rng = np.random.default_rng(0)
+    for i in range(96):
+        source, length = speech[i % 2], int(rng.uniform(4.0, 12.0) * 16_000)
+        start = int(rng.integers(0, len(source) - length))
+        write_flac(folder / f"utt{i:03d}.flac", source[start : start + length])
+    (folder / "broken.flac").write_bytes(b"junk")
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(folder)], "num_actors": 2, "batch_size": 2, "shard_files": 8,
+                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    shards = stage_dir(exp, "extract").path / "units"
+    victim, errors = kill_a_worker_during(lambda: extract(exp), lambda: any(shards.glob("part-*.parquet")),
+                                          actor_class="MapWorker(MapBatches(EncodeActor))")
+    assert victim is not None, "the extraction finished before an encoding actor could be killed"
+    assert not errors, errors
+    out = stage_dir(exp, "extract")
+    units = read_unit_shards(out.path)
+    assert len(units) == 96 and sorted(units.id) == [f"utt{i:03d}" for i in range(96)]  # each exactly once
+    assert [json.loads(line)["id"] for line in out.errors_path.read_text().splitlines()] == ["broken"]
+    tokenizer = UnitTokenizer.load(out.path / "tokenizer")
+    for row in units.itertuples():
+        assert list(row.units) == tokenizer.encode(decode_audio(folder / f"{row.id}.flac"))["units"].tolist()
