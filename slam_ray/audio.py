@@ -42,20 +42,29 @@ def _readable(source: str | Path | bytes):
     return open_input(str(source)) if is_remote(str(source)) else str(source)
 
 
+def _open(source: str | Path | bytes) -> sf.SoundFile:
+    try:
+        return sf.SoundFile(_readable(source))
+    except Exception as e:  # libsndfile raises several types for truncated/unknown files
+        raise AudioError(f"cannot decode audio: {e}") from e
+
+
+def _read_all(f: sf.SoundFile, sample_rate: int) -> np.ndarray:
+    """The rest of an open file as float32 mono samples at `sample_rate`."""
+    try:
+        data = f.read(dtype="float32", always_2d=True)
+    except Exception as e:
+        raise AudioError(f"cannot decode audio: {e}") from e
+    if data.shape[0] == 0:
+        raise AudioError("audio has no samples")
+    return resample(_mono(data), f.samplerate, sample_rate).astype(np.float32, copy=False)
+
+
 def decode_audio(source: str | Path | bytes, sample_rate: int = TARGET_SAMPLE_RATE) -> np.ndarray:
     """Float32 mono samples at `sample_rate` from a path, an s3:// / gs:// URI or encoded bytes; AudioError if
     unusable."""
-    try:
-        data, sr = sf.read(_readable(source), dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile raises several types for truncated/unknown files
-        raise AudioError(f"cannot decode audio: {e}") from e
-    return _at_rate(data, sr, sample_rate)
-
-
-def _at_rate(data: np.ndarray, sr: int, sample_rate: int) -> np.ndarray:
-    if data.shape[0] == 0:
-        raise AudioError("audio has no samples")
-    return resample(_mono(data), sr, sample_rate).astype(np.float32, copy=False)
+    with _open(source) as f:
+        return _read_all(f, sample_rate)
 
 
 def _mono(data: np.ndarray) -> np.ndarray:
@@ -77,18 +86,10 @@ def decode_segments(path: str | Path, max_seconds: float | None,
     """(start_s, end_s, mono float32 samples at `sample_rate`) of a file, in order. A file longer than
     `max_seconds` is read block by block (memory bounded by one window whatever its length) and cut at the
     quietest 20 ms of each window's last quarter; a last piece under 0.5 s joins the segment before it."""
-    try:
-        f = sf.SoundFile(_readable(path))
-    except Exception as e:
-        raise AudioError(f"cannot decode audio: {e}") from e
-    with f:
+    with _open(path) as f:
         sr = f.samplerate
         if max_seconds is None or f.frames <= max_seconds * sr:  # the common case: one segment
-            try:
-                data = f.read(dtype="float32", always_2d=True)
-            except Exception as e:
-                raise AudioError(f"cannot decode audio: {e}") from e
-            audio = _at_rate(data, sr, sample_rate)
+            audio = _read_all(f, sample_rate)
             yield 0.0, len(audio) / sample_rate, audio
             return
         window, min_tail = int(max_seconds * sr), sr // 2

@@ -52,12 +52,11 @@ def _text_field(rec: dict, key: str) -> str:
 def _manifest_rows(path: str) -> list[dict]:
     """Rows of a JSONL/CSV manifest, local or in object storage; relative audio paths are relative to it."""
     remote = is_remote(path)
+    name = Path(path.partition("?")[0])  # a URI's query (endpoint etc.) is not part of its name
     source = open_input(path) if remote else path
-    suffix = Path(path.partition("?")[0] if remote else path).suffix
-    df = pd.read_json(source, lines=True) if suffix == ".jsonl" else pd.read_csv(source)
+    df = pd.read_json(source, lines=True) if name.suffix == ".jsonl" else pd.read_csv(source)
     if "path" not in df.columns:
         raise SlamError(f"manifest {path} has no `path` column (columns: {', '.join(map(str, df.columns))})")
-    stem = Path(path.partition("?")[0]).stem
     rows = []
     for i, rec in enumerate(df.to_dict("records")):
         if remote:
@@ -65,21 +64,15 @@ def _manifest_rows(path: str) -> list[dict]:
         else:
             audio = Path(str(rec["path"]))
             audio = str(audio if audio.is_absolute() else (Path(path).parent / audio))
-        rows.append({"id": _text_field(rec, "id") or f"{stem}-{i:07d}", "path": audio,
+        rows.append({"id": _text_field(rec, "id") or f"{name.stem}-{i:07d}", "path": audio,
                      "text": _text_field(rec, "text"), "speaker": _text_field(rec, "speaker")})
     return rows
 
 
 def _remote_rows(uri: str) -> list[dict]:
     """Rows of the audio files under an s3:// / gs:// folder, glob or single object; ids relative to the folder."""
-    root, files = list_files(uri)
-    rows = []
-    for file in files:
-        key = file.partition("?")[0].partition("://")[2]
-        if Path(key).suffix.lower() in AUDIO_SUFFIXES:
-            rows.append({"id": str(Path(key[len(root):].lstrip("/")).with_suffix("")), "path": file, "text": "",
-                         "speaker": ""})
-    return rows
+    return [{"id": str(Path(relative).with_suffix("")), "path": file, "text": "", "speaker": ""}
+            for relative, file in list_files(uri) if Path(relative).suffix.lower() in AUDIO_SUFFIXES]
 
 
 def _file_rows(files: list[Path], root: Path | None) -> list[dict]:

@@ -106,11 +106,11 @@ class HubertFeatures:
             self.group_norm = first.layer_norm = masked_group_norm(first.layer_norm)
         self.model = hubert.eval().to(self.device, self.dtype)
         self.max_batch_samples = max_batch_samples
-        self.batched = self.device.type == "cuda" if batched is None else batched
+        gpu = self.device.type == "cuda"
+        self.batched = gpu if batched is None else batched
         # GPU batches: widths rounded up to whole seconds and rows to multiples of 4 so that shapes repeat, and
         # files down to half the longest one's length. Measured on an H200 (bench/gpu.py, 400 files of 2-14 s,
         # flushes of 800 s): 1,592 audio-h/GPU-h with exact shapes and MIN_FILL 0.75, 3,637 with these.
-        gpu = self.device.type == "cuda"
         self.width_quantum, self.row_quantum = (TARGET_SAMPLE_RATE, 4) if gpu else (1, 1)
         self.min_fill = 0.5 if gpu else MIN_FILL
         self.use_cudnn = True

@@ -58,10 +58,10 @@ def open_input(uri: str):
     return fs.open_input_file(path)
 
 
-def list_files(uri: str) -> tuple[str, list[str]]:
-    """(root, file URIs) under a folder URI (recursively), of a single object, or matching a glob
-    (`s3://bucket/audio/**/*.flac`); the URI's query (endpoint etc.) is kept on every file. Root is the
-    folder the files' ids are taken relative to."""
+def list_files(uri: str) -> list[tuple[str, str]]:
+    """(path relative to the folder, file URI) of the objects under a folder URI (recursively), of a single
+    object, or matching a glob (`s3://bucket/audio/**/*.flac`); the URI's query (endpoint etc.) is kept on
+    every file."""
     import pyarrow.fs
 
     fs, path = _cached_filesystem(uri)
@@ -79,7 +79,7 @@ def list_files(uri: str) -> tuple[str, list[str]]:
         files = []
     if glob_at is not None:
         files = [f for f in files if fnmatch.fnmatchcase(f, path)]
-    return root, [_uri(scheme, f, query) for f in sorted(files)]
+    return [(f[len(root):].lstrip("/"), _uri(scheme, f, query)) for f in sorted(files)]
 
 
 def resolve_relative(uri: str, relative: str) -> str:
