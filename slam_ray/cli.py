@@ -29,10 +29,10 @@ def run_experiment(exp: Experiment) -> dict[str, float]:
             start = time.perf_counter()
             out = stage_function(stage)(exp)
             wall[stage] = round(time.perf_counter() - start, 1)
-            parent.set_tags({f"slam_ray.output.{stage}": str(out.path)})
+            parent.set_tags({f"slam_ray.output.{stage}": out.root})
         parent.log_metrics({**{f"time/{s}_s": v for s, v in wall.items()}, **summary_metrics(exp)})
     print("\nwall time per stage (s): " + ", ".join(f"{s} {v}" for s, v in wall.items()))
-    print(f"outputs: {exp.workdir_path}")
+    print(f"outputs: {exp.workdir_location}")
     print(ui_hint(exp))
     return wall
 

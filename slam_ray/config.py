@@ -402,7 +402,8 @@ class SweepConfig(Section):
 
 class Experiment(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    workdir: str | None = Field(None, description="where stage outputs go; None = ./slam_runs/<name>")
+    workdir: str | None = Field(None, description="where stage outputs go: a folder or s3:// / gs:// URI; "
+                                "None = ./slam_runs/<name>")
     stages: list[StageName] = Field(default_factory=lambda: ["synth", "extract", "pack", "train", "eval"])
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -415,8 +416,21 @@ class Experiment(Section):
     sweep: SweepConfig = SweepConfig()
 
     @property
+    def workdir_location(self) -> str:
+        """The workdir as given when it is in object storage, else its absolute local path."""
+        from slam_ray.storage import is_remote
+
+        if self.workdir and is_remote(self.workdir):
+            return self.workdir
+        return str(Path(self.workdir or Path("slam_runs") / self.name).absolute())
+
+    @property
     def workdir_path(self) -> Path:
-        return Path(self.workdir or Path("slam_runs") / self.name).absolute()
+        """The workdir on this machine: itself, or the staging copy of a workdir in object storage (where the
+        default MLflow store, sweep state and caches of fetched files live)."""
+        from slam_ray.storage import local_path
+
+        return local_path(self.workdir_location)
 
     @property
     def tracking_uri(self) -> str:

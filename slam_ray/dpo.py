@@ -36,7 +36,7 @@ from slam_ray.optim import lr_factor
 from slam_ray.preferences import grammar_preference_triples, read_slamkit_preferences
 from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, stage_payload, upstream_dir
-from slam_ray.storage import run_storage
+from slam_ray.storage import localize, model_source, run_storage
 from slam_ray.tracking import Tracker
 from slam_ray.train_utils import all_ranks, report_checkpoint, resume_state
 from slam_ray.units import UNIT_OFFSET, units_to_tokens
@@ -69,13 +69,13 @@ def _spoken_grammar_triples(exp: Experiment, out: StageDir, timer: Timer) -> tup
             for part in ("prompt", "chosen", "rejected"):
                 uid = f"{split}-{t.id}-{part}"
                 items.append({"id": uid, "text": getattr(t, part), "voice": voice, "speed": speed, "speaker": voice,
-                              "path": str(out.path / "audio" / split / f"{uid}.flac")})
+                              "path": out.location("audio", split, f"{uid}.flac")})
     init_ray(exp)
     with timer.phase("speak"):
         spoken, errors = speak_items(exp, items, exp.synth.backend, exp.synth.sample_rate, exp.synth.num_actors,
                                      exp.synth.batch_size)
     with timer.phase("tokenise"):
-        tokenizer_dir = upstream_dir(exp, "extract").path / "tokenizer"
+        tokenizer_dir = upstream_dir(exp, "extract").location("tokenizer")
         encoded, bad = encode_files(exp, spoken, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size)
     units = {r["id"]: units_to_tokens(r["units"], add_bos=False, add_eos=False).tolist() for r in encoded}
     result: dict[str, list[dict]] = {}
@@ -111,7 +111,7 @@ def preference_triples(exp: Experiment, out: StageDir, timer: Timer) -> tuple[li
     return train, val, errors
 
 
-def cached_triples(exp: Experiment, timer: Timer) -> tuple[Path, dict]:
+def cached_triples(exp: Experiment, timer: Timer) -> tuple[str, dict]:
     """The triples file and its content, made once per (inputs, voices, tokenizer) under WORKDIR/dpo_triples/<key>/ and shared by
     every DPO run on them (each trial of a sweep over pre-training or DPO settings)."""
     payload = stage_payload(exp, "dpo")
@@ -143,7 +143,7 @@ class ReferenceLogps:
 
         limit_threads()
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint)).to(self.device).eval()
         self.context_len = self.model.config.max_position_embeddings
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -155,16 +155,17 @@ class ReferenceLogps:
         return pd.DataFrame({"key": batch["key"], "ref_chosen": chosen.numpy(), "ref_rejected": rejected.numpy()})
 
 
-def precompute_reference(exp: Experiment, triples: dict, checkpoint: str, path: Path) -> Path:
-    """`path` (Parquet: key = "split/index", ref_chosen, ref_rejected) for every training and held-out triple,
+def precompute_reference(exp: Experiment, triples: dict, checkpoint: str, out: StageDir) -> str:
+    """The location of REFERENCE_LOGPS in the stage folder (Parquet: key = "split/index", ref_chosen, ref_rejected) for every training and held-out triple,
     computed once by a pool of actors (one per DPO worker) so no training worker holds a reference model.
     Kept in the stage folder: a re-run after an interruption reads it instead of recomputing."""
     from slam_ray.parallel import map_rows
 
     rows = [{"key": f"{split}/{i}", "prompt": t["prompt"], "chosen": t["chosen"], "rejected": t["rejected"]}
             for split in ("train", "val") for i, t in enumerate(triples[split])]
+    path = out.local(REFERENCE_LOGPS)
     if path.is_file() and len(pd.read_parquet(path, columns=["key"])) == len(rows):
-        return path
+        return out.location(REFERENCE_LOGPS)
     rows.sort(key=lambda r: len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])))  # less padding per batch
     actors = exp.dpo.num_workers or exp.train.num_workers
     print(f"[dpo] reference log-probs of {len(rows)} triples ({actors} actor(s))")
@@ -176,14 +177,15 @@ def precompute_reference(exp: Experiment, triples: dict, checkpoint: str, path: 
     tmp = path.with_suffix(".tmp")
     table.to_parquet(tmp, index=False)
     tmp.replace(path)
-    return path
+    out.publish(REFERENCE_LOGPS)
+    return out.location(REFERENCE_LOGPS)
 
 
 def _load_reference(path: str, sizes: dict[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{split: (chosen, rejected)} reference log-probs in triple order, from the Parquet of the reference pass."""
     import torch
 
-    table = pd.read_parquet(path).set_index("key")
+    table = pd.read_parquet(localize(path)).set_index("key")
     out = {}
     for split, n in sizes.items():
         rows = table.loc[[f"{split}/{i}" for i in range(n)]]
@@ -218,10 +220,11 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     tracker = Tracker(**config["tracker"]) if rank == 0 else None
-    triples = json.loads(Path(config["triples_path"]).read_text())
+    triples = json.loads(localize(config["triples_path"]).read_text())
     train, val = triples["train"], triples["val"]
 
-    policy = AutoModelForCausalLM.from_pretrained(config["init_checkpoint"])
+    init_checkpoint = model_source(config["init_checkpoint"])
+    policy = AutoModelForCausalLM.from_pretrained(init_checkpoint)
     context_len = policy.config.max_position_embeddings
 
     def batch_of(rows: list[dict]):
@@ -241,7 +244,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         precomputed = tuple(t.to(device) for t in loaded["train"])
         ref_val = tuple(t.to(device) for t in loaded["val"])
     else:
-        reference = AutoModelForCausalLM.from_pretrained(config["init_checkpoint"]).to(device).eval().requires_grad_(False)
+        reference = AutoModelForCausalLM.from_pretrained(init_checkpoint).to(device).eval().requires_grad_(False)
         ref_val = all_logps(reference, val)
 
     resumed = resume_state(policy)
@@ -366,25 +369,25 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
 
     if exp.dpo.init:  # any compatible HF checkpoint (an id or a path)
         start, untrained = exp.dpo.init, None
-        vocab = AutoConfig.from_pretrained(start).vocab_size
+        vocab = AutoConfig.from_pretrained(model_source(start)).vocab_size
         if vocab != exp.vocab_size:
             raise SlamError(f"dpo.init {start!r} has a vocabulary of {vocab} ids; this experiment's units need "
                             f"{exp.vocab_size} (extract.tokenizer.n_units + 2). Give a checkpoint trained on these units")
     else:
-        pretrained = upstream_dir(exp, "train").path
-        start, untrained = str(pretrained / "checkpoint"), pretrained / "checkpoint_init"
+        pretrained = upstream_dir(exp, "train")
+        start, untrained = pretrained.location("checkpoint"), pretrained.location("checkpoint_init")
     with timer.phase("triples"):
         triples_path, triples = cached_triples(exp, timer)
     init_ray(exp)
     reference = None
     if exp.dpo.reference == "precomputed":
         with timer.phase("reference"):
-            reference = str(precompute_reference(exp, triples, start, out.path / REFERENCE_LOGPS))
+            reference = precompute_reference(exp, triples, start, out)
     resources = {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
     trainer = TorchTrainer(
         dpo_loop_per_worker,
         train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker),
-                           "triples_path": str(triples_path), "init_checkpoint": start,
+                           "triples_path": triples_path, "init_checkpoint": start,
                            "reference_logps": reference},
         scaling_config=ScalingConfig(num_workers=exp.dpo.num_workers or exp.train.num_workers, use_gpu=exp.train.use_gpu,
                                      resources_per_worker=resources),
@@ -398,10 +401,10 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
     for folder in ("checkpoint", "checkpoint_before_dpo", "checkpoint_init"):
         shutil.rmtree(out.path / folder, ignore_errors=True)
     final_checkpoint.to_directory(str(out.path / "checkpoint"))
-    AutoModelForCausalLM.from_pretrained(start).save_pretrained(out.path / "checkpoint_before_dpo")
+    AutoModelForCausalLM.from_pretrained(model_source(start)).save_pretrained(out.path / "checkpoint_before_dpo")
     if untrained is not None:  # the untrained baseline, when pre-training was this experiment's
-        shutil.copytree(untrained, out.path / "checkpoint_init")
-    shutil.copy(triples_path, out.path / TRIPLES)  # the stage output is self-contained
+        shutil.copytree(localize(untrained), out.path / "checkpoint_init")
+    shutil.copy(localize(triples_path), out.path / TRIPLES)  # the stage output is self-contained
     return StageResult(
         counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "train_triples": len(triples["train"]), "val_triples": len(triples["val"])},
         outputs={"checkpoint": "checkpoint", "checkpoint_before_dpo": "checkpoint_before_dpo",

@@ -40,7 +40,7 @@ from slam_ray.stage_io import (
     trained_stage,
     upstream_dir,
 )
-from slam_ray.storage import download, is_remote
+from slam_ray.storage import exists, in_filesystem, is_remote, model_source
 from slam_ray.tokenizer import encode_files
 from slam_ray.tracking import Tracker
 from slam_ray.tts import speak_items
@@ -63,43 +63,43 @@ def _metric_safe(value: str) -> str:
 # --- checkpoints -------------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoints(exp: Experiment) -> list[tuple[str, Path, int | None]]:
-    """(result suffix, HF folder, training step or None) for every entry of `eval.checkpoints`."""
-    out: list[tuple[str, Path, int | None]] = []
-    trained = trained_checkpoint_dir(exp).path if evaluates_trained_stage(exp) else None
+def resolve_checkpoints(exp: Experiment) -> list[tuple[str, str, int | None]]:
+    """(result suffix, HF folder's location, training step or None) for every entry of `eval.checkpoints`;
+    a folder in object storage is fetched by whichever process loads it."""
+    out: list[tuple[str, str, int | None]] = []
+    trained = trained_checkpoint_dir(exp) if evaluates_trained_stage(exp) else None
     for entry in exp.eval.checkpoints:
         if entry in NAMED_CHECKPOINTS:
             suffix, folder = NAMED_CHECKPOINTS[entry]
-            if (trained / folder).is_dir():
-                out.append((suffix, trained / folder, None))
+            if exists(trained.location(folder, "config.json")):
+                out.append((suffix, trained.location(folder), None))
             elif entry == "final":
-                raise SlamError(f"eval.checkpoints: the final checkpoint {trained / folder} is missing; rerun "
+                raise SlamError(f"eval.checkpoints: the final checkpoint {trained.location(folder)} is missing; rerun "
                                 f"`slam-ray {trained_stage(exp)}`")
         elif entry == "all":
-            listing = upstream_dir(exp, "train").path / "checkpoints.json"
+            listing = upstream_dir(exp, "train").local("checkpoints.json")
             if not listing.is_file():
                 raise SlamError(f"eval.checkpoints: [all] needs {listing}, written by training since this version; "
                                 "rerun `slam-ray train` into a fresh workdir, or list checkpoint folders")
             by_step = {c["step"]: c for c in json.loads(listing.read_text())}  # final wins a shared step
             for step, c in sorted(by_step.items()):
-                folder = Path(c["path"])
-                if not folder.is_dir() and is_remote(exp.train.storage_path):  # in a bucket: fetched once
-                    cache = exp.workdir_path / "eval_checkpoints" / stage_key(exp, "train") / f"step_{step}"
-                    folder = download(exp.train.storage_path, c["path"], cache)
-                out.append((f"@step_{step}", folder, step))
+                location = c["path"]
+                if not exists(location) and is_remote(exp.train.storage_path):  # listings that held bucket paths
+                    location = in_filesystem(exp.train.storage_path, location)
+                out.append((f"@step_{step}", location, step))
         else:
             folder = Path(entry).expanduser()
             if not (folder / "config.json").is_file():
                 raise SlamError(f"eval.checkpoints: {entry!r} is neither final/before_dpo/init/all nor a folder "
                                 "holding a Hugging Face checkpoint (config.json)")
-            out.append((f"@{_metric_safe(folder.name)}", folder.absolute(), None))
+            out.append((f"@{_metric_safe(folder.name)}", str(folder.absolute()), None))
     return out
 
 
-def _check_vocabulary(exp: Experiment, folder: Path) -> None:
+def _check_vocabulary(exp: Experiment, folder: str) -> None:
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(folder).vocab_size
+    vocab = AutoConfig.from_pretrained(model_source(folder)).vocab_size
     if vocab < exp.vocab_size:
         raise SlamError(f"checkpoint {folder} has a vocabulary of {vocab} ids but this experiment's tokenizer needs "
                         f"{exp.vocab_size} ({exp.extract.tokenizer.n_units} units + 2): was it trained on other units?")
@@ -123,7 +123,7 @@ def _speech_items(exp: Experiment, pairs: list[grammar.MinimalPair], out: StageD
         for side, text in (("pos", pair.positive), ("neg", pair.negative)):
             uid = f"{pair.id}-{side}"
             items.append({"id": uid, "text": text, "voice": voice, "speed": speed, "speaker": voice,
-                          "path": str(out.path / "audio" / pair.task / f"{uid}.flac")})
+                          "path": out.location("audio", pair.task, f"{uid}.flac")})
     return items
 
 
@@ -154,8 +154,8 @@ def _grammar_comparisons(exp: Experiment, kind: str, pairs: list[grammar.Minimal
     return pd.DataFrame(rows)
 
 
-def _tokenizer_dir(exp: Experiment) -> Path:
-    return upstream_dir(exp, "extract").path / "tokenizer"
+def _tokenizer_dir(exp: Experiment) -> str:
+    return upstream_dir(exp, "extract").location("tokenizer")
 
 
 def audio_units(exp: Experiment, paths: list[str]) -> tuple[dict[str, list[int]], dict[str, list[int]], list[dict]]:
@@ -285,7 +285,7 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
     with timer.phase("score"):
         init_ray(exp)
         for suffix, folder, step in checkpoints if tasks else []:
-            nll = score_sequences(exp, str(folder), needed)
+            nll = score_sequences(exp, folder, needed)
             for key, (spec, comparisons) in tasks.items():
                 scored = _score_task(comparisons, nll)
                 result = aggregate(scored, spec.aggregate_by, spec.breakdown)
@@ -305,7 +305,7 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
             final = next((folder for suffix, folder, _ in checkpoints if suffix == ""), checkpoints[0][1])
             for entry in generate:
                 try:
-                    results[entry.key] = run_generation(exp, entry, final, out.path / entry.key)
+                    results[entry.key] = run_generation(exp, entry, final, out, entry.key)
                 except Exception as e:
                     _task_failed(entry.key, e, results, errors)
 

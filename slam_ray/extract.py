@@ -97,7 +97,7 @@ def resolve_inputs(exp: Experiment) -> list[dict]:
     for dataset, entry in exp.named_inputs():
         found: list[dict] = []
         if entry == "@synth":
-            index = pd.read_parquet(upstream_dir(exp, "synth").path / "index.parquet")
+            index = pd.read_parquet(upstream_dir(exp, "synth").local("index.parquet"))
             found = [{"id": r["id"], "path": r["path"], "text": r["text"], "speaker": r["voice"],
                       "duration": r["duration"], **_planned(exp, r)} for r in index.to_dict("records")]
         elif is_remote(entry):
@@ -212,6 +212,8 @@ def _write_chunk(out: StageDir, index: int, good: list[dict], bad: list[dict]) -
     tmp = out.path / "units" / f".part-{index:05d}.parquet.tmp"
     pq.write_table(pa.Table.from_pylist(rows, schema=UNITS_SCHEMA), tmp)
     tmp.replace(out.path / "units" / f"part-{index:05d}.parquet")
+    out.publish("chunks", f"part-{index:05d}.errors.jsonl")
+    out.publish("units", f"part-{index:05d}.parquet")  # last: the chunk's done mark in a bucket too
 
 
 def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
@@ -221,12 +223,14 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
         raise SlamError("extract.inputs resolved to no audio files")
     size = exp.extract.shard_files
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    out.local("chunks"), out.local("units")  # with a workdir in a bucket: the shards a killed run finished there
     todo = {i for i in range(len(chunks)) if not (out.path / "units" / f"part-{i:05d}.parquet").is_file()}
     if len(todo) < len(chunks):
         print(f"[extract] resuming: {len(chunks) - len(todo)} of {len(chunks)} shards already written")
     init_ray(exp)
     with timer.phase("fit_tokenizer"):
-        fit_tokenizer(exp, rows, out.path / "tokenizer")
+        fit_tokenizer(exp, rows, out.local("tokenizer"))
+        out.publish("tokenizer")  # before any actor, which may run on another node, loads it
     chunk_of = {row["id"]: i for i in todo for row in chunks[i]}
     pending = [row for i in sorted(todo) for row in chunks[i]]
     received: dict[int, tuple[list[dict], list[dict]]] = {i: ([], []) for i in todo}
@@ -234,7 +238,7 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
     segments: dict[str, list[dict]] = {}  # a long file's segments, until all of them are in
     seconds, errors_seen = 0.0, 0
     with timer.phase("encode"), tqdm(total=len(pending), unit="file", desc="[extract] encode", mininterval=2) as bar:
-        for rec in iter_encoded(exp, pending, out.path / "tokenizer", exp.extract.num_actors, exp.extract.batch_size,
+        for rec in iter_encoded(exp, pending, out.location("tokenizer"), exp.extract.num_actors, exp.extract.batch_size,
                                 exp.extract.num_gpus_per_actor):
             uid = rec["input_id"]
             parts = segments.setdefault(uid, [])
@@ -281,7 +285,8 @@ def export_slamkit(exp: Experiment, form: str, path: str | Path) -> int:
 
     out = stage_dir(exp, "extract")
     if not out.is_complete():
-        raise SlamError(f"no complete extract output for this experiment at {out.path}: run `slam-ray extract` first")
+        raise SlamError(f"no complete extract output for this experiment at {out.root}: run `slam-ray extract` first")
+    out.local("units")
     table = read_unit_shards(out.path).sort_values("id")
     if form == "features":
         rows = ({"units": [int(u) for u in r.units], "duration": [int(d) for d in r.durations], "file_name": r.path or r.id}

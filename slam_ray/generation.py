@@ -26,6 +26,8 @@ import pandas as pd
 
 from slam_ray.config import EvalTask, Experiment
 from slam_ray.errors import SlamError
+from slam_ray.stage_io import StageDir
+from slam_ray.storage import join, model_source, write_bytes
 from slam_ray.textmetrics import generative_summary, text_nll, word_error_rate
 from slam_ray.units import EOS_ID, PAD_ID, tokens_to_units, units_to_tokens
 
@@ -105,11 +107,11 @@ class GenerateActor:
 
         limit_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint)).to(self.device).eval()
         self.s = settings
         self.vocoder = load_vocoder(settings["vocoder"]) if settings["vocoder"] else None
         self.asr = Transcriber(settings["asr"], self.device) if self.vocoder or settings["wer"] else None
-        self.audio_dir = Path(audio_dir)
+        self.audio_dir = audio_dir  # a folder or a URI: written through the storage layer
 
     def _continue(self, prompt: list[int], seed: int) -> list[int]:
         import torch
@@ -126,6 +128,8 @@ class GenerateActor:
         return tokens_to_units(new[: new.index(EOS_ID)] if EOS_ID in new else new).tolist()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import io
+
         import soundfile as sf
 
         from slam_ray.audio import decode_audio
@@ -140,10 +144,12 @@ class GenerateActor:
                    "wer_edits": None, "wer_words": None}
             if self.vocoder is not None:
                 wav = vocode(self.vocoder, units if self.s["drop_prompt"] else prompt + units)
-                path = self.audio_dir / f"{row['key']}.wav"
-                sf.write(path, wav, self.vocoder.sample_rate)
-                audio16k = decode_audio(path)
-                out.update(audio=str(path), transcript=self.asr(audio16k) if audio16k.size else "")
+                path = join(self.audio_dir, f"{row['key']}.wav")
+                buffer = io.BytesIO()
+                sf.write(buffer, wav, self.vocoder.sample_rate, format="WAV")
+                write_bytes(path, buffer.getvalue())
+                audio16k = decode_audio(buffer.getvalue())
+                out.update(audio=path, transcript=self.asr(audio16k) if audio16k.size else "")
             if self.asr is not None and isinstance(row.get("text"), str) and isinstance(row.get("path"), str):
                 edits, n_words = word_error_rate(row["text"], self.asr(decode_audio(row["path"])))
                 out.update(wer_edits=edits, wer_words=n_words)
@@ -151,8 +157,9 @@ class GenerateActor:
         return pd.DataFrame(rows)
 
 
-def run_generation(exp: Experiment, entry: EvalTask, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
-    """Generate from every prompt; write `generated.jsonl`; return the task's results (figures + settings)."""
+def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: StageDir, name: str) -> dict[str, Any]:
+    """Generate from every prompt into the folder `name` of the eval output: `generated.jsonl` and the audio;
+    return the task's results (figures + settings)."""
     from slam_ray.parallel import map_rows
 
     cfg = exp.eval.generation
@@ -165,12 +172,13 @@ def run_generation(exp: Experiment, entry: EvalTask, checkpoint: Path, out_dir: 
     rows, errors = prompts(exp, entry)
     if not rows:
         raise SlamError(f"generate: none of the prompts in {entry.path} could be tokenised ({len(errors)} errors)")
-    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    out_dir = out.path / name
+    out_dir.mkdir(parents=True, exist_ok=True)
     settings = {**cfg.model_dump(mode="json"), "wer": any(isinstance(r.get("text"), str) for r in rows)}
     work = [{"key": f"{r['id']}-{k}", "id": r["id"], "sample": k, "seed": cfg.seed * 1_000_003 + i * 97 + k,
              "units": r["units"], "path": r.get("path"), "text": r.get("text")}
             for i, r in enumerate(rows) for k in range(cfg.samples_per_prompt)]
-    ctor = {"checkpoint": str(checkpoint), "settings": settings, "audio_dir": str(out_dir / "audio"),
+    ctor = {"checkpoint": checkpoint, "settings": settings, "audio_dir": out.location(name, "audio"),
             "threads": max(1, int(exp.ray.actor_cpus))}
     done = [df for df in map_rows(exp, work, GenerateActor, ctor, exp.eval.num_actors, 4, exp.eval.num_gpus_per_actor)]
     generated = pd.concat(done, ignore_index=True).sort_values("key").reset_index(drop=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from slam_ray.config import ModelConfig
 from slam_ray.errors import SlamError
+from slam_ray.storage import model_source
 from slam_ray.units import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -28,7 +29,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096):
     if cfg.init == "twist":
         # TWIST: keep the text LM's transformer, cut its embeddings (and an untied head) to the unit ids.
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.base, attn_implementation=cfg.attn_implementation)
+            model = AutoModelForCausalLM.from_pretrained(model_source(cfg.base), attn_implementation=cfg.attn_implementation)
         except OSError as e:
             raise SlamError(f"cannot load text LM {cfg.base!r} for TWIST init (HF id in the local cache, or a folder): {e}") from e
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
@@ -36,7 +37,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096):
         return model
     if cfg.base:
         try:
-            config = AutoConfig.from_pretrained(cfg.base)
+            config = AutoConfig.from_pretrained(model_source(cfg.base))
         except OSError as e:
             raise SlamError(f"cannot load the config of {cfg.base!r}: {e}") from e
     else:

@@ -93,7 +93,9 @@ def read_pack_inputs(exp: Experiment) -> pd.DataFrame:
     frames = []
     for dataset, entry in name_entries(exp.pack.inputs, {"@extract": "@extract"}):
         if entry == "@extract":
-            units = read_unit_shards(upstream_dir(exp, "extract").path)
+            extracted = upstream_dir(exp, "extract")
+            extracted.local("units")  # fetched when the workdir is a bucket
+            units = read_unit_shards(extracted.path)
             if "dataset" not in units.columns:
                 units["dataset"] = ""
             frames.append(units[["id", "units", "dataset"]])

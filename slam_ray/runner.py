@@ -11,7 +11,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from slam_ray.config import Experiment
@@ -25,6 +24,7 @@ from slam_ray.stage_io import (
     upstream_dir,
     upstream_stages,
 )
+from slam_ray.storage import join, read_text
 from slam_ray.tracking import Tracker, start_run
 
 log = logging.getLogger("slam_ray")
@@ -111,28 +111,31 @@ def exclusive(out: StageDir) -> Iterator[None]:
 
 
 def cached_json(exp: Experiment, kind: str, payload: dict[str, Any], name: str,
-                build: Callable[[StageDir], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+                build: Callable[[StageDir], dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """`build(folder)` once per payload, saved as WORKDIR/<kind>/<hash>/<name> (under the lock, written
-    atomically); every later call, from any process, reads it back. Returns (path, data)."""
+    atomically, published with what `build` wrote beside it); every later call, from any process, reads it
+    back. Returns (location, data)."""
     key = config_hash(payload)
-    cache = StageDir(kind, key, exp.workdir_path / kind / key)
+    cache = StageDir(kind, key, join(exp.workdir_location, kind, key))
     with exclusive(cache):
-        path = cache.path / name
-        if path.is_file():
-            return path, json.loads(path.read_text())
+        text = read_text(cache.location(name))
+        if text is not None:
+            return cache.location(name), json.loads(text)
         data = build(cache)
         cache.path.mkdir(parents=True, exist_ok=True)
+        path = cache.path / name
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(path)
-        return path, data
+        cache.publish()
+        return cache.location(name), data
 
 
 def run_stage(exp: Experiment, stage: str, body: StageBody) -> StageDir:
     out = stage_dir(exp, stage)
     with exclusive(out):
         if out.is_complete():
-            print(f"[{stage}] reusing complete output {out.path}")
+            print(f"[{stage}] reusing complete output {out.root}")
             return out
         return _run(exp, stage, body, out)
 
@@ -140,7 +143,7 @@ def run_stage(exp: Experiment, stage: str, body: StageBody) -> StageDir:
 def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir) -> StageDir:
     for upstream in upstream_stages(exp, stage):
         upstream_dir(exp, upstream)  # a clear error before any work if an input stage has not run
-    print(f"[{stage}] running -> {out.path}")
+    print(f"[{stage}] running -> {out.root}")
     payload = stage_payload(exp, stage)
     manifest: dict[str, Any] = {"stage": stage, "key": out.key, "status": "running", "config": payload,
                                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -148,7 +151,7 @@ def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir) -> StageDi
     timer = Timer()
     with start_run(exp, stage, {"slam_ray.stage": stage, "slam_ray.key": out.key}) as tracker:
         tracker.log_params(payload)
-        tracker.set_tags({"slam_ray.output": str(out.path)})
+        tracker.set_tags({"slam_ray.output": out.root})
         start = time.perf_counter()
         try:
             result = body(exp, out, tracker, timer)
@@ -157,6 +160,7 @@ def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir) -> StageDi
             raise
         timer.timings["total"] = round(time.perf_counter() - start, 3)
         out.write_errors(result.errors)
+        out.publish()  # every file before the manifest that says the output is complete
         manifest.update(status="complete", counts=result.counts, outputs=result.outputs, timings=timer.timings,
                         metrics=result.metrics, n_errors=len(result.errors),
                         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from slam_ray.storage import model_source
 from slam_ray.units import PAD_ID, units_to_tokens
 
 
@@ -98,7 +99,7 @@ class NllActor:
 
         limit_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU only when the actor was given one
-        self.model = AutoModelForCausalLM.from_pretrained(checkpoint).to(self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint)).to(self.device)
         self.convention, self.batch_size = convention, batch_size
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -117,7 +118,7 @@ def score_sequences(exp, checkpoint: str, sequences: dict[str, list[int]]) -> di
     if exp.eval.num_actors == 1 and not exp.eval.num_gpus_per_actor:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint))
         nll = sequence_nll(model, [r["units"] for r in rows], exp.eval.convention, exp.eval.batch_size)
         return {r["key"]: float(v) for r, v in zip(rows, nll, strict=True)}
     ctor = {"checkpoint": str(checkpoint), "convention": exp.eval.convention, "batch_size": exp.eval.batch_size,

@@ -16,6 +16,7 @@ from pathlib import Path
 from slam_ray import textmetrics
 from slam_ray.config import Experiment, SwagConfig
 from slam_ray.errors import SlamError
+from slam_ray.storage import join
 from slam_ray.units import read_jsonl, write_jsonl
 
 PARTS = ("prompt", "chosen", "rejected")
@@ -66,7 +67,7 @@ def build_triples(cfg: SwagConfig, voices: list[str]) -> tuple[list[dict], dict[
     return triples, counts
 
 
-def plan_items(exp: Experiment, triples: list[dict], audio_dir: Path) -> list[dict]:
+def plan_items(exp: Experiment, triples: list[dict], audio_dir: str) -> list[dict]:
     """Three speech items per triple, one voice and one speed per triple (chosen and rejected differ only in
     their words), in shards of `synth.shard_size` items."""
     rng = random.Random(f"spoken_swag:speed:{exp.synth.preferences.seed}")
@@ -78,7 +79,7 @@ def plan_items(exp: Experiment, triples: list[dict], audio_dir: Path) -> list[di
             k = len(items)
             uid = f"{t['id']}-{part}"
             items.append({"id": uid, "text": t[part], "voice": t["voice"], "speed": speed, "noise": 0.0,
-                          "seed": k, "path": str(audio_dir / f"{k // exp.synth.shard_size:05d}" / f"{uid}.flac")})
+                          "seed": k, "path": join(audio_dir, f"{k // exp.synth.shard_size:05d}", f"{uid}.flac")})
     return items
 
 
@@ -103,10 +104,10 @@ def export_preference_units(exp: Experiment, path: str | Path) -> int:
     from slam_ray.tokenizer import encode_files
 
     synth_out = upstream_dir(exp, "synth")
-    prefs = synth_out.path / "preferences.jsonl"
+    prefs = synth_out.local("preferences.jsonl")
     if not prefs.is_file():
-        raise SlamError(f"{synth_out.path} holds no preferences.jsonl: set synth.preferences.path and rerun synth")
-    tokenizer_dir = upstream_dir(exp, "extract").path / "tokenizer"
+        raise SlamError(f"{synth_out.root} holds no preferences.jsonl: set synth.preferences.path and rerun synth")
+    tokenizer_dir = upstream_dir(exp, "extract").location("tokenizer")
     rows = list(read_jsonl(prefs))
     files = [{"id": f"{r['id']}-{p}", "path": r[f"{p}_path"], "text": r[f"{p}_text"], "speaker": r["voice"]}
              for r in rows for p in PARTS]

@@ -19,6 +19,7 @@ from slam_ray.config import STAGES, Experiment
 from slam_ray.errors import SlamError
 from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
 from slam_ray.preferences import PREFERENCES_VERSION
+from slam_ray.storage import is_remote, join, local_path, localize, publish, read_text
 
 # Fields that only change scheduling, not results.
 _OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "val_reports", "torch_threads", "checkpoint_every", "checkpoint_every_minutes",
@@ -101,9 +102,33 @@ def stage_key(exp: Experiment, stage: str) -> str:
 
 @dataclass
 class StageDir:
+    """A stage's output folder at `root` (a local path, or a URI when the workdir is in object storage). Files
+    are written into `path` (the folder, or this machine's staging copy of it) and published; the manifest is
+    published last, so a complete manifest means every file is there. Any process on any node reads a file
+    or folder of it with `local(...)`, or hands `location(...)` to actors and workers."""
+
     stage: str
     key: str
-    path: Path
+    root: str
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.root)
+
+    @property
+    def path(self) -> Path:
+        return local_path(self.root)
+
+    def location(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    def local(self, *parts: str) -> Path:
+        """The local copy of a file or folder of this output (fetched once when remote)."""
+        return localize(self.location(*parts))
+
+    def publish(self, *parts: str) -> None:
+        """Upload what was written locally under `parts` (everything when none); nothing to do when local."""
+        publish(self.root, "/".join(parts))
 
     @property
     def manifest_path(self) -> Path:
@@ -114,9 +139,8 @@ class StageDir:
         return self.path / "errors.jsonl"
 
     def read_manifest(self) -> dict[str, Any] | None:
-        if not self.manifest_path.is_file():
-            return None
-        return json.loads(self.manifest_path.read_text())
+        text = read_text(self.location("manifest.json"))
+        return json.loads(text) if text is not None else None
 
     def is_complete(self) -> bool:
         manifest = self.read_manifest()
@@ -127,6 +151,7 @@ class StageDir:
         tmp = self.manifest_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
         tmp.replace(self.manifest_path)  # atomic: a crash never leaves a half-written manifest
+        self.publish("manifest.json")
 
     def write_errors(self, errors: list[dict[str, Any]]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -137,7 +162,7 @@ class StageDir:
 
 def stage_dir(exp: Experiment, stage: str) -> StageDir:
     key = stage_key(exp, stage)
-    return StageDir(stage, key, exp.workdir_path / stage / key)
+    return StageDir(stage, key, join(exp.workdir_location, stage, key))
 
 
 def upstream_dir(exp: Experiment, stage: str) -> StageDir:
@@ -145,7 +170,7 @@ def upstream_dir(exp: Experiment, stage: str) -> StageDir:
     sd = stage_dir(exp, stage)
     if not sd.is_complete():
         raise SlamError(
-            f"this stage needs the output of `{stage}`, which is missing at {sd.path}. "
+            f"this stage needs the output of `{stage}`, which is missing at {sd.root}. "
             f"Run `slam-ray {stage} EXPERIMENT` (with the same --set overrides) or `slam-ray run EXPERIMENT` first."
         )
     return sd

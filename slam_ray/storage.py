@@ -1,5 +1,10 @@
-"""Object storage: `train.storage_path` (Ray Train runs) and `extract.inputs` (audio folders, globs and
-manifests) may be `s3://` / `gs://` URIs as well as local paths.
+"""Object storage: `workdir` (every stage output), `train.storage_path` (Ray Train runs) and `extract.inputs`
+(audio folders, globs and manifests) may be `s3://` / `gs://` URIs as well as local paths.
+
+A *location* is a local path or a URI. Stages write small files into a local folder (`local_path`: the
+location itself, or this machine's staging copy under `$SLAM_RAY_CACHE`, default ~/.cache/slam_ray) and
+`publish` them; actors write audio straight to its location (`write_bytes`); a process on any node that needs
+a file or folder calls `localize`, which fetches a remote one into its own staging copy once.
 
 pyarrow resolves the URI (`s3://bucket/prefix`, with `?endpoint_override=host:port&scheme=http` for an
 S3-compatible server such as MinIO); credentials come only from the environment (AWS_ACCESS_KEY_ID /
@@ -10,6 +15,8 @@ so they are never logged as params.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import os
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -19,8 +26,8 @@ from slam_ray.errors import SlamError
 _FILESYSTEMS: dict[tuple[str, str], Any] = {}  # (scheme, query) -> pyarrow filesystem, one per process
 
 
-def is_remote(uri: str | None) -> bool:
-    return bool(uri) and "://" in uri and not uri.startswith("file://")
+def is_remote(uri: str | Path | None) -> bool:
+    return bool(uri) and "://" in str(uri) and not str(uri).startswith("file://")
 
 
 def filesystem(uri: str):
@@ -90,28 +97,150 @@ def resolve_relative(uri: str, relative: str) -> str:
     return _uri(scheme, posixpath.normpath(posixpath.join(posixpath.dirname(path), relative)), query)
 
 
-def download(uri: str, path: str, target: Path) -> Path:
-    """Copy the folder `path` of the storage `uri`'s filesystem to the local folder `target` (once)."""
+def join(location: str | Path, *parts: str) -> str:
+    """`location/part/...` for a local path or a URI (the URI's query stays at the end)."""
+    if not is_remote(location):
+        return str(Path(location, *parts))
+    scheme, path, query = _parts(location)
+    return _uri(scheme, posixpath.join(path, *parts), query)
+
+
+def in_filesystem(root: str, path: str) -> str:
+    """The location of `path` inside the filesystem of `root` (a Ray Train checkpoint's path in a bucket)."""
+    if not is_remote(root):
+        return path
+    scheme, _, query = _parts(root)
+    return _uri(scheme, path, query)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SLAM_RAY_CACHE") or Path.home() / ".cache" / "slam_ray").expanduser()
+
+
+def local_path(location: str) -> Path:
+    """Where `location` lives on this machine: itself when local, else its staging copy in the cache (the
+    query, e.g. an endpoint, keys a folder of its own)."""
+    if not is_remote(location):
+        return Path(location)
+    scheme, path, query = _parts(location)
+    where = scheme + (f"-{hashlib.sha256(query.encode()).hexdigest()[:8]}" if query else "")
+    return cache_root() / where / path
+
+
+def _info(location: str):
+    fs, path = _cached_filesystem(location)
+    return fs, path, fs.get_file_info(path)
+
+
+def exists(location: str) -> bool:
+    if not is_remote(location):
+        return Path(location).exists()
     import pyarrow.fs
 
-    if (target / "config.json").is_file():
-        return target
-    fs, _ = filesystem(uri)
-    tmp = target.with_name(target.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
-    tmp.replace(target)
-    return target
+    return _info(location)[2].type != pyarrow.fs.FileType.NotFound
+
+
+def read_text(location: str) -> str | None:
+    """A small file's text, None when it does not exist."""
+    if not is_remote(location):
+        path = Path(location)
+        return path.read_text() if path.is_file() else None
+    if not exists(location):
+        return None
+    with open_input(location) as f:
+        return f.read().decode()
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file: a local one under a temporary name renamed into place; an object is only visible
+    once its upload completes, so neither is ever seen half-written."""
+    if not is_remote(location):
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return
+    fs, path = _cached_filesystem(location)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def _remote_sizes(location: str) -> dict[str, int]:
+    """{relative path: size} of the files under a remote folder (or of the one file at it, as "")."""
+    import pyarrow.fs
+
+    fs, path, info = _info(location)
+    if info.type == pyarrow.fs.FileType.File:
+        return {"": info.size}
+    if info.type != pyarrow.fs.FileType.Directory:
+        return {}
+    found = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    return {i.path[len(path):].lstrip("/"): i.size for i in found if i.type == pyarrow.fs.FileType.File}
+
+
+def localize(location: str) -> Path:
+    """A local file or folder holding what is at `location`: the path itself when local; for a URI its staging
+    copy, completed with every remote file it lacks (files of a stage are written once, never changed)."""
+    local = local_path(location)
+    if not is_remote(location):
+        return local
+    fs, path = _cached_filesystem(location)
+    for relative, size in _remote_sizes(location).items():
+        target = local / relative if relative else local
+        if target.is_file() and target.stat().st_size == size:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        with fs.open_input_stream(posixpath.join(path, relative) if relative else path) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
+        tmp.replace(target)
+    return local
+
+
+def publish(location: str, relative: str = "") -> None:
+    """Upload the local staging copy of `location/relative` (a file, or a folder's files not yet there with
+    the same size); nothing to do for a local location."""
+    if not is_remote(location):
+        return
+    target = join(location, relative) if relative else location
+    local = local_path(target)
+    if not local.exists():
+        return
+    present = _remote_sizes(target)
+    fs, path = _cached_filesystem(target)
+    files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file() and not f.name.startswith("."))
+    for file in files:
+        relative_file = "" if file == local else file.relative_to(local).as_posix()
+        if present.get(relative_file) == file.stat().st_size:
+            continue
+        with open(file, "rb") as src, fs.open_output_stream(posixpath.join(path, relative_file) if relative_file else path) as dst:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
 
 
 def run_storage(exp, out, stage: str) -> dict:
     """RunConfig's name / storage_path / storage_filesystem for a stage's Ray Train run: the stage folder by
-    default; under `train.storage_path` (a shared folder or a bucket) a name unique to experiment and stage key."""
+    default (in the bucket when `workdir` is one); under `train.storage_path` (a shared folder or a bucket) a
+    name unique to experiment and stage key."""
     where = exp.train.storage_path
-    if not where:
+    if not where and not out.remote:
         return {"name": stage, "storage_path": str(out.path / "ray")}
-    name = f"{exp.name}-{stage}-{out.key}"
+    name = f"{exp.name}-{stage}-{out.key}" if where else stage
+    where = where or out.location("ray")
     if is_remote(where):
         fs, root = filesystem(where)
         return {"name": name, "storage_path": root, "storage_filesystem": fs}
     return {"name": name, "storage_path": str(Path(where).expanduser().absolute())}
+
+
+def storage_root(exp, out) -> str:
+    """The location under which a stage's Ray Train checkpoint paths live."""
+    return exp.train.storage_path or out.location("ray")
+
+
+def model_source(name: str) -> str:
+    """What `from_pretrained` takes for a model given as an HF id, a folder, or a folder in object storage
+    (fetched to this machine once)."""
+    return str(localize(name)) if is_remote(name) else name

@@ -95,7 +95,7 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
             run.log_params({**exp.model_dump(mode="json"), "swept": dict(values)})
         for stage in exp.stages:
             out = stage_function(stage)(exp)
-            run.set_tags({f"slam_ray.output.{stage}": str(out.path)})
+            run.set_tags({f"slam_ray.output.{stage}": out.root})
         final = summary_metrics(exp)
         run.log_metrics(final, step=int(final.get("train/steps", 0)))
         # The last result Tune sees: `final` marks a trial that ran to the end (vs stopped early).
@@ -263,7 +263,7 @@ def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path, writer:
             stage_function(stage)(exp)
 
         base = exp.model_dump(mode="json")
-        base["workdir"] = str(exp.workdir_path)  # absolute: the default is relative to the current directory
+        base["workdir"] = exp.workdir_location  # absolute: the default is relative to the current directory
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, sweep=name, parent_run_id=parent.run_id, writer=writer,
                                  cwd=os.getcwd()),

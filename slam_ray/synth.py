@@ -28,6 +28,7 @@ from slam_ray.config import Experiment
 from slam_ray.errors import SlamError
 from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer
+from slam_ray.storage import is_remote, join
 from slam_ray.text_sources import load_texts
 from slam_ray.tracking import Tracker
 from slam_ray.tts import iter_spoken
@@ -43,7 +44,7 @@ INDEX_SCHEMA = pa.schema([
 ])
 
 
-def plan_items(exp: Experiment, texts: list[str], audio_dir: Path) -> list[dict]:
+def plan_items(exp: Experiment, texts: list[str], audio_dir: str) -> list[dict]:
     """Voice, speed, noise and seed per item, seeded: the same config always gives the same audio. Voices and
     speeds come from their own stream, so adding noise to a config leaves them as they were."""
     cfg = exp.synth
@@ -56,7 +57,7 @@ def plan_items(exp: Experiment, texts: list[str], audio_dir: Path) -> list[dict]
         items.append({"id": uid, "text": text, "voice": rng.choice(cfg.voices),
                       "speed": round(rng.uniform(low, high), 2), "noise": round(extra.uniform(*cfg.noise), 3),
                       "seed": extra.randrange(2**31),
-                      "path": str(audio_dir / f"{i // cfg.shard_size:05d}" / f"{uid}.flac")})
+                      "path": join(audio_dir, f"{i // cfg.shard_size:05d}", f"{uid}.flac")})
     return items
 
 
@@ -64,8 +65,9 @@ def _shards(items: list[dict], size: int, prefix: str) -> dict[str, list[dict]]:
     return {f"{prefix}-{k // size:05d}": items[k : k + size] for k in range(0, len(items), size)}
 
 
-def _write_shard(index_dir: Path, name: str, good: list[dict], bad: list[dict]) -> None:
+def _write_shard(out: StageDir, name: str, good: list[dict], bad: list[dict]) -> None:
     """The shard's error lines, then its index part, renamed into place last (the shard's done mark)."""
+    index_dir = out.path / "index"
     with open(index_dir / f"{name}.errors.jsonl", "w") as f:
         for rec in sorted(bad, key=lambda r: r["id"]):
             f.write(json.dumps({"id": rec["id"], "path": rec["path"], "text": rec["text"], "voice": rec["voice"],
@@ -74,20 +76,22 @@ def _write_shard(index_dir: Path, name: str, good: list[dict], bad: list[dict]) 
     tmp = index_dir / f".{name}.parquet.tmp"
     pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp)
     tmp.replace(index_dir / f"{name}.parquet")
+    out.publish("index", f"{name}.errors.jsonl")
+    out.publish("index", f"{name}.parquet")  # published last: the shard's done mark in a bucket too
 
 
 def _speak_shards(exp: Experiment, out: StageDir, shards: dict[str, list[dict]],
                   tracker: Tracker) -> tuple[int, int, float]:
     """Speak every shard whose index part is missing; returns (shards already done, utterances spoken now,
     audio seconds spoken now)."""
-    index_dir = out.path / "index"
+    index_dir = out.local("index")  # with a workdir in a bucket: the shards a killed run finished there
     index_dir.mkdir(parents=True, exist_ok=True)
     todo = [name for name in shards if not (index_dir / f"{name}.parquet").is_file()]
     if len(todo) < len(shards):
         print(f"[synth] resuming: {len(shards) - len(todo)} of {len(shards)} shards already spoken")
     shard_of = {item["id"]: name for name in todo for item in shards[name]}
-    folders = {Path(item["path"]).parent for name in todo for item in shards[name]}
-    for tmp in (t for folder in folders for t in folder.glob(".*.tmp.flac")):
+    folders = {Path(item["path"]).parent for name in todo for item in shards[name] if not is_remote(item["path"])}
+    for tmp in (t for folder in folders for t in folder.glob(".*.tmp")):
         tmp.unlink()  # a killed actor's temporary file; the FLACs of an unfinished shard are spoken again
     received: dict[str, tuple[list[dict], list[dict]]] = {name: ([], []) for name in todo}
     cfg = exp.synth
@@ -108,7 +112,7 @@ def _speak_shards(exp: Experiment, out: StageDir, shards: dict[str, list[dict]],
                 bar.update()
                 bar.set_postfix_str(f"{seconds / 3600:.2f} h audio, {errors} errors", refresh=False)
                 if len(good) + len(bad) == len(shards[name]):
-                    _write_shard(index_dir, name, good, bad)
+                    _write_shard(out, name, good, bad)
                     del received[name]
                     elapsed = time.perf_counter() - start
                     tracker.log_metrics({"progress/audio_seconds_per_s": seconds / max(elapsed, 1e-9),
@@ -154,7 +158,7 @@ def _synthesize(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) 
         texts, text_counts = load_texts(cfg.corpus)
         if not texts:
             raise SlamError(f"synth.corpus gave no text to speak ({text_counts}); check synth.corpus.path and text_field")
-        plan = plan_items(exp, texts, out.path / "audio")
+        plan = plan_items(exp, texts, out.location("audio"))
         if not cfg.write_audio:
             return _plan_only(exp, out, plan, text_counts)
         shards = _shards(plan, cfg.shard_size, "part")
@@ -162,7 +166,7 @@ def _synthesize(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) 
         if cfg.preferences:
             triples, pref_counts = spoken_swag.build_triples(cfg.preferences, cfg.preferences.voices or cfg.voices)
             text_counts.update({f"preference_{k}": v for k, v in pref_counts.items()})
-            pref_items = spoken_swag.plan_items(exp, triples, out.path / "preferences")
+            pref_items = spoken_swag.plan_items(exp, triples, out.location("preferences"))
             shards.update(_shards(pref_items, cfg.shard_size, "pref"))
     init_ray(exp)
     with timer.phase("speak"):

@@ -19,6 +19,7 @@ from slam_ray.audio import TARGET_SAMPLE_RATE
 from slam_ray.config import TokenizerConfig
 from slam_ray.errors import SlamError
 from slam_ray.features import make_features
+from slam_ray.storage import localize
 from slam_ray.units import dedup
 
 PICKLE_SUFFIXES = {".bin", ".pkl", ".pickle", ".joblib"}
@@ -200,7 +201,7 @@ class EncodeActor:
         from slam_ray.parallel import limit_threads
 
         limit_threads()
-        self.tokenizer = UnitTokenizer.load(tokenizer_dir)
+        self.tokenizer = UnitTokenizer.load(localize(tokenizer_dir))  # fetched to this node from a bucket
         self.max_segment_seconds = max_segment_seconds
         if flush_seconds is None:  # a GPU needs big batches (bench/gpu.py: 200 s -> 2,804, 800 s -> 3,637 audio-h/GPU-h)
             flush_seconds = 800.0 if self.tokenizer.features.device.type == "cuda" else 200.0

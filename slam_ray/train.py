@@ -22,7 +22,7 @@ from slam_ray.config import Experiment
 from slam_ray.optim import build_optimizer, lr_factor, warmup_steps
 from slam_ray.runner import StageResult, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, upstream_dir
-from slam_ray.storage import run_storage
+from slam_ray.storage import in_filesystem, localize, run_storage, storage_root
 from slam_ray.tracking import Tracker
 from slam_ray.train_utils import (
     all_ranks,
@@ -76,8 +76,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # MLflow writes go through one background thread so a slow store never eats the training budget.
     log_thread = ThreadPoolExecutor(max_workers=1)
 
-    train_windows = np.load(config["train_path"])
-    val_windows = np.load(config["val_path"])
+    train_windows = np.load(localize(config["train_path"]))  # fetched to this node when the workdir is a bucket
+    val_windows = np.load(localize(config["val_path"]))
     context_len = train_windows.shape[1]
     model = build_model(cfg.model, exp.vocab_size, max_positions=context_len)
     n_params = count_parameters(model)
@@ -276,14 +276,14 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    packed = upstream_dir(exp, "pack").path
+    packed = upstream_dir(exp, "pack")
     init_ray(exp)
     resources = exp.train.resources_per_worker or {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker),
-                           "train_path": str(packed / "train.npy"),
-                           "val_path": str(packed / "val.npy")},
+                           "train_path": packed.location("train.npy"),
+                           "val_path": packed.location("val.npy")},
         scaling_config=ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(**run_storage(exp, out, "train"),
@@ -298,7 +298,8 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
         shutil.rmtree(target, ignore_errors=True)
         checkpoints[kind][0].to_directory(str(target))
     # Every reported checkpoint, oldest first: what `eval.checkpoints: [all]` scores for a learning curve.
-    listing = sorted(({"step": int(m["step"]), "kind": m.get("kind"), "path": ckpt.path}
+    root = storage_root(exp, out)
+    listing = sorted(({"step": int(m["step"]), "kind": m.get("kind"), "path": in_filesystem(root, ckpt.path)}
                       for ckpt, m in result.best_checkpoints), key=lambda c: c["step"])
     (out.path / "checkpoints.json").write_text(json.dumps(listing, indent=1))
     final = checkpoints["final"][1]

@@ -34,20 +34,21 @@ class SpeakActor:
         self.sample_rate, self.reuse_files, self.alignments = sample_rate, reuse_files, alignments
 
     def _speak(self, row: dict) -> tuple[float, str | None]:
-        import os
+        import io
 
         import soundfile as sf
 
         from slam_ray.audio import write_flac
+        from slam_ray.storage import exists, is_remote, open_input, write_bytes
 
-        path = Path(row["path"])
-        if self.reuse_files and path.is_file():
-            return float(sf.info(str(path)).duration), None
+        path = row["path"]  # a local path or an object in the workdir's bucket
+        if self.reuse_files and exists(path):
+            return float(sf.info(open_input(path) if is_remote(path) else path).duration), None
         noise, seed = float(row.get("noise") or 0.0), int(row.get("seed") or 0)
         speech = self.backend.synthesize([row["text"]], row["voice"], row["speed"], noise, seed)[0]
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.flac")
-        write_flac(tmp, speech.audio, self.sample_rate)
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        write_flac(buffer, speech.audio, self.sample_rate)
+        write_bytes(path, buffer.getvalue())  # never half-written: a killed actor leaves at most a temporary file
         words = json.dumps(speech.words, ensure_ascii=False) if self.alignments and speech.words is not None else None
         return len(speech.audio) / self.sample_rate, words
 
@@ -109,10 +110,12 @@ def iter_spoken(exp, items: list[dict], backend: str, sample_rate: int, num_acto
                 num_gpus: float = 0.0, reuse_files: bool = True, alignments: bool = True):
     """Stream spoken rows (each item plus backend, duration, aligned_text, error) in completion order."""
     from slam_ray.parallel import map_rows
+    from slam_ray.storage import is_remote
 
     check_backend(backend, sample_rate)
     for item in items:
-        Path(item["path"]).parent.mkdir(parents=True, exist_ok=True)
+        if not is_remote(item["path"]):
+            Path(item["path"]).parent.mkdir(parents=True, exist_ok=True)
     ctor = {"backend": backend, "sample_rate": sample_rate, "reuse_files": reuse_files, "alignments": alignments}
     for df in map_rows(exp, items, SpeakActor, ctor, num_actors, batch_size, num_gpus):
         yield from df.to_dict("records")

@@ -97,7 +97,7 @@ def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool],
     return victim, errors
 
 
-def small_experiment(workdir: Path, **sections):
+def small_experiment(workdir: Path | str, **sections):
     """A quickstart-shaped experiment scaled down to seconds per stage."""
     from slam_ray.config import Experiment
 
@@ -154,6 +154,30 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+S3_SECRET = "planted-SECRET-9f8e7d6c5b4a"  # the secret key: must never reach params, tags, artifacts or manifests
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """(endpoint URL, port, credentials env) of a real S3-compatible server (moto) on 127.0.0.1."""
+    port = free_port()
+    log = open(tmp_path / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    env = {"AWS_ACCESS_KEY_ID": "slamtestkey", "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    yield url, port, env
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
     log.close()
 
 

@@ -12,13 +12,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import free_port, small_experiment
 
 from slam_ray.config import to_yaml
 from slam_ray.stage_io import stage_dir
+from slam_ray.units import read_unit_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -53,14 +56,17 @@ def cluster_pids(temp_dir: str) -> list[int]:
 
 
 @pytest.fixture
-def two_node_cluster():
-    """(job server address, env): a head (1 CPU) and a second node (1 CPU) on 127.0.0.1."""
+def two_node_cluster(tmp_path, s3_server):
+    """(job server address, env): a head (1 CPU) and a second node (1 CPU) on 127.0.0.1, with the S3 server's
+    credentials in their environment and a staging cache of their own each (as two machines would have), so
+    a file one node needs from a bucket workdir must really come from the bucket."""
     # One temp folder per node, as on real machines (short: Ray's socket paths have a length limit). Two nodes
     # sharing one unpack the job's working_dir into the same folder: the second node's unpacking deletes the
     # driver's current directory under it (then MKL "Cannot load libtorch_cpu.so", or getcwd() failing).
     temp_dirs = [tempfile.mkdtemp(prefix="sr", dir="/tmp") for _ in range(2)]
     gcs, dashboard = free_port(), free_port()
-    env = clean_env()
+    env = {**clean_env(), **s3_server[2]}
+    caches = [tmp_path / "cache_head", tmp_path / "cache_node2"]
     common = ["--num-cpus=1", "--object-store-memory=300000000", "--disable-usage-stats"]
     head = [ray_cli(), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dirs[0]}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
@@ -68,8 +74,9 @@ def two_node_cluster():
     worker = [ray_cli(), "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dirs[1]}",
               f"--dashboard-agent-listen-port={free_port()}", *common]
     try:
-        for command in (head, worker):
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+        for command, cache in ((head, caches[0]), (worker, caches[1])):
+            done = subprocess.run(command, env={**env, "SLAM_RAY_CACHE": str(cache)}, capture_output=True,
+                                  text=True, timeout=180)
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 60
@@ -80,7 +87,7 @@ def two_node_cluster():
                 break
             time.sleep(1)
         assert status.stdout.count("node_") >= 2, status.stdout + status.stderr
-        yield address, env
+        yield address, env, temp_dirs
     finally:
         pids = sorted({pid for folder in temp_dirs for pid in cluster_pids(folder)})  # children via living parents
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -94,8 +101,26 @@ def two_node_cluster():
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def submit_and_wait(address: str, env: dict[str, str], entrypoint: list[str], timeout_s: float = 600) -> tuple[str, str]:
-    """(final status, driver logs) of `ray job submit --working-dir REPO -- entrypoint`."""
+def kill_first(temp_dirs: list[str], title: str) -> int | None:
+    """SIGKILL the first process of this cluster whose title (Ray renames actor processes `ray::<class>...`)
+    starts with `title`; its PID, or None if there is none yet."""
+    import psutil
+
+    for pid in sorted({pid for folder in temp_dirs for pid in cluster_pids(folder)}):
+        try:
+            cmdline = psutil.Process(pid).cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if cmdline and cmdline[0].startswith(title):
+            os.kill(pid, signal.SIGKILL)
+            return pid
+    return None
+
+
+def submit_and_wait(address: str, env: dict[str, str], entrypoint: list[str], timeout_s: float = 600,
+                    while_running: Callable[[], None] = lambda: None) -> tuple[str, str]:
+    """(final status, driver logs) of `ray job submit --working-dir REPO -- entrypoint`; `while_running` is
+    called about every second until the job ends."""
     deadline = time.time() + 120
     while True:  # the job agent comes up a little after the node reports in
         submit = subprocess.run([ray_cli(), "job", "submit", f"--address={address}", f"--working-dir={REPO}",
@@ -114,28 +139,50 @@ def submit_and_wait(address: str, env: dict[str, str], entrypoint: list[str], ti
         status = next((s.upper() for s in ("succeeded", "failed", "stopped") if s in out), "RUNNING")
         if status != "RUNNING":
             break
-        time.sleep(3)
+        while_running()
+        time.sleep(1)
     logs = subprocess.run([ray_cli(), "job", "logs", f"--address={address}", job_id], env=env,
                           capture_output=True, text=True, timeout=60).stdout
     return status, logs
 
 
-def test_ray_job_submit_on_two_nodes_runs_the_experiment_and_its_runs_are_in_mlflow(tmp_path, two_node_cluster,
-                                                                                     mlflow_server, espeak):
+def test_ray_job_submit_on_two_nodes_with_the_workdir_in_a_bucket(tmp_path, two_node_cluster, s3_server,
+                                                                   mlflow_server, espeak, monkeypatch):
+    """The reduced quickstart as a job on two nodes, every stage output in a bucket, one encoding actor and one
+    training worker SIGKILLed while it runs: it succeeds with every utterance's units exactly once and training at
+    its target step, its runs are in the MLflow server, its checkpoint loads from the bucket, and re-running the
+    same command elsewhere (a fresh cache) reuses every stage from the bucket's manifests."""
+    import boto3
     import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    address, env = two_node_cluster
-    exp = small_experiment(tmp_path / "work", stages=["synth", "extract", "pack", "train", "eval"],
+    from slam_ray.storage import model_source
+
+    address, env, temp_dirs = two_node_cluster
+    url, port, credentials = s3_server
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket="slam")
+    workdir = f"s3://slam/runs/job?endpoint_override=127.0.0.1:{port}&scheme=http"
+    exp = small_experiment(workdir, stages=["synth", "extract", "pack", "train", "eval"],
                            tracking={"uri": mlflow_server},
                            ray={"actor_cpus": 0.25, "worker_cpus": 0.5},
                            synth={"corpus": {"n_sentences": 120}, "num_actors": 2},
-                           train={"max_steps": 10, "num_workers": 2},
+                           train={"max_steps": 10, "num_workers": 2, "max_failures": 2},
                            eval={"tasks": ["word_order"], "n_pairs": 8})
     experiment_file = tmp_path / "job.yaml"
     experiment_file.write_text(to_yaml(exp))
+    killed: dict[str, int] = {}
+
+    def kill_once_each() -> None:
+        for title in ("ray::MapWorker(MapBatches(EncodeActor))", "ray::RayTrainWorker"):
+            if title not in killed and (pid := kill_first(temp_dirs, title)):
+                killed[title] = pid
+
     status, logs = submit_and_wait(address, env, [sys.executable, "-m", "slam_ray.cli", "run", str(experiment_file)],
-                                   timeout_s=float(os.environ.get("JOB_TIMEOUT", 600)))
+                                   timeout_s=float(os.environ.get("JOB_TIMEOUT", 600)), while_running=kill_once_each)
     assert status == "SUCCEEDED", logs[-6000:]
+    assert len(killed) == 2, f"only {killed} could be killed while the job ran"
 
     mlflow.set_tracking_uri(mlflow_server)
     runs = mlflow.search_runs(experiment_names=[exp.name])
@@ -145,6 +192,34 @@ def test_ray_job_submit_on_two_nodes_runs_the_experiment_and_its_runs_are_in_mlf
     assert train_run["status"] == "FINISHED" and train_run["metrics.val/loss_final"] > 0
     eval_run = runs[runs["tags.slam_ray.stage"] == "eval"].iloc[0]
     assert 0.0 <= eval_run["metrics.eval/word_order/accuracy"] <= 1.0
+    assert train_run["tags.slam_ray.output"].startswith("s3://slam/runs/job/train/")
+
+    # elsewhere (this process, its own empty cache): manifests, the Ray Train run and checkpoints in the bucket
+    for k, v in {**credentials, "SLAM_RAY_CACHE": str(tmp_path / "elsewhere")}.items():
+        monkeypatch.setenv(k, v)
+    train_out = stage_dir(exp, "train")
+    manifest = train_out.read_manifest()
+    assert manifest["status"] == "complete"
     # the train stage's two workers: the manifest counts both workers' batches
-    manifest = json.loads(stage_dir(exp, "train").manifest_path.read_text())
     assert manifest["counts"]["tokens"] == 10 * exp.train.batch_size * 2 * exp.pack.context_len
+    listing = json.loads(train_out.local("checkpoints.json").read_text())
+    assert [c["step"] for c in listing] == [0, 10] and all(c["path"].startswith("s3://slam/runs/job/train/") for c in listing)
+    final = AutoModelForCausalLM.from_pretrained(model_source(train_out.location("checkpoint")))
+    reported = AutoModelForCausalLM.from_pretrained(model_source(listing[-1]["path"]))
+    assert final.config.vocab_size == exp.vocab_size
+    for a, b in zip(final.state_dict().values(), reported.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not (tmp_path / "work").exists()  # nothing went to a local workdir
+    synthesized = pd.read_parquet(stage_dir(exp, "synth").local("index.parquet"))
+    extracted = stage_dir(exp, "extract")
+    extracted.local("units")
+    units = read_unit_shards(extracted.path)
+    assert len(units) == len(synthesized) > 0 and sorted(units.id) == sorted(synthesized.id)  # each exactly once
+    assert all(p.startswith("s3://slam/runs/job/synth/") for p in units.path)  # read by the actors from the bucket
+
+    # a killed driver is recovered by re-running the same command: here every stage is complete, so all reuse
+    rerun = subprocess.run([sys.executable, "-m", "slam_ray.cli", "run", str(experiment_file)], cwd=tmp_path,
+                           env={**os.environ, "SLAM_RAY_CACHE": str(tmp_path / "again")}, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert rerun.stdout.count("reusing complete output s3://slam/runs/job/") == 5, rerun.stdout[-3000:]

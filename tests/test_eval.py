@@ -15,7 +15,7 @@ from conftest import make_benchmark_layouts, save_tiny_text_lm, small_experiment
 
 from slam_ray.config import with_values
 from slam_ray.runner import stage_function
-from slam_ray.stage_io import stage_dir, stage_payload
+from slam_ray.stage_io import StageDir, stage_dir, stage_payload
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -136,7 +136,7 @@ def test_generation_with_vocoder_asr_and_text_lm(trained, tmp_path):
 
     # seeded: the same samples again, from 2 actors instead of 1
     again = run_generation(with_values(exp, {"eval.num_actors": 2}, "test"), exp.eval.task_entries()[0],
-                           stage_dir(exp, "train").path / "checkpoint", tmp_path / "again")
+                           str(stage_dir(exp, "train").path / "checkpoint"), StageDir("eval", "again", str(tmp_path)), "again")
     rows2 = [json.loads(line) for line in (tmp_path / "again" / "generated.jsonl").read_text().splitlines()]
     assert [r["units"] for r in rows2] == [r["units"] for r in rows] and again["samples"] == 4
     assert np.mean([len(r["units"]) for r in rows]) == pytest.approx(result["mean_new_units"])

@@ -5,43 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, small_experiment
+from conftest import S3_SECRET as SECRET
+from conftest import small_experiment
 
 from slam_ray.config import to_yaml
 from slam_ray.stage_io import stage_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-SECRET = "planted-SECRET-9f8e7d6c5b4a"  # the secret key: must never reach params, tags, artifacts or manifests
-
-
-@pytest.fixture
-def s3_server(tmp_path):
-    port = free_port()
-    log = open(tmp_path / "moto.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": "slamtestkey", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
-    yield url, port, env
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
 
 def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak):
     import boto3
@@ -69,10 +45,10 @@ def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak
     assert len(weights) == 3  # step 0 (init), step 10, step 20 (final)
     assert all(k.startswith(f"runs/tiny-train-{out.key}/checkpoint_") for k in weights)
     listing = json.loads((out.path / "checkpoints.json").read_text())
-    assert [c["step"] for c in listing] == [0, 10, 20] and all(c["path"].startswith("slam/runs/") for c in listing)
+    assert [c["step"] for c in listing] == [0, 10, 20] and all(c["path"].startswith("s3://slam/runs/") for c in listing)
     last = tmp_path / "from_s3"
     last.mkdir()
-    prefix = listing[-1]["path"].removeprefix("slam/")
+    prefix = listing[-1]["path"].partition("?")[0].removeprefix("s3://slam/")
     for key in (k for k in keys if k.startswith(prefix + "/") and not k.endswith("/")):  # skip folder markers
         target = last / key[len(prefix) + 1:]
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +63,7 @@ def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak
     assert [k for k in results if k.startswith("word_order@step_")] == ["word_order@step_0", "word_order@step_10",
                                                                          "word_order@step_20"]
     assert results["word_order@step_20"]["accuracy"] == results["word_order"]["accuracy"]
-    assert "eval_checkpoints" in results["word_order@step_10"]["checkpoint"]
+    assert results["word_order@step_10"]["checkpoint"].startswith("s3://slam/runs/")  # loaded from the bucket
 
     # the secret is nowhere: params, tags, metrics' names, artifacts, manifests
     client = MlflowClient(exp.tracking_uri)
@@ -103,6 +79,50 @@ def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak
                 assert SECRET.encode() not in path.read_bytes(), path
     for manifest in exp.workdir_path.rglob("manifest.json"):
         assert SECRET not in manifest.read_text()
+
+
+def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, s3_server, monkeypatch):
+    """The layer every stage writes through: a stage folder written locally and published, then read on
+    "another machine" (a fresh cache) file by file and folder by folder; only missing files are fetched."""
+    from slam_ray import storage
+    from slam_ray.stage_io import StageDir
+
+    url, port, env = s3_server
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="work")
+    root = f"s3://work/exp/extract/abc?endpoint_override=127.0.0.1:{port}&scheme=http"
+    assert storage.join(root, "units", "p.parquet") == (f"s3://work/exp/extract/abc/units/p.parquet"
+                                                         f"?endpoint_override=127.0.0.1:{port}&scheme=http")
+    monkeypatch.setenv("SLAM_RAY_CACHE", str(tmp_path / "node_a"))
+    out = StageDir("extract", "abc", root)
+    assert out.remote and out.path.is_relative_to(tmp_path / "node_a") and out.read_manifest() is None
+    (out.path / "tokenizer").mkdir(parents=True)
+    (out.path / "tokenizer" / "centroids.npy").write_bytes(b"\x00" * 1000)
+    (out.path / "tokenizer" / "tokenizer.json").write_text("{}")
+    (out.path / "tokenizer" / ".half.tmp").write_text("a temporary file is never published")
+    out.publish("tokenizer")
+    out.write_manifest({"status": "complete"})
+    storage.write_bytes(out.location("audio", "a.flac"), b"written by an actor")
+
+    monkeypatch.setenv("SLAM_RAY_CACHE", str(tmp_path / "node_b"))  # another node: nothing local yet
+    there = StageDir("extract", "abc", root)
+    assert not there.path.exists() and there.is_complete()
+    folder = there.local("tokenizer")
+    assert folder.is_relative_to(tmp_path / "node_b") and sorted(p.name for p in folder.iterdir()) == [
+        "centroids.npy", "tokenizer.json"]
+    assert (folder / "centroids.npy").read_bytes() == b"\x00" * 1000
+    assert there.local("audio", "a.flac").read_bytes() == b"written by an actor"
+    assert storage.read_text(there.location("missing.json")) is None and not storage.exists(there.location("nope"))
+    assert not there.local("nothing", "here").exists()
+    stamp = (folder / "tokenizer.json").stat().st_mtime_ns
+    storage.write_bytes(there.location("tokenizer", "extra.bin"), b"new")
+    there.local("tokenizer")  # completes the copy, leaves the files it has
+    assert (folder / "extra.bin").read_bytes() == b"new" and (folder / "tokenizer.json").stat().st_mtime_ns == stamp
+    # a local location is used in place: nothing is copied
+    assert storage.localize(str(tmp_path / "x")) == tmp_path / "x" and storage.model_source("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
 
 
 def test_extract_reads_folders_and_manifests_from_s3(tmp_path, s3_server, fixtures):

@@ -75,7 +75,7 @@ def test_interrupted_synth_speaks_only_missing_shards(tmp_path, ray_local, espea
     out.write_manifest({**out.read_manifest(), "status": "running"})
     for p in parts[2:]:
         p.unlink()
-    (out.path / "audio" / "00003" / ".utt0000009.123.tmp.flac").write_bytes(b"half")
+    (out.path / "audio" / "00003" / ".utt0000009.flac.123.tmp").write_bytes(b"half")
     out = synth(exp)
     assert {p.name: p.stat().st_mtime_ns for p in parts[:2]} == kept  # not redone
     assert out.read_manifest()["counts"]["shards_resumed"] == 2
