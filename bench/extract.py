@@ -2,10 +2,10 @@
 
 The baseline is slamkit's way: one process, files sorted by length, padded batches, every layer of the model
 computed (`output_hidden_states`) to read one, then nearest-centroid assignment. The pipeline is what
-`slam-ray extract` runs (`slam_ray.tokenizer.iter_encoded`): an actor pool, each actor decoding its files and
-running the model only up to the layer read, one utterance per forward pass for group-norm models (so units
-never depend on batch mates). Both use the same CPU threads in total; the pipeline's time includes starting
-its actors and loading the model in each. Files: the two real LibriSpeech fixture utterances cut to random
+`slam-ray extract` runs (`slam_ray.tokenizer.iter_encoded`): Ray tasks decode and resample the files into
+segments, feeding an actor pool that runs the model only up to the layer read, one utterance per forward pass
+on CPU (batched with exact group norms on GPU; units never depend on batch mates). Both use the same CPU cores
+in total; the pipeline's time includes starting its actors and loading the model in each. Files: the two real LibriSpeech fixture utterances cut to random
 lengths (2-14 s, like a real corpus). Model: an mHuBERT-base-shaped `HubertModel` (12 layers, 768 wide, 25 Hz
 conv stack) with random weights built here, or `--model` (an HF id in the cache or a folder). Last line: JSON.
 
@@ -90,7 +90,7 @@ def plain_loop(paths: list[Path], model_path: str, layer: int, centroids: np.nda
 
 
 def ray_pipeline(paths: list[Path], tokenizer_dir: Path, actors: int, batch: int, cpus: float,
-                 gpus: float) -> tuple[float, int, float]:
+                 gpus: float, decode_cpus: float) -> tuple[float, int, float]:
     """(seconds, frames, audio-s/s after the first units: the pool's steady state, start-up excluded)."""
     import ray
 
@@ -98,9 +98,9 @@ def ray_pipeline(paths: list[Path], tokenizer_dir: Path, actors: int, batch: int
     from slam_ray.tokenizer import iter_encoded
 
     exp = Experiment.model_validate({"name": "bench", "workdir": str(tokenizer_dir.parent), "stages": ["extract"],
-                                     "ray": {"actor_cpus": cpus}})
+                                     "ray": {"actor_cpus": cpus}, "extract": {"decode_cpus": decode_cpus}})
     rows = [{"id": p.stem, "path": str(p), "text": "", "speaker": "", "dataset": "bench"} for p in paths]
-    ray.init(num_cpus=max(2, round(actors * cpus + 0.5)), num_gpus=int(gpus * actors + 0.999) or None,
+    ray.init(num_cpus=max(2, round(actors * cpus + 2 * decode_cpus)), num_gpus=int(gpus * actors + 0.999) or None,
              include_dashboard=False, logging_level="ERROR")
     try:
         start = time.perf_counter()
@@ -154,8 +154,10 @@ def main() -> None:
         threads = 1 if gpu else args.actors  # the loop gets the cores the actors share
         loop_s, loop_frames = plain_loop(paths, model, args.layer, centroids, args.batch, threads, args.dtype)
         print(f"plain loop: {loop_s:.1f} s, {audio_seconds / loop_s:.1f} audio-s/s", flush=True)
+        # CPU: the actors and two decoding tasks share the cores (Ray's CPU counts are bookkeeping); GPU: a CPU each
         pipe_s, pipe_frames, steady = ray_pipeline(paths, tmp_path / "tokenizer", args.actors, 4,
-                                           0.9 if not gpu else 1.0, 1.0 / args.actors if gpu else 0.0)
+                                                   0.8 if not gpu else 1.0, 1.0 / args.actors if gpu else 0.0,
+                                                   0.2 if not gpu else 1.0)
         print(f"ray pipeline: {pipe_s:.1f} s, {audio_seconds / pipe_s:.1f} audio-s/s "
               f"({steady:.1f} after its first units)", flush=True)
     assert abs(pipe_frames - loop_frames) <= len(paths), (pipe_frames, loop_frames)  # the same work was done

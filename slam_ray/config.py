@@ -155,10 +155,15 @@ class ExtractConfig(Section):
     num_actors: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
     num_gpus_per_actor: float = 0.0
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs per decoding task (decoding and resampling run as Ray "
+                                                        "tasks feeding the encoding actors; keep CPUs free for them)")
     shard_files: int = Field(2000, ge=1, description="input files per Parquet shard: the unit of resume")
     max_segment_seconds: float | None = Field(
-        60.0, gt=1, description="files longer than this are read block by block and cut at the quietest 20 ms "
-                                "of each window's last quarter (bounded memory); None = never cut")
+        60.0, gt=1, description="files longer than this are read block by block and cut in each window's last "
+                                "quarter (bounded memory); None = never cut")
+    segmenter: Literal["vad", "energy"] = Field(
+        "vad", description="where a long file is cut: inside the longest pause silero-vad finds (vad), or at the "
+                           "quietest 20 ms (energy)")
 
 
 class PackConfig(Section):

@@ -131,14 +131,14 @@ class FeatureActor:
     """Features of a sample of files, for fitting k-means (float16 bytes to keep the object store small).
     A long file contributes its first segment only (bounded memory)."""
 
-    def __init__(self, tokenizer_cfg: dict, max_segment_seconds: float | None) -> None:
+    def __init__(self, tokenizer_cfg: dict, max_segment_seconds: float | None, segmenter: str = "vad") -> None:
         from slam_ray.config import TokenizerConfig
         from slam_ray.features import make_features
         from slam_ray.parallel import limit_threads
 
         limit_threads()
         self.features = make_features(TokenizerConfig.model_validate(tokenizer_cfg))
-        self.max_segment_seconds = max_segment_seconds
+        self.max_segment_seconds, self.segmenter = max_segment_seconds, segmenter
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from slam_ray.tts import row_segments
@@ -146,7 +146,7 @@ class FeatureActor:
         out = []
         for row in batch.to_dict("records"):
             try:
-                _, _, audio = next(row_segments(row, self.max_segment_seconds))
+                _, _, audio = next(row_segments(row, self.max_segment_seconds, self.segmenter))
                 feats = self.features(audio).cpu().numpy().astype(np.float16)
                 out.append({"id": row["id"], "feats": feats.tobytes(), "dim": feats.shape[1], "error": None})
             except Exception as e:
@@ -181,7 +181,8 @@ def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokeni
         return tokenizer
     by_id = {}
     sample = _fit_sample(exp, rows)
-    ctor = {"tokenizer_cfg": cfg.model_dump(), "max_segment_seconds": exp.extract.max_segment_seconds}
+    ctor = {"tokenizer_cfg": cfg.model_dump(), "max_segment_seconds": exp.extract.max_segment_seconds,
+            "segmenter": exp.extract.segmenter}
     for df in map_rows(exp, sample, FeatureActor, ctor,
                        exp.extract.num_actors, exp.extract.batch_size, exp.extract.num_gpus_per_actor):
         for rec in df.to_dict("records"):

@@ -6,7 +6,7 @@ the actor catches them and returns the row with an `error` string, and the calle
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pandas as pd
@@ -22,8 +22,11 @@ def map_rows(
     num_actors: int,
     batch_size: int,
     num_gpus: float = 0.0,
+    prepare: tuple[Callable, dict[str, Any], float] | None = None,
 ) -> Iterator[pd.DataFrame]:
-    """Yield output batches (pandas) of `actor_cls(**ctor_kwargs)(batch_df)` over `rows`, in any order."""
+    """Yield output batches (pandas) of `actor_cls(**ctor_kwargs)(batch_df)` over `rows`, in any order. With
+    `prepare` = (fn, kwargs, cpus), `fn(batch_df, **kwargs)` runs first as Ray tasks of `cpus` CPUs each and the
+    actors get its output: CPU work such as decoding overlaps with the actors' (GPU) work."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -34,6 +37,11 @@ def map_rows(
     # Small blocks so every actor gets work early; rows are tiny (paths and text).
     n_blocks = max(1, min(len(rows) // max(1, batch_size), 4 * num_actors * 8))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    if prepare is not None:
+        fn, kwargs, cpus = prepare
+        # small task batches: the actors get their first rows early and decoding spreads over the free CPUs
+        ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=max(1, batch_size // 4), batch_format="pandas",
+                            num_cpus=cpus)
     ds = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=ctor_kwargs,

@@ -189,95 +189,123 @@ class UnitTokenizer:
         return cls(cfg, centroids, np.zeros(dim, np.float32), np.ones(dim, np.float32))
 
 
-# --- parallel encoding (Ray Data actors), shared by `extract` and by `eval` for its spoken pairs ----------------
+# --- parallel encoding (Ray Data: decoding tasks -> encoding actors), shared by `extract`, `eval` and `dpo` -----
+
+_FILE_FIELDS = ("id", "path", "text", "speaker", "dataset")
+
+
+def decode_rows(batch, max_segment_seconds: float | None = None, segmenter: str = "vad"):
+    """Ray Data task (CPU): input rows -> one row per segment, 16 kHz float32 samples as bytes in `audio`, or one
+    error row for a file that cannot be decoded. Segments are yielded as they are read (a long file never sits
+    in memory whole), each held until the next is known, so `n_segments` is set on a file's last row only (0 on
+    the others); an error row closes its file too (`n_segments` = segments before it + 1)."""
+    import pandas as pd
+
+    from slam_ray.tts import row_segments
+
+    for row in batch.to_dict("records"):
+        base = {k: (row.get(k) if isinstance(row.get(k), str) else "") for k in _FILE_FIELDS}
+        base["input_id"] = row["id"]
+        held, k = None, 0
+        try:
+            for start, end, audio in row_segments(row, max_segment_seconds, segmenter):
+                if held is not None:
+                    yield pd.DataFrame([{**held, "id": f"{row['id']}@{k - 1:04d}", "n_segments": 0}])
+                held = {**base, "seg_start": start, "seg_end": end, "audio_seconds": end - start,
+                        "audio": audio.astype(np.float32, copy=False).tobytes(), "error": None}
+                k += 1
+        except Exception as e:
+            if held is not None:  # segments before the failure still count, so the driver can close the file
+                yield pd.DataFrame([{**held, "id": f"{row['id']}@{k - 1:04d}", "n_segments": 0}])
+            yield pd.DataFrame([{**base, "seg_start": 0.0, "seg_end": 0.0, "audio_seconds": 0.0, "audio": b"",
+                                 "error": str(e) or type(e).__name__, "n_segments": k + 1}])
+            continue
+        yield pd.DataFrame([{**held, "id": f"{row['id']}@{k - 1:04d}" if k > 1 else row["id"], "n_segments": k}])
 
 
 class EncodeActor:
-    """Ray Data actor: rows (id, path, text, speaker, dataset) -> one row per segment with its units, or one
-    error row per file that cannot be used (every good file of the batch still comes through)."""
+    """Ray Data actor: decoded segment rows -> the same rows with `units`, `durations`, `n_frames` (audio dropped).
+    Segments are encoded in batches of about `flush_seconds` of audio (the model sees padded batches whose
+    results equal each segment alone); a segment that fails is an error row and every other still comes through."""
 
-    def __init__(self, tokenizer_dir: str, max_segment_seconds: float | None = None,
-                 flush_seconds: float | None = None) -> None:
+    def __init__(self, tokenizer_dir: str, flush_seconds: float | None = None) -> None:
         from slam_ray.parallel import limit_threads
 
         limit_threads()
         self.tokenizer = UnitTokenizer.load(localize(tokenizer_dir))  # fetched to this node from a bucket
-        self.max_segment_seconds = max_segment_seconds
         if flush_seconds is None:  # a GPU needs big batches (bench/gpu.py: 200 s -> 2,804, 800 s -> 3,637 audio-h/GPU-h)
             flush_seconds = 800.0 if self.tokenizer.features.device.type == "cuda" else 200.0
-        self.flush_samples = int(flush_seconds * TARGET_SAMPLE_RATE)  # bounds memory whatever the file length
+        self.flush_samples = int(flush_seconds * TARGET_SAMPLE_RATE)
+
+    def _encode(self, audios: list[np.ndarray]) -> list[dict | str]:
+        try:
+            return self.tokenizer.encode_batch(audios)
+        except Exception:  # find the culprit(s): one at a time
+            out: list[dict | str] = []
+            for audio in audios:
+                try:
+                    out.append(self.tokenizer.encode(audio))
+                except Exception as e:
+                    out.append(str(e) or type(e).__name__)
+            return out
 
     def __call__(self, batch):  # pandas DataFrame in and out
         import pandas as pd
 
-        from slam_ray.tts import row_segments
-
-        segments: dict[str, list[dict]] = {}
-        failed: dict[str, str] = {}
-        pending: list[tuple[str, dict, np.ndarray]] = []
-
-        def flush() -> None:
-            try:
-                encoded = self.tokenizer.encode_batch([audio for _, _, audio in pending])
-            except Exception:  # find the culprit(s): one at a time
-                encoded = []
-                for uid, _, audio in pending:
-                    try:
-                        encoded.append(self.tokenizer.encode(audio))
-                    except Exception as e:
-                        failed.setdefault(uid, str(e) or type(e).__name__)
-                        encoded.append(None)
-            for (_, seg, _), enc in zip(pending, encoded, strict=True):
-                if enc is not None:
-                    seg.update(units=enc["units"].tolist(), durations=enc["durations"].tolist(), n_frames=enc["n_frames"])
-            pending.clear()
-
         rows = batch.to_dict("records")
-        for row in rows:
-            uid = row["id"]
-            segments[uid] = []
-            try:
-                for start, end, audio in row_segments(row, self.max_segment_seconds):
-                    seg = {"seg_start": start, "seg_end": end, "audio_seconds": end - start}
-                    segments[uid].append(seg)
-                    pending.append((uid, seg, audio))
-                    if sum(len(a) for _, _, a in pending) >= self.flush_samples:
-                        flush()
-            except Exception as e:
-                failed[uid] = str(e) or type(e).__name__
-                pending[:] = [p for p in pending if p[0] != uid]
-        flush()
-
+        todo = [i for i, r in enumerate(rows) if not isinstance(r.get("error"), str)]
+        results: dict[int, dict | str] = {}
+        group: list[int] = []
+        samples = 0
+        for n, i in enumerate(todo):
+            group.append(i)
+            samples += len(rows[i]["audio"]) // 4  # float32 bytes
+            if samples >= self.flush_samples or n == len(todo) - 1:
+                audios = [np.frombuffer(rows[j]["audio"], dtype=np.float32).copy() for j in group]  # writable for torch
+                results.update(zip(group, self._encode(audios), strict=True))
+                group, samples = [], 0
         out = []
-        for row in rows:
-            uid = row["id"]
-            base = {k: row.get(k, "") for k in ("id", "path", "text", "speaker", "dataset")}
-            if uid in failed:
-                out.append({**base, "input_id": uid, "n_segments": 1, "error": failed[uid], "units": [], "durations": [],
-                            "n_frames": 0, "audio_seconds": 0.0, "seg_start": 0.0, "seg_end": 0.0})
-                continue
-            many = len(segments[uid]) > 1
-            for k, seg in enumerate(segments[uid]):
-                out.append({**base, **seg, "id": f"{uid}@{k:04d}" if many else uid, "input_id": uid,
-                            "n_segments": len(segments[uid]), "error": None})
+        for i, row in enumerate(rows):
+            row = {k: v for k, v in row.items() if k != "audio"}
+            enc = results.get(i, row.get("error"))
+            if isinstance(enc, dict):
+                out.append({**row, "units": enc["units"].tolist(), "durations": enc["durations"].tolist(),
+                            "n_frames": enc["n_frames"], "error": None})
+            else:
+                out.append({**row, "units": [], "durations": [], "n_frames": 0, "error": enc})
         return pd.DataFrame(out)
 
 
 def iter_encoded(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: int, batch_size: int,
                  num_gpus: float = 0.0) -> Iterator[dict]:
-    """Stream encoded rows (`id`, `path`, `text`, `speaker` plus units, ... and `error`: None or the reason).
-    A file longer than `extract.max_segment_seconds` gives one row per segment (`<id>@0000`, ...), all with
-    its `input_id` and `n_segments`; a file that fails gives one error row."""
+    """Stream encoded files as they complete: a file's rows (`id`, `path`, `text`, `speaker`, `dataset`,
+    `input_id`, `seg_start`, `seg_end`, `audio_seconds`, `units`, `durations`, `n_frames`, `n_segments`,
+    `error` None), one per segment — a file longer than `extract.max_segment_seconds` is `<id>@0000`, ... — or
+    one error row (`error`: the reason) when any part of it fails. Decoding runs as Ray tasks on CPUs, feeding
+    the encoding actors (on GPUs with `num_gpus`)."""
     from slam_ray.parallel import map_rows
 
-    ctor = {"tokenizer_dir": str(tokenizer_dir), "max_segment_seconds": exp.extract.max_segment_seconds}
-    for df in map_rows(exp, rows, EncodeActor, ctor, num_actors, batch_size, num_gpus):
+    decode = {"max_segment_seconds": exp.extract.max_segment_seconds, "segmenter": exp.extract.segmenter}
+    parts: dict[str, list[dict]] = {}
+    expected: dict[str, int] = {}
+    for df in map_rows(exp, rows, EncodeActor, {"tokenizer_dir": str(tokenizer_dir)}, num_actors, batch_size,
+                       num_gpus, prepare=(decode_rows, decode, exp.extract.decode_cpus)):
         for rec in df.to_dict("records"):
-            if not isinstance(rec.get("error"), str):
-                rec["error"] = None
-                rec["units"] = [int(u) for u in rec["units"]]
-                rec["durations"] = [int(d) for d in rec["durations"]]
-            yield rec
+            uid = rec["input_id"]
+            parts.setdefault(uid, []).append(rec)
+            if int(rec["n_segments"]):
+                expected[uid] = int(rec["n_segments"])
+            if len(parts[uid]) != expected.get(uid):
+                continue
+            done = sorted(parts.pop(uid), key=lambda r: r["seg_start"])
+            del expected[uid]
+            failed = next((r for r in done if isinstance(r.get("error"), str)), None)
+            if failed is not None:
+                yield {**failed, "id": uid, "n_segments": 1, "units": [], "durations": [], "audio_seconds": 0.0}
+                continue
+            for r in done:
+                yield {**r, "n_segments": len(done), "error": None, "units": [int(u) for u in r["units"]],
+                       "durations": [int(d) for d in r["durations"]]}
 
 
 def encode_files(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: int, batch_size: int,

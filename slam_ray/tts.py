@@ -87,8 +87,9 @@ def speak_planned(spec: dict) -> np.ndarray:
     return decode_audio(buffer.getvalue())
 
 
-def row_segments(row: dict, max_segment_seconds: float | None):
-    """(start, end, 16 kHz audio) of an input row: decoded from its file (in segments), or spoken from its plan."""
+def row_segments(row: dict, max_segment_seconds: float | None, segmenter: str = "vad"):
+    """(start, end, 16 kHz audio) of an input row: decoded from its file (in segments cut by `segmenter`, see
+    slam_ray.audio.decode_segments), or spoken from its plan."""
     from slam_ray.audio import TARGET_SAMPLE_RATE, decode_segments
 
     spec = row.get("speak")
@@ -96,7 +97,7 @@ def row_segments(row: dict, max_segment_seconds: float | None):
         audio = speak_planned(json.loads(spec))
         yield 0.0, len(audio) / TARGET_SAMPLE_RATE, audio
     else:
-        yield from decode_segments(row["path"], max_segment_seconds)
+        yield from decode_segments(row["path"], max_segment_seconds, segmenter=segmenter)
 
 
 def check_backend(backend: str, sample_rate: int) -> None:

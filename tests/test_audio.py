@@ -81,11 +81,12 @@ def long_speech(fixtures, path, seconds: float, sr: int = 16_000) -> np.ndarray:
     return sf.read(path, dtype="float32")[0]
 
 
-def test_long_files_are_cut_at_quiet_points_into_contiguous_segments(fixtures, tmp_path):
-    from slam_ray.audio import decode_segments
+@pytest.mark.parametrize("segmenter", ["vad", "energy"])
+def test_long_files_are_cut_at_quiet_points_into_contiguous_segments(fixtures, tmp_path, segmenter):
+    from slam_ray.audio import VAD_SPEECH, decode_segments, speech_probabilities
 
     whole = long_speech(fixtures, tmp_path / "long.flac", 130.0)
-    segments = list(decode_segments(tmp_path / "long.flac", max_seconds=30))
+    segments = list(decode_segments(tmp_path / "long.flac", max_seconds=30, segmenter=segmenter))
     assert len(segments) == 5
     assert segments[0][0] == 0.0 and segments[-1][1] == pytest.approx(130.0)
     for (_, end, _), (start, _, _) in zip(segments, segments[1:], strict=False):
@@ -101,10 +102,12 @@ def test_long_files_are_cut_at_quiet_points_into_contiguous_segments(fixtures, t
         cut = round(end * 16_000)
         searched = whole[cut - 16_000 * 7 : cut + 16_000 * 1][: 8 * 50 * 320].reshape(-1, 320)
         assert (whole[cut - 160 : cut + 160] ** 2).mean() <= np.quantile((searched**2).mean(1), 0.05)
+        if segmenter == "vad":  # and silero-vad hears no speech in the 32 ms frame around it
+            assert speech_probabilities(whole[cut - 256 : cut + 256])[0] < VAD_SPEECH
     # a file shorter than the limit is one segment; a tail under 0.5 s joins the segment before it
     assert len(list(decode_segments(tmp_path / "long.flac", max_seconds=200))) == 1
     long_speech(fixtures, tmp_path / "tail.flac", 60.2)
-    tail = list(decode_segments(tmp_path / "tail.flac", max_seconds=30))
+    tail = list(decode_segments(tmp_path / "tail.flac", max_seconds=30, segmenter=segmenter))
     assert tail[-1][1] == pytest.approx(60.2) and tail[-1][1] - tail[-1][0] >= 0.5
 
 

@@ -247,20 +247,26 @@ def test_named_inputs_tag_their_dataset(fixtures, tmp_path, ray_local):
 PEAK_MEMORY_SCRIPT = """
 import json, re, sys
 from pathlib import Path
+import numpy as np
 import pandas as pd
-from slam_ray.tokenizer import EncodeActor
+from slam_ray.audio import speech_probabilities
+from slam_ray.tokenizer import EncodeActor, decode_rows
 
 def rss_mb(field):
     return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 tokenizer_dir, path, max_seconds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-actor = EncodeActor(tokenizer_dir, max_segment_seconds=max_seconds)
+actor = EncodeActor(tokenizer_dir)
+speech_probabilities(np.zeros(16000, np.float32))  # silero-vad loaded before measuring, like the model
 Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the current RSS
 before = rss_mb("VmRSS")
-out = actor(pd.DataFrame([{"id": "long", "path": path, "text": "", "speaker": "", "dataset": ""}]))
+rows = errors = frames = 0
+# the pipeline's two steps in one process: the decoding task's segments, each encoded as it comes
+for part in decode_rows(pd.DataFrame([{"id": "long", "path": path}]), max_segment_seconds=max_seconds):
+    out = actor(part)
+    rows, errors, frames = rows + len(out), errors + out.error.notna().sum().item(), frames + int(out.n_frames.sum())
 peak = rss_mb("VmHWM")
-print(json.dumps({"peak_growth_mb": peak - before, "peak_mb": peak, "rows": len(out),
-                  "errors": out.error.notna().sum().item(), "frames": int(out.n_frames.sum())}))
+print(json.dumps({"peak_growth_mb": peak - before, "peak_mb": peak, "rows": rows, "errors": errors, "frames": frames}))
 """
 
 

@@ -101,3 +101,52 @@ def test_kmeans_finds_separated_clusters_and_is_no_worse_than_sklearn():
     x = (blobs - mean) / std
     ours = ((x[:, None] - centroids[None]) ** 2).sum(-1).min(1).sum()
     assert ours <= 1.02 * KMeans(16, n_init=10, random_state=0).fit(x).inertia_
+
+
+def test_decoding_tasks_feed_encoding_actors_one_row_per_segment(fixtures, tmp_path):
+    """The extraction pipeline's two steps without Ray: `decode_rows` (the CPU tasks) streams a long file as
+    segments, marking the count on the last; a file that breaks part-way closes with an error row counting the
+    segments before it; `EncodeActor` gives every decoded segment the units of that segment encoded alone."""
+    import pandas as pd
+    import soundfile as sf
+    from test_audio import long_speech
+
+    from slam_ray.audio import decode_segments
+    from slam_ray.tokenizer import EncodeActor, decode_rows
+
+    long_speech(fixtures, tmp_path / "long.flac", 70.0)
+    noisy = np.random.default_rng(0).normal(0, 0.1, 16_000 * 50).astype(np.float32)
+    noisy[16_000 * 40] = np.nan  # past the first 20 s window: one good segment, then the failure
+    sf.write(tmp_path / "nan.wav", noisy, 16_000, subtype="FLOAT")
+    (tmp_path / "junk.flac").write_bytes(b"not audio")
+    rows = pd.DataFrame([{"id": "long", "path": str(tmp_path / "long.flac"), "text": "t", "speaker": "s"},
+                         {"id": "short", "path": str(fixtures / "audio1.flac")},
+                         {"id": "nan", "path": str(tmp_path / "nan.wav")},
+                         {"id": "junk", "path": str(tmp_path / "junk.flac")}])
+    parts = list(decode_rows(rows, max_segment_seconds=20))
+    decoded = pd.concat(parts, ignore_index=True)
+    assert all(len(p) == 1 for p in parts)  # streamed one segment at a time: memory bounded by a segment or two
+    by_file = {uid: g for uid, g in decoded.groupby("input_id", sort=False)}
+    expected = list(decode_segments(tmp_path / "long.flac", 20))
+    long = by_file["long"]
+    assert list(long.id) == [f"long@{k:04d}" for k in range(len(expected))] and len(expected) >= 4
+    assert list(long.n_segments) == [0] * (len(expected) - 1) + [len(expected)]
+    assert (long.text == "t").all() and long.error.isna().all()
+    assert list(by_file["short"].id) == ["short"] and list(by_file["short"].n_segments) == [1]
+    nan = by_file["nan"]
+    assert nan.error.isna().tolist() == [True, False] and "NaN" in nan.error.iloc[1]
+    assert list(nan.n_segments) == [0, 2]  # the error row closes the file: 1 segment before it + itself
+    assert list(by_file["junk"].n_segments) == [1] and "cannot decode" in by_file["junk"].error.iloc[0]
+
+    rng = np.random.default_rng(0)
+    tok = UnitTokenizer(TokenizerConfig(n_units=16), rng.normal(size=(16, 80)).astype(np.float32),
+                        np.zeros(80, np.float32), np.ones(80, np.float32))
+    tok.save(tmp_path / "tok")
+    encoded = EncodeActor(str(tmp_path / "tok"), flush_seconds=30)(decoded)
+    assert "audio" not in encoded.columns and len(encoded) == len(decoded)
+    good = encoded[encoded.error.isna()]
+    assert list(good.id)[: len(expected)] == list(long.id)
+    for (start, end, audio), row in zip(expected, good.itertuples(), strict=False):
+        assert (row.seg_start, row.seg_end) == (start, end)
+        assert list(row.units) == tok.encode(audio)["units"].tolist()  # batched == alone
+    assert list(encoded.error.notna()) == list(decoded.error.notna())  # errors pass through, nothing else fails
