@@ -200,15 +200,15 @@ def localize(location: str) -> Path:
 
 
 def publish(location: str, relative: str = "") -> None:
-    """Upload the local staging copy of `location/relative` (a file, or a folder's files not yet there with
-    the same size); nothing to do for a local location."""
+    """Upload the local staging copy of `location/relative`: a file always (a manifest is rewritten in place),
+    a folder's files unless already there with the same size; nothing to do for a local location."""
     if not is_remote(location):
         return
     target = join(location, relative) if relative else location
     local = local_path(target)
     if not local.exists():
         return
-    present = _remote_sizes(target)
+    present = _remote_sizes(target) if local.is_dir() else {}
     fs, path = _cached_filesystem(target)
     files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file() and not f.name.startswith("."))
     for file in files:

@@ -117,6 +117,8 @@ def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, 
     assert there.local("audio", "a.flac").read_bytes() == b"written by an actor"
     assert storage.read_text(there.location("missing.json")) is None and not storage.exists(there.location("nope"))
     assert not there.local("nothing", "here").exists()
+    there.write_manifest({"status": "failed!!"})  # as long as "complete": a file is published whatever its size
+    assert StageDir("extract", "abc", root).read_manifest() == {"status": "failed!!"}
     stamp = (folder / "tokenizer.json").stat().st_mtime_ns
     storage.write_bytes(there.location("tokenizer", "extra.bin"), b"new")
     there.local("tokenizer")  # completes the copy, leaves the files it has
