@@ -3,8 +3,9 @@
 1. Resolve `extract.inputs` (folders, globs, JSONL/CSV manifests, '@synth'; local or s3:// / gs://) into rows
    (id, path, text, speaker).
 2. Tokeniser: load centroids, or fit k-means on features of a seeded sample of files (saved to `tokenizer/`).
-3. Encode every file in an actor pool (decode -> mono 16 kHz -> features -> units -> de-dup); a file that
-   fails is one line of errors.jsonl and its neighbours still come through.
+3. Encode every file: Ray tasks decode it (mono, 16 kHz, long files cut into segments in pauses) and stream
+   its segments to an actor pool (features -> units -> de-dup); a file that fails anywhere is one line of
+   errors.jsonl and its neighbours still come through.
 4. Write Parquet shards `units/part-NNNNN.parquet`, sorted by id (the same inputs give the same shards).
 """
 
