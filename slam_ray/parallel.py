@@ -40,10 +40,11 @@ def map_rows(
     if prepare is not None:
         fn, kwargs, cpus = prepare
         # Small task batches: the actors get their first rows early and the work spreads over the free CPUs.
-        # A ray_remote_args_fn keeps Ray Data from fusing these tasks into the actors (it fuses a task step into
-        # the next actor step whenever their resource requests are equal, and the work would run in the actor).
+        # max_retries=-1 is Ray Data's default for tasks; given explicitly, these remote args differ from the
+        # actors', which keeps Ray Data from fusing the tasks into the actors (it fuses a task step into the next
+        # actor step whenever their remote args are equal, and the work would then run inside the actors).
         ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=max(1, batch_size // 4), batch_format="pandas",
-                            num_cpus=cpus, ray_remote_args_fn=_no_extra_args)
+                            num_cpus=cpus, max_retries=-1)
     ds = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=ctor_kwargs,
@@ -54,10 +55,6 @@ def map_rows(
         num_gpus=num_gpus,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="pandas")
-
-
-def _no_extra_args() -> dict[str, Any]:
-    return {}
 
 
 def error_row(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
