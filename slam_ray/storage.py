@@ -18,6 +18,7 @@ import fnmatch
 import hashlib
 import os
 import posixpath
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +194,7 @@ def localize(location: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
         with fs.open_input_stream(posixpath.join(path, relative) if relative else path) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
+            shutil.copyfileobj(src, dst, 8 << 20)
         tmp.replace(target)
     return local
 
@@ -216,19 +216,15 @@ def publish(location: str, relative: str = "") -> None:
         if present.get(relative_file) == file.stat().st_size:
             continue
         with open(file, "rb") as src, fs.open_output_stream(posixpath.join(path, relative_file) if relative_file else path) as dst:
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
+            shutil.copyfileobj(src, dst, 8 << 20)
 
 
 def run_storage(exp, out, stage: str) -> dict:
     """RunConfig's name / storage_path / storage_filesystem for a stage's Ray Train run: the stage folder by
     default (in the bucket when `workdir` is one); under `train.storage_path` (a shared folder or a bucket) a
     name unique to experiment and stage key."""
-    where = exp.train.storage_path
-    if not where and not out.remote:
-        return {"name": stage, "storage_path": str(out.path / "ray")}
-    name = f"{exp.name}-{stage}-{out.key}" if where else stage
-    where = where or out.location("ray")
+    name = f"{exp.name}-{stage}-{out.key}" if exp.train.storage_path else stage
+    where = storage_root(exp, out)
     if is_remote(where):
         fs, root = filesystem(where)
         return {"name": name, "storage_path": root, "storage_filesystem": fs}
