@@ -14,7 +14,7 @@ slamkit's loop (files sorted by length, padded batches of 8, every layer compute
 one-forward-per-utterance path; the units of the batched path are compared with per-utterance units.
 
     python bench/gpu.py [--steps 12] [--files 400] [--variants 16,8,adamw_fused,1] [--profile] [--skip train]
-                        [--shapes 1,4,1,0.5;0,1,0,0.75] [--flushes 200,800]
+                        [--shapes 1,4,1,0.5,0,200;0,1,0,0.75,0,800] [--flushes 200,800]
     (last line: one JSON object)
 """
 
@@ -135,9 +135,12 @@ def extraction(
     n_files: int,
     tmp: Path,
     profile: bool = False,
-    shapes: tuple = ((1, 4, True, 0.5),),
+    shapes: tuple = ((1, 4, True, 0.5, False, 200),),
     flushes: tuple = (200, 800),
 ) -> dict:
+    """Each batching variant runs over two different file sets of the same kind: set A first (for the first
+    variant this is the cold start: every batch shape is new to cuDNN), then set B — files never seen, batch
+    shapes mostly seen — which is the steady state of a long extraction job."""
     import torch
     from extract import make_files, mhubert_base_shaped, plain_loop
 
@@ -145,24 +148,24 @@ def extraction(
     from slam_ray.config import TokenizerConfig
     from slam_ray.tokenizer import UnitTokenizer
 
-    (tmp / "audio").mkdir()
-    paths = make_files(tmp / "audio", n_files)
+    sets = []
+    for seed, name in ((0, "a"), (1, "b")):
+        (tmp / name).mkdir()
+        sets.append(make_files(tmp / name, n_files, seed=seed))
     model = mhubert_base_shaped(tmp / "model")
     from transformers import HubertConfig
 
     dim = HubertConfig.from_pretrained(model).hidden_size
     centroids = np.random.default_rng(0).normal(size=(500, dim)).astype(np.float32)
-    audios = [decode_audio(p) for p in paths]
-    audio_s = sum(len(a) for a in audios) / 16_000
-    result: dict = {"files": n_files, "audio_seconds": round(audio_s, 1)}
+    audio_a, audio_b = ([decode_audio(p) for p in paths] for paths in sets)
+    seconds_a, seconds_b = (sum(len(a) for a in audios) / 16_000 for audios in (audio_a, audio_b))
+    result: dict = {"files_per_set": n_files, "audio_seconds_a": round(seconds_a, 1), "audio_seconds_b": round(seconds_b, 1)}
 
-    def rate(seconds: float) -> float:
-        return round(audio_s / seconds, 1)  # audio-s per s = audio-hours per GPU-hour
-
-    loop_s, _ = plain_loop(paths, model, 11, centroids, 8, 4, "bfloat16")
-    result["slamkit_loop_audio_h_per_gpu_h"] = rate(loop_s)
+    loop_s, _ = plain_loop(sets[0], model, 11, centroids, 8, 4, "bfloat16")
+    result["slamkit_loop_audio_h_per_gpu_h"] = round(seconds_a / loop_s, 1)  # audio-s per s = audio-h per GPU-h
     print(
-        f"slamkit loop (decode + all 12 layers, padded batches of 8, bf16): {rate(loop_s)} audio-h/GPU-h",
+        f"slamkit loop (decode + all 12 layers, padded batches of 8, bf16), set A: "
+        f"{result['slamkit_loop_audio_h_per_gpu_h']} audio-h/GPU-h",
         flush=True,
     )
 
@@ -172,47 +175,59 @@ def extraction(
         np.zeros(dim, np.float32),
         np.ones(dim, np.float32),
     )
-    tok.encode_batch(audios[:16])  # warm-up: allocator, first cuDNN plans
+    tok.encode(audio_a[0])  # model on the device, allocator and CUDA context warm; no batch shape seen yet
     feats = tok.features
-    # (width quantum in seconds, row quantum, cuDNN): does rounding shapes so that they repeat pay?
-    for quantum, rows, cudnn, fill in shapes:
+
+    def rate(audios: list[np.ndarray], flush: int) -> tuple[float, list]:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        encoded = [enc for chunk in chunks_by_seconds(audios, flush) for enc in tok.encode_batch(chunk)]
+        torch.cuda.synchronize()
+        return round(sum(len(a) for a in audios) / 16_000 / (time.perf_counter() - start), 1), encoded
+
+    # (width quantum in seconds, row quantum, cuDNN, min fill, cudnn.benchmark, padded seconds per forward)
+    for quantum, rows, cudnn, fill, autotune, forward in shapes:
         feats.width_quantum, feats.row_quantum, feats.use_cudnn = max(1, int(quantum * 16_000)), rows, cudnn
-        feats.min_fill = fill
+        feats.min_fill, feats.max_batch_samples = fill, int(forward * 16_000)
+        torch.backends.cudnn.benchmark = autotune
         for flush in flushes:
-            feats.max_batch_samples = flush * 16_000
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            batched = [enc for chunk in chunks_by_seconds(audios, flush) for enc in tok.encode_batch(chunk)]
-            torch.cuda.synchronize()
-            key = f"slam_ray_flush{flush}_q{quantum}_r{rows}_{'cudnn' if cudnn else 'nocudnn'}_fill{fill}"
-            result[key] = rate(time.perf_counter() - start)
+            first, _ = rate(audio_a, flush)
+            steady, batched = rate(audio_b, flush)
+            key = (
+                f"flush{flush}_forward{forward}_q{quantum}_r{rows}_{'cudnn' if cudnn else 'nocudnn'}_fill{fill}"
+                f"{'_autotune' if autotune else ''}"
+            )
+            result[key] = {"set_a": first, "set_b_steady": steady}
             print(
-                f"slam_ray actor work, flushes of {flush} s, widths to {quantum} s, rows to {rows}, cuDNN {cudnn}, "
-                f"min fill {fill}: "
-                f"{result[key]} audio-h/GPU-h",
+                f"slam_ray actor work, flushes of {flush} s, forwards of <= {forward} s, widths to {quantum} s, "
+                f"rows to {rows}, cuDNN {cudnn}, min fill {fill}, cudnn.benchmark {autotune}: set A {first}, then "
+                f"set B (unseen files) {steady} audio-h/GPU-h",
                 flush=True,
             )
-    start = time.perf_counter()
-    alone = [tok.encode(a) for a in audios]
+    torch.backends.cudnn.benchmark = False
+    some = audio_b[:100]  # one forward per utterance is slow: the first 100 files of set B
     torch.cuda.synchronize()
-    result["per_utterance_audio_h_per_gpu_h"] = rate(time.perf_counter() - start)
-    same_files = sum(a["units"].tolist() == b["units"].tolist() for a, b in zip(alone, batched, strict=True))
+    start = time.perf_counter()
+    alone = [tok.encode(a) for a in some]
+    torch.cuda.synchronize()
+    result["per_utterance_audio_h_per_gpu_h"] = round(sum(len(a) for a in some) / 16_000 / (time.perf_counter() - start), 1)
+    same_files = sum(a["units"].tolist() == b["units"].tolist() for a, b in zip(alone, batched, strict=False))
     frames = [
         (tok.assign(tok.features(a)), f)
-        for a, f in zip(audios[:50], tok.features.batch(audios[:50]), strict=True)
+        for a, f in zip(audio_b[:50], tok.features.batch(audio_b[:50]), strict=True)
     ]
     same_frames = sum(int((a == tok.assign(f)).sum()) for a, f in frames) / sum(len(a) for a, _ in frames)
     result.update(
-        batched_equals_alone_files=f"{same_files}/{n_files}",
+        batched_equals_alone_files=f"{same_files}/{len(some)}",
         batched_equals_alone_frames=round(same_frames, 5),
     )
     print(
         f"per utterance: {result['per_utterance_audio_h_per_gpu_h']} audio-h/GPU-h; batched == alone: "
-        f"{same_files}/{n_files} files, {same_frames:.4%} of frames (bf16)",
+        f"{same_files}/{len(some)} files, {same_frames:.4%} of frames (bf16)",
         flush=True,
     )
     if profile:
-        result["profile"] = profile_extraction(tok, audios)
+        result["profile"] = profile_extraction(tok, audio_a)
     return result
 
 
@@ -314,8 +329,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile the extraction forward")
     parser.add_argument(
         "--shapes",
-        default="1,4,1,0.5",
-        help="padded batches: width quantum (s),row quantum,cuDNN (0/1),min fill;... (default: slam_ray's)",
+        default="1,4,1,0.5,0,200",
+        help="padded batches: width quantum (s),row quantum,cuDNN (0/1),min fill,cudnn.benchmark (0/1),padded "
+        "seconds per forward;... (the first is the cold start; default: slam_ray's)",
     )
     parser.add_argument("--flushes", default="200,800", help="seconds of audio per actor flush")
     parser.add_argument("--skip", choices=["train", "extract"], default=None)
@@ -350,8 +366,10 @@ def main() -> None:
     if args.skip != "extract":
         with tempfile.TemporaryDirectory() as tmp:
             shapes = [
-                (float(q), int(r), c == "1", float(f))
-                for q, r, c, f in (v.split(",") for v in args.shapes.split(";"))
+                (float(q), int(r), c == "1", float(f), b == "1", float(s))
+                for q, r, c, f, b, s in (
+                    v.split(",") + ["1", "4", "1", "0.5", "0", "200"][len(v.split(",")) :] for v in args.shapes.split(";")
+                )
             ]
             flushes = tuple(int(f) for f in args.flushes.split(","))
             figures["extract"] = extraction(args.files, Path(tmp), args.profile, shapes, flushes)
