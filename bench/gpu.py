@@ -9,9 +9,11 @@ printed beside it. The Ray Train wrapper's own overhead is measured by bench/tra
 
 Extraction: the work of one `extract` actor on a GPU (`UnitTokenizer.encode_batch`: layers up to the one read,
 padded batches with masks and masked group norm, bf16, matmul-argmin on the GPU) over audio already decoded
-(decoding runs in CPU tasks beside it), in chunks of `--flush` seconds like the actor's flushes; against
-slamkit's loop (files sorted by length, padded batches of 8, every layer computed, decode included) and the
-one-forward-per-utterance path; the units of the batched path are compared with per-utterance units.
+(decoding runs in CPU tasks beside it), in chunks of `--flushes` seconds like the actor's flushes, for each
+batching variant over file set A (cold: batch shapes new to cuDNN), then set B (files never seen), then A and B
+again (the steady state of a long job); against slamkit's loop (files sorted by length, padded batches of 8,
+every layer computed, decode included) and the one-forward-per-utterance path; the units of the batched path are
+compared with per-utterance units. The whole Ray pipeline on a GPU is bench/extract.py (Ray carried there).
 
     python bench/gpu.py [--steps 12] [--files 400] [--variants 16,8,adamw_fused,1] [--profile] [--skip train]
                         [--shapes 1,4,1,0.5,0,200;0,1,0,0.75,0,800] [--flushes 200,800]
@@ -189,22 +191,22 @@ def extraction(
     for quantum, rows, cudnn, fill, autotune, forward in shapes:
         feats.width_quantum, feats.row_quantum, feats.use_cudnn = max(1, int(quantum * 16_000)), rows, cudnn
         feats.min_fill, feats.max_batch_samples = fill, int(forward * 16_000)
-        torch.backends.cudnn.benchmark = autotune
+        feats.cudnn_benchmark = autotune
         for flush in flushes:
             first, _ = rate(audio_a, flush)
             steady, batched = rate(audio_b, flush)
+            again = [rate(audios, flush)[0] for audios in (audio_a, audio_b)]  # every shape seen before
             key = (
                 f"flush{flush}_forward{forward}_q{quantum}_r{rows}_{'cudnn' if cudnn else 'nocudnn'}_fill{fill}"
                 f"{'_autotune' if autotune else ''}"
             )
-            result[key] = {"set_a": first, "set_b_steady": steady}
+            result[key] = {"set_a": first, "set_b": steady, "set_a_again": again[0], "set_b_again": again[1]}
             print(
                 f"slam_ray actor work, flushes of {flush} s, forwards of <= {forward} s, widths to {quantum} s, "
                 f"rows to {rows}, cuDNN {cudnn}, min fill {fill}, cudnn.benchmark {autotune}: set A {first}, then "
-                f"set B (unseen files) {steady} audio-h/GPU-h",
+                f"set B (unseen files) {steady}, A and B again {again[0]} / {again[1]} audio-h/GPU-h",
                 flush=True,
             )
-    torch.backends.cudnn.benchmark = False
     some = audio_b[:100]  # one forward per utterance is slow: the first 100 files of set B
     torch.cuda.synchronize()
     start = time.perf_counter()

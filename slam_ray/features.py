@@ -108,12 +108,12 @@ class HubertFeatures:
         self.max_batch_samples = max_batch_samples
         gpu = self.device.type == "cuda"
         self.batched = gpu if batched is None else batched
-        # GPU batches: widths rounded up to whole seconds and rows to multiples of 4 so that shapes repeat, and
-        # files down to half the longest one's length. Measured on an H200 (bench/gpu.py, 400 files of 2-14 s,
-        # flushes of 800 s): 1,592 audio-h/GPU-h with exact shapes and MIN_FILL 0.75, 3,637 with these.
+        # GPU batches: widths rounded up to whole seconds and rows to multiples of 4 so that shapes repeat (a
+        # shape new to cuDNN costs plan building; autotuning, cudnn.benchmark, costs far more), and files down to
+        # half the longest one's length. bench/gpu.py on an H100 measures these settings (README).
         self.width_quantum, self.row_quantum = (TARGET_SAMPLE_RATE, 4) if gpu else (1, 1)
         self.min_fill = 0.5 if gpu else MIN_FILL
-        self.use_cudnn = True
+        self.use_cudnn, self.cudnn_benchmark = True, False
         # the conv stack's receptive field: shorter input gives no frame
         self.min_samples, stride = 0, 1
         for kernel, step in zip(hubert.config.conv_kernel, hubert.config.conv_stride, strict=True):
@@ -161,7 +161,7 @@ class HubertFeatures:
                 self.group_norm.valid = (mask.sum(1) - conv.kernel_size[0]) // conv.stride[0] + 1
             try:
                 with torch.inference_mode(), torch.backends.cudnn.flags(
-                        enabled=self.use_cudnn, benchmark=torch.backends.cudnn.benchmark,
+                        enabled=self.use_cudnn, benchmark=self.cudnn_benchmark,
                         deterministic=torch.backends.cudnn.deterministic, allow_tf32=torch.backends.cudnn.allow_tf32):
                     hidden = self.model(x.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
             finally:

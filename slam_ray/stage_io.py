@@ -23,7 +23,8 @@ from slam_ray.storage import is_remote, join, local_path, localize, publish, rea
 
 # Fields that only change scheduling, not results.
 _OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "val_reports", "torch_threads", "checkpoint_every", "checkpoint_every_minutes",
-                "max_failures", "peak_tflops", "storage_path", "resources_per_worker", "decode_cpus"}
+                "max_failures", "peak_tflops", "storage_path", "resources_per_worker", "decode_cpus",
+                "gpu_batch_seconds"}
 
 
 def _strip(d: Any) -> Any:

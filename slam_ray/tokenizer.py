@@ -228,13 +228,17 @@ class EncodeActor:
     Segments are encoded in batches of about `flush_seconds` of audio (the model sees padded batches whose
     results equal each segment alone); a segment that fails is an error row and every other still comes through."""
 
-    def __init__(self, tokenizer_dir: str, flush_seconds: float | None = None) -> None:
+    def __init__(self, tokenizer_dir: str, flush_seconds: float | None = None,
+                 gpu_batch_seconds: float | None = None) -> None:
         from slam_ray.parallel import limit_threads
 
         limit_threads()
         self.tokenizer = UnitTokenizer.load(localize(tokenizer_dir))  # fetched to this node from a bucket
-        if flush_seconds is None:  # a GPU needs big batches (bench/gpu.py: 200 s -> 2,804, 800 s -> 3,637 audio-h/GPU-h)
-            flush_seconds = 800.0 if self.tokenizer.features.device.type == "cuda" else 200.0
+        features = self.tokenizer.features
+        if flush_seconds is None:  # a GPU needs big batches to choose from (bench/gpu.py)
+            flush_seconds = 800.0 if features.device.type == "cuda" else 200.0
+        if gpu_batch_seconds is not None and hasattr(features, "max_batch_samples"):  # HuBERT's padded batches
+            features.max_batch_samples = int(gpu_batch_seconds * TARGET_SAMPLE_RATE)
         self.flush_samples = int(flush_seconds * TARGET_SAMPLE_RATE)
 
     def _encode(self, audios: list[np.ndarray]) -> list[dict | str]:
@@ -288,7 +292,8 @@ def iter_encoded(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: i
     decode = {"max_segment_seconds": exp.extract.max_segment_seconds, "segmenter": exp.extract.segmenter}
     parts: dict[str, list[dict]] = {}
     expected: dict[str, int] = {}
-    for df in map_rows(exp, rows, EncodeActor, {"tokenizer_dir": str(tokenizer_dir)}, num_actors, batch_size,
+    actor = {"tokenizer_dir": str(tokenizer_dir), "gpu_batch_seconds": exp.extract.gpu_batch_seconds}
+    for df in map_rows(exp, rows, EncodeActor, actor, num_actors, batch_size,
                        num_gpus, prepare=(decode_rows, decode, exp.extract.decode_cpus)):
         for rec in df.to_dict("records"):
             uid = rec["input_id"]

@@ -122,6 +122,31 @@ def test_gpu_batch_shapes_keep_each_files_features(tiny_huberts, speech):
         torch.testing.assert_close(got, feats(audio), rtol=1e-4, atol=1e-4)
 
 
+def test_gpu_batch_seconds_bounds_each_forward_and_keeps_each_files_units(tiny_huberts, speech, tmp_path):
+    """`extract.gpu_batch_seconds` reaches the encoding actor's padded batches (here batched on CPU, as on a
+    GPU): no forward holds more files than fit in it, and every segment keeps the units it has alone."""
+    import pandas as pd
+
+    from slam_ray.config import TokenizerConfig
+    from slam_ray.tokenizer import EncodeActor, UnitTokenizer
+
+    cfg = TokenizerConfig(kind="hubert", model=tiny_huberts[25], layer=3, n_units=50)
+    tok = UnitTokenizer(cfg, torch.randn(50, 32).numpy(), torch.zeros(32).numpy(), torch.ones(32).numpy())
+    tok.save(tmp_path / "tok")
+    actor = EncodeActor(str(tmp_path / "tok"), gpu_batch_seconds=20)
+    feats = actor.tokenizer.features
+    assert feats.max_batch_samples == 20 * 16_000
+    feats.batched = True
+    files = [speech[0][: 16_000 * s] for s in (9, 8, 7, 6, 5)]
+    forwards = []
+    feats.model.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
+    rows = pd.DataFrame([{"id": str(i), "audio": a.tobytes(), "error": None} for i, a in enumerate(files)])
+    encoded = actor(rows)
+    assert [rows for rows, _ in forwards] == [2, 2, 1]  # 20 s of the 9 s width: 2 files; then 2 of 7 s; then 1
+    for audio, units in zip(files, encoded.units, strict=True):
+        assert list(units) == tok.encode(audio)["units"].tolist()
+
+
 def test_a_missing_model_or_layer_is_a_clear_error(tiny_huberts, tmp_path):
     with pytest.raises(SlamError, match="has 3 layers; choose 1..3"):
         HubertFeatures(tiny_huberts[25], layer=4)
