@@ -142,7 +142,7 @@ def test_gpu_batch_seconds_bounds_each_forward_and_keeps_each_files_units(tiny_h
     feats.model.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
     rows = pd.DataFrame([{"id": str(i), "audio": a.tobytes(), "error": None} for i, a in enumerate(files)])
     encoded = actor(rows)
-    assert [rows for rows, _ in forwards] == [2, 2, 1]  # 20 s of the 9 s width: 2 files; then 2 of 7 s; then 1
+    assert [n for n, _ in forwards] == [2, 2, 1]  # 20 s of the 9 s width: 2 files; then 2 of 7 s; then 1
     for audio, units in zip(files, encoded.units, strict=True):
         assert list(units) == tok.encode(audio)["units"].tolist()
 

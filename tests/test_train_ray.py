@@ -108,10 +108,10 @@ def test_compiled_checkpointed_model_with_time_based_checkpoints(tmp_path, ray_l
 
 def test_one_worker_ddp_and_fsdp_agree_and_fsdp_resumes_after_a_killed_worker(tmp_path, ray_local):
     """Data parallelism is exact: 2 DDP workers x batch b see the same global batches as 1 worker x 2b and
-    average their gradients, so the loss curves agree (and both workers' tokens are counted). train.strategy fsdp (FSDP2 over 2 CPU workers, gloo): the
-    same curve as DDP, a final checkpoint that plain transformers loads with the same weights, and after a killed
-    worker a resume from the sharded run's checkpoint (gathered weights and optimizer state) that ends on the
-    same step with the same curve."""
+    average their gradients, so the loss curves agree (and both workers' tokens are counted). train.strategy
+    fsdp (FSDP2 over 2 CPU workers, gloo): the same curve as DDP, a final checkpoint that plain transformers
+    loads with the same weights, and after a killed worker a resume from the sharded run's checkpoint (gathered
+    weights and optimizer state) that ends on the same step with the same curve."""
     import torch
     from transformers import AutoModelForCausalLM
 
