@@ -27,11 +27,8 @@ import numpy as np
 import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# shared/ beside the repository; SLAM_RAY_FIXTURES points elsewhere (a GPU box without ../shared)
-FIXTURES = Path(
-    os.environ.get("SLAM_RAY_FIXTURES")
-    or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "slamkit_example"
-)
+# The repository's own real-speech fixtures (tests/data/slamkit_example/README.md: origin, MIT licence).
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "data" / "slamkit_example"
 
 
 def make_files(folder: Path, n: int, seed: int = 0) -> list[Path]:

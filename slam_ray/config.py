@@ -87,7 +87,7 @@ class SynthConfig(Section):
     speed: tuple[float, float] = Field((140, 190), description="espeak words/min; piper 100/length_scale; hf "
                                        "100 x speaking_rate; sampled per item")
     noise: tuple[float, float] = Field((0.0, 0.0), description="piper/hf noise_scale, sampled per item; keep 0 "
-                                       "where units must be consistent (DESIGN.md); espeak has none")
+                                       "where units must be consistent (docs/recipe.md); espeak has none")
     alignments: bool = Field(True, description="record word alignments where the backend gives them")
     sample_rate: int = 16000
     num_actors: int = Field(2, ge=1)

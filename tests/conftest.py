@@ -14,11 +14,8 @@ from pathlib import Path
 
 import pytest
 
-# shared/ beside the repository; SLAM_RAY_FIXTURES points elsewhere (a GPU box without ../shared)
-FIXTURES = Path(
-    os.environ.get("SLAM_RAY_FIXTURES")
-    or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "slamkit_example"
-)
+# Real speech with slamkit's own unit files (MIT; origin and licence in tests/data/slamkit_example/README.md).
+FIXTURES = Path(__file__).resolve().parent / "data" / "slamkit_example"
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"shared fixtures missing at {FIXTURES} (shared/ must sit beside the repository)")
+        pytest.fail(f"fixtures missing at {FIXTURES} (they are part of the repository)")
     return FIXTURES
 
 

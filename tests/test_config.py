@@ -91,7 +91,7 @@ def test_name_defaults_to_file_stem(tmp_path):
 
 
 def test_slam_recipe_matches_the_paper():
-    """RECIPE.md's table of the final recipe, value by value."""
+    """docs/recipe.md's table of the final recipe (the paper's), value by value."""
     exp = load_experiment("slam")
     tok = exp.extract.tokenizer
     assert (tok.kind, tok.model, tok.layer, tok.n_units, tok.dedup, tok.frame_rate) == (
