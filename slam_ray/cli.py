@@ -1,6 +1,8 @@
 """`slam-ray`: one verb per stage, `run` for a whole experiment, `config` and `compare` around them.
 
 Bad input or a bad config prints one paragraph and exits with code 2 (no traceback; `--debug` shows it).
+A stage that ends `partial` (an eval task failed; every other task finished) exits with code 1 once the
+command has done everything else it can; running it again retries only what failed.
 """
 
 from __future__ import annotations
@@ -14,39 +16,59 @@ from slam_ray.config import STAGES, Experiment, load_experiment, to_yaml
 from slam_ray.errors import SlamError
 
 EXIT_USAGE = 2
+EXIT_PARTIAL = 1
 
 
-def run_experiment(exp: Experiment) -> dict[str, float]:
-    """Run the stages the experiment lists, in order, under one parent MLflow run; returns seconds per stage."""
+def _report_partial(partial: dict[str, dict[str, str]]) -> int:
+    """Exit code for stages that ended `partial` (stage -> failed part -> reason), each said on stderr."""
+    for stage, failed in partial.items():
+        for part, reason in failed.items():
+            print(f"slam-ray: {stage}: {part} failed: {reason}", file=sys.stderr)
+        print(f"slam-ray: {stage} is partial ({len(failed)} failed); run the same command again to retry only "
+              "those", file=sys.stderr)
+    return EXIT_PARTIAL if partial else 0
+
+
+def run_experiment(exp: Experiment) -> tuple[dict[str, float], dict[str, dict[str, str]]]:
+    """Run the stages the experiment lists, in order, under one parent MLflow run; returns seconds per stage and
+    the stages that ended `partial` (with their failed parts). A partial stage does not stop the stages after
+    it: no stage reads eval's output, the only one that can be partial."""
     from slam_ray.runner import stage_function, summary_metrics
     from slam_ray.tracking import experiment_run, ui_hint
 
     for stage in exp.stages:
         stage_function(stage)  # fail before any work if a listed stage is unavailable
     wall: dict[str, float] = {}
+    partial: dict[str, dict[str, str]] = {}
     with experiment_run(exp) as parent:
         for stage in exp.stages:
             start = time.perf_counter()
             out = stage_function(stage)(exp)
             wall[stage] = round(time.perf_counter() - start, 1)
             parent.set_tags({f"slam_ray.output.{stage}": out.root})
+            if failed := out.failed_parts():
+                partial[stage] = failed
+                parent.set_tags({"slam_ray.status": "partial", f"slam_ray.failed.{stage}": ",".join(failed)})
         parent.log_metrics({**{f"time/{s}_s": v for s, v in wall.items()}, **summary_metrics(exp)})
     print("\nwall time per stage (s): " + ", ".join(f"{s} {v}" for s, v in wall.items()))
     print(f"outputs: {exp.workdir_location}")
     print(ui_hint(exp))
-    return wall
+    return wall, partial
 
 
-def _cmd_run(args: argparse.Namespace) -> None:
-    run_experiment(load_experiment(args.experiment, args.set))
+def _cmd_run(args: argparse.Namespace) -> int:
+    _, partial = run_experiment(load_experiment(args.experiment, args.set))
+    return _report_partial(partial)
 
 
-def _cmd_stage(args: argparse.Namespace) -> None:
+def _cmd_stage(args: argparse.Namespace) -> int:
     from slam_ray.runner import stage_function
 
     exp = load_experiment(args.experiment, args.set)
     out = stage_function(args.command)(exp)
-    print(f"{args.command} output: {getattr(out, 'path', out)}")
+    print(f"{args.command} output: {out.path}")
+    failed = out.failed_parts()
+    return _report_partial({args.command: failed} if failed else {})
 
 
 def _cmd_config(args: argparse.Namespace) -> None:
@@ -142,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        from slam_ray.fingerprint import snapshot
+
+        with snapshot():  # each input given by path is fingerprinted once per command
+            code = args.func(args) or 0  # commands with no failure of their own return None
     except SlamError as e:
         if args.debug:
             traceback.print_exc()
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slam-ray: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -397,7 +397,8 @@ class SweepConfig(Section):
     search: Literal["grid", "random", "optuna"] = Field(
         "grid", description="grid/random: Tune's variant generator (grid axes crossed, distributions sampled "
                             "num_samples times); optuna: TPE over distributions (no grid axes)")
-    num_samples: int = Field(1, ge=1, description="random/optuna: trials; grid: repeats of the whole grid")
+    num_samples: int = Field(1, ge=1, description="random/optuna: trials; grid: repeats of the whole grid, "
+                                                   "repeat r with train.seed and dpo.seed + r (own stage outputs)")
     scheduler: Literal["fifo", "asha", "median"] = Field("fifo", description="early stopping on stop_metric")
     stop_metric: str = Field("val/loss", description="reported during training; what ASHA/median compare")
     stop_mode: Literal["max", "min"] = "min"

@@ -23,6 +23,7 @@ import math
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,13 +39,14 @@ from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, stage_payload, upstream_dir
 from slam_ray.storage import localize, model_source, run_storage
 from slam_ray.tracking import Tracker
-from slam_ray.train_utils import all_ranks, report_checkpoint, resume_state
+from slam_ray.train_utils import all_ranks, check_global_batch, out_of_time, report_checkpoint, resume_state
 from slam_ray.units import UNIT_OFFSET, units_to_tokens
 
 if TYPE_CHECKING:
     import torch
 
 TRIPLES = "triples.json"
+TOO_FEW_TRIPLES = "lower dpo.batch_size, dpo.grad_accum or dpo.num_workers, or give more triples (dpo.n_pairs, dpo.inputs)"
 REFERENCE_LOGPS = "reference_logps.parquet"
 
 
@@ -143,7 +145,8 @@ class ReferenceLogps:
 
         limit_threads()
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint)).to(self.device).eval()
+        # fp32 like the policy (transformers 5 would otherwise load a checkpoint in its saved dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint), dtype=torch.float32).to(self.device).eval()
         self.context_len = self.model.config.max_position_embeddings
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -220,11 +223,14 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     tracker = Tracker(**config["tracker"]) if rank == 0 else None
+    # MLflow writes go through one background thread (as in `train`): a slow store never eats the time budget.
+    log_thread = ThreadPoolExecutor(max_workers=1)
     triples = json.loads(localize(config["triples_path"]).read_text())
     train, val = triples["train"], triples["val"]
 
     init_checkpoint = model_source(config["init_checkpoint"])
-    policy = AutoModelForCausalLM.from_pretrained(init_checkpoint)
+    # fp32 weights for AdamW whatever dtype the start checkpoint was saved in (transformers 5 keeps that dtype)
+    policy = AutoModelForCausalLM.from_pretrained(init_checkpoint, dtype=torch.float32)
     context_len = policy.config.max_position_embeddings
 
     def batch_of(rows: list[dict]):
@@ -244,7 +250,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         precomputed = tuple(t.to(device) for t in loaded["train"])
         ref_val = tuple(t.to(device) for t in loaded["val"])
     else:
-        reference = AutoModelForCausalLM.from_pretrained(init_checkpoint).to(device).eval().requires_grad_(False)
+        reference = AutoModelForCausalLM.from_pretrained(init_checkpoint, dtype=torch.float32).to(device).eval().requires_grad_(False)
         ref_val = all_logps(reference, val)
 
     resumed = resume_state(policy)
@@ -252,6 +258,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     per_micro = cfg.batch_size * world
     global_batch = per_micro * cfg.grad_accum
+    check_global_batch(len(train), "training triples", global_batch, TOO_FEW_TRIPLES)  # the driver checked it too
     steps_per_epoch = max(1, len(train) // global_batch)
     triple_tokens = np.array([preference_tokens(t["prompt"], t["chosen"], t["rejected"], context_len) for t in train])
 
@@ -298,7 +305,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         return [train[j] for j in picked], picked
 
     sums: dict[str, float] = {}
-    last_log = time.perf_counter()
+    last_log, last_logged_step, logged = time.perf_counter(), step, None
     while step < total:
         for micro in range(cfg.grad_accum):
             rows, picked = micro_rows(step * cfg.grad_accum + micro)
@@ -321,30 +328,37 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         sched.step()
         tokens += step_tokens(step)
         step += 1
-        if step % cfg.log_every == 0 or step == total:
-            means = {k: all_ranks(v, "sum") / world / (step % cfg.log_every or cfg.log_every) for k, v in sums.items()}
+        # The time budget is checked every step, not at log steps only (a large log_every overshot it).
+        stop = out_of_time(start, cfg.max_minutes)
+        if step % cfg.log_every == 0 or step == total or stop:
+            means = {k: all_ranks(v, "sum") / world / (step - last_logged_step) for k, v in sums.items()}
             if tracker:
-                tracker.log_metrics({**{f"dpo/{k}": v for k, v in means.items()}, "dpo/lr": sched.get_last_lr()[0],
-                                     "dpo/grad_norm": float(grad_norm), "dpo/tokens": tokens}, step)
-                if time.perf_counter() - last_log > 20 or step == total:
+                logged = log_thread.submit(tracker.log_metrics, {**{f"dpo/{k}": v for k, v in means.items()},
+                                  "dpo/lr": sched.get_last_lr()[0], "dpo/grad_norm": float(grad_norm), "dpo/tokens": tokens},
+                                  step)
+                if time.perf_counter() - last_log > 20 or step == total or stop:
                     print(f"[dpo] step {step}  loss {means['loss']:.4f}  reward accuracy "
                           f"{means['rewards/accuracy']:.3f}  margin {means['rewards/margin']:.3f}")
                     last_log = time.perf_counter()
-            sums = {}
-            if cfg.max_minutes and all_ranks(float(time.perf_counter() - start > cfg.max_minutes * 60), "max") > 0:
-                break
+            sums, last_logged_step = {}, step
+        if stop:
+            break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            if logged is not None:
+                logged.result()  # the metrics up to this checkpoint are in MLflow before a resume could start from it
             state = {"step": step, "tokens": tokens, "train_seconds": time.perf_counter() - start, "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
             report_checkpoint(model, rank, {"step": step, "kind": "periodic"}, state)
 
+    train_seconds = time.perf_counter() - start  # the budget's clock: without the held-out pass below
+    log_thread.shutdown(wait=True)
     # What DPO changed on triples it never trained on.
     plain = getattr(model, "module", model)
     pol_val = all_logps(plain, val)
     margin_before = (ref_val[0] - ref_val[1]).mean().item()
     margin_after = (pol_val[0] - pol_val[1]).mean().item()
     rewards = (pol_val[0] - ref_val[0]) - (pol_val[1] - ref_val[1])
-    metrics = {"step": step, "kind": "final", "tokens": tokens, "train_seconds": time.perf_counter() - start,
+    metrics = {"step": step, "kind": "final", "tokens": tokens, "train_seconds": train_seconds,
                "val/logp_margin_before": margin_before, "val/logp_margin_after": margin_after,
                "val/reward_accuracy": (rewards > 0).float().mean().item(),
                "val/reward_margin": cfg.beta * rewards.mean().item(),
@@ -363,7 +377,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -378,6 +392,10 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
         start, untrained = pretrained.location("checkpoint"), pretrained.location("checkpoint_init")
     with timer.phase("triples"):
         triples_path, triples = cached_triples(exp, timer)
+    # Fail here, before Ray starts workers: with fewer triples than one global batch a rank would get none.
+    world = exp.dpo.num_workers or exp.train.num_workers
+    check_global_batch(len(triples["train"]), "training triples", exp.dpo.batch_size * world * exp.dpo.grad_accum,
+                       TOO_FEW_TRIPLES)
     init_ray(exp)
     reference = None
     if exp.dpo.reference == "precomputed":
@@ -389,11 +407,12 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
         train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker),
                            "triples_path": triples_path, "init_checkpoint": start,
                            "reference_logps": reference},
-        scaling_config=ScalingConfig(num_workers=exp.dpo.num_workers or exp.train.num_workers, use_gpu=exp.train.use_gpu,
+        scaling_config=ScalingConfig(num_workers=world, use_gpu=exp.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(**run_storage(exp, out, "dpo"),
                              failure_config=FailureConfig(max_failures=exp.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     with timer.phase("fit"):
         result = trainer.fit()

@@ -6,10 +6,12 @@ built-in grammar minimal pairs (`lexical`, `word_order`, `agreement`, spoken by 
 Audio becomes units with the experiment's own tokenizer (the extract stage's), cached under
 WORKDIR/eval_units/ and WORKDIR/eval_pairs/ for every model evaluated on the same data; NLLs come from a pool
 of Ray Data actors (slam_ray/scoring.py). The `generate` task continues spoken prompts (slam_ray/generation.py).
-A task that cannot be loaded (dataset missing, say) is reported and the other tasks still run.
+A task that fails (dataset missing, say) is reported and the other tasks still run; the stage then ends
+`partial`, and the next run keeps every finished task and computes only the failed ones.
 
 Outputs: `results.json` (per task and checkpoint: accuracy, n, 95% CI, breakdowns, how it was scored),
-`scores.csv` (one row per comparison and checkpoint), `learning_curve.png` with `checkpoints: [all]`.
+`scores.csv` (one row per comparison and checkpoint: `final`, `init`, `step_10`, ...), `learning_curve.png` with
+`checkpoints: [all]`. Each finished task is kept on its own (see `task_store`), so a rerun redoes only failed ones.
 MLflow: `eval/<task>/accuracy` for the final model, `eval/<task>/<checkpoint>_accuracy` for the others,
 `eval/<task>/by_<column>/<value>/accuracy` breakdowns, `eval/<task>/curve_accuracy` by training step.
 """
@@ -26,8 +28,9 @@ import pandas as pd
 
 from slam_ray import grammar
 from slam_ray.benchmarks import READERS_VERSION, TaskSpec, load_task, read_comparisons
-from slam_ray.config import EvalTask, Experiment
+from slam_ray.config import EvalTask, Experiment, with_values
 from slam_ray.errors import SlamError
+from slam_ray.fingerprint import stat_digest
 from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.scoring import aggregate, group_outcome, score_sequences
 from slam_ray.stage_io import (
@@ -40,7 +43,7 @@ from slam_ray.stage_io import (
     trained_stage,
     upstream_dir,
 )
-from slam_ray.storage import exists, in_filesystem, is_remote, model_source
+from slam_ray.storage import exists, in_filesystem, is_remote, join, model_source, read_text
 from slam_ray.tokenizer import encode_files
 from slam_ray.tracking import Tracker
 from slam_ray.tts import speak_items
@@ -93,6 +96,9 @@ def resolve_checkpoints(exp: Experiment) -> list[tuple[str, str, int | None]]:
                 raise SlamError(f"eval.checkpoints: {entry!r} is neither final/before_dpo/init/all nor a folder "
                                 "holding a Hugging Face checkpoint (config.json)")
             out.append((f"@{_metric_safe(folder.name)}", str(folder.absolute()), None))
+    if not out:  # before_dpo and init are skipped when absent; with nothing left there is nothing to score
+        raise SlamError(f"eval.checkpoints: none of {exp.eval.checkpoints} exists in {trained.root} (before_dpo is "
+                        "written by the dpo stage, init by training); add `final`, or list a checkpoint folder")
     return out
 
 
@@ -163,6 +169,7 @@ def audio_units(exp: Experiment, paths: list[str]) -> tuple[dict[str, list[int]]
     WORKDIR/eval_units/ per file list and tokenizer (shared by likelihood tasks and generation prompts); a file
     cut into segments (extract.max_segment_seconds) is joined back in order."""
     payload = {"files": sorted(set(paths)), "extract": stage_key(exp, "extract"), "readers_version": READERS_VERSION}
+    payload["stats"] = stat_digest(payload["files"])  # a dataset's audio rewritten in place is encoded anew
 
     def tokenise(cache: StageDir) -> dict:
         init_ray(exp)
@@ -244,26 +251,66 @@ def _plot_curve(curve: dict[str, list[tuple[int, float]]], path: Path) -> None:
     plt.close(fig)
 
 
-def _task_failed(key: str, e: Exception, results: dict, errors: list[dict]) -> None:
+def _failure(key: str, e: Exception) -> str:
     reason = str(e) if isinstance(e, SlamError) else f"{type(e).__name__}: {e}"
-    print(f"[eval] task {key} skipped: {reason}")
-    results[key] = {"error": reason}
-    errors.append({"task": key, "error": reason})
+    print(f"[eval] task {key} failed: {reason}")
+    return reason
+
+
+def task_store(exp: Experiment, out: StageDir, index: int) -> StageDir:
+    """Where the `index`th task of `eval.tasks` is kept once finished (`task.json`, `scores.csv`). A likelihood
+    task: WORKDIR/eval_tasks/<key>/, keyed as the eval stage of an experiment with this one task, so any eval
+    that would score it the same way reuses it — this stage rerun after ending partial, or the new key made
+    when a missing dataset of another task arrives. A generate task: tasks/<name>/ in the stage folder, beside
+    the files it wrote there."""
+    entry = exp.eval.task_entries()[index]
+    if load_task(entry.task).reader == "generate":
+        return StageDir("eval", out.key, out.location("tasks", _metric_safe(entry.key)))
+    item = exp.eval.tasks[index]
+    alone = with_values(exp, {"eval.tasks": [item if isinstance(item, str) else item.model_dump(mode="json")]},
+                        f"eval.tasks[{index}]")
+    key = stage_key(alone, "eval")
+    return StageDir("eval_tasks", key, join(exp.workdir_location, "eval_tasks", key))
+
+
+def _save_task(store: StageDir, saved: dict[str, Any], scores: pd.DataFrame | None) -> dict[str, Any]:
+    """Keep a finished task: its scored rows, then its record (task.json, written last, says it finished)."""
+    store.path.mkdir(parents=True, exist_ok=True)
+    if scores is not None:
+        scores.to_csv(store.path / "scores.csv", index=False)
+        saved["scores"] = "scores.csv"
+    tmp = store.path / "task.json.tmp"
+    tmp.write_text(json.dumps(saved, indent=2, default=str))
+    tmp.replace(store.path / "task.json")
+    store.publish()
+    return saved
+
+
+def _finished_task(store: StageDir) -> dict[str, Any] | None:
+    text = read_text(store.location("task.json"))
+    return json.loads(text) if text is not None else None
 
 
 def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     checkpoints = resolve_checkpoints(exp)
     for _, folder, _ in checkpoints:
         _check_vocabulary(exp, folder)
-    grammar_pairs = build_pairs(exp)
-    results: dict[str, dict] = {}
-    errors: list[dict] = []
-    tasks: dict[str, tuple[TaskSpec, pd.DataFrame]] = {}
+    entries = exp.eval.task_entries()
+    stores = {entry.key: task_store(exp, out, i) for i, entry in enumerate(entries)}
+    done: dict[str, dict[str, Any]] = {}  # task -> what _save_task kept
+    for entry in entries:
+        if (saved := _finished_task(stores[entry.key])) is not None:
+            print(f"[eval] task {entry.key}: finished by an earlier run, kept ({stores[entry.key].root})")
+            done[entry.key] = saved
+    pending = [entry for entry in entries if entry.key not in done]
+    failed: dict[str, str] = {}
+    tasks: dict[str, tuple[TaskSpec, pd.DataFrame, list[dict]]] = {}
     units: dict[str, list[int]] = {}
     generate: list[EvalTask] = []
 
     with timer.phase("load"):
-        for entry in exp.eval.task_entries():
+        grammar_pairs = build_pairs(exp) if any(e.task in exp.eval.grammar_tasks for e in pending) else []
+        for entry in pending:
             spec = load_task(entry.task)
             if spec.reader == "generate":
                 generate.append(entry)
@@ -271,32 +318,34 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
             try:
                 comparisons, task_units, task_errors = load_comparisons(exp, entry, spec, grammar_pairs)
             except Exception as e:  # this task cannot run (dataset missing, say); the others still do
-                _task_failed(entry.key, e, results, errors)
+                failed[entry.key] = _failure(entry.key, e)
                 continue
-            tasks[entry.key] = (spec, comparisons)
+            tasks[entry.key] = (spec, comparisons, task_errors)
             units.update(task_units)
-            errors += task_errors
-    if not tasks and not generate:
-        raise SlamError("no eval task could be loaded:\n" + "\n".join(f"  {e['task']}: {e['error']}" for e in errors))
+    if not tasks and not generate and not done:
+        raise SlamError("no eval task could be loaded:\n" + "\n".join(f"  {k}: {e}" for k, e in failed.items()))
 
-    rows: list[pd.DataFrame] = []
-    curve: dict[str, list[tuple[int, float]]] = {}
-    needed = {k: units[k] for _, c in tasks.values() for k in [*c["positive"], *(n for ns in c["negatives"] for n in ns)]}
+    scored: dict[str, list[pd.DataFrame]] = {key: [] for key in tasks}
+    task_results: dict[str, dict[str, Any]] = {key: {} for key in tasks}
+    needed = {k: units[k] for _, c, _ in tasks.values() for k in [*c["positive"], *(n for ns in c["negatives"] for n in ns)]}
     with timer.phase("score"):
         init_ray(exp)
         for suffix, folder, step in checkpoints if tasks else []:
             nll = score_sequences(exp, folder, needed)
-            for key, (spec, comparisons) in tasks.items():
-                scored = _score_task(comparisons, nll)
-                result = aggregate(scored, spec.aggregate_by, spec.breakdown)
-                results[f"{key}{suffix}"] = {**result, "task": spec.name, "reader": spec.reader,
-                                             "aggregate_by": spec.aggregate_by, "convention": exp.eval.convention,
-                                             "checkpoint": str(folder), **({"step": step} if step is not None else {})}
-                if step is not None:
-                    curve.setdefault(key, []).append((step, result["accuracy"]))
-                scored.insert(0, "checkpoint", f"final{suffix}")
-                scored.insert(0, "task", key)
-                rows.append(scored)
+            for key, (spec, comparisons, _) in tasks.items():
+                rows = _score_task(comparisons, nll)
+                result = aggregate(rows, spec.aggregate_by, spec.breakdown)
+                task_results[key][f"{key}{suffix}"] = {
+                    **result, "task": spec.name, "reader": spec.reader, "aggregate_by": spec.aggregate_by,
+                    "convention": exp.eval.convention, "checkpoint": str(folder), **({"step": step} if step is not None else {})}
+                rows.insert(0, "checkpoint", suffix.removeprefix("@") or "final")
+                rows.insert(0, "task", key)
+                scored[key].append(rows)
+    for key, (_, comparisons, task_errors) in tasks.items():
+        table = pd.concat(scored[key], ignore_index=True)
+        table["negatives"] = ["|".join(n) for n in table["negatives"]]
+        done[key] = _save_task(stores[key], {"task": key, "results": task_results[key], "errors": task_errors,
+                                             "comparisons": len(comparisons)}, table)
 
     if generate:
         from slam_ray.generation import run_generation
@@ -305,37 +354,56 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
             final = next((folder for suffix, folder, _ in checkpoints if suffix == ""), checkpoints[0][1])
             for entry in generate:
                 try:
-                    results[entry.key] = run_generation(exp, entry, final, out, entry.key)
+                    result = run_generation(exp, entry, final, out, entry.key)
                 except Exception as e:
-                    _task_failed(entry.key, e, results, errors)
+                    failed[entry.key] = _failure(entry.key, e)
+                    continue
+                done[entry.key] = _save_task(stores[entry.key], {"task": entry.key, "results": {entry.key: result},
+                                                                 "errors": []}, None)
 
-    outputs = {"results": "results.json"}
+    # Assemble the outputs from every finished task, this run's and the kept ones alike, in config order.
+    results: dict[str, dict] = {}
+    errors: list[dict] = []
+    tables: list[pd.DataFrame] = []
+    for entry in entries:
+        if entry.key in failed:
+            results[entry.key] = {"error": failed[entry.key]}
+            errors.append({"task": entry.key, "error": failed[entry.key]})
+            continue
+        saved = done[entry.key]
+        results.update(saved["results"])
+        errors += saved["errors"]
+        if "scores" in saved:  # read as text: the rows go back out exactly as they were written
+            tables.append(pd.read_csv(stores[entry.key].local(saved["scores"]), dtype=str, keep_default_na=False))
+    outputs: dict[str, Any] = {"results": "results.json",
+                               "tasks": {k: store.root for k, store in stores.items() if k in done}}
     (out.path / "results.json").write_text(json.dumps(results, indent=2, default=str))
     tracker.log_artifact(out.path / "results.json")
-    if rows:
-        table = pd.concat(rows, ignore_index=True)
-        table["negatives"] = ["|".join(n) for n in table["negatives"]]
-        table.to_csv(out.path / "scores.csv", index=False)
+    if tables:
+        pd.concat(tables, ignore_index=True).to_csv(out.path / "scores.csv", index=False)
         tracker.log_artifact(out.path / "scores.csv")
         outputs["scores"] = "scores.csv"
     metrics: dict[str, float] = {}
+    curve: dict[str, list[tuple[int, float]]] = {}
     for key, r in results.items():
         if "accuracy" in r:
             metrics.update(_flat_metrics(key, r))
             print(f"[eval] {key:<24} accuracy {r['accuracy']:.3f}  (n={r['n']}, 95% CI "
                   f"{r['ci95_low']:.3f}-{r['ci95_high']:.3f})")
+            if "step" in r:
+                curve.setdefault(key.partition("@")[0], []).append((r["step"], r["accuracy"]))
         elif "error" not in r:  # generation: its own figures
             metrics.update({f"eval/{key}/{name}": v for name, v in r.items() if isinstance(v, int | float)})
     for key, points in curve.items():
-        for step, acc in points:
+        for step, acc in sorted(points):
             tracker.log_metrics({f"eval/{key}/curve_accuracy": acc}, step=step)
     if curve:
         _plot_curve(curve, out.path / "learning_curve.png")
         tracker.log_artifact(out.path / "learning_curve.png")
         outputs["learning_curve"] = "learning_curve.png"
-    return StageResult(counts={"comparisons": sum(len(c) for _, c in tasks.values()), "tasks": len(exp.eval.task_entries()),
-                               "checkpoints": len(checkpoints)},
-                       outputs=outputs, errors=errors, metrics=metrics)
+    counts = {"comparisons": sum(saved.get("comparisons", 0) for saved in done.values()), "tasks": len(entries),
+              "failed_tasks": len(failed), "checkpoints": len(checkpoints)}
+    return StageResult(counts=counts, outputs=outputs, errors=errors, metrics=metrics, failed=failed)
 
 
 def evaluate(exp: Experiment) -> StageDir:

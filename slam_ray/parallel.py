@@ -6,6 +6,7 @@ the actor catches them and returns the row with an `error` string, and the calle
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,19 +33,19 @@ def map_rows(
 
     if not rows:
         return
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    quiet_ray_data()
     # Small blocks so every actor gets work early; rows are tiny (paths and text).
     n_blocks = max(1, min(len(rows) // max(1, batch_size), 4 * num_actors * 8))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     if prepare is not None:
         fn, kwargs, cpus = prepare
         # Small task batches: the actors get their first rows early and the work spreads over the free CPUs.
-        # max_retries=-1 is Ray Data's default for tasks; given explicitly, these remote args differ from the
-        # actors', which keeps Ray Data from fusing the tasks into the actors (it fuses a task step into the next
-        # actor step whenever their remote args are equal, and the work would then run inside the actors).
+        # max_calls=0 is Ray's default for tasks (a worker process is never recycled); given explicitly, these
+        # remote args differ from the actors' (actors take no max_calls), which keeps Ray Data from fusing the
+        # tasks into the actors: it fuses a task step into the next actor step whenever their remote args are
+        # equal (e.g. decode_cpus == actor_cpus), and decoding would then run inside the actors.
         ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=max(1, batch_size // 4), batch_format="pandas",
-                            num_cpus=cpus, max_retries=-1)
+                            num_cpus=cpus, max_calls=0)
     ds = ds.map_batches(
         actor_cls,
         fn_constructor_kwargs=ctor_kwargs,
@@ -55,6 +56,30 @@ def map_rows(
         num_gpus=num_gpus,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="pandas")
+
+
+class _DropOwnChoice(logging.Filter):
+    """Drops Ray Data's one-time notice that progress bars are off: turning them off is slam_ray's choice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_ray_data() -> None:
+    """Keep Ray Data's internals off the terminal; its full logs stay in the session's ray-data.log.
+
+    The stages draw their own progress (files, audio hours, errors), so Ray Data's progress display is off: on a
+    non-terminal stdout it is a multi-line `logging_progress` block every few seconds. Its console handler shows
+    warnings and errors only (execution plans and "Starting execution" lines are INFO)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+            continue  # Ray Data's log files keep everything
+        handler.setLevel(max(handler.level, logging.WARNING))
+        if not any(isinstance(f, _DropOwnChoice) for f in handler.filters):
+            handler.addFilter(_DropOwnChoice())
 
 
 def error_row(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Runs one stage with the shared contract: reuse a complete output, else run it inside an MLflow run and
-write `manifest.json` (config, counts, timings, status) and `errors.jsonl`."""
+write `manifest.json` (config, counts, timings, status) and `errors.jsonl`. A stage some of whose parts failed
+(an eval task whose dataset is missing) ends `partial`: not complete, so the next run re-enters it and redoes
+only those parts."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 from slam_ray.config import Experiment
 from slam_ray.errors import SlamError
+from slam_ray.lock import exclusive_lock
 from slam_ray.stage_io import (
     StageDir,
     Timer,
@@ -24,7 +26,7 @@ from slam_ray.stage_io import (
     upstream_dir,
     upstream_stages,
 )
-from slam_ray.storage import join, read_text
+from slam_ray.storage import join, parent, read_text
 from slam_ray.tracking import Tracker, start_run
 
 log = logging.getLogger("slam_ray")
@@ -38,6 +40,8 @@ class StageResult:
     outputs: dict[str, Any] = field(default_factory=dict)
     errors: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    # Parts that failed (name -> reason): the output is `partial`, and a rerun retries only these.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 StageBody = Callable[[Experiment, StageDir, Tracker, Timer], StageResult]
@@ -66,13 +70,16 @@ def summary_metrics(exp: Experiment) -> dict[str, float]:
     """The headline figures of a finished experiment, from its stage manifests: final validation loss,
     tokens and seconds trained, and every evaluation metric."""
     out: dict[str, float] = {}
-    if "train" in exp.stages and (train := stage_dir(exp, "train").read_manifest()):
+    finished = ("complete", "partial")  # a running or failed manifest has no figures yet
+    train = stage_dir(exp, "train").read_manifest() if "train" in exp.stages else None
+    if train and train.get("status") in finished:
         out["val/loss"] = train["metrics"]["val/loss_final"]
         out["train/tokens"] = train["counts"]["tokens"]
         out["train/steps"] = train["counts"]["steps"]
         out["train/seconds"] = train["metrics"]["train/seconds"]
-    if "eval" in exp.stages and (evaluation := stage_dir(exp, "eval").read_manifest()):
-        out.update(evaluation["metrics"])
+    evaluation = stage_dir(exp, "eval").read_manifest() if "eval" in exp.stages else None
+    if evaluation and evaluation.get("status") in finished:
+        out.update(evaluation.get("metrics", {}))  # a partial eval: the tasks that finished
     return out
 
 
@@ -86,10 +93,17 @@ def init_ray(exp: Experiment) -> None:
     # Train V2 workers hold one unconsumed report: a report blocks until the controller's next poll (every
     # 2 s by default), which made back-to-back reports cost 2 s each. Poll faster (inherited by local Ray).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    if exp.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=exp.ray.address, logging_level=logging.WARNING)
+    # Train V2 tees a worker's print() into its logger's console handler as well: every `[train]`/`[dpo]` line
+    # reached the terminal twice. Plain prints reach the driver once; Ray Train propagates this to its workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # `ray job submit` gives its driver RAY_ADDRESS (the job's cluster). Without either, start a new instance:
+    # address=None would join whatever Ray's ray_current_cluster file names, even a cluster long killed.
+    address = exp.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
         return
     ray.init(
+        address="local",
         num_cpus=exp.ray.num_cpus or os.cpu_count(),
         num_gpus=exp.ray.num_gpus,
         include_dashboard=exp.ray.include_dashboard,
@@ -99,14 +113,10 @@ def init_ray(exp: Experiment) -> None:
 
 @contextlib.contextmanager
 def exclusive(out: StageDir) -> Iterator[None]:
-    """One process builds a stage output at a time (concurrent sweep trials can share an upstream stage)."""
-    out.path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.path.parent / f"{out.key}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[{out.stage}] another process is building {out.path}; waiting for it")
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    """One process builds a stage output at a time (concurrent sweep trials can share an upstream stage; two
+    drivers on two nodes can share a workdir in a bucket): a lock `<key>.lock` beside the output, a file lock
+    locally, a lease object in S3 (slam_ray/lock.py)."""
+    with exclusive_lock(join(parent(out.root), f"{out.key}.lock"), out.stage):
         yield
 
 
@@ -121,8 +131,8 @@ def cached_json(exp: Experiment, kind: str, payload: dict[str, Any], name: str,
         text = read_text(cache.location(name))
         if text is not None:
             return cache.location(name), json.loads(text)
+        cache.path.mkdir(parents=True, exist_ok=True)  # `build` may write files beside the result
         data = build(cache)
-        cache.path.mkdir(parents=True, exist_ok=True)
         path = cache.path / name
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
@@ -161,9 +171,12 @@ def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir) -> StageDi
         timer.timings["total"] = round(time.perf_counter() - start, 3)
         out.write_errors(result.errors)
         out.publish()  # every file before the manifest that says the output is complete
-        manifest.update(status="complete", counts=result.counts, outputs=result.outputs, timings=timer.timings,
-                        metrics=result.metrics, n_errors=len(result.errors),
-                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        manifest.update(status="partial" if result.failed else "complete", counts=result.counts,
+                        outputs=result.outputs, timings=timer.timings, metrics=result.metrics,
+                        n_errors=len(result.errors), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if result.failed:
+            manifest["failed"] = result.failed
+            tracker.set_tags({"slam_ray.status": "partial", "slam_ray.failed": ",".join(result.failed)})
         out.write_manifest(manifest)
         tracker.log_metrics({**{f"count/{k}": v for k, v in result.counts.items()},
                              **{f"time/{k}_s": v for k, v in timer.timings.items()}, **result.metrics})
@@ -172,4 +185,7 @@ def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir) -> StageDi
             tracker.log_artifact(out.errors_path)
     summary = ", ".join(f"{k}={v}" for k, v in result.counts.items())
     print(f"[{stage}] done in {timer.timings['total']:.1f}s ({summary}; {len(result.errors)} errors)")
+    if result.failed:
+        print(f"[{stage}] partial: {', '.join(result.failed)} failed; run the same command again to retry only "
+              "those (the rest is kept)")
     return out

@@ -12,6 +12,10 @@ Distributions: `grid` (every value, crossed with the other grid axes), `choice` 
 `uniform` / `loguniform` ([low, high]), `randint` ([low, high), like `range`). A key may address a field of a
 mapping section, e.g. `pack.mix.stories`. Every key and every value (both ends of a range) is validated
 against the experiment schema before any trial starts, so a typo fails in a second, not an hour in.
+
+Repeats: with `sweep.search: grid`, `sweep.num_samples: N` runs the grid N times, and repeat r adds r to
+`train.seed` and `dpo.seed` (model init, data order, dropout), so each repeat is its own trial with its own stage
+outputs and runs; pack's split and eval's pairs keep their seeds, so every repeat is measured on the same data.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from slam_ray.errors import ConfigError
 
 MAX_COMBINATIONS_CHECKED = 2000
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+# The grid axis a repeated grid search gets. Tune crosses grid axes in sorted key order, the first varying
+# fastest; "~" sorts after every field name, so the whole grid runs before the next repeat starts.
+REPEAT = "~repeat"
+REPEAT_SEEDS = ("train.seed", "dpo.seed")
 
 
 class Distribution(BaseModel):
@@ -107,6 +115,39 @@ class SearchSpace(BaseModel):
         return {key.split(".")[0] for key in self.params}
 
 
+def repeats(exp: Experiment) -> int:
+    """How many times a grid search runs its grid (1 for random/optuna, whose samples differ anyway)."""
+    return exp.sweep.num_samples if exp.sweep.search == "grid" else 1
+
+
+def tune_param_space(space: SearchSpace, exp: Experiment) -> tuple[dict[str, Any], int]:
+    """Tune's `param_space` and `num_samples` for a sweep: a repeated grid becomes one more grid axis (Tune's
+    own num_samples would repeat identical configs, which share stage keys and so one run)."""
+    from ray import tune
+
+    params = space.to_tune()
+    if repeats(exp) > 1:
+        return {**params, REPEAT: tune.grid_search(list(range(repeats(exp))))}, 1
+    return params, exp.sweep.num_samples
+
+
+def trial_count(space: SearchSpace, exp: Experiment) -> int:
+    """How many trials the sweep runs: every grid point (crossed), num_samples times (as repeats or samples)."""
+    return math.prod(len(d.grid) for d in space.params.values() if d.grid is not None) * exp.sweep.num_samples
+
+
+def trial_experiment(exp: Experiment, values: dict[str, Any]) -> Experiment:
+    """The experiment one trial runs: the swept values applied, and for repeat r of a grid, r added to the seeds
+    in REPEAT_SEEDS."""
+    values = dict(values)
+    repeat = int(values.pop(REPEAT, 0))
+    trial = with_values(exp, values, f"trial {values}")
+    if repeat:
+        trial = with_values(trial, {"train.seed": trial.train.seed + repeat, "dpo.seed": trial.dpo.seed + repeat},
+                            f"repeat {repeat}")
+    return trial
+
+
 def _is_mapping(annotation: Any) -> bool:
     """dict[...] or Optional[dict[...]]."""
     options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
@@ -161,6 +202,10 @@ def validate_space(space: SearchSpace, exp: Experiment) -> None:
         if grid:
             raise ConfigError(f"search 'optuna' cannot sample grid axes ({', '.join(grid)}); use `choice` for them "
                               "in the space, or --set sweep.search=grid")
+    if repeats(exp) > 1 and (seeds := sorted(set(space.params) & set(REPEAT_SEEDS))):
+        raise ConfigError(f"sweep.num_samples {exp.sweep.num_samples} repeats the grid with {' and '.join(REPEAT_SEEDS)} "
+                          f"+ 0..{exp.sweep.num_samples - 1}, and the space sweeps {', '.join(seeds)} too, so repeats "
+                          "would collide; sweep the seed or set sweep.num_samples=1, not both")
     if exp.sweep.search == "grid" and any(d.grid is None for d in space.params.values()) and exp.sweep.num_samples == 1:
         print("[sweep] note: the space has distributions but sweep.num_samples is 1: one sample per grid point")
     if not space.swept_sections & set(exp.stages):
@@ -169,11 +214,14 @@ def validate_space(space: SearchSpace, exp: Experiment) -> None:
 
 
 def resolve_space_path(space: str) -> Path:
-    """SPACE is a YAML path, or the name of a file in ./search_spaces/ or the project's search_spaces/."""
+    """SPACE is a YAML path, or the name of a file in ./search_spaces/ or the shipped search_spaces/."""
     path = Path(space)
     if path.is_file():
         return path
-    folders = [Path.cwd() / "search_spaces", Path(__file__).resolve().parents[1] / "search_spaces"]
+    here = Path(__file__).resolve().parent
+    # shipped: inside the installed package (pyproject maps search_spaces/ to slam_ray/search_spaces in a
+    # wheel), or the top-level folder of a checkout
+    folders = [Path.cwd() / "search_spaces", here / "search_spaces", here.parent / "search_spaces"]
     for folder in folders:
         candidate = folder / f"{space.removesuffix('.yaml')}.yaml"
         if candidate.is_file():

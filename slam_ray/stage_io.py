@@ -2,7 +2,9 @@
 
 A stage's key hashes its own config section and the keys of the stages it reads from, so changing an
 upstream stage invalidates everything downstream, while a sweep over `train` reuses the same units. Fields
-that change how a stage runs but not what it produces (actor counts, batch sizes of I/O) are left out.
+that change how a stage runs but not what it produces (actor counts, batch sizes of I/O) are left out. Every
+input given by path (files, folders, models, task YAMLs) is hashed by what is there (`fingerprints` in the
+section: see slam_ray/fingerprint.py), so an input edited in place makes a new key.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from slam_ray.benchmarks import READERS_VERSION
 from slam_ray.config import STAGES, Experiment
 from slam_ray.errors import SlamError
+from slam_ray.fingerprint import fingerprint, fingerprints
 from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
 from slam_ray.preferences import PREFERENCES_VERSION
 from slam_ray.storage import is_remote, join, local_path, localize, publish, read_text
@@ -47,17 +50,88 @@ def evaluates_trained_stage(exp: Experiment) -> bool:
     return any(c in ("final", "before_dpo", "init", "all") for c in exp.eval.checkpoints)
 
 
+def _paths(entries: list[Any], stage_refs: tuple[str, ...]) -> list[str]:
+    """The paths of input entries (plain or {name, path}), without references to other stages ('@synth')."""
+    paths = [getattr(e, "path", e) for e in entries]
+    return [p for p in paths if p not in stage_refs]
+
+
+def _voice_files(exp: Experiment) -> list[dict[str, Any]]:
+    """Fingerprints of voices given as files (piper .onnx, hf VITS folders); voice names are config."""
+    if exp.synth.backend == "espeak":
+        return []
+    voices = [v.split("#")[0] for v in exp.synth.voices]
+    return fingerprints([v for v in voices if is_remote(v) or Path(v).exists()])
+
+
+_CHECKPOINT_NAMES = ("final", "before_dpo", "init", "all")
+
+
+def input_fingerprints(exp: Experiment, stage: str) -> dict[str, Any]:
+    """{field: fingerprint or [fingerprints]} of every input of a stage's section given by path."""
+    found: dict[str, Any] = {}
+
+    def model(field: str, name: str | None) -> None:  # HF id or path: a path is fingerprinted, an id is "absent"
+        if name:
+            found[field] = fingerprint(name)
+
+    if stage == "synth":
+        if exp.synth.corpus.source != "grammar" and exp.synth.corpus.path:
+            found["corpus.path"] = fingerprint(exp.synth.corpus.path)
+        if exp.synth.preferences:
+            found["preferences.path"] = fingerprint(exp.synth.preferences.path)
+        if voices := _voice_files(exp):
+            found["voices"] = voices
+    elif stage == "extract":
+        if inputs := _paths(exp.extract.inputs, ("@synth",)):
+            found["inputs"] = fingerprints(inputs)
+        model("tokenizer.centroids", exp.extract.tokenizer.centroids)
+        model("tokenizer.model", exp.extract.tokenizer.model)
+    elif stage == "pack":
+        if inputs := _paths(exp.pack.inputs, ("@extract",)):
+            found["inputs"] = fingerprints(inputs)
+    elif stage == "train":
+        model("model.base", exp.train.model.base)
+    elif stage == "dpo":
+        model("init", exp.dpo.init)
+        if inputs := _paths(exp.dpo.inputs, ("@grammar",)):
+            found["inputs"] = fingerprints(inputs)
+    elif stage == "eval":
+        entries = exp.eval.task_entries()
+        if tasks := [e.task for e in entries if Path(e.task).suffix in (".yaml", ".yml")]:
+            found["tasks"] = fingerprints(tasks)  # a task YAML of one's own (shipped ones are code)
+        if data := [e.path for e in entries if e.path]:
+            found["tasks.path"] = fingerprints(data)
+        if folders := [c for c in exp.eval.checkpoints if c not in _CHECKPOINT_NAMES]:
+            found["checkpoints"] = fingerprints(folders)
+        generation = exp.eval.generation
+        model("generation.vocoder", generation.vocoder)
+        model("generation.asr", generation.asr if generation.asr != "pocketsphinx" else None)
+        model("generation.text_lm", generation.text_lm)
+    return found
+
+
 def _spoken_grammar(exp: Experiment) -> dict[str, Any]:
     """What held-out grammar items spoken by a stage itself (eval pairs, DPO triples) depend on: the synth
     voices, the held-out split, and the extract tokenizer that turns them into units."""
     synth = _strip(exp.synth.model_dump(mode="json"))
-    return {"voices": {k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")},
-            "held_out_percent": synth["corpus"]["held_out_percent"], "extract": stage_key(exp, "extract")}
+    voices = {k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")}
+    if files := _voice_files(exp):
+        voices["fingerprints"] = files
+    return {"voices": voices, "held_out_percent": synth["corpus"]["held_out_percent"],
+            "extract": stage_key(exp, "extract")}
 
 
 def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
-    """What a stage's output depends on: its section plus upstream keys."""
-    section = lambda name: _strip(getattr(exp, name).model_dump(mode="json"))  # noqa: E731
+    """What a stage's output depends on: its section (with the fingerprints of its inputs given by path)
+    plus upstream keys."""
+
+    def section(name: str) -> dict[str, Any]:
+        payload = _strip(getattr(exp, name).model_dump(mode="json"))
+        if found := input_fingerprints(exp, name):
+            payload["fingerprints"] = found
+        return payload
+
     if stage == "synth":
         payload = {"synth": section("synth")}
         if exp.synth.corpus.source == "grammar":
@@ -144,8 +218,14 @@ class StageDir:
         return json.loads(text) if text is not None else None
 
     def is_complete(self) -> bool:
+        """Only `complete` counts: a `partial` output (some parts failed) is re-entered by the next run."""
         manifest = self.read_manifest()
         return manifest is not None and manifest.get("status") == "complete"
+
+    def failed_parts(self) -> dict[str, str]:
+        """The parts a `partial` output lacks (name -> reason); empty for any other status."""
+        manifest = self.read_manifest() or {}
+        return dict(manifest.get("failed", {})) if manifest.get("status") == "partial" else {}
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -66,28 +66,45 @@ def open_input(uri: str):
     return fs.open_input_file(path)
 
 
-def list_files(uri: str) -> list[tuple[str, str]]:
-    """(path relative to the folder, file URI) of the objects under a folder URI (recursively), of a single
-    object, or matching a glob (`s3://bucket/audio/**/*.flac`); the URI's query (endpoint etc.) is kept on
-    every file."""
+def _file_infos(uri: str) -> tuple[str, list[Any]] | None:
+    """(root, pyarrow FileInfo of every object) under a folder URI (recursively), of a single object, or
+    matching a glob (`s3://bucket/audio/**/*.flac`), in path order; None when nothing is at the URI."""
     import pyarrow.fs
 
     fs, path = _cached_filesystem(uri)
-    scheme, _, query = _parts(uri)
     glob_at = min((path.index(c) for c in "*?[" if c in path), default=None)
     root = path[:glob_at].rsplit("/", 1)[0] if glob_at is not None else path.rstrip("/")
     info = fs.get_file_info(root)
     if info.type == pyarrow.fs.FileType.File:
-        files = [root]
+        files = [info]
         root = posixpath.dirname(root)
     elif info.type == pyarrow.fs.FileType.Directory:
         selector = pyarrow.fs.FileSelector(root, recursive=True)
-        files = [i.path for i in fs.get_file_info(selector) if i.type == pyarrow.fs.FileType.File]
+        files = [i for i in fs.get_file_info(selector) if i.type == pyarrow.fs.FileType.File]
     else:
-        files = []
+        return None
     if glob_at is not None:
-        files = [f for f in files if fnmatch.fnmatchcase(f, path)]
-    return [(f[len(root):].lstrip("/"), _uri(scheme, f, query)) for f in sorted(files)]
+        files = [f for f in files if fnmatch.fnmatchcase(f.path, path)]
+    return root, sorted(files, key=lambda f: f.path)
+
+
+def list_files(uri: str) -> list[tuple[str, str]]:
+    """(path relative to the folder, file URI) of the objects under a folder URI (recursively), of a single
+    object, or matching a glob (`s3://bucket/audio/**/*.flac`); the URI's query (endpoint etc.) is kept on
+    every file."""
+    scheme, _, query = _parts(uri)
+    root, files = _file_infos(uri) or ("", [])
+    return [(f.path[len(root):].lstrip("/"), _uri(scheme, f.path, query)) for f in files]
+
+
+def listing(uri: str) -> list[tuple[str, int, int]] | None:
+    """(relative path, size, mtime in ns) of what `list_files` lists, what a stage key knows of a bucket
+    input (an object rewritten in place gets a new modification time); None when nothing is at the URI."""
+    found = _file_infos(uri)
+    if found is None:
+        return None
+    root, files = found
+    return [(f.path[len(root):].lstrip("/"), f.size, f.mtime_ns or 0) for f in files]
 
 
 def resolve_relative(uri: str, relative: str) -> str:
@@ -104,6 +121,32 @@ def join(location: str | Path, *parts: str) -> str:
         return str(Path(location, *parts))
     scheme, path, query = _parts(location)
     return _uri(scheme, posixpath.join(path, *parts), query)
+
+
+def parent(location: str) -> str:
+    """The folder holding `location` (a local path or a URI, whose query stays at the end)."""
+    if not is_remote(location):
+        return str(Path(location).parent)
+    scheme, path, query = _parts(location)
+    return _uri(scheme, posixpath.dirname(path.rstrip("/")), query)
+
+
+def s3_client(location: str):
+    """(boto3 S3 client, bucket, key) for an s3:// location, with the endpoint, scheme and region of its
+    query as pyarrow reads them, and credentials from the environment: for what pyarrow's filesystem cannot
+    do (conditional writes: the cross-node lock of slam_ray/lock.py)."""
+    try:
+        import boto3
+    except ImportError as e:
+        raise SlamError("a workdir in s3:// needs boto3 for its lock across nodes: pip install boto3") from e
+    from urllib.parse import parse_qsl
+
+    _, path, query = _parts(location)
+    params = dict(parse_qsl(query))
+    endpoint = params.get("endpoint_override")
+    url = f"{params.get('scheme', 'https')}://{endpoint}" if endpoint else None
+    bucket, _, key = path.partition("/")
+    return boto3.client("s3", endpoint_url=url, region_name=params.get("region")), bucket, key
 
 
 def in_filesystem(root: str, path: str) -> str:

@@ -11,11 +11,14 @@ the experiment's budget (prefer `train.max_tokens` for equal compute: a time bud
 MLflow: a parent run per sweep, a child per trial (the swept values, the metric history Tune saw, the eval
 results, status and stop reason), the trial's stage runs beneath it. All of it is written by one writer actor,
 so an sqlite store survives concurrent trials; a tracking server works the same way. An interrupted sweep
-resumes (`Tuner.restore`) when the same command is run again: finished trials are not re-run.
+resumes (`Tuner.restore`) when the same command is run again: finished trials are not re-run. On Ctrl+C Tune
+saves its state, stops the running trials and returns from `fit()`; the sweep then marks those trials' runs
+KILLED, says how to resume and raises KeyboardInterrupt (exit code 130).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -23,10 +26,18 @@ from typing import Any
 
 import pandas as pd
 
-from slam_ray.config import Experiment, with_values
+from slam_ray.config import Experiment
 from slam_ray.errors import SlamError
+from slam_ray.fingerprint import snapshot
 from slam_ray.runner import init_ray, stage_function, summary_metrics
-from slam_ray.search_space import SearchSpace, validate_space
+from slam_ray.search_space import (
+    REPEAT,
+    SearchSpace,
+    trial_count,
+    trial_experiment,
+    tune_param_space,
+    validate_space,
+)
 from slam_ray.stage_io import config_hash
 from slam_ray.tracking import (
     Tracker,
@@ -41,6 +52,11 @@ from slam_ray.tracking import (
 
 TRIAL_TAG = "slam_ray.trial"  # "<sweep>/<trial id>" on a trial's run
 IN_TRIAL_TAG = "slam_ray.in_trial"  # the same on the stage runs inside a trial
+INTERRUPTED = "interrupted: the sweep was stopped (Ctrl+C) during this trial; run the same command to resume it"
+# sweep name -> (trials stopped mid-run, trials created but never started) when Tune stopped early, set by the
+# driver's TrialsToMlflow. A module global, not the callback's attribute: a restored Tuner runs an unpickled copy
+# of the callback.
+_interrupted: dict[str, tuple[list[str], list[str]]] = {}
 
 
 def _git_commit() -> str:
@@ -83,19 +99,22 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
     # Tune starts a trial in a folder of its own; relative paths in the experiment (inputs, corpus, models)
     # mean the driver's working directory.
     os.chdir(cwd)
-    exp = with_values(Experiment.model_validate(base), values, f"trial {values}")
+    exp = trial_experiment(Experiment.model_validate(base), values)
     trial = f"{sweep}/{tune.get_context().get_trial_id()}"
     use_writer(writer)
+    values = {("repeat" if k == REPEAT else k): v for k, v in values.items()}  # for labels and params
     label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
     with parent_run(Tracker(exp.tracking_uri, parent_run_id, writer)):
         run = open_run(exp, label, {"slam_ray.kind": "trial", "slam_ray.sweep": sweep}, find_by={TRIAL_TAG: trial})
     # The driver closes this run when the trial stops early or fails (this process may be gone by then).
-    with parent_run(run, {IN_TRIAL_TAG: trial}):
+    with parent_run(run, {IN_TRIAL_TAG: trial}), snapshot():  # inputs given by path: fingerprinted once
         if not run.reused:  # a resumed trial logged them already (MLflow refuses to change a param)
             run.log_params({**exp.model_dump(mode="json"), "swept": dict(values)})
         for stage in exp.stages:
             out = stage_function(stage)(exp)
             run.set_tags({f"slam_ray.output.{stage}": out.root})
+            if failed := out.failed_parts():  # e.g. an eval task whose dataset is missing: say so on the trial
+                run.set_tags({"slam_ray.status": "partial", f"slam_ray.failed.{stage}": ",".join(failed)})
         final = summary_metrics(exp)
         run.log_metrics(final, step=int(final.get("train/steps", 0)))
         # The last result Tune sees: `final` marks a trial that ran to the end (vs stopped early).
@@ -115,6 +134,15 @@ class TrialsToMlflow:
         self.uri, self.writer, self.experiment, self.sweep = uri, writer, experiment, sweep
         self.scheduler, self.stop_metric = scheduler, stop_metric
         self.run_ids: dict[str, str] = {}  # trial id -> its MLflow run, looked up once
+        self.closed: set[str] = set()  # trials that ended (completed, stopped early, failed) in this session
+        self.started: set[str] = set()  # trials started (or restarted) in this session
+
+    def setup(self, **info) -> None:  # noqa: ANN003
+        # A restored Tuner unpickles this callback: each session starts with none.
+        self.closed, self.started = set(), set()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
+        self.started.add(trial.trial_id)
 
     def _run(self, trial) -> Tracker | None:  # noqa: ANN001
         if trial.trial_id not in self.run_ids:
@@ -146,7 +174,19 @@ class TrialsToMlflow:
         error = trial.get_error()
         self._close(trial, "FAILED", f"error: {str(error)[-500:]}" if error else f"error: see {trial.error_file}")
 
+    def on_experiment_end(self, trials, **info) -> None:  # noqa: ANN001
+        # Every trial ends through one of the hooks above, except when Tune stops early (SIGINT): it then saves
+        # its state and stops the running trials without them (and marks them TERMINATED, like completed ones),
+        # so the trials started but never closed here are the interrupted ones, and the pending ones never ran.
+        # Their runs would otherwise stay RUNNING. (Trials that ended in an earlier session are neither.)
+        mid_run = [t for t in trials if t.trial_id in self.started and t.trial_id not in self.closed]
+        pending = [t for t in trials if t.trial_id not in self.started and t.status not in ("TERMINATED", "ERROR")]
+        _interrupted[self.sweep] = ([t.trial_id for t in mid_run], [t.trial_id for t in pending])
+        for trial in mid_run:
+            self._close(trial, "KILLED", INTERRUPTED)
+
     def _close(self, trial, status: str, reason: str) -> None:  # noqa: ANN001
+        self.closed.add(trial.trial_id)
         backend = store(self.uri, self.writer)
         run = self._run(trial)
         if run is None:
@@ -206,24 +246,35 @@ def _scheduler(exp: Experiment):
     return None
 
 
-def _check_trial_fits(exp: Experiment) -> None:
-    """A trial needs its own CPUs plus its trainer's; on a fixed-size cluster a trial that cannot fit would wait
-    for a worker group that never starts."""
-    import ray
+def trial_resources(exp: Experiment) -> tuple[float, float]:
+    """CPUs and GPUs one trial holds at its peak: its own driver's plus its trainer's (or DPO's) workers'."""
+    train = exp.train.resources_per_worker or {"CPU": exp.ray.worker_cpus, "GPU": 1 if exp.train.use_gpu else 0}
+    cpus = exp.train.num_workers * train.get("CPU", 0)
+    if "dpo" in exp.stages:  # one DPO worker of ray.worker_cpus, after training
+        cpus = max(cpus, exp.ray.worker_cpus)
+    return exp.sweep.trial_cpus + cpus, exp.train.num_workers * train.get("GPU", 0)
 
-    cluster = ray.cluster_resources()
-    cpus = exp.sweep.trial_cpus + exp.train.num_workers * exp.ray.worker_cpus
-    gpus = exp.train.num_workers if exp.train.use_gpu else 0
-    if cpus <= cluster.get("CPU", 0) and gpus <= cluster.get("GPU", 0):
-        return
-    message = (f"one trial needs {cpus:g} CPUs and {gpus} GPUs (sweep.trial_cpus {exp.sweep.trial_cpus:g} + "
-               f"train.num_workers {exp.train.num_workers} x ray.worker_cpus {exp.ray.worker_cpus:g}), but the Ray "
-               f"cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs. Lower them, e.g. "
-               f"--set ray.worker_cpus={max(0.1, cluster.get('CPU', 0) / max(1, exp.train.num_workers) - exp.sweep.trial_cpus):g}")
-    if exp.ray.address or os.environ.get("RAY_ADDRESS"):
-        print(f"[sweep] warning: {message} (fine if the cluster autoscales)")
-    else:
+
+def check_trial_fits(exp: Experiment, cluster: dict[str, float]) -> None:
+    """A trial needs its own CPUs plus its trainer's; on a fixed-size cluster a trial that cannot fit would wait
+    for a worker group that never starts. `cluster` is `ray.cluster_resources()`."""
+    cpus, gpus = trial_resources(exp)
+    have_cpus, have_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if cpus > have_cpus + 1e-9 or gpus > have_gpus:
+        # the largest worker request (one decimal, rounded down) that fits beside the trial's driver
+        fit = math.floor((have_cpus - exp.sweep.trial_cpus) / exp.train.num_workers * 10) / 10
+        message = (f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs (sweep.trial_cpus {exp.sweep.trial_cpus:g} + "
+                   f"train.num_workers {exp.train.num_workers} x ray.worker_cpus {exp.ray.worker_cpus:g}), but the "
+                   f"Ray cluster has {have_cpus:g} CPUs and {have_gpus:g} GPUs. Lower them, e.g. "
+                   f"--set ray.worker_cpus={max(0.1, fit):g}")
+        if exp.ray.address or os.environ.get("RAY_ADDRESS"):
+            print(f"[sweep] warning: {message} (fine if the cluster autoscales)")
+            return
         raise SlamError(message)
+    concurrent = min(exp.sweep.max_concurrent_trials, int(have_cpus // cpus + 1e-9))
+    if concurrent < exp.sweep.max_concurrent_trials:
+        print(f"[sweep] note: a trial needs {cpus:g} CPUs, so {concurrent} of sweep.max_concurrent_trials "
+              f"{exp.sweep.max_concurrent_trials} fit in the cluster's {have_cpus:g} CPUs at once")
 
 
 def sweep(exp: Experiment, space: SearchSpace) -> pd.DataFrame:
@@ -236,7 +287,9 @@ def sweep(exp: Experiment, space: SearchSpace) -> pd.DataFrame:
         print("[sweep] note: concurrent trials share CPU cores, so a time budget is not equal compute; "
               "prefer --set train.max_tokens=N --set train.max_minutes=null")
     init_ray(exp)
-    _check_trial_fits(exp)
+    import ray
+
+    check_trial_fits(exp, ray.cluster_resources())
     # The schedulers and Optuna read metrics that only some results carry (validation reports vs the last).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     writer = f"mlflow-writer-{name}"
@@ -273,11 +326,12 @@ def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path, writer:
             print(f"[sweep] resuming {name} from {tune_dir}: finished trials are kept")
             tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
         else:
+            param_space, num_samples = tune_param_space(space, exp)
             tuner = tune.Tuner(
                 trainable,
-                param_space=space.to_tune(),
+                param_space=param_space,
                 tune_config=tune.TuneConfig(
-                    num_samples=cfg.num_samples, search_alg=_search_alg(exp), scheduler=_scheduler(exp),
+                    num_samples=num_samples, search_alg=_search_alg(exp), scheduler=_scheduler(exp),
                     # the variant generator carries its own limit (and Tune warns if given both)
                     max_concurrent_trials=cfg.max_concurrent_trials if cfg.search == "optuna" else None),
                 run_config=tune.RunConfig(
@@ -285,9 +339,17 @@ def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path, writer:
                     callbacks=[_tune_callback(exp.tracking_uri, writer, exp.tracking_experiment, name, cfg.scheduler,
                                               cfg.stop_metric)]),
             )
+        _interrupted.pop(name, None)
         results = tuner.fit()
         completed = sum(1 for r in results if r.metrics and r.metrics.get("final") == 1)
         errored = sum(1 for r in results if r.error is not None)
+        mid_run, pending = _interrupted.pop(name, ([], []))
+        # Stopped between two trials, Tune may not have created the next one yet: count them too.
+        if mid_run or pending or len(results) < trial_count(space, exp):
+            print(f"\n[sweep] {name} interrupted: {completed} completed, {len(mid_run)} stopped mid-run (their "
+                  f"MLflow runs are marked KILLED), the rest not started; run the same command again to resume: "
+                  f"finished trials are kept, interrupted ones continue from their last checkpoint")
+            raise KeyboardInterrupt  # the parent run ends KILLED and the CLI exits 130, like the other verbs
         stopped = len(results) - completed - errored
         parent.log_metrics({"trials/total": len(results), "trials/completed": completed,
                             "trials/stopped_early": stopped, "trials/errored": errored})

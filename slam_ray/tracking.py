@@ -23,7 +23,8 @@ from slam_ray.config import Experiment
 _parent_run_id: str | None = None
 _extra_tags: dict[str, str] = {}
 _writer: str | None = None
-_MAX_PARAM_CHARS = 6000
+_MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow 3.17; longer values fail the call
+_TRUNCATED = "...[truncated]"
 WRITER_NAMESPACE = "slam_ray"
 
 
@@ -43,6 +44,15 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def param_value(value: Any) -> str:
+    """A param as MLflow stores it: lists as JSON, cut to MLflow's length limit with a marker (a long
+    `extract.inputs` or task list would otherwise fail the whole call)."""
+    text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    if len(text) > _MAX_PARAM_CHARS:
+        text = text[: _MAX_PARAM_CHARS - len(_TRUNCATED)] + _TRUNCATED
+    return text
 
 
 def _tag_filter(tags: dict[str, str]) -> str:
@@ -169,8 +179,7 @@ class Tracker:
 
     def log_params(self, params: dict[str, Any]) -> None:
         flat = flatten(params)
-        self.store.log(self.run_id, params={
-            k: json.dumps(v) if isinstance(v, list | tuple) else str(v)[:_MAX_PARAM_CHARS] for k, v in flat.items()})
+        self.store.log(self.run_id, params={k: param_value(v) for k, v in flat.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         items = [(k, float(v), step or 0) for k, v in metrics.items() if v is not None]

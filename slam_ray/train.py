@@ -26,9 +26,11 @@ from slam_ray.storage import in_filesystem, localize, run_storage, storage_root
 from slam_ray.tracking import Tracker
 from slam_ray.train_utils import (
     all_ranks,
+    check_global_batch,
     flops_per_token,
     full_state,
     load_optimizer_state,
+    out_of_time,
     peak_tflops,
     report_checkpoint,
     resume_state,
@@ -38,6 +40,7 @@ from slam_ray.units import PAD_ID
 
 PROBE_STEPS = 6  # timed forward/backward passes (weights untouched) that size a time-budgeted schedule
 INTERMEDIATE_VAL_WINDOWS = 256  # progress reports validate on this many windows; the final pass on all
+TOO_FEW_WINDOWS = "lower train.batch_size, train.num_workers or pack.context_len, or give more data"
 
 
 class WindowBatches:
@@ -46,9 +49,7 @@ class WindowBatches:
     def __init__(self, windows: np.ndarray, batch_size: int, rank: int, world: int, seed: int) -> None:
         self.windows, self.batch_size, self.rank, self.world, self.seed = windows, batch_size, rank, world, seed
         self.global_batch = batch_size * world
-        if len(windows) < self.global_batch:
-            raise ValueError(f"{len(windows)} training windows < one global batch ({self.global_batch}); "
-                             "lower train.batch_size or pack.context_len, or give more data")
+        check_global_batch(len(windows), "training windows", self.global_batch, TOO_FEW_WINDOWS)
         self.per_epoch = len(windows) // self.global_batch
 
     def batch(self, index: int) -> np.ndarray:
@@ -163,9 +164,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # (each moves the lr by a few percent at most), so the schedule ends at the budget.
         replans = sorted({max(PROBE_STEPS, int(total_steps * f)) for f in (0.1, 0.4, 0.7, 0.9)}) if cfg.max_minutes else []
         plan = {"total": total_steps, "warmup": warmup_steps(cfg.schedule, total_steps), "replans": replans}
-        if tracker:
-            tracker.log_params({"model.params": n_params, "schedule.planned_steps": plan["total"],
-                                "schedule.warmup_steps": plan["warmup"]})
+        if tracker:  # on the log thread: a worker's first MLflow call takes seconds, inside the time budget
+            log_thread.submit(tracker.log_params, {"model.params": n_params, "schedule.planned_steps": plan["total"],
+                                                   "schedule.warmup_steps": plan["warmup"]})
             print(f"[train] {n_params / 1e6:.2f}M params, {world} worker(s), {plan['total']} steps planned")
     sched = torch.optim.lr_scheduler.LambdaLR(  # reads plan["total"] at every step, so a re-plan applies at once
         opt, lambda s: lr_factor(s, plan["total"], plan["warmup"], cfg.schedule, cfg.optimizer.lr))
@@ -200,7 +201,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             budget_left = cfg.max_minutes * 60 - (time.perf_counter() - start)
             plan["total"] = max(step, min(step_cap, step + int(budget_left / step_time)))
         sched.step()  # after a re-plan, so the next step's lr already follows the new plan
-        if step % cfg.log_every == 0 or step == plan["total"]:
+        # The time budget is checked every step, not at log steps only (a large log_every overshot it).
+        stop = out_of_time(start, cfg.max_minutes)
+        if step % cfg.log_every == 0 or step == plan["total"] or stop:
             now = time.perf_counter()
             elapsed_steps = step - last_step
             loss_sum = all_ranks(loss_sum, "sum") / world  # the loss of the global batch, not rank 0's share
@@ -217,9 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                           + (f"  MFU {mfu['train/mfu']:.1%}" if mfu else ""))
                     last_print = now
             loss_sum, last_log, last_step = 0.0, now, step
-            # Every rank must stop on the same step: agree on the budget check.
-            if cfg.max_minutes and all_ranks(float(now - start > cfg.max_minutes * 60), "max") > 0:
-                break
+        if stop:
+            break
         if cfg.val_reports and step < plan["total"] and step * cfg.val_reports >= (reports_done + 1) * plan["total"]:
             # Progress report: the validation loss at each 1/val_reports of the budget, which a sweep's
             # early-stopping scheduler (ASHA, median) compares across trials at equal shares of their budgets.
@@ -273,10 +275,14 @@ def _tune_callbacks() -> list:
 
 
 def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     packed = upstream_dir(exp, "pack")
+    # Fail here, before Ray starts workers, when the data cannot fill one global batch (a worker would fail alike).
+    n_windows = ((packed.read_manifest() or {}).get("counts") or {}).get("train_windows")
+    if n_windows is not None:
+        check_global_batch(int(n_windows), "training windows", exp.train.batch_size * exp.train.num_workers, TOO_FEW_WINDOWS)
     init_ray(exp)
     resources = exp.train.resources_per_worker or {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
     trainer = TorchTrainer(
@@ -286,9 +292,11 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
                            "val_path": packed.location("val.npy")},
         scaling_config=ScalingConfig(num_workers=exp.train.num_workers, use_gpu=exp.train.use_gpu,
                                      resources_per_worker=resources),
+        # Ray Train's own INFO lines (resources requested, results reported) stay in its log files.
         run_config=RunConfig(**run_storage(exp, out, "train"),
                              failure_config=FailureConfig(max_failures=exp.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None), callbacks=_tune_callbacks()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             logging_config=LoggingConfig(log_level="WARNING"), callbacks=_tune_callbacks()),
     )
     with timer.phase("fit"):
         result = trainer.fit()

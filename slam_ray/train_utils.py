@@ -4,19 +4,38 @@ trainer state a resumed run continues from."""
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from slam_ray.errors import SlamError
+
 
 def all_ranks(value: float, op: str) -> float:
+    """`value` summed ("sum") or maxed ("max") over the ranks; the value itself outside a process group."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    # NCCL (Ray Train's backend on GPUs) reduces CUDA tensors only; Ray has set this worker's current device.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return float(t.item())
+
+
+def out_of_time(start: float, max_minutes: float | None) -> bool:
+    """Whether the time budget counted from `start` (a `time.perf_counter()`) is spent, agreed by every rank:
+    one rank's clock may cross it a step before another's, and all must stop on the same step. Called every
+    step: a one-float all-reduce, negligible beside the gradient all-reduce the same step does."""
+    return bool(max_minutes) and all_ranks(float(time.perf_counter() - start > max_minutes * 60), "max") > 0
+
+
+def check_global_batch(n: int, what: str, global_batch: int, fix: str) -> None:
+    """A clear error when the data holds fewer `what` than one global batch (a rank would get none)."""
+    if n < global_batch:
+        raise SlamError(f"{n} {what} < one global batch ({global_batch}); {fix}")
 
 
 TRAINER_STATE = "trainer_state.pt"

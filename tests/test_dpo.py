@@ -207,3 +207,46 @@ def test_slamkit_preference_jsonl_with_a_token_budget_and_either_reference(pretr
                                           for k in ("prompt", "chosen", "rejected")}) + "\n")
     with pytest.raises(SlamError, match="holds unit 499.*extract.tokenizer.n_units"):
         stage_function("dpo")(with_values(with_model, {"dpo.inputs": [str(too_many_units)]}, "test"))
+
+
+def external_start(tmp_path, n_triples: int, **dpo) -> object:
+    """An experiment whose DPO starts from a tiny Qwen2 saved here and reads `n_triples` slamkit preference
+    triples from a JSONL (every 10th held out): no upstream stage, no speech."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    exp = small_experiment(tmp_path / "w", stages=["dpo"])
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=exp.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "start")
+    rng = np.random.default_rng(0)
+    tokens = lambda n: rng.integers(2, exp.vocab_size, size=n).tolist()  # noqa: E731
+    slamkit_jsonl(tmp_path / "prefs.jsonl", [{"prompt": tokens(8), "chosen": tokens(10), "rejected": tokens(10)}
+                                             for _ in range(n_triples)])
+    return with_values(exp, {"dpo.init": str(tmp_path / "start"), "dpo.inputs": [str(tmp_path / "prefs.jsonl")],
+                             "dpo.reference": "model", **{f"dpo.{k}": v for k, v in dpo.items()}}, "test")
+
+
+def test_fewer_triples_than_one_global_batch_is_a_clear_error(tmp_path):
+    """9 training triples for a global batch of 4 x 2 workers x 2 accumulation steps: the stage says so before
+    any worker starts (a rank used to get an empty batch and fail)."""
+    from slam_ray.errors import SlamError
+
+    exp = external_start(tmp_path, 10, batch_size=4, num_workers=2, grad_accum=2, max_steps=5)
+    with pytest.raises(SlamError, match=r"9 training triples < one global batch \(16\); lower dpo.batch_size, "
+                                        r"dpo.grad_accum or dpo.num_workers"):
+        stage_function("dpo")(exp)
+
+
+def test_time_budget_stops_dpo_between_log_steps(tmp_path, ray_local):
+    """A 3-second budget with a log_every far beyond the run: DPO stops at the budget (checked every step,
+    agreed by the ranks), not at the step cap, and logs the step it stopped at."""
+    budget_s = 3.0
+    exp = external_start(tmp_path, 40, batch_size=2, num_workers=1, grad_accum=1, max_steps=5_000,
+                         max_minutes=budget_s / 60, log_every=10**6)
+    manifest = stage_function("dpo")(exp).read_manifest()
+    steps = manifest["counts"]["steps"]
+    assert 0 < steps < 5_000
+    assert manifest["metrics"]["dpo/seconds"] < budget_s * 1.25
+    assert sorted(dpo_curve(exp)) == [steps]

@@ -1,19 +1,24 @@
 """The eval stage on a real local Ray: miniature official layouts spoken by espeak-ng, every checkpoint of a
-training run, a missing dataset that does not stop the other tasks, and generation with a vocoder + ASR."""
+training run, a missing dataset that does not stop the other tasks (the stage ends partial, the CLI exits 1, a
+rerun retries only that task), and generation with a vocoder + ASR."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+import yaml
 from conftest import make_benchmark_layouts, save_tiny_text_lm, small_experiment, speak_wav
 
-from slam_ray.config import with_values
+from slam_ray.cli import EXIT_PARTIAL, EXIT_USAGE, main
+from slam_ray.config import to_yaml, with_values
 from slam_ray.runner import stage_function
 from slam_ray.stage_io import StageDir, stage_dir, stage_payload
 
@@ -72,6 +77,7 @@ def test_every_task_and_checkpoint_with_a_missing_dataset(trained, tmp_path):
 
     # per-comparison scores: outcomes follow the NLLs, and an NLL equals a plain forward pass on the units
     scores = pd.read_csv(out.path / "scores.csv")
+    assert set(scores["checkpoint"]) == {"final", "init", "step_0", "step_10", "step_20", "step_30"}
     final = scores[scores["checkpoint"] == "final"]
     group = final[final["task"] == "mine"].iloc[1]
     negatives = json.loads(group["nll_negatives"])
@@ -140,3 +146,84 @@ def test_generation_with_vocoder_asr_and_text_lm(trained, tmp_path):
     rows2 = [json.loads(line) for line in (tmp_path / "again" / "generated.jsonl").read_text().splitlines()]
     assert [r["units"] for r in rows2] == [r["units"] for r in rows] and again["samples"] == 4
     assert np.mean([len(r["units"]) for r in rows]) == pytest.approx(result["mean_new_units"])
+
+
+def _manifest(exp) -> dict:
+    return json.loads(stage_dir(exp, "eval").manifest_path.read_text())
+
+
+def test_a_failed_task_leaves_eval_partial_until_a_rerun_computes_only_it(trained, tmp_path, capsys):
+    """A dataset that is missing: a sweep trial is tagged partial, `run` exits 1 with the good task's results
+    kept; once the dataset is there, `eval` computes that task alone and the stage is complete."""
+    from mlflow.tracking import MlflowClient
+
+    from slam_ray.search_space import load_space
+    from slam_ray.sweep import sweep
+
+    exp, data = trained
+    later = tmp_path / "ssc_downloaded_later"
+    exp = with_values(exp, {"eval.tasks": [{"task": "manifest", "path": str(data["manifest"]), "name": "mine"},
+                                           {"task": "ssc", "path": str(later)}],
+                            "eval.checkpoints": ["final", "init"], "sweep.metric": "eval/mine/accuracy"}, "test")
+    path = tmp_path / "exp.yaml"
+    path.write_text(to_yaml(exp))
+    out = stage_dir(exp, "eval")
+
+    # 1. a sweep whose one trial is this experiment (an eval-only grid of the same seed): the trial says partial
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {"eval.seed": {"grid": [exp.eval.seed]}}}))
+    sweep(exp, load_space(str(tmp_path / "space.yaml")))
+    client = MlflowClient(exp.tracking_uri)
+    experiment = client.get_experiment_by_name(exp.tracking_experiment).experiment_id
+    [trial] = client.search_runs([experiment], "tags.`slam_ray.kind` = 'trial'")
+    assert trial.data.tags["slam_ray.status"] == "partial" and trial.data.tags["slam_ray.failed.eval"] == "ssc"
+    assert not out.is_complete() and _manifest(exp)["status"] == "partial"
+    capsys.readouterr()
+
+    # 2. `run` re-enters the partial stage, keeps `mine`, fails `ssc` again: exit 1 after every stage ran
+    kept = Path(_manifest(exp)["outputs"]["tasks"]["mine"]) / "task.json"
+    stamp = kept.stat().st_mtime_ns
+    assert main(["run", str(path)]) == EXIT_PARTIAL
+    captured = capsys.readouterr()
+    assert "[eval] running" in captured.out and "task mine: finished by an earlier run" in captured.out
+    assert "eval: ssc failed" in captured.err and "does not exist" in captured.err
+    manifest = _manifest(exp)
+    assert manifest["status"] == "partial" and list(manifest["failed"]) == ["ssc"]
+    assert "eval/mine/accuracy" in manifest["metrics"]
+    results = json.loads((out.path / "results.json").read_text())
+    assert results["mine"]["n"] == 2 and results["mine@init"]["n"] == 2 and "does not exist" in results["ssc"]["error"]
+    assert kept.stat().st_mtime_ns == stamp  # not recomputed
+    parent = client.search_runs([experiment], "tags.`slam_ray.kind` = 'experiment'")[0]
+    assert parent.data.tags["slam_ray.status"] == "partial"
+    first_scores = pd.read_csv(out.path / "scores.csv")
+
+    # 3. the dataset arrives (a new eval key: the key covers what is at a dataset's path): only ssc is computed
+    shutil.copytree(data["ssc"], later)
+    assert main(["eval", str(path)]) == 0
+    assert "task mine: finished by an earlier run" in capsys.readouterr().out
+    assert kept.stat().st_mtime_ns == stamp
+    out = stage_dir(exp, "eval")
+    manifest = _manifest(exp)
+    assert manifest["status"] == "complete" and "failed" not in manifest and out.is_complete()
+    again = json.loads((out.path / "results.json").read_text())
+    assert again["mine"] == results["mine"] and again["ssc"]["n"] == again["ssc@init"]["n"] == 3
+    scores = pd.read_csv(out.path / "scores.csv")
+    assert set(zip(scores["task"], scores["checkpoint"], strict=True)) == {
+        ("mine", "final"), ("mine", "init"), ("ssc", "final"), ("ssc", "init")}
+    pd.testing.assert_frame_equal(scores[scores["task"] == "mine"].dropna(axis=1, how="all"),
+                                  first_scores.dropna(axis=1, how="all"))
+    assert main(["eval", str(path)]) == 0
+    assert "[eval] reusing complete output" in capsys.readouterr().out
+
+
+def test_no_checkpoint_to_score_is_a_config_error(trained, tmp_path, capsys):
+    exp, data = trained
+    # no dpo stage, so no before_dpo checkpoint: nothing to score (and generation had no model to sample)
+    exp = with_values(exp, {"eval.tasks": [{"task": "manifest", "path": str(data["manifest"]), "name": "mine"},
+                                           {"task": "generate", "path": str(data["manifest"])}],
+                            "eval.checkpoints": ["before_dpo"]}, "test")
+    path = tmp_path / "exp.yaml"
+    path.write_text(to_yaml(exp))
+    assert main(["eval", str(path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "eval.checkpoints: none of ['before_dpo'] exists" in err and "add `final`" in err
+    assert _manifest(exp)["status"] == "failed" and not stage_dir(exp, "eval").is_complete()

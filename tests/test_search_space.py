@@ -152,3 +152,73 @@ def test_search_and_scheduler_objects_follow_the_sweep_section():
     searcher.on_trial_complete("t1", {"eval/word_order/accuracy": 0.8, "training_iteration": 2})
     trials = searcher._ot_study.trials
     assert len(trials) == 1 and trials[0].value == 0.8
+
+
+def _trial_configs(space: SearchSpace, exp):
+    """The experiments a sweep's trials run, in Tune's order, without Ray: Tune's variant generator yields
+    `generate_variants` of the param space once per sample."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from slam_ray.search_space import trial_experiment, tune_param_space
+
+    param_space, num_samples = tune_param_space(space, exp)
+    return [trial_experiment(exp, spec) for _ in range(num_samples) for _, spec in generate_variants(param_space)]
+
+
+def test_grid_repeats_get_their_own_seeds_stage_keys_and_runs():
+    from slam_ray.search_space import trial_count
+    from slam_ray.stage_io import stage_key
+
+    space = load_space("optimizer")
+    exp = load_experiment("quickstart", [*space.overrides(), "sweep.num_samples=3"])
+    validate_space(space, exp)
+    trials = _trial_configs(space, exp)
+    assert len(trials) == trial_count(space, exp) == 9 * 3  # the count an interrupted sweep is checked against
+    # the whole grid runs before the next repeat starts; repeat r adds r to the training and DPO seeds
+    assert [t.train.seed for t in trials] == [0] * 9 + [1] * 9 + [2] * 9
+    assert [t.dpo.seed for t in trials] == [exp.dpo.seed + r for r in (0, 1, 2) for _ in range(9)]
+    # so every trial trains, tunes and is evaluated on its own (its own stage outputs and MLflow runs) ...
+    for stage in ("train", "dpo", "eval"):
+        assert len({stage_key(t, stage) for t in trials}) == 27, stage
+    # ... on the same units, split and evaluation pairs
+    assert len({stage_key(t, "pack") for t in trials}) == 1
+    assert {t.eval.seed for t in trials} == {exp.eval.seed}
+
+
+def test_one_repeat_and_random_search_leave_the_seeds_alone(tmp_path):
+    space = load_space("optimizer")
+    assert {t.train.seed for t in _trial_configs(space, load_experiment("quickstart", space.overrides()))} == {0}
+    lr = load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}},
+                                          "sweep": {"search": "random", "num_samples": 4}}))
+    trials = _trial_configs(lr, load_experiment("quickstart", lr.overrides()))
+    assert len(trials) == 4 and {t.train.seed for t in trials} == {0}
+
+
+def test_repeats_and_a_swept_seed_are_refused_together(tmp_path):
+    space = load_space(space_file(tmp_path, {"params": {"train.seed": {"grid": [0, 1]}}, "sweep": {"num_samples": 2}}))
+    with pytest.raises(ConfigError, match="repeats would collide"):
+        validate_space(space, load_experiment("quickstart", space.overrides()))
+
+
+def test_the_quickstarts_first_sweep_fits_the_two_cores_it_targets(monkeypatch, capsys):
+    """`slam-ray sweep quickstart --space optimizer` as documented: one trial (its driver + its trainer, or its
+    DPO worker) fits a 2-CPU Ray, and nothing is said about concurrency."""
+    from slam_ray.errors import SlamError
+    from slam_ray.sweep import check_trial_fits
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    space = load_space("optimizer")
+    exp = load_experiment("quickstart", space.overrides())
+    assert "dpo" in exp.stages
+    check_trial_fits(exp, {"CPU": 2.0})
+    assert capsys.readouterr().out == ""
+    # a trainer asking for both cores leaves no room for the trial's driver: refused, with a value that fits
+    with pytest.raises(SlamError, match=r"one trial needs 2\.1 CPUs") as refused:
+        check_trial_fits(load_experiment("quickstart", [*space.overrides(), "ray.worker_cpus=2"]), {"CPU": 2.0})
+    suggested = str(refused.value).rsplit("--set ", 1)[1]
+    check_trial_fits(load_experiment("quickstart", [*space.overrides(), suggested]), {"CPU": 2.0})
+    # two concurrent trials of two workers each on 4 CPUs: said to run one at a time
+    two = load_experiment("quickstart", [*space.overrides(), "train.num_workers=2", "ray.worker_cpus=1",
+                                         "sweep.max_concurrent_trials=2"])
+    check_trial_fits(two, {"CPU": 4.0})
+    assert "1 of sweep.max_concurrent_trials 2 fit" in capsys.readouterr().out

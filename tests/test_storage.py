@@ -176,3 +176,33 @@ def test_extract_reads_folders_and_manifests_from_s3(tmp_path, s3_server, fixtur
     proc = extract(tmp_path / "empty.yaml")
     assert proc.returncode != 0 and "s3://speech/nothing" in proc.stdout + proc.stderr
     assert "holds no audio file" in proc.stdout + proc.stderr
+
+
+def test_bucket_inputs_are_fingerprinted_by_their_listing(tmp_path, s3_server, monkeypatch):
+    """An input in a bucket is keyed by its objects' sizes and modification times: an object rewritten in
+    place makes a new key, a missing prefix is keyed as absent; folder, glob and single object list alike."""
+    import boto3
+
+    from slam_ray import storage
+    from slam_ray.fingerprint import fingerprint
+
+    url, port, env = s3_server
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    s3.create_bucket(Bucket="data")
+    s3.put_object(Bucket="data", Key="corpus/a/1.flac", Body=b"one")
+    s3.put_object(Bucket="data", Key="corpus/b/2.flac", Body=b"two")
+    s3.put_object(Bucket="data", Key="corpus/notes.txt", Body=b"notes")
+    uri = lambda path: f"s3://data/{path}?endpoint_override=127.0.0.1:{port}&scheme=http"  # noqa: E731
+    assert [r for r, _ in storage.list_files(uri("corpus"))] == ["a/1.flac", "b/2.flac", "notes.txt"]
+    assert [r for r, _ in storage.list_files(uri("corpus/**/*.flac"))] == ["a/1.flac", "b/2.flac"]
+    assert storage.list_files(uri("corpus/a/1.flac")) == [("1.flac", uri("corpus/a/1.flac"))]
+    assert storage.list_files(uri("nothing")) == [] and storage.listing(uri("nothing")) is None
+
+    folder, glob_ = fingerprint(uri("corpus")), fingerprint(uri("corpus/**/*.flac"))
+    assert folder["files"] == 3 and folder["bytes"] == 11 and glob_["files"] == 2
+    assert fingerprint(uri("corpus")) == folder  # unchanged: the same key
+    s3.put_object(Bucket="data", Key="corpus/b/2.flac", Body=b"two, again")  # rewritten in place
+    assert fingerprint(uri("corpus")) != folder and fingerprint(uri("corpus/**/*.flac")) != glob_
+    assert fingerprint(uri("absent/")) == {"path": uri("absent/"), "absent": True}

@@ -113,54 +113,121 @@ def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_p
         time.sleep(1)
 
 
-def _finished_trials(db: Path) -> set[str]:
-    """Run ids of FINISHED trials, read with plain SQL: an MLflow client here could race the sweep's writer
-    while it creates the store's tables (alembic migrations)."""
+def _trial_statuses(db: Path) -> dict[str, str]:
+    """Status of every trial run, read with plain SQL: an MLflow client here could race the sweep's writer while
+    it creates the store's tables (alembic migrations)."""
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            rows = con.execute("select r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid "
-                               "where t.key = 'slam_ray.kind' and t.value = 'trial' and r.status = 'FINISHED'")
-            return {row[0] for row in rows}
+            rows = con.execute("select r.run_uuid, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                               "where t.key = 'slam_ray.kind' and t.value = 'trial'")
+            return dict(rows.fetchall())
     except sqlite3.OperationalError:  # not created yet, or tables not there yet
+        return {}
+
+
+def _training_trials(db: Path) -> set[str]:
+    """Trial runs whose `train` stage run is RUNNING (the trial is mid-training, far from its end)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            rows = con.execute(
+                "select p.value from runs r join tags s on s.run_uuid = r.run_uuid join tags p on p.run_uuid = r.run_uuid "
+                "where s.key = 'slam_ray.stage' and s.value = 'train' and p.key = 'mlflow.parentRunId' "
+                "and r.status = 'RUNNING'")
+            return {row[0] for row in rows}
+    except sqlite3.OperationalError:
         return set()
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, espeak):
+def _start_sweep(command: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "w") as log:  # the child keeps its own handle
+        return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(proc: subprocess.Popen, log_path: Path, ready, what: str):  # noqa: ANN001
+    deadline = time.time() + 600
+    while not (found := ready()):
+        assert proc.poll() is None, log_path.read_text()[-4000:]
+        assert time.time() < deadline, f"{what}: not in time"
+        time.sleep(1)
+    return found
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of the sweep's process group (driver, local Ray, trials)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(tmp_path, espeak):
+    from mlflow.tracking import MlflowClient
+
     exp = small_experiment(tmp_path / "work", train={"max_steps": 40, "checkpoint_every": 10})
     exp_path = tmp_path / "tiny.yaml"
     exp_path.write_text(to_yaml(exp))
     space_path = _space(tmp_path, {"metric": "val/loss", "mode": "min", "max_concurrent_trials": 1})
     command = [sys.executable, "-m", "slam_ray.cli", "sweep", str(exp_path), "--space", str(space_path)]
     uri = exp.tracking_uri
+    db = Path(uri.removeprefix("sqlite:///"))
 
-    # Start the sweep; kill its whole process group (driver, local Ray, trials) once one trial has finished.
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 600
-    finished_before: set[str] = set()
+    # 1. Ctrl+C: SIGINT to the driver while a trial trains, after another has finished.
+    first = tmp_path / "first.log"
+    proc = _start_sweep(command, tmp_path, first)
     try:
-        while not finished_before:
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            assert time.time() < deadline, "no trial finished in time"
-            time.sleep(2)
-            finished_before = _finished_trials(Path(uri.removeprefix("sqlite:///")))
+        def one_done_one_training() -> set[str]:
+            statuses = _trial_statuses(db)
+            if "FINISHED" not in statuses.values():
+                return set()
+            return {r for r in _training_trials(db) if statuses.get(r) == "RUNNING"}
+
+        training = _wait_for(proc, first, one_done_one_training, "a trial training after one finished")
+        os.kill(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=300)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        log.close()
+        _kill_group(proc)
+    output = first.read_text()
+    assert code == 130, output[-4000:]
+    assert "interrupted: 1 completed" in output and "run the same command again to resume" in output, output[-4000:]
+    assert "stopped early" not in output  # not mistaken for the scheduler's doing
+    statuses = _trial_statuses(db)
+    assert "RUNNING" not in statuses.values()
+    finished_before = {r for r, s in statuses.items() if s == "FINISHED"}
+    assert len(finished_before) == 1
+    for run_id in training:  # the interrupted trial: KILLED, saying so, and nothing under it left RUNNING
+        run = MlflowClient(uri).get_run(run_id)
+        assert run.info.status == "KILLED" and run.data.tags["slam_ray.stop_reason"].startswith("interrupted")
+        assert all(r.info.status != "RUNNING" for r in _runs(uri, "tiny", f"tags.`mlflow.parentRunId` = '{run_id}'"))
+    assert [r.info.status for r in _runs(uri, "tiny", "tags.`slam_ray.kind` = 'sweep'")] == ["KILLED"]
+
+    # 2. Resume, then SIGKILL the whole process group (no chance to clean up) once one more trial has finished.
+    second = tmp_path / "second.log"
+    proc = _start_sweep(command, tmp_path, second)
+    try:
+        _wait_for(proc, second, lambda: {r for r, s in _trial_statuses(db).items() if s == "FINISHED"} - finished_before,
+                  "another finished trial")
+    finally:
+        _kill_group(proc)
+    assert "resuming" in second.read_text()
+    finished_before = {r for r, s in _trial_statuses(db).items() if s == "FINISHED"}
     assert len(finished_before) < 4
 
-    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming" in second.stdout
+    # 3. Resume to the end.
+    third = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "resuming" in third.stdout
 
     trials = _runs(uri, "tiny", "tags.`slam_ray.kind` = 'trial'")
     assert sorted(float(t.data.params["swept.train.optimizer.lr"]) for t in trials) == sorted(LEARNING_RATES)
-    assert all(t.info.status == "FINISHED" for t in trials)
-    assert len(_runs(uri, "tiny", "tags.`slam_ray.kind` = 'sweep'")) == 1  # the same parent, not a second sweep
+    assert all(t.info.status == "FINISHED" for t in trials)  # the interrupted trial's run continued
+    assert training <= {t.info.run_id for t in trials}
+    sweeps = _runs(uri, "tiny", "tags.`slam_ray.kind` = 'sweep'")
+    assert len(sweeps) == 1 and sweeps[0].info.status == "FINISHED"  # the same parent, not a second sweep
     for run_id in finished_before:
-        # a trial finished before the kill kept its run and was not trained again
+        # a trial finished before the kill kept its run and was not trained again (the interrupted one: its
+        # killed training, then the one that resumed from its checkpoint)
         train_runs = _runs(uri, "tiny", f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`slam_ray.stage` = 'train'")
-        assert len(train_runs) == 1 and train_runs[0].info.status == "FINISHED"
+        assert sorted(r.info.status for r in train_runs) == (["FINISHED", "KILLED"] if run_id in training else ["FINISHED"])
     # one training output per learning rate: nothing duplicated
     assert len([p for p in (exp.workdir_path / "train").iterdir() if p.is_dir()]) == 4

@@ -40,9 +40,24 @@ def test_ranks_see_disjoint_slices_of_each_global_batch():
     assert not np.array_equal(r0.batch(0), r0.batch(4))  # next epoch is reshuffled
 
 
-def test_too_little_data_is_a_clear_error():
-    with pytest.raises(ValueError, match="one global batch"):
-        WindowBatches(np.zeros((3, 8)), 4, 0, 1, 0)
+def test_too_little_data_is_a_clear_error(tmp_path):
+    """Fewer packed windows than one global batch: a SlamError naming the fields, from the worker's batcher and,
+    before any Ray worker starts, from the stage (it reads the count from the pack manifest)."""
+    from conftest import small_experiment
+
+    from slam_ray.errors import SlamError
+    from slam_ray.stage_io import stage_dir
+    from slam_ray.train import train
+
+    with pytest.raises(SlamError, match="3 training windows < one global batch .8.; lower train.batch_size"):
+        WindowBatches(np.zeros((3, 8)), 4, 0, 2, 0)
+    exp = small_experiment(tmp_path / "w", train={"batch_size": 4, "num_workers": 2})
+    packed = stage_dir(exp, "pack")
+    packed.path.mkdir(parents=True)
+    packed.write_manifest({"status": "complete", "stage": "pack", "key": packed.key, "counts": {"train_windows": 5}})
+    with pytest.raises(SlamError, match="5 training windows < one global batch .8.; lower train.batch_size, "
+                                        "train.num_workers"):
+        train(exp)
 
 
 def test_packing_wastes_less_than_one_percent():

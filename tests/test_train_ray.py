@@ -147,3 +147,34 @@ def test_one_worker_ddp_and_fsdp_agree_and_fsdp_resumes_after_a_killed_worker(tm
     got = loss_curve(killed)
     assert sorted(got) == sorted(fsdp)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [fsdp[s] for s in sorted(fsdp)], rtol=1e-4)
+
+
+def test_twist_run_stops_at_its_time_budget_between_log_steps_and_its_checkpoint_is_the_trained_model(tmp_path, ray_local):
+    """TWIST from a text LM whose RoPE theta is 1e6, trained with `rope_theta: 10000` under a 4-second budget and
+    a log_every far beyond the run: it stops at the budget (checked every step), logs its last step, and its
+    saved checkpoint, reloaded with plain transformers, is the model that trained — its validation loss equals
+    the one the worker measured on the trained object."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.units import PAD_ID
+
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, intermediate_size=64,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6})).save_pretrained(tmp_path / "lm")
+    budget_s = 4.0
+    exp = small_experiment(tmp_path / "w", train={"max_steps": None, "max_minutes": budget_s / 60, "log_every": 10**6,
+                                                  "val_reports": 0,
+                                                  "model": {"init": "twist", "base": str(tmp_path / "lm"), "rope_theta": 10_000.0}})
+    fake_pack_output(exp)
+    manifest = json.loads(train(exp).manifest_path.read_text())
+    steps = manifest["counts"]["steps"]
+    assert manifest["metrics"]["train/seconds"] < budget_s * 1.25
+    assert sorted(loss_curve(exp)) == [steps]  # the stopping step is logged
+
+    model = AutoModelForCausalLM.from_pretrained(stage_dir(exp, "train").path / "checkpoint").eval()
+    x = torch.from_numpy(np.load(stage_dir(exp, "pack").path / "val.npy").astype(np.int64))
+    with torch.no_grad():
+        reloaded = model(input_ids=x, labels=x.masked_fill(x == PAD_ID, -100)).loss.item()
+    assert reloaded == pytest.approx(manifest["metrics"]["val/loss_final"], rel=1e-5)
