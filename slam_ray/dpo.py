@@ -55,8 +55,7 @@ REFERENCE_LOGPS = "reference_logps.parquet"
 
 
 def _spoken_grammar_triples(exp: Experiment, out: StageDir, timer: Timer) -> tuple[list[dict], list[dict], list[dict]]:
-    from slam_ray.tokenizer import encode_files
-    from slam_ray.tts import speak_items
+    from slam_ray.tokenizer import encode_spoken
 
     cfg, held_out = exp.dpo, exp.synth.corpus.held_out_percent
     splits = {"train": grammar_preference_triples(cfg.n_pairs, cfg.seed, held_out, "train"),
@@ -73,18 +72,14 @@ def _spoken_grammar_triples(exp: Experiment, out: StageDir, timer: Timer) -> tup
                 items.append({"id": uid, "text": getattr(t, part), "voice": voice, "speed": speed, "speaker": voice,
                               "path": out.location("audio", split, f"{uid}.flac")})
     init_ray(exp)
-    with timer.phase("speak"):
-        spoken, errors = speak_items(exp, items, exp.synth.backend, exp.synth.sample_rate, exp.synth.num_actors,
-                                     exp.synth.batch_size)
-    with timer.phase("tokenise"):
-        tokenizer_dir = upstream_dir(exp, "extract").location("tokenizer")
-        encoded, bad = encode_files(exp, spoken, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size)
+    with timer.phase("speak_and_tokenise"):  # one pass, no audio files (hf: spoken into files first)
+        encoded, bad = encode_spoken(exp, items, upstream_dir(exp, "extract").location("tokenizer"))
     units = {r["id"]: units_to_tokens(r["units"], add_bos=False, add_eos=False).tolist() for r in encoded}
     result: dict[str, list[dict]] = {}
     for split, triples in splits.items():
         result[split] = [{"id": t.id, "task": t.task, **{p: units[f"{split}-{t.id}-{p}"] for p in ("prompt", "chosen", "rejected")}}
                          for t in triples if all(f"{split}-{t.id}-{p}" in units for p in ("prompt", "chosen", "rejected"))]
-    errors = [{k: e.get(k) for k in ("id", "path", "error")} for e in errors + bad]
+    errors = [{k: e.get(k) for k in ("id", "path", "error")} for e in bad]
     return result["train"], result["val"], errors
 
 

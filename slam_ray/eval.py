@@ -44,9 +44,8 @@ from slam_ray.stage_io import (
     upstream_dir,
 )
 from slam_ray.storage import exists, in_filesystem, is_remote, join, model_source, read_text
-from slam_ray.tokenizer import encode_files
+from slam_ray.tokenizer import encode_files, encode_spoken
 from slam_ray.tracking import Tracker
-from slam_ray.tts import speak_items
 
 NAMED_CHECKPOINTS = {"final": ("", "checkpoint"), "before_dpo": ("@before_dpo", "checkpoint_before_dpo"),
                      "init": ("@init", "checkpoint_init")}
@@ -144,11 +143,9 @@ def _grammar_units(exp: Experiment) -> tuple[dict[str, list[int]], list[dict]]:
 
     def speak_and_tokenise(cache: StageDir) -> dict:
         init_ray(exp)
-        spoken, errors = speak_items(exp, _speech_items(exp, build_pairs(exp), cache), exp.synth.backend,
-                                     exp.synth.sample_rate, exp.synth.num_actors, exp.synth.batch_size)
-        encoded, bad = encode_files(exp, spoken, _tokenizer_dir(exp), exp.extract.num_actors, exp.extract.batch_size)
+        encoded, bad = encode_spoken(exp, _speech_items(exp, build_pairs(exp), cache), _tokenizer_dir(exp))
         return {"units": {r["id"]: [int(u) for u in r["units"]] for r in encoded},
-                "errors": [{k: e.get(k) for k in ("id", "path", "error")} for e in errors + bad]}
+                "errors": [{k: e.get(k) for k in ("id", "path", "error")} for e in bad]}
 
     _, cached = cached_json(exp, "eval_pairs", payload, "units.json", speak_and_tokenise)
     return cached["units"], cached["errors"]

@@ -320,3 +320,29 @@ def encode_files(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: i
     for rec in iter_encoded(exp, rows, tokenizer_dir, num_actors, batch_size, num_gpus):
         (bad if rec["error"] else good).append(rec)
     return good, bad
+
+
+def encode_spoken(exp, items: list[dict], tokenizer_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """Units of texts spoken with the experiment's synth engine — items with `id`, `text`, `voice`, `speed` (and
+    optionally `noise`, `seed`) — in one Ray Data pass: each text is spoken inside a decoding task straight
+    into memory (a 16-bit FLAC round trip, so its units are those of the file synth would write) and encoded by
+    the actors; no audio file is written. The `hf` backend wants its GPU actors: its items (which then need a
+    `path`) are spoken into files first. Returns (good rows, error rows) as `encode_files` does."""
+    from slam_ray.tts import check_backend, speak_items
+
+    synth = exp.synth
+    if synth.backend == "hf":
+        spoken, unspoken = speak_items(exp, items, synth.backend, synth.sample_rate, synth.num_actors, synth.batch_size)
+        good, bad = encode_files(exp, spoken, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size,
+                                 exp.extract.num_gpus_per_actor)
+        return good, unspoken + bad
+    check_backend(synth.backend, synth.sample_rate)  # a missing engine fails here, not once per row
+    rows = []
+    for item in items:
+        plan = {"backend": synth.backend, "text": item["text"], "voice": item["voice"], "speed": item["speed"],
+                "noise": float(item.get("noise") or 0.0), "seed": int(item.get("seed") or 0),
+                "sample_rate": synth.sample_rate}
+        rows.append({"id": item["id"], "path": "", "text": item["text"], "speaker": item.get("speaker") or item["voice"],
+                     "speak": json.dumps(plan)})
+    return encode_files(exp, rows, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size,
+                        exp.extract.num_gpus_per_actor)

@@ -273,3 +273,21 @@ def test_write_audio_false_speaks_inside_extract_with_the_units_of_the_files(tmp
     assert {r["id"] for r in bad} == set(plan["id"]) - set(a.index)  # the unspeakable ones, reported
     for rec in good:
         assert rec["units"] == list(a.loc[rec["id"], "units"]), rec["id"]
+
+    # eval's pairs and dpo's triples: texts spoken straight into units in one pass (no file), equal to the
+    # units of the files SpeakActor writes; an unspeakable text is an error row either way
+    from slam_ray.tokenizer import encode_spoken
+    from slam_ray.tts import speak_items
+
+    tokenizer = stage_dir(written, "extract").path / "tokenizer"
+
+    def items(folder: str) -> list[dict]:
+        return [{"id": f"i{k}", "text": text, "voice": "en-gb", "speed": 150.0 + k,
+                 "path": str(tmp_path / folder / f"i{k}.flac")} for k, text in enumerate(LINES[:3])]
+
+    spoken, unspoken = speak_items(written, items("filed"), "espeak", 16_000, 2, 2)
+    filed, _ = encode_files(written, spoken, tokenizer, 2, 4)
+    direct, failed = encode_spoken(written, items("direct"), tokenizer)
+    assert {r["id"]: r["units"] for r in direct} == {r["id"]: r["units"] for r in filed} and len(direct) == 2
+    assert {r["id"] for r in failed} == {r["id"] for r in unspoken} == {"i2"}
+    assert not (tmp_path / "direct").exists()
