@@ -39,7 +39,14 @@ from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, stage_payload, upstream_dir
 from slam_ray.storage import localize, model_source, run_storage
 from slam_ray.tracking import Tracker
-from slam_ray.train_utils import all_ranks, check_global_batch, out_of_time, report_checkpoint, resume_state
+from slam_ray.train_utils import (
+    all_ranks,
+    check_global_batch,
+    out_of_time,
+    quiet_worker_logs,
+    report_checkpoint,
+    resume_state,
+)
 from slam_ray.units import UNIT_OFFSET, units_to_tokens
 
 if TYPE_CHECKING:
@@ -218,6 +225,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     tracker = Tracker(**config["tracker"]) if rank == 0 else None
+    quiet_worker_logs()
     # MLflow writes go through one background thread (as in `train`): a slow store never eats the time budget.
     log_thread = ThreadPoolExecutor(max_workers=1)
     triples = json.loads(localize(config["triples_path"]).read_text())

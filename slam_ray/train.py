@@ -32,6 +32,7 @@ from slam_ray.train_utils import (
     load_optimizer_state,
     out_of_time,
     peak_tflops,
+    quiet_worker_logs,
     report_checkpoint,
     resume_state,
     shard_model,
@@ -74,6 +75,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
     tracker = Tracker(**config["tracker"]) if rank == 0 else None
+    quiet_worker_logs()
     # MLflow writes go through one background thread so a slow store never eats the training budget.
     log_thread = ThreadPoolExecutor(max_workers=1)
 

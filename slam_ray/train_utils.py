@@ -86,6 +86,28 @@ def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> N
         set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
+class _NoTrainInfo:
+    """A logging filter: drops Ray Train's own records below WARNING (e.g. "Reporting training result ...")."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        import logging
+
+        return not (record.name.startswith("ray.train") and record.levelno < logging.WARNING)
+
+
+def quiet_worker_logs() -> None:
+    """Ray Train's per-report INFO lines stay in its log files: in a worker, the console handlers that could
+    print them (on the `ray.train`, `ray` and root loggers) drop them; the file handlers keep everything."""
+    import logging
+
+    for logger in (logging.getLogger("ray.train"), logging.getLogger("ray"), logging.getLogger()):
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                if not any(isinstance(f, _NoTrainInfo) for f in handler.filters):
+                    handler.addFilter(_NoTrainInfo())
+
+
 def report_checkpoint(model: Any, rank: int, metrics: dict[str, Any], state: dict[str, Any] | None = None,
                       weights: dict[str, Any] | None = None) -> None:
     """Every rank calls report (it is a barrier); rank 0 attaches the HF checkpoint (`weights`: the gathered

@@ -47,7 +47,8 @@ def test_a_run_prints_stage_lines_once_and_no_ray_internals(tmp_path, espeak):
     assert "RayDeprecationWarning" not in shown
     assert "logging_progress" not in shown and "Running Dataset" not in shown
     assert "streaming_executor" not in shown  # Ray Data's INFO lines: in ray-data.log only
-    assert "Requesting resources" not in shown  # Ray Train controller's INFO lines (train.logging_config WARNING)
+    # Ray Train's own INFO lines: the controller's (RunConfig logging_config) and each worker's per-report line
+    assert "Requesting resources" not in shown and "Reporting training result" not in shown
     # every line a Train worker printed reaches the terminal once (Train V2 also logged each print)
     worker_lines = Counter(re.sub(r"^.*?\) ", "", line) for line in shown.splitlines() if "[train]" in line)
     assert worker_lines and max(worker_lines.values()) == 1, worker_lines

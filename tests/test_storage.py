@@ -127,7 +127,7 @@ def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, 
     assert storage.localize(str(tmp_path / "x")) == tmp_path / "x" and storage.model_source("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
 
 
-def test_extract_reads_folders_and_manifests_from_s3(tmp_path, s3_server, fixtures):
+def test_extract_reads_folders_and_manifests_from_s3(tmp_path, s3_server, fixtures, monkeypatch):
     """`extract.inputs` in a bucket: a folder (recursively) and a JSONL manifest with paths relative to it.
     Every good object yields the units of the same file read from disk; a corrupt object and a manifest entry
     pointing at nothing are error lines; a prefix holding no audio is a config error naming the entry."""
@@ -160,6 +160,8 @@ def test_extract_reads_folders_and_manifests_from_s3(tmp_path, s3_server, fixtur
 
     proc = extract(tmp_path / "s3.yaml")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for name, value in env.items():  # keying an input in a bucket lists it: this process needs the credentials too
+        monkeypatch.setenv(name, value)
     out = stage_dir(exp, "extract").path
     rows = {r["id"]: r for r in read_unit_shards(out).to_dict("records")}
     assert sorted(rows) == ["a/audio1", "again", "b/audio2"]
