@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test lint docs bench system-deps clean
 
 demo: $(VENV)/.installed system-deps
 	$(BIN)/slam-ray run quickstart
@@ -17,6 +17,10 @@ test: $(VENV)/.installed-dev system-deps
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check slam_ray tests bench
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict turns a broken link into a failure.
+docs: $(VENV)/.installed-dev
+	$(BIN)/python -m mkdocs build --strict
 
 # espeak-ng is a Debian package (the default offline TTS engine).
 system-deps:

@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a quickstart field")
     args = parser.parse_args()
 
-    from slam_ray.cli import run_experiment
     from slam_ray.config import load_experiment
+    from slam_ray.pipeline import run_experiment
     from slam_ray.stage_io import stage_dir
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_quickstart_")) / "quickstart"

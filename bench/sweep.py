@@ -41,7 +41,7 @@ def experiment(workdir: Path, steps: int, concurrency: int, scheduler: str):
 
 
 def run(root: Path, lrs: list[float], steps: int, concurrency: int, scheduler: str) -> dict:
-    from slam_ray.runner import stage_function
+    from slam_ray.pipeline import stage_function
     from slam_ray.search_space import SearchSpace
     from slam_ray.sweep import shared_stages, sweep
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import traceback
 
-from slam_ray.config import STAGES, Experiment, load_experiment, to_yaml
+from slam_ray.config import STAGES, load_experiment, to_yaml
 from slam_ray.errors import SlamError
 
 EXIT_USAGE = 2
@@ -29,40 +28,15 @@ def _report_partial(partial: dict[str, dict[str, str]]) -> int:
     return EXIT_PARTIAL if partial else 0
 
 
-def run_experiment(exp: Experiment) -> tuple[dict[str, float], dict[str, dict[str, str]]]:
-    """Run the stages the experiment lists, in order, under one parent MLflow run; returns seconds per stage and
-    the stages that ended `partial` (with their failed parts). A partial stage does not stop the stages after
-    it: no stage reads eval's output, the only one that can be partial."""
-    from slam_ray.runner import stage_function, summary_metrics
-    from slam_ray.tracking import experiment_run, ui_hint
-
-    for stage in exp.stages:
-        stage_function(stage)  # fail before any work if a listed stage is unavailable
-    wall: dict[str, float] = {}
-    partial: dict[str, dict[str, str]] = {}
-    with experiment_run(exp) as parent:
-        for stage in exp.stages:
-            start = time.perf_counter()
-            out = stage_function(stage)(exp)
-            wall[stage] = round(time.perf_counter() - start, 1)
-            parent.set_tags({f"slam_ray.output.{stage}": out.root})
-            if failed := out.failed_parts():
-                partial[stage] = failed
-                parent.set_tags({"slam_ray.status": "partial", f"slam_ray.failed.{stage}": ",".join(failed)})
-        parent.log_metrics({**{f"time/{s}_s": v for s, v in wall.items()}, **summary_metrics(exp)})
-    print("\nwall time per stage (s): " + ", ".join(f"{s} {v}" for s, v in wall.items()))
-    print(f"outputs: {exp.workdir_location}")
-    print(ui_hint(exp))
-    return wall, partial
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
+    from slam_ray.pipeline import run_experiment
+
     _, partial = run_experiment(load_experiment(args.experiment, args.set))
     return _report_partial(partial)
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from slam_ray.runner import stage_function
+    from slam_ray.pipeline import stage_function
 
     exp = load_experiment(args.experiment, args.set)
     out = stage_function(args.command)(exp)

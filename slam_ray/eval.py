@@ -27,10 +27,10 @@ from typing import Any
 import pandas as pd
 
 from slam_ray import grammar
-from slam_ray.benchmarks import READERS_VERSION, TaskSpec, load_task, read_comparisons
+from slam_ray.audio_units import audio_units, tokenizer_dir
+from slam_ray.benchmarks import TaskSpec, load_task, read_comparisons
 from slam_ray.config import EvalTask, Experiment, with_values
 from slam_ray.errors import SlamError
-from slam_ray.fingerprint import stat_digest
 from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.scoring import aggregate, group_outcome, score_sequences
 from slam_ray.stage_io import (
@@ -44,7 +44,7 @@ from slam_ray.stage_io import (
     upstream_dir,
 )
 from slam_ray.storage import exists, in_filesystem, is_remote, join, model_source, read_text
-from slam_ray.tokenizer import encode_files, encode_spoken
+from slam_ray.tokenizer import encode_spoken
 from slam_ray.tracking import Tracker
 
 NAMED_CHECKPOINTS = {"final": ("", "checkpoint"), "before_dpo": ("@before_dpo", "checkpoint_before_dpo"),
@@ -143,7 +143,7 @@ def _grammar_units(exp: Experiment) -> tuple[dict[str, list[int]], list[dict]]:
 
     def speak_and_tokenise(cache: StageDir) -> dict:
         init_ray(exp)
-        encoded, bad = encode_spoken(exp, _speech_items(exp, build_pairs(exp), cache), _tokenizer_dir(exp))
+        encoded, bad = encode_spoken(exp, _speech_items(exp, build_pairs(exp), cache), tokenizer_dir(exp))
         return {"units": {r["id"]: [int(u) for u in r["units"]] for r in encoded},
                 "errors": [{k: e.get(k) for k in ("id", "path", "error")} for e in bad]}
 
@@ -155,40 +155,6 @@ def _grammar_comparisons(exp: Experiment, kind: str, pairs: list[grammar.Minimal
     rows = [{"item": p.id, "positive": f"{p.id}-pos", "negatives": [f"{p.id}-neg"], "positive_text": p.positive,
              "negative_text": p.negative} for p in pairs if p.task == kind]
     return pd.DataFrame(rows)
-
-
-def _tokenizer_dir(exp: Experiment) -> str:
-    return upstream_dir(exp, "extract").location("tokenizer")
-
-
-def audio_units(exp: Experiment, paths: list[str]) -> tuple[dict[str, list[int]], dict[str, list[int]], list[dict]]:
-    """(units, durations, errors) of every audio file (by path) with the experiment's tokenizer, cached under
-    WORKDIR/eval_units/ per file list and tokenizer (shared by likelihood tasks and generation prompts); a file
-    cut into segments (extract.max_segment_seconds) is joined back in order."""
-    payload = {"files": sorted(set(paths)), "extract": stage_key(exp, "extract"), "readers_version": READERS_VERSION}
-    payload["stats"] = stat_digest(payload["files"])  # a dataset's audio rewritten in place is encoded anew
-
-    def tokenise(cache: StageDir) -> dict:
-        init_ray(exp)
-        rows = [{"id": f"f{i:08d}", "path": p, "text": "", "speaker": ""} for i, p in enumerate(payload["files"])]
-        good, bad = encode_files(exp, rows, _tokenizer_dir(exp), exp.extract.num_actors, exp.extract.batch_size,
-                                 exp.extract.num_gpus_per_actor)
-        joined: dict[str, list[int]] = {}
-        durations: dict[str, list[int]] = {}
-        for rec in sorted(good, key=lambda r: (r["path"], r["seg_start"])):
-            units, runs = joined.setdefault(rec["path"], []), durations.setdefault(rec["path"], [])
-            if units and rec["units"] and exp.extract.tokenizer.dedup and units[-1] == rec["units"][0]:
-                runs[-1] += rec["durations"][0]  # one run across the segment cut
-                units += rec["units"][1:]
-                runs += rec["durations"][1:]
-            else:
-                units += rec["units"]
-                runs += rec["durations"]
-        return {"units": joined, "durations": durations,
-                "errors": [{"path": e["path"], "error": e["error"]} for e in bad]}
-
-    _, cached = cached_json(exp, "eval_units", payload, "units.json", tokenise)
-    return cached["units"], cached["durations"], cached["errors"]
 
 
 def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec,

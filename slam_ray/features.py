@@ -110,7 +110,7 @@ class HubertFeatures:
         self.batched = gpu if batched is None else batched
         # GPU batches: widths rounded up to whole seconds and rows to multiples of 4 so that shapes repeat (a
         # shape new to cuDNN costs plan building; autotuning, cudnn.benchmark, costs far more), and files down to
-        # half the longest one's length. bench/gpu.py on an H100 measures these settings (README).
+        # half the longest one's length. bench/gpu.py on an H100 measures these settings (docs/performance.md).
         self.width_quantum, self.row_quantum = (TARGET_SAMPLE_RATE, 4) if gpu else (1, 1)
         self.min_fill = 0.5 if gpu else MIN_FILL
         self.use_cudnn, self.cudnn_benchmark = True, False

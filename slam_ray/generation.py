@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from slam_ray.audio_units import audio_units
 from slam_ray.config import EvalTask, Experiment
 from slam_ray.errors import SlamError
 from slam_ray.stage_io import StageDir
@@ -74,8 +75,6 @@ def _cut(units: list[int], durations: list[int] | None, seconds: float, frame_ra
 
 def prompts(exp: Experiment, entry: EvalTask) -> tuple[list[dict[str, Any]], list[dict]]:
     """(prompt rows with `units`, errors). Audio prompts are tokenised through eval's cache of audio units."""
-    from slam_ray.eval import audio_units
-
     cfg = exp.eval.generation
     sources = _prompt_sources(entry.path, cfg.n_prompts)
     audio = [r["path"] for r in sources if "path" in r]

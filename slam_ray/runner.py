@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slam_ray.config import Experiment
-from slam_ray.errors import SlamError
 from slam_ray.lock import exclusive_lock
 from slam_ray.stage_io import (
     StageDir,
@@ -45,42 +44,6 @@ class StageResult:
 
 
 StageBody = Callable[[Experiment, StageDir, Tracker, Timer], StageResult]
-
-
-def stage_function(stage: str) -> Callable[[Experiment], StageDir]:
-    """A stage's entry point, imported lazily: `slam-ray config show` should not pay for torch and Ray."""
-    if stage == "synth":
-        from slam_ray.synth import synth as fn
-    elif stage == "extract":
-        from slam_ray.extract import extract as fn
-    elif stage == "pack":
-        from slam_ray.pack import pack as fn
-    elif stage == "train":
-        from slam_ray.train import train as fn
-    elif stage == "eval":
-        from slam_ray.eval import evaluate as fn
-    elif stage == "dpo":
-        from slam_ray.dpo import dpo as fn
-    else:
-        raise SlamError(f"unknown stage {stage!r}")
-    return fn
-
-
-def summary_metrics(exp: Experiment) -> dict[str, float]:
-    """The headline figures of a finished experiment, from its stage manifests: final validation loss,
-    tokens and seconds trained, and every evaluation metric."""
-    out: dict[str, float] = {}
-    finished = ("complete", "partial")  # a running or failed manifest has no figures yet
-    train = stage_dir(exp, "train").read_manifest() if "train" in exp.stages else None
-    if train and train.get("status") in finished:
-        out["val/loss"] = train["metrics"]["val/loss_final"]
-        out["train/tokens"] = train["counts"]["tokens"]
-        out["train/steps"] = train["counts"]["steps"]
-        out["train/seconds"] = train["metrics"]["train/seconds"]
-    evaluation = stage_dir(exp, "eval").read_manifest() if "eval" in exp.stages else None
-    if evaluation and evaluation.get("status") in finished:
-        out.update(evaluation.get("metrics", {}))  # a partial eval: the tasks that finished
-    return out
 
 
 def init_ray(exp: Experiment) -> None:

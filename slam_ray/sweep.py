@@ -29,7 +29,8 @@ import pandas as pd
 from slam_ray.config import Experiment
 from slam_ray.errors import SlamError
 from slam_ray.fingerprint import snapshot
-from slam_ray.runner import init_ray, stage_function, summary_metrics
+from slam_ray.pipeline import stage_function, summary_metrics
+from slam_ray.runner import init_ray
 from slam_ray.search_space import (
     REPEAT,
     SearchSpace,

@@ -87,13 +87,23 @@ def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> N
 
 
 class _NoTrainInfo:
-    """A logging filter: drops Ray Train's own records below WARNING (e.g. "Reporting training result ...")."""
+    """A logging filter: drops Ray Train's own records below WARNING (e.g. "Reporting training result ...").
+    Matched by source file as well as by logger name: Train V2's context module logs through
+    `logging.getLogger(__file__)`, a logger named by its path that propagates to the root logger."""
 
-    @staticmethod
-    def filter(record) -> bool:
+    def __init__(self) -> None:
+        import os
+
+        import ray.train
+
+        self.package_dir = os.path.dirname(ray.train.__file__) + os.sep
+
+    def filter(self, record) -> bool:
         import logging
 
-        return not (record.name.startswith("ray.train") and record.levelno < logging.WARNING)
+        if record.levelno >= logging.WARNING:
+            return True
+        return not (record.name.startswith("ray.train") or record.pathname.startswith(self.package_dir))
 
 
 def quiet_worker_logs() -> None:

@@ -11,7 +11,7 @@ import pytest
 from conftest import kill_a_worker_during, small_experiment
 
 from slam_ray.config import with_values
-from slam_ray.runner import stage_function
+from slam_ray.pipeline import stage_function
 from slam_ray.stage_io import stage_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -19,7 +19,7 @@ from conftest import make_benchmark_layouts, save_tiny_text_lm, small_experiment
 
 from slam_ray.cli import EXIT_PARTIAL, EXIT_USAGE, main
 from slam_ray.config import to_yaml, with_values
-from slam_ray.runner import stage_function
+from slam_ray.pipeline import stage_function
 from slam_ray.stage_io import StageDir, stage_dir, stage_payload
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -153,7 +153,7 @@ def test_a_snapshot_fingerprints_each_input_once(tmp_path):
 def test_eval_units_cache_sees_audio_rewritten_in_place(tmp_path, monkeypatch):
     """The cache of a dataset's units (keyed by its file list) encodes a file again once it is rewritten. The
     encoder here is a stand-in (units = the file's bytes): what is under test is the cache, not the tokenizer."""
-    from slam_ray import eval as evaluation
+    from slam_ray import audio_units as evaluation
 
     def encode(exp, rows, *args, **kwargs):
         return [{"path": r["path"], "seg_start": 0.0, "units": list(Path(r["path"]).read_bytes()), "durations": [1]}
@@ -161,7 +161,7 @@ def test_eval_units_cache_sees_audio_rewritten_in_place(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluation, "encode_files", encode)
     monkeypatch.setattr(evaluation, "init_ray", lambda exp: None)
-    monkeypatch.setattr(evaluation, "_tokenizer_dir", lambda exp: "")
+    monkeypatch.setattr(evaluation, "tokenizer_dir", lambda exp: "")
     wav = tmp_path / "a.wav"
     wav.write_bytes(b"\x01\x02")
     exp = small_experiment(tmp_path / "w")

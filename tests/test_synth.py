@@ -244,7 +244,7 @@ def test_write_audio_false_speaks_inside_extract_with_the_units_of_the_files(tmp
     """Fused synthesis: synth only plans, extract's actors speak each utterance straight into units. Encoded
     with the same tokenizer, they are the units of the FLACs synth would have written."""
     from slam_ray.extract import resolve_inputs
-    from slam_ray.runner import stage_function
+    from slam_ray.pipeline import stage_function
     from slam_ray.tokenizer import encode_files
 
     written = corpus_experiment(tmp_path / "written", stages=("synth", "extract"))

@@ -35,7 +35,7 @@ def test_time_budget_sizes_the_schedule(tmp_path, ray_local):
     # val_reports 0: ten validation reports would be a large share of a 6-second budget of 10-ms steps
     exp = small_experiment(tmp_path / "w", train={"max_steps": None, "max_minutes": budget_s / 60, "log_every": 10,
                                                   "val_reports": 0,
-                                                  "schedule": {"name": "cosine", "warmup_ratio": 0.1, "min_lr": 1e-5}})
+                                                  "schedule": {"name": "cosine", "warmup_steps": 10, "min_lr": 1e-5}})
     fake_pack_output(exp)
     out = train(exp)
     manifest = json.loads(out.manifest_path.read_text())
@@ -50,7 +50,9 @@ def test_time_budget_sizes_the_schedule(tmp_path, ray_local):
     lrs = mlflow.MlflowClient().get_metric_history(run.run_id, "train/lr")
     if steps == planned:  # the schedule ran to its end: the lr reached min_lr exactly at the budget
         assert lrs[-1].value == pytest.approx(1e-5, rel=1e-3)
-    assert max(m.value for m in lrs) == pytest.approx(exp.train.optimizer.lr, rel=0.05)
+    # warmup ends at step 10, a log step: its lr is the peak (under a ratio warmup, log steps could miss the peak)
+    assert max(m.value for m in lrs) == pytest.approx(exp.train.optimizer.lr, rel=1e-3)
+    assert all(m.value <= exp.train.optimizer.lr * (1 + 1e-6) for m in lrs)
 
 
 def loss_curve(exp) -> dict[int, float]:
