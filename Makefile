@@ -6,14 +6,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint docs bench system-deps clean
+.PHONY: demo test test-fast lint docs bench system-deps clean
 
 demo: $(VENV)/.installed system-deps
 	$(BIN)/slam-ray run quickstart
 
-test: $(VENV)/.installed-dev system-deps
-	@$(BIN)/python -m pytest tests; rc=$$?; \
+# pytest's exit code 5 (no tests collected) fails on purpose rather than passing silently.
+PYTEST = rc=0; $(BIN)/python -m pytest $(1) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
+
+test: $(VENV)/.installed-dev system-deps
+	@$(call PYTEST,tests)
+
+# The development loop: no Ray instance, no subprocess pipeline, no training run (markers `ray` and `slow`).
+test-fast: $(VENV)/.installed-dev system-deps
+	@$(call PYTEST,-m "not ray and not slow" tests)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check slam_ray tests bench

@@ -1,21 +1,19 @@
+"""Fixtures (session Ray, espeak-ng, an MLflow server, an S3 server, the reduced pipeline built once); the helpers
+tests import are in helpers.py."""
+
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-# Real speech with slamkit's own unit files (MIT; origin and licence in tests/data/slamkit_example/README.md).
-FIXTURES = Path(__file__).resolve().parent / "data" / "slamkit_example"
+from helpers import FIXTURES, S3_SECRET, free_port, small_experiment
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,71 +55,16 @@ def espeak() -> str:
     return path
 
 
-def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool],
-                         actor_class: str = "RayTrainWorker") -> tuple[int | None, list[BaseException]]:
-    """Run `run` in a thread and SIGKILL one live actor of `actor_class` (a Ray Train worker by default) as soon
-    as `ready()`; wait for `run` to end. Returns (the killed pid or None if it ended first, the errors `run`
-    raised)."""
-    import signal
-    import threading
-    import time
+@pytest.fixture(scope="session")
+def reduced_pipeline(tmp_path_factory, ray_local, espeak):
+    """The reduced quickstart's synth, extract and pack (`small_experiment`'s defaults) built once per test run;
+    tests link them into their own workdirs with `helpers.link_upstream` and never write into them."""
+    from slam_ray.pipeline import stage_function
 
-    import ray
-    from ray.util.state import list_actors
-
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            run()
-        except BaseException as e:  # surfaced by the caller's assertion
-            errors.append(e)
-
-    runner = threading.Thread(target=target)
-    runner.start()
-    victim = None
-    deadline = time.time() + 300
-    while victim is None and time.time() < deadline and runner.is_alive():
-        if ready():
-            # the address, not a scan of the machine's Ray processes: another local Ray would make that ambiguous
-            workers = list_actors(address=ray.get_runtime_context().gcs_address,
-                                  filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")])
-            if workers:
-                victim = workers[0].pid
-                os.kill(victim, signal.SIGKILL)
-        time.sleep(0.2)
-    runner.join(timeout=600)
-    return victim, errors
-
-
-def small_experiment(workdir: Path | str, **sections):
-    """A quickstart-shaped experiment scaled down to seconds per stage."""
-    from slam_ray.config import Experiment
-
-    data = {
-        "name": "tiny",
-        "workdir": str(workdir),
-        "ray": {"actor_cpus": 0.5, "worker_cpus": 1},
-        "synth": {"corpus": {"n_sentences": 240}, "num_actors": 2, "batch_size": 16},
-        "extract": {"tokenizer": {"n_units": 48, "fit_frames": 4000}, "batch_size": 16},
-        "pack": {"context_len": 128, "val_fraction": 0.05},
-        "train": {"batch_size": 8, "max_steps": 30, "max_minutes": None, "log_every": 5,
-                  "model": {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2,
-                            "intermediate_size": 128}},
-        "eval": {"n_pairs": 12, "batch_size": 16},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            data.setdefault(section, {}).update(values)
-        else:
-            data[section] = values
-    return Experiment.model_validate(data)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    exp = small_experiment(tmp_path_factory.mktemp("reduced") / "work")
+    for stage in ("synth", "extract", "pack"):
+        stage_function(stage)(exp)
+    return exp
 
 
 @pytest.fixture
@@ -154,9 +97,6 @@ def mlflow_server(tmp_path):
     log.close()
 
 
-S3_SECRET = "planted-SECRET-9f8e7d6c5b4a"  # the secret key: must never reach params, tags, artifacts or manifests
-
-
 @pytest.fixture
 def s3_server(tmp_path):
     """(endpoint URL, port, credentials env) of a real S3-compatible server (moto) on 127.0.0.1."""
@@ -178,94 +118,3 @@ def s3_server(tmp_path):
     log.close()
 
 
-def speak_wav(path: Path, text: str, voice: str = "en-us", speed: int = 160) -> Path:
-    """Real speech for miniature benchmark layouts: espeak-ng straight to a 22 kHz WAV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True)
-    return path
-
-
-def make_benchmark_layouts(root: Path) -> dict[str, Path]:
-    """Miniature copies of the official layouts, spoken by espeak-ng: ZeroSpeech 2021 lexical + syntactic dev
-    (wavs + gold.csv), a SpokenStoryCloze folder, two SALMon subsets, and a JSONL manifest with a 3-way group."""
-    import pandas as pd
-
-    voices = ["en-us", "en-gb"]
-    lexical = root / "zr2021" / "lexical" / "dev"
-    rows = []
-    for i, (word, nonword, freq) in enumerate([("garden", "gardel", 120), ("window", "wintow", 40),
-                                                ("pencil", "pentil", 3), ("zebra", "zeblo", 0)]):
-        for voice in voices:
-            for text, correct in ((word, 1), (nonword, 0)):
-                name = f"{'w' if correct else 'n'}{i}_{voice}"
-                speak_wav(lexical / f"{name}.wav", text, voice)
-                rows.append({"filename": name, "id": i, "voice": voice, "frequency": freq if correct else None,
-                             "word": text, "phones": "", "length": len(text), "correct": correct})
-    pd.DataFrame(rows).to_csv(lexical / "gold.csv", index=False)
-    syntactic = root / "zr2021" / "syntactic" / "dev"
-    rows = []
-    for i, (good, bad, kind) in enumerate([("the dog runs", "the dog run", "agreement"),
-                                           ("the cats sleep", "the cats sleeps", "agreement"),
-                                           ("a big bird sings", "a bird big sings", "word_order")]):
-        for voice in voices:
-            for text, correct in ((good, 1), (bad, 0)):
-                name = f"{i}_{voice}_{correct}"
-                speak_wav(syntactic / f"{name}.wav", text, voice)
-                rows.append({"filename": name, "id": i, "voice": voice, "type": kind, "subtype": kind,
-                             "correct": correct, "transcription": text})
-    pd.DataFrame(rows).to_csv(syntactic / "gold.csv", index=False)
-    ssc = root / "sSC"
-    for i, (story, right, wrong) in enumerate([("she was hungry", "so she ate", "so the car flew"),
-                                               ("it rained all day", "the grass was wet", "the moon sang"),
-                                               ("he lost his keys", "he looked for them", "a fish is blue")]):
-        speak_wav(ssc / f"{i}_correct.wav", f"{story} {right}")
-        speak_wav(ssc / f"{i}_incorrect.wav", f"{story} {wrong}")
-    salmon = root / "salmon"
-    for subset in ("gender_consistency", "speaker_consistency"):
-        for i in range(3):
-            speak_wav(salmon / subset / f"sample_{i}_0.wav", "one two three four", voices[0])
-            speak_wav(salmon / subset / f"sample_{i}_1.wav", "one two three four", voices[i % 2])
-    manifest = root / "pairs" / "pairs.jsonl"
-    lines = []
-    for i, (pos, negs) in enumerate([("the girl sings", ["sings the girl"]),
-                                     ("a boy walks", ["walks boy a", "boy a walks"])]):
-        speak_wav(manifest.parent / f"p{i}.wav", pos)
-        for k, neg in enumerate(negs):
-            speak_wav(manifest.parent / f"n{i}_{k}.wav", neg)
-        lines.append({"id": f"m{i}", "positive": f"p{i}.wav", "negatives": [f"n{i}_{k}.wav" for k in range(len(negs))],
-                      "subset": "pairs" if len(negs) == 1 else "groups"})
-    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    return {"zerospeech": root / "zr2021", "ssc": ssc, "salmon": salmon, "manifest": manifest}
-
-
-def save_tiny_text_lm(folder: Path) -> Path:
-    """A tiny random GPT-2 with a word-level tokenizer, saved like any HF text LM (for GenPPL)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    words = ["<unk>", "<eos>", "the", "dog", "cat", "runs", "sat", "a", "one", "two", "three", "four"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                               bos_token_id=1, eos_token_id=1)).save_pretrained(folder)
-    return folder
-
-
-def kill_when(command: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 300) -> None:
-    """Start `command` in its own process group and SIGKILL the whole group (driver, Ray, actors) as soon as
-    `ready()`; fails if it finishes first or `ready()` never comes. Its output is kept in cwd/killed.log."""
-    log_path = cwd / "killed.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        try:
-            while not ready():
-                assert proc.poll() is None, "finished before it could be killed:\n" + log_path.read_text()[-3000:]
-                assert time.time() < deadline, "not ready to be killed in time"
-                time.sleep(0.05)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)

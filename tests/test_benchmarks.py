@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import make_benchmark_layouts
+from helpers import make_benchmark_layouts
 
 from slam_ray.benchmarks import frequency_band, load_task, read_comparisons, task_names
 from slam_ray.errors import SlamError

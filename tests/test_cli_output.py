@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import small_experiment
+from helpers import small_experiment
 
 from slam_ray.config import to_yaml
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port, small_experiment
+from helpers import free_port, small_experiment
 
 from slam_ray.config import to_yaml
 from slam_ray.stage_io import stage_dir

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import kill_a_worker_during, small_experiment
+from helpers import kill_a_worker_during, link_upstream, small_experiment
 
 from slam_ray.config import with_values
 from slam_ray.pipeline import stage_function
@@ -21,12 +21,13 @@ DPO = {"n_pairs": 200, "val_pairs": 40, "max_steps": 40, "max_minutes": None, "b
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, ray_local, espeak):
-    """A tiny experiment with its synth, extract, pack and train stages done (shared by the tests here)."""
+def pretrained(tmp_path_factory, reduced_pipeline):
+    """A tiny experiment with its synth, extract, pack (the session's, linked) and train stages done (shared by
+    the tests here)."""
     exp = small_experiment(tmp_path_factory.mktemp("dpo") / "work", stages=["synth", "extract", "pack", "train", "dpo", "eval"],
                            train={"max_steps": 40}, dpo=DPO)
-    for stage in ("synth", "extract", "pack", "train"):
-        stage_function(stage)(exp)
+    link_upstream(exp, reduced_pipeline)
+    stage_function("train")(exp)
     return exp
 
 

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from conftest import make_benchmark_layouts, save_tiny_text_lm, small_experiment, speak_wav
+from helpers import link_upstream, make_benchmark_layouts, save_tiny_text_lm, small_experiment, speak_wav
 
 from slam_ray.cli import EXIT_PARTIAL, EXIT_USAGE, main
 from slam_ray.config import to_yaml, with_values
@@ -26,12 +26,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_local, espeak):
-    """A tiny experiment trained for 30 steps with a checkpoint every 10, plus the miniature layouts."""
+def trained(tmp_path_factory, reduced_pipeline):
+    """A tiny experiment trained for 30 steps with a checkpoint every 10 (on the session's reduced pipeline),
+    plus the miniature layouts."""
     root = tmp_path_factory.mktemp("eval")
     exp = small_experiment(root / "work", train={"max_steps": 30, "checkpoint_every": 10})
-    for stage in ("synth", "extract", "pack", "train"):
-        stage_function(stage)(exp)
+    link_upstream(exp, reduced_pipeline)
+    stage_function("train")(exp)
     return exp, make_benchmark_layouts(root / "data")
 
 

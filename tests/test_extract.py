@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import kill_a_worker_during, kill_when, small_experiment
+from helpers import kill_a_worker_during, kill_when, small_experiment
 
 from slam_ray.errors import SlamError
 from slam_ray.extract import extract, resolve_inputs

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import small_experiment
+from helpers import small_experiment
 
 from slam_ray.config import to_yaml
 from slam_ray.stage_io import stage_dir

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import small_experiment
+from helpers import small_experiment
 
 from slam_ray.fingerprint import snapshot
 from slam_ray.stage_io import stage_dir, stage_key, stage_payload

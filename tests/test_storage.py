@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import S3_SECRET as SECRET
-from conftest import small_experiment
+from helpers import S3_SECRET as SECRET
+from helpers import small_experiment
 
 from slam_ray.config import to_yaml
 from slam_ray.stage_io import stage_dir

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import small_experiment
+from helpers import small_experiment
 
 from slam_ray.config import to_yaml, with_values
 from slam_ray.search_space import load_space

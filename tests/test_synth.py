@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import soundfile as sf
-from conftest import kill_when, small_experiment
+from helpers import kill_when, small_experiment
 from test_tts import save_tiny_vits
 
 from slam_ray.config import Experiment, SynthConfig

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_text_lm
+from helpers import save_tiny_text_lm
 
 from slam_ray.textmetrics import Transcriber, auto_bleu, generative_summary, text_nll, word_error_rate
 

@@ -43,7 +43,7 @@ def test_ranks_see_disjoint_slices_of_each_global_batch():
 def test_too_little_data_is_a_clear_error(tmp_path):
     """Fewer packed windows than one global batch: a SlamError naming the fields, from the worker's batcher and,
     before any Ray worker starts, from the stage (it reads the count from the pack manifest)."""
-    from conftest import small_experiment
+    from helpers import small_experiment
 
     from slam_ray.errors import SlamError
     from slam_ray.stage_io import stage_dir
@@ -244,7 +244,7 @@ def test_pack_reads_slamkit_files_without_extract(fixtures, tmp_path):
     """slamkit's features and tokens JSONL go straight into pack: no extract stage is needed or run."""
     import json
 
-    from conftest import small_experiment
+    from helpers import small_experiment
 
     from slam_ray.pack import pack
     from slam_ray.units import read_jsonl

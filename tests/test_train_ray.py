@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import kill_a_worker_during, small_experiment
+from helpers import kill_a_worker_during, small_experiment
 
 from slam_ray.stage_io import stage_dir
 from slam_ray.train import train
