@@ -20,7 +20,12 @@ StageName = Literal["synth", "extract", "pack", "train", "dpo", "eval"]
 
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, assignments are validated."""
+    """Base of every section: unknown keys are errors, assignments are validated.
+
+    Field metadata stage keys read (slam_ray/stage_io.py, docs/stages.md): `json_schema_extra={"operational":
+    True}` = how a stage runs, not what it writes (left out of keys); `{"since": "<version>"}` on a field added
+    later = left out of keys while it holds its default, so existing outputs stay valid.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -90,8 +95,9 @@ class SynthConfig(Section):
                                        "where units must be consistent (docs/recipe.md); espeak has none")
     alignments: bool = Field(True, description="record word alignments where the backend gives them")
     sample_rate: int = 16000
-    num_actors: int = Field(2, ge=1)
-    num_gpus_per_actor: float = Field(0.0, ge=0, description="hf: GPUs per actor (e.g. 0.25 shares one GPU by 4)")
+    num_actors: int = Field(2, ge=1, json_schema_extra={"operational": True})
+    num_gpus_per_actor: float = Field(0.0, ge=0, description="hf: GPUs per actor (e.g. 0.25 shares one GPU by 4)",
+                                      json_schema_extra={"operational": True})
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(1000, ge=1, description="utterances per audio folder and index part: the unit of resume")
     write_audio: bool = Field(True, description="false: synth only plans the utterances and extract speaks each one "
@@ -152,14 +158,16 @@ class ExtractConfig(Section):
                     "synth output; {name, path} names the dataset for pack.mix (default: the folder/file stem)",
     )
     tokenizer: TokenizerConfig = TokenizerConfig()
-    num_actors: int = Field(2, ge=1)
+    num_actors: int = Field(2, ge=1, json_schema_extra={"operational": True})
     batch_size: int = Field(32, ge=1)
-    num_gpus_per_actor: float = 0.0
+    num_gpus_per_actor: float = Field(0.0, json_schema_extra={"operational": True})
     decode_cpus: float = Field(0.25, gt=0, description="CPUs per decoding task (decoding and resampling run as Ray "
-                                                        "tasks feeding the encoding actors; keep CPUs free for them)")
+                                                        "tasks feeding the encoding actors; keep CPUs free for them)",
+                        json_schema_extra={"operational": True})
     gpu_batch_seconds: float = Field(
         200.0, gt=0, description="padded seconds of audio per forward pass on a GPU; larger needs more GPU memory "
-                                 "(800 was 4-6% faster in the steady state on an 80 GB H100, bench/gpu.py)")
+                                 "(800 was 4-6% faster in the steady state on an 80 GB H100, bench/gpu.py)",
+        json_schema_extra={"operational": True})
     shard_files: int = Field(2000, ge=1, description="input files per Parquet shard: the unit of resume")
     max_segment_seconds: float | None = Field(
         60.0, gt=1, description="files longer than this are read block by block and cut in each window's last "
@@ -241,23 +249,30 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more compute")
     compile: bool = Field(False, description="torch.compile the model (inductor; the first steps pay the compile time)")
-    peak_tflops: float | None = Field(None, gt=0, description="per-GPU peak for MFU; None = looked up by GPU name (bf16 dense)")
+    peak_tflops: float | None = Field(None, gt=0, description="per-GPU peak for MFU; None = looked up by GPU name (bf16 dense)",
+                                      json_schema_extra={"operational": True})
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full model copy per worker; fsdp: weights, "
                                              "gradients and optimizer state sharded across workers (FSDP2), for larger models")
     resources_per_worker: dict[str, float] | None = Field(
-        None, description="Ray resources per training worker; None = {CPU: ray.worker_cpus, GPU: 1 with use_gpu}")
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None = worker CPUs")
-    log_every: int = Field(10, ge=1)
+        None, description="Ray resources per training worker; None = {CPU: ray.worker_cpus, GPU: 1 with use_gpu}",
+        json_schema_extra={"operational": True})
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker; None = worker CPUs",
+                                        json_schema_extra={"operational": True})
+    log_every: int = Field(10, ge=1, json_schema_extra={"operational": True})
     val_reports: int = Field(10, ge=0, le=100, description="validation passes spread over the budget, each "
-                             "reported (MLflow val/loss; a sweep's ASHA/median compare them); 0 = only at the end")
-    checkpoint_every: int | None = Field(None, ge=1, description="steps between resumable checkpoints")
-    checkpoint_every_minutes: float | None = Field(None, gt=0, description="minutes between resumable checkpoints")
-    max_failures: int = Field(0, ge=-1, description="Ray Train retries after a worker failure (-1: forever)")
+                             "reported (MLflow val/loss; a sweep's ASHA/median compare them); 0 = only at the end",
+                             json_schema_extra={"operational": True})
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between resumable checkpoints",
+                                         json_schema_extra={"operational": True})
+    checkpoint_every_minutes: float | None = Field(None, gt=0, description="minutes between resumable checkpoints",
+                                                   json_schema_extra={"operational": True})
+    max_failures: int = Field(0, ge=-1, description="Ray Train retries after a worker failure (-1: forever)",
+                              json_schema_extra={"operational": True})
     storage_path: str | None = Field(None, description="where Ray Train keeps the run (checkpoints, trainer state): "
                                      "a shared folder or s3://bucket/prefix, gs://bucket/prefix, credentials from the "
-                                     "environment; None = the stage folder")
+                                     "environment; None = the stage folder", json_schema_extra={"operational": True})
     seed: int = 0
 
     @model_validator(mode="after")
@@ -293,8 +308,9 @@ class DpoConfig(Section):
     max_minutes: float | None = Field(30.0, gt=0, description="wall-clock budget (the paper: 30 minutes helped)")
     epochs: float | None = Field(None, gt=0)
     num_workers: int | None = Field(None, ge=1, description="Ray Train workers; None = train.num_workers")
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int | None = Field(None, ge=1, description="steps between resumable checkpoints")
+    log_every: int = Field(10, ge=1, json_schema_extra={"operational": True})
+    checkpoint_every: int | None = Field(None, ge=1, description="steps between resumable checkpoints",
+                                         json_schema_extra={"operational": True})
     seed: int = 0
 
     @model_validator(mode="after")
@@ -358,8 +374,8 @@ class EvalConfig(Section):
     convention: Literal["mean", "sum"] = Field("mean", description="score by mean (slamkit) or summed token NLL")
     batch_size: int = Field(32, ge=1)
     num_actors: int = Field(1, ge=1, description="Ray Data scoring actors (one per GPU on a cluster); 1 without GPUs "
-                            "scores in the eval process itself")
-    num_gpus_per_actor: float = Field(0.0, ge=0)
+                            "scores in the eval process itself", json_schema_extra={"operational": True})
+    num_gpus_per_actor: float = Field(0.0, ge=0, json_schema_extra={"operational": True})
     seed: int = 1234
     generation: GenerationConfig = GenerationConfig()
 

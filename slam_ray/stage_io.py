@@ -2,7 +2,10 @@
 
 A stage's key hashes its own config section and the keys of the stages it reads from, so changing an
 upstream stage invalidates everything downstream, while a sweep over `train` reuses the same units. Fields
-that change how a stage runs but not what it produces (actor counts, batch sizes of I/O) are left out. Every
+that change how a stage runs but not what it produces (actor counts, logging, checkpoint cadence) are marked
+`json_schema_extra={"operational": True}` on the schema (slam_ray/config.py) and left out; a field added later
+and marked `{"since": ...}` is left out while it holds its default, so adding it keeps existing keys. Each stage
+has a format version (`STAGE_FORMAT`), bumped when its output format or what its key covers changes. Every
 input given by path (files, folders, models, task YAMLs) is hashed by what is there (`fingerprints` in the
 section: see slam_ray/fingerprint.py), so an input edited in place makes a new key.
 """
@@ -12,9 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from slam_ray.benchmarks import READERS_VERSION
 from slam_ray.config import STAGES, Experiment
@@ -24,16 +31,59 @@ from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
 from slam_ray.preferences import PREFERENCES_VERSION
 from slam_ray.storage import is_remote, join, local_path, localize, publish, read_text
 
-# Fields that only change scheduling, not results.
-_OPERATIONAL = {"num_actors", "num_gpus_per_actor", "log_every", "val_reports", "torch_threads", "checkpoint_every", "checkpoint_every_minutes",
-                "max_failures", "peak_tflops", "storage_path", "resources_per_worker", "decode_cpus",
-                "gpu_batch_seconds"}
+# The version of each stage's output format and of what its key covers. Bump a stage's number when either
+# changes, so an old output is never reused as a new one (docs/stages.md). Version 1 is not in the payload: it
+# is what keys were before versions existed, so existing workdirs keep their keys.
+STAGE_FORMAT: dict[str, int] = {"synth": 1, "extract": 1, "pack": 1, "train": 1, "dpo": 1, "eval": 1}
 
 
-def _strip(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _strip(v) for k, v in d.items() if k not in _OPERATIONAL}
-    return d
+def _marks(info: FieldInfo) -> dict[str, Any]:
+    extra = info.json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def operational_fields(model: type[BaseModel] = Experiment, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields marked operational, nested sections included (what keys leave out)."""
+    found = []
+    for name, info in model.model_fields.items():
+        if _marks(info).get("operational"):
+            found.append(prefix + name)
+        for sub in _models_in(info.annotation):
+            found += operational_fields(sub, f"{prefix}{name}.")
+    return found
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (directly, optionally, as list items)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def key_view(section: BaseModel) -> dict[str, Any]:
+    """A section's JSON as its stage key sees it: fields marked operational left out (at any depth, by the
+    schema, not by name: a dataset called `log_every` in `pack.mix` stays), and fields marked `since` left out
+    while they equal their default."""
+    return _key_view(section, section.model_dump(mode="json"))
+
+
+def _key_view(value: Any, dumped: Any) -> Any:
+    if isinstance(value, BaseModel):
+        fields = type(value).model_fields
+        kept = {}
+        for name, item in dumped.items():
+            marks = _marks(fields[name]) if name in fields else {}
+            if marks.get("operational"):
+                continue
+            if "since" in marks and getattr(value, name) == fields[name].get_default(call_default_factory=True):
+                continue
+            kept[name] = _key_view(getattr(value, name), item)
+        return kept
+    if isinstance(value, (list, tuple)) and isinstance(dumped, list):
+        return [_key_view(v, d) for v, d in zip(value, dumped, strict=True)]
+    if isinstance(value, dict) and isinstance(dumped, dict):
+        return {k: _key_view(v, d) for (k, d), v in zip(dumped.items(), value.values(), strict=True)}
+    return dumped
 
 
 def config_hash(payload: Any) -> str:
@@ -114,7 +164,7 @@ def input_fingerprints(exp: Experiment, stage: str) -> dict[str, Any]:
 def _spoken_grammar(exp: Experiment) -> dict[str, Any]:
     """What held-out grammar items spoken by a stage itself (eval pairs, DPO triples) depend on: the synth
     voices, the held-out split, and the extract tokenizer that turns them into units."""
-    synth = _strip(exp.synth.model_dump(mode="json"))
+    synth = key_view(exp.synth)
     voices = {k: synth[k] for k in ("backend", "voices", "speed", "sample_rate")}
     if files := _voice_files(exp):
         voices["fingerprints"] = files
@@ -123,11 +173,17 @@ def _spoken_grammar(exp: Experiment) -> dict[str, Any]:
 
 
 def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
-    """What a stage's output depends on: its section (with the fingerprints of its inputs given by path)
-    plus upstream keys."""
+    """What a stage's output depends on: its section (with the fingerprints of its inputs given by path),
+    upstream keys, and its format version from 2 on."""
+    payload = _section_payloads(exp, stage)
+    if STAGE_FORMAT[stage] > 1:
+        payload["format_version"] = STAGE_FORMAT[stage]
+    return payload
 
+
+def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
     def section(name: str) -> dict[str, Any]:
-        payload = _strip(getattr(exp, name).model_dump(mode="json"))
+        payload = key_view(getattr(exp, name))
         if found := input_fingerprints(exp, name):
             payload["fingerprints"] = found
         return payload
