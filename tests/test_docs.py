@@ -28,6 +28,10 @@ def test_the_site_builds_with_strict_checks(tmp_path: Path):
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout}\n{done.stderr}"
     pages = {p.relative_to(tmp_path / "site") for p in (tmp_path / "site").rglob("index.html")}
     assert Path("reference/config/index.html") in pages and Path("index.html") in pages
+    # the home page is the README itself (docs/hooks.py), so the two cannot drift apart
+    home = (tmp_path / "site" / "index.html").read_text()
+    for heading in re.findall(r"^## (.+)$", (ROOT / "README.md").read_text(), re.M):
+        assert heading.replace("&", "&amp;") in home, f"README section {heading!r} missing from the site's home page"
 
 
 def test_the_checked_in_config_reference_is_the_generated_one():
