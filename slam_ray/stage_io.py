@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slam_ray.benchmarks import READERS_VERSION
-from slam_ray.config import STAGES, Experiment
+from slam_ray.config import STAGES, TRAINER_FIELDS, Experiment, TrainConfig
 from slam_ray.errors import SlamError
 from slam_ray.fingerprint import fingerprint, fingerprints
 from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
@@ -151,8 +151,17 @@ def stage_payload(exp: Experiment, stage: str) -> dict[str, Any]:
         return {"train": section("train"), "pack": stage_key(exp, "pack")}
     if stage == "dpo":
         payload = {"dpo": section("dpo")}
+        # dpo.precision/compile/gradient_checkpointing/strategy: None (train's value) is left out, so experiments
+        # that do not set them keep their keys. Train's values are keyed through train's key; without it (dpo.init)
+        # those that differ from train's defaults (what DPO used to run with) are keyed here.
+        for name in TRAINER_FIELDS:
+            if payload["dpo"][name] is None:
+                del payload["dpo"][name]
         if not exp.dpo.init:
             payload["train"] = stage_key(exp, "train")
+        elif inherited := {name: value for name, value in exp.trainer_settings("dpo").items()
+                           if getattr(exp.dpo, name) is None and value != TrainConfig.model_fields[name].default}:
+            payload["dpo_from_train"] = inherited
         if "@grammar" in exp.dpo.inputs:
             payload.update(_spoken_grammar(exp), preferences_version=PREFERENCES_VERSION)
         return payload
