@@ -371,6 +371,7 @@ class Trainer:
     step: int = 0
     tokens: int = 0
     tokens_per_s: float = 0.0  # over the run's training loop (this session's part of it after a resume)
+    train_seconds: float = 0.0  # the budget's clock at the loop's end
 
     def __post_init__(self) -> None:
         import torch
