@@ -7,9 +7,11 @@ synth voices and tokenised with the extract tokenizer, or slamkit's preference J
 reference's log-probs of every triple once (`reference_logps.parquet`), so training workers hold no reference
 model; otherwise each worker keeps a frozen copy beside the policy. Each worker loads the `train` stage's
 checkpoint as the policy and trains with the DPO (or IPO) loss (`slam_ray/dpo_loss.py`): AdamW, inverse-sqrt
-or cosine, grad-norm clipping, a step / token / epoch / time budget, resumable checkpoints. Rank 0 logs loss,
-rewards, reward accuracy and margin to MLflow. At the end, the held-out triples measure what DPO changed: the policy's chosen-vs-rejected log-likelihood margin before and
-after, and the reward accuracy. Outputs: `checkpoint` (after DPO), `checkpoint_before_dpo` and
+or cosine, grad-norm clipping, a step / token / epoch / time budget, resumable checkpoints, and `train`'s
+precision, compile, gradient checkpointing and DDP/FSDP unless `dpo.*` sets its own (the trainer scaffold shared
+with `train`, `slam_ray/trainer.py`). Rank 0 logs loss, rewards, reward accuracy and margin to MLflow. At the
+end, the held-out triples measure what DPO changed: the policy's chosen-vs-rejected log-likelihood margin
+before and after, and the reward accuracy. Outputs: `checkpoint` (after DPO), `checkpoint_before_dpo` and
 `checkpoint_init` (the pre-trained and the untrained model, which `eval` scores beside it), `triples.json`.
 The spoken, tokenised triples are cached under `WORKDIR/dpo_triples/` for every DPO run on them.
 """

@@ -1,9 +1,11 @@
 """`slam-ray train`: pre-train a speech LM on packed unit windows with Ray Train (`TorchTrainer`).
 
-Read top to bottom: the driver builds a `TorchTrainer`; each worker builds the model, probes its own
+Read top to bottom: the driver runs a `TorchTrainer`; each worker builds the model, probes its own
 throughput when the budget is wall-clock time (so a cosine schedule really ends at the budget), trains with
 AdamW + warmup/cosine, logs to MLflow from rank 0, and reports two HF checkpoints: `init` (step 0, the
 untrained baseline evaluation compares against) and `final`. The driver copies both into the stage folder.
+What is not this stage's data or loss (precision, compile, DDP/FSDP, budgets, resume, logging, MFU) is the
+trainer scaffold's, shared with `dpo` (`slam_ray/trainer.py`).
 """
 
 from __future__ import annotations
