@@ -17,6 +17,8 @@ from slam_ray.errors import ConfigError, SlamError
 
 STAGES = ("synth", "extract", "pack", "train", "dpo", "eval")
 StageName = Literal["synth", "extract", "pack", "train", "dpo", "eval"]
+# the dpo fields whose None means "train's value" (Experiment.trainer_settings resolves them)
+TRAINER_FIELDS = ("precision", "compile", "gradient_checkpointing", "strategy")
 
 
 class Section(BaseModel):
@@ -308,6 +310,11 @@ class DpoConfig(Section):
     max_minutes: float | None = Field(30.0, gt=0, description="wall-clock budget (the paper: 30 minutes helped)")
     epochs: float | None = Field(None, gt=0)
     num_workers: int | None = Field(None, ge=1, description="Ray Train workers; None = train.num_workers")
+    precision: Literal["fp32", "bf16"] | None = Field(None, description="as train.precision; None = train's value")
+    compile: bool | None = Field(None, description="as train.compile; None = train's value")
+    gradient_checkpointing: bool | None = Field(None, description="as train.gradient_checkpointing; None = train's value")
+    strategy: Literal["ddp", "fsdp"] | None = Field(None, description="as train.strategy (fsdp also shards the "
+                                                    "reference model); None = train's value")
     log_every: int = Field(10, ge=1, json_schema_extra={"operational": True})
     checkpoint_every: int | None = Field(None, ge=1, description="steps between resumable checkpoints",
                                          json_schema_extra={"operational": True})
@@ -470,6 +477,13 @@ class Experiment(Section):
     @property
     def vocab_size(self) -> int:
         return self.extract.tokenizer.n_units + 2
+
+    def trainer_settings(self, stage: str) -> dict[str, Any]:
+        """How `stage` ("train" or "dpo") trains: {precision, compile, gradient_checkpointing, strategy}; dpo's
+        own value where set, else train's (the one place where dpo's None is resolved)."""
+        own = self.dpo if stage == "dpo" else self.train
+        return {name: getattr(self.train, name) if getattr(own, name) is None else getattr(own, name)
+                for name in TRAINER_FIELDS}
 
     def named_inputs(self) -> list[tuple[str, str]]:
         """(dataset name, path) per extract input."""

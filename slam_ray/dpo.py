@@ -7,9 +7,11 @@ synth voices and tokenised with the extract tokenizer, or slamkit's preference J
 reference's log-probs of every triple once (`reference_logps.parquet`), so training workers hold no reference
 model; otherwise each worker keeps a frozen copy beside the policy. Each worker loads the `train` stage's
 checkpoint as the policy and trains with the DPO (or IPO) loss (`slam_ray/dpo_loss.py`): AdamW, inverse-sqrt
-or cosine, grad-norm clipping, a step / token / epoch / time budget, resumable checkpoints. Rank 0 logs loss,
-rewards, reward accuracy and margin to MLflow. At the end, the held-out triples measure what DPO changed: the policy's chosen-vs-rejected log-likelihood margin before and
-after, and the reward accuracy. Outputs: `checkpoint` (after DPO), `checkpoint_before_dpo` and
+or cosine, grad-norm clipping, a step / token / epoch / time budget, resumable checkpoints, and `train`'s
+precision, compile, gradient checkpointing and DDP/FSDP unless `dpo.*` sets its own (the trainer scaffold shared
+with `train`, `slam_ray/trainer.py`). Rank 0 logs loss, rewards, reward accuracy and margin to MLflow. At the
+end, the held-out triples measure what DPO changed: the policy's chosen-vs-rejected log-likelihood margin
+before and after, and the reward accuracy. Outputs: `checkpoint` (after DPO), `checkpoint_before_dpo` and
 `checkpoint_init` (the pre-trained and the untrained model, which `eval` scores beside it), `triples.json`.
 The spoken, tokenised triples are cached under `WORKDIR/dpo_triples/` for every DPO run on them.
 """
@@ -22,8 +24,6 @@ import json
 import math
 import random
 import shutil
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,15 +37,22 @@ from slam_ray.optim import lr_factor
 from slam_ray.preferences import grammar_preference_triples, read_slamkit_preferences
 from slam_ray.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.stage_io import StageDir, Timer, stage_payload, upstream_dir
-from slam_ray.storage import localize, model_source, run_storage
+from slam_ray.storage import localize, model_source
 from slam_ray.tracking import Tracker
-from slam_ray.train_utils import (
-    all_ranks,
-    check_global_batch,
-    out_of_time,
-    quiet_worker_logs,
-    report_checkpoint,
+from slam_ray.train_utils import check_global_batch, flops_per_token
+from slam_ray.trainer import (
+    Budget,
+    Mfu,
+    Plan,
+    Trainer,
+    TrainerSettings,
+    autocast,
+    fit,
+    plain_model,
+    prepare_frozen,
+    prepare_model,
     resume_state,
+    setup_worker,
 )
 from slam_ray.units import UNIT_OFFSET, units_to_tokens
 
@@ -139,7 +146,7 @@ def cached_triples(exp: Experiment, timer: Timer) -> tuple[str, dict]:
 class ReferenceLogps:
     """Ray Data actor: the frozen start checkpoint's (chosen, rejected) log-probs of a batch of triples."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool) -> None:
+    def __init__(self, checkpoint: str, use_gpu: bool, precision: str = "fp32") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -150,13 +157,15 @@ class ReferenceLogps:
         # fp32 like the policy (transformers 5 would otherwise load a checkpoint in its saved dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint), dtype=torch.float32).to(self.device).eval()
         self.context_len = self.model.config.max_position_embeddings
+        self.precision = precision  # the training workers' (their forwards of the policy are alike)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from slam_ray.dpo_loss import build_preference_batch, reference_logps
 
         rows = build_preference_batch(list(batch["prompt"]), list(batch["chosen"]), list(batch["rejected"]),
                                       self.context_len)
-        [(chosen, rejected)] = reference_logps(self.model, [rows], self.device)
+        with autocast(self.device, self.precision):
+            [(chosen, rejected)] = reference_logps(self.model, [rows], self.device)
         return pd.DataFrame({"key": batch["key"], "ref_chosen": chosen.numpy(), "ref_rejected": rejected.numpy()})
 
 
@@ -174,7 +183,8 @@ def precompute_reference(exp: Experiment, triples: dict, checkpoint: str, out: S
     rows.sort(key=lambda r: len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])))  # less padding per batch
     actors = exp.dpo.num_workers or exp.train.num_workers
     print(f"[dpo] reference log-probs of {len(rows)} triples ({actors} actor(s))")
-    parts = list(map_rows(exp, rows, ReferenceLogps, {"checkpoint": checkpoint, "use_gpu": exp.train.use_gpu},
+    parts = list(map_rows(exp, rows, ReferenceLogps, {"checkpoint": checkpoint, "use_gpu": exp.train.use_gpu,
+                          "precision": exp.trainer_settings("dpo")["precision"]},
                           actors, exp.dpo.batch_size * 4, num_gpus=1.0 if exp.train.use_gpu else 0.0))
     table = pd.concat(parts, ignore_index=True)
     if sorted(table["key"]) != sorted(r["key"] for r in rows):
@@ -204,8 +214,6 @@ def _load_reference(path: str, sizes: dict[str, int]) -> dict[str, tuple[torch.T
 
 
 def dpo_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -219,15 +227,8 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
 
     exp = Experiment.model_validate(config["experiment"])
     cfg = exp.dpo
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(exp.train.torch_threads or max(1, round(exp.ray.worker_cpus)))
-    torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
-    tracker = Tracker(**config["tracker"]) if rank == 0 else None
-    quiet_worker_logs()
-    # MLflow writes go through one background thread (as in `train`): a slow store never eats the time budget.
-    log_thread = ThreadPoolExecutor(max_workers=1)
+    w = setup_worker(exp, config, cfg.seed)
+    settings = TrainerSettings.of(exp, "dpo")
     triples = json.loads(localize(config["triples_path"]).read_text())
     train, val = triples["train"], triples["val"]
 
@@ -235,31 +236,34 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     # fp32 weights for AdamW whatever dtype the start checkpoint was saved in (transformers 5 keeps that dtype)
     policy = AutoModelForCausalLM.from_pretrained(init_checkpoint, dtype=torch.float32)
     context_len = policy.config.max_position_embeddings
+    n_params = sum(p.numel() for p in policy.parameters())
+    hf_config = policy.config
 
     def batch_of(rows: list[dict]):
         return build_preference_batch([r["prompt"] for r in rows], [r["chosen"] for r in rows],
-                                      [r["rejected"] for r in rows], context_len).to(device)
+                                      [r["rejected"] for r in rows], context_len).to(w.device)
 
     def all_logps(model, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) log-probs of every row, without gradients (each rank computes all of them)."""
         batches = (batch_of(rows[i : i + cfg.batch_size]) for i in range(0, len(rows), cfg.batch_size))
-        parts = reference_logps(model, batches)
-        return torch.cat([c for c, _ in parts]).to(device), torch.cat([r for _, r in parts]).to(device)
+        with autocast(w.device, settings.precision):
+            parts = reference_logps(model, batches)
+        return torch.cat([c for c, _ in parts]).to(w.device), torch.cat([r for _, r in parts]).to(w.device)
 
     reference = precomputed = None
     if config.get("reference_logps"):
         # the Ray Data pass computed them before training: no reference model in this worker's memory
         loaded = _load_reference(config["reference_logps"], {"train": len(train), "val": len(val)})
-        precomputed = tuple(t.to(device) for t in loaded["train"])
-        ref_val = tuple(t.to(device) for t in loaded["val"])
+        precomputed = tuple(t.to(w.device) for t in loaded["train"])
+        ref_val = tuple(t.to(w.device) for t in loaded["val"])
     else:
-        reference = AutoModelForCausalLM.from_pretrained(init_checkpoint, dtype=torch.float32).to(device).eval().requires_grad_(False)
+        reference = prepare_frozen(AutoModelForCausalLM.from_pretrained(init_checkpoint, dtype=torch.float32),
+                                   settings, w.device)
         ref_val = all_logps(reference, val)
 
     resumed = resume_state(policy)
-    model = ray.train.torch.prepare_model(policy)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    per_micro = cfg.batch_size * world
+    model = prepare_model(policy, settings, w.device)
+    per_micro = cfg.batch_size * w.world
     global_batch = per_micro * cfg.grad_accum
     check_global_batch(len(train), "training triples", global_batch, TOO_FEW_TRIPLES)  # the driver checked it too
     steps_per_epoch = max(1, len(train) // global_batch)
@@ -287,92 +291,51 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         caps.append(steps)
     total = int(min(caps)) if min(caps) < math.inf else 10**9  # a time budget alone: inverse-sqrt needs no end
     schedule = ScheduleConfig(name=cfg.schedule, warmup_steps=cfg.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg.warmup_steps, schedule, cfg.lr))
-    step, tokens, start = 0, 0, time.perf_counter()
-    if resumed is not None:
-        step, tokens = resumed["step"], resumed["tokens"]
-        start = time.perf_counter() - resumed["train_seconds"]
-        opt.load_state_dict(resumed["optimizer"])
-        sched.load_state_dict(resumed["scheduler"])
-        for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
-            group["lr"] = lr  # LambdaLR's constructor reset it to the step-0 value
-        torch.set_rng_state(resumed["torch_rng"])
-    if tracker:
-        print(f"[dpo] {len(train)} training / {len(val)} held-out triples, {world} worker(s), "
-              f"global batch {global_batch}, {'up to ' + str(total) + ' steps' if total < 10**9 else 'time budget'}, "
-              f"reference {'precomputed' if precomputed is not None else 'model'}")
+    # MFU counts the policy's training FLOPs at the triples' mean row length (each triple is two rows)
+    mean_row = float(triple_tokens.mean()) / 2
+    t = Trainer(w, settings, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0),
+                Plan(total, cfg.warmup_steps), lambda s, plan: lr_factor(s, plan.total, plan.warmup, schedule, cfg.lr),
+                Budget(cfg.max_minutes), cfg.grad_accum, cfg.max_grad_norm,
+                mfu=Mfu.of(w.device, flops_per_token(n_params, hf_config.num_hidden_layers, hf_config.hidden_size,
+                                                     int(mean_row)), exp.train.peak_tflops),
+                resumed=resumed, prefix="dpo")
+    w.log.print(f"[dpo] {len(train)} training / {len(val)} held-out triples, {w.world} worker(s), global batch "
+                f"{global_batch}, {'up to ' + str(total) + ' steps' if total < 10**9 else 'time budget'}, reference "
+                f"{'precomputed' if precomputed is not None else 'model'}, {settings.precision}, {settings.strategy}")
 
-    def micro_rows(index: int) -> tuple[list[dict], np.ndarray]:
-        """This rank's part of micro-batch `index`."""
-        picked = micro_indices(index)[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
-        return [train[j] for j in picked], picked
+    def micro_loss(index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The DPO loss of this rank's part of micro-batch `index`."""
+        picked = micro_indices(index)[w.rank * cfg.batch_size : (w.rank + 1) * cfg.batch_size]
+        batch = batch_of([train[j] for j in picked])
+        pol_c, pol_r = preference_logps(t.model, batch)
+        if precomputed is not None:
+            ref_c, ref_r = precomputed[0][picked], precomputed[1][picked]
+        else:
+            with torch.no_grad():
+                ref_c, ref_r = preference_logps(reference, batch)
+        lengths = batch.continuation_lengths()
+        return dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss, cfg.nll_weight,
+                        chosen_lengths=lengths[0], rejected_lengths=lengths[1])
 
-    sums: dict[str, float] = {}
-    last_log, last_logged_step, logged = time.perf_counter(), step, None
-    while step < total:
-        for micro in range(cfg.grad_accum):
-            rows, picked = micro_rows(step * cfg.grad_accum + micro)
-            batch = batch_of(rows)
-            pol_c, pol_r = preference_logps(model, batch)
-            if precomputed is not None:
-                ref_c, ref_r = precomputed[0][picked], precomputed[1][picked]
-            else:
-                with torch.no_grad():
-                    ref_c, ref_r = preference_logps(reference, batch)
-            lengths = batch.continuation_lengths()
-            loss, stats = dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss, cfg.nll_weight,
-                                   chosen_lengths=lengths[0], rejected_lengths=lengths[1])
-            (loss / cfg.grad_accum).backward()
-            for k, v in {"loss": loss.item(), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        tokens += step_tokens(step)
-        step += 1
-        # The time budget is checked every step, not at log steps only (a large log_every overshot it).
-        stop = out_of_time(start, cfg.max_minutes)
-        if step % cfg.log_every == 0 or step == total or stop:
-            means = {k: all_ranks(v, "sum") / world / (step - last_logged_step) for k, v in sums.items()}
-            if tracker:
-                logged = log_thread.submit(tracker.log_metrics, {**{f"dpo/{k}": v for k, v in means.items()},
-                                  "dpo/lr": sched.get_last_lr()[0], "dpo/grad_norm": float(grad_norm), "dpo/tokens": tokens},
-                                  step)
-                if time.perf_counter() - last_log > 20 or step == total or stop:
-                    print(f"[dpo] step {step}  loss {means['loss']:.4f}  reward accuracy "
-                          f"{means['rewards/accuracy']:.3f}  margin {means['rewards/margin']:.3f}")
-                    last_log = time.perf_counter()
-            sums, last_logged_step = {}, step
-        if stop:
-            break
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
-            if logged is not None:
-                logged.result()  # the metrics up to this checkpoint are in MLflow before a resume could start from it
-            state = {"step": step, "tokens": tokens, "train_seconds": time.perf_counter() - start, "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
-            report_checkpoint(model, rank, {"step": step, "kind": "periodic"}, state)
-
-    train_seconds = time.perf_counter() - start  # the budget's clock: without the held-out pass below
-    log_thread.shutdown(wait=True)
+    t.run(micro_loss, step_tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+          describe=lambda m: f"loss {m['loss']:.4f}  reward accuracy {m['rewards/accuracy']:.3f}  "
+                             f"margin {m['rewards/margin']:.3f}")
     # What DPO changed on triples it never trained on.
-    plain = getattr(model, "module", model)
-    pol_val = all_logps(plain, val)
+    pol_val = all_logps(plain_model(t.model, settings), val)
     margin_before = (ref_val[0] - ref_val[1]).mean().item()
     margin_after = (pol_val[0] - pol_val[1]).mean().item()
     rewards = (pol_val[0] - ref_val[0]) - (pol_val[1] - ref_val[1])
-    metrics = {"step": step, "kind": "final", "tokens": tokens, "train_seconds": train_seconds,
+    metrics = {"tokens": t.tokens, "train_seconds": t.train_seconds,
                "val/logp_margin_before": margin_before, "val/logp_margin_after": margin_after,
                "val/reward_accuracy": (rewards > 0).float().mean().item(),
                "val/reward_margin": cfg.beta * rewards.mean().item(),
                "val/chosen_preferred_before": (ref_val[0] > ref_val[1]).float().mean().item(),
                "val/chosen_preferred_after": (pol_val[0] > pol_val[1]).float().mean().item()}
-    if tracker:
-        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, step)
-        print(f"[dpo] held-out: log-likelihood margin {margin_before:.3f} -> {margin_after:.3f}, chosen preferred "
-              f"{metrics['val/chosen_preferred_before']:.3f} -> {metrics['val/chosen_preferred_after']:.3f}, "
-              f"reward accuracy {metrics['val/reward_accuracy']:.3f}")
-    report_checkpoint(model, rank, metrics)
+    w.log.metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, t.step)
+    w.log.print(f"[dpo] held-out: log-likelihood margin {margin_before:.3f} -> {margin_after:.3f}, chosen preferred "
+                f"{metrics['val/chosen_preferred_before']:.3f} -> {metrics['val/chosen_preferred_after']:.3f}, "
+                f"reward accuracy {metrics['val/reward_accuracy']:.3f}")
+    t.finish(metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,8 +343,6 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if exp.dpo.init:  # any compatible HF checkpoint (an id or a path)
@@ -404,21 +365,10 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
     if exp.dpo.reference == "precomputed":
         with timer.phase("reference"):
             reference = precompute_reference(exp, triples, start, out)
-    resources = {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if exp.train.use_gpu else {})}
-    trainer = TorchTrainer(
-        dpo_loop_per_worker,
-        train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker),
-                           "triples_path": triples_path, "init_checkpoint": start,
-                           "reference_logps": reference},
-        scaling_config=ScalingConfig(num_workers=world, use_gpu=exp.train.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(**run_storage(exp, out, "dpo"),
-                             failure_config=FailureConfig(max_failures=exp.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             logging_config=LoggingConfig(log_level="WARNING")),
-    )
     with timer.phase("fit"):
-        result = trainer.fit()
+        result = fit(exp, out, "dpo", dpo_loop_per_worker,
+                     {"triples_path": triples_path, "init_checkpoint": start, "reference_logps": reference},
+                     tracker, world)
     final_checkpoint, final = next((c, m) for c, m in reversed(result.best_checkpoints) if m.get("kind") == "final")
     for folder in ("checkpoint", "checkpoint_before_dpo", "checkpoint_init"):
         shutil.rmtree(out.path / folder, ignore_errors=True)

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from slam_ray.benchmarks import READERS_VERSION
-from slam_ray.config import STAGES, Experiment
+from slam_ray.config import STAGES, TRAINER_FIELDS, Experiment
 from slam_ray.errors import SlamError
 from slam_ray.fingerprint import fingerprint, fingerprints
 from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
@@ -34,6 +34,8 @@ from slam_ray.storage import is_remote, join, local_path, localize, publish, rea
 # The version of each stage's output format and of what its key covers. Bump a stage's number when either
 # changes, so an old output is never reused as a new one (docs/stages.md). Version 1 is not in the payload: it
 # is what keys were before versions existed, so existing workdirs keep their keys.
+# What DPO trained with before it had its own trainer settings (fp32 DDP, whatever train used).
+DPO_TRAINER_BEFORE = {"precision": "fp32", "compile": False, "gradient_checkpointing": False, "strategy": "ddp"}
 STAGE_FORMAT: dict[str, int] = {"synth": 1, "extract": 1, "pack": 1, "train": 1, "dpo": 1, "eval": 1}
 
 
@@ -207,6 +209,14 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
         return {"train": section("train"), "pack": stage_key(exp, "pack")}
     if stage == "dpo":
         payload = {"dpo": section("dpo")}
+        # How DPO trains (dpo.precision/compile/gradient_checkpointing/strategy, its own or train's): what every DPO
+        # ran before these settings existed (fp32, no compile, no checkpointing, DDP) keeps today's keys; anything
+        # else is keyed, so an fp32 DPO output is never reused as a bf16 one (the `slam` recipes' DPO became bf16).
+        for name in TRAINER_FIELDS:
+            del payload["dpo"][name]
+        if changed := {name: value for name, value in exp.trainer_settings("dpo").items()
+                       if value != DPO_TRAINER_BEFORE[name]}:
+            payload["dpo_trainer"] = changed
         if not exp.dpo.init:
             payload["train"] = stage_key(exp, "train")
         if "@grammar" in exp.dpo.inputs:

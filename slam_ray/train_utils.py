@@ -1,12 +1,9 @@
-"""Pieces the Ray Train loops (`train`, `dpo`) share: agreement across ranks, and checkpoints that carry the
-trainer state a resumed run continues from."""
+"""Plain helpers of the training loops (`train`, `dpo`; the scaffold itself is `slam_ray/trainer.py`): agreement
+across ranks, the global-batch check, and the FLOPs arithmetic of MFU. No Ray here."""
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
-from typing import Any
 
 from slam_ray.errors import SlamError
 
@@ -36,121 +33,6 @@ def check_global_batch(n: int, what: str, global_batch: int, fix: str) -> None:
     """A clear error when the data holds fewer `what` than one global batch (a rank would get none)."""
     if n < global_batch:
         raise SlamError(f"{n} {what} < one global batch ({global_batch}); {fix}")
-
-
-TRAINER_STATE = "trainer_state.pt"
-
-
-def shard_model(model: Any) -> Any:
-    """FSDP2 (`fully_shard`): each transformer block (the model's `_no_split_modules` classes) is its own shard
-    unit, the rest (embeddings, tied head, final norm) the root's. Weights, gradients and optimizer state are
-    split across ranks and gathered a block at a time."""
-    from torch.distributed.fsdp import fully_shard
-
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    for module in list(model.modules()):
-        if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
-    return model
-
-
-def full_state(model: Any, optimizer: Any) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """(full model state dict or None when the model is not sharded, optimizer state dict to resume from).
-    For a sharded model both are gathered to full tensors on the CPU — every rank must call this."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    module = getattr(model, "_orig_mod", model)  # under torch.compile
-    if not hasattr(module, "reshard"):  # not FSDP
-        return None, optimizer.state_dict()
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(module, options=options), get_optimizer_state_dict(module, optimizer, options=options)
-
-
-def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> None:
-    """Put back an optimizer state saved by `full_state` (sharded again under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    module = getattr(model, "_orig_mod", model)
-    if not hasattr(module, "reshard"):
-        optimizer.load_state_dict(state)
-    else:
-        # keys a scheduler added to the saved groups (LambdaLR's initial_lr) must exist before the load
-        for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
-            for key, value in saved.items():
-                group.setdefault(key, value)
-        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-class _NoTrainInfo:
-    """A logging filter: drops Ray Train's own records below WARNING (e.g. "Reporting training result ...").
-    Matched by source file as well as by logger name: Train V2's context module logs through
-    `logging.getLogger(__file__)`, a logger named by its path that propagates to the root logger."""
-
-    def __init__(self) -> None:
-        import os
-
-        import ray.train
-
-        self.package_dir = os.path.dirname(ray.train.__file__) + os.sep
-
-    def filter(self, record) -> bool:
-        import logging
-
-        if record.levelno >= logging.WARNING:
-            return True
-        return not (record.name.startswith("ray.train") or record.pathname.startswith(self.package_dir))
-
-
-def quiet_worker_logs() -> None:
-    """Ray Train's per-report INFO lines stay in its log files: in a worker, the console handlers that could
-    print them (on the `ray.train`, `ray` and root loggers) drop them; the file handlers keep everything."""
-    import logging
-
-    for logger in (logging.getLogger("ray.train"), logging.getLogger("ray"), logging.getLogger()):
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                if not any(isinstance(f, _NoTrainInfo) for f in handler.filters):
-                    handler.addFilter(_NoTrainInfo())
-
-
-def report_checkpoint(model: Any, rank: int, metrics: dict[str, Any], state: dict[str, Any] | None = None,
-                      weights: dict[str, Any] | None = None) -> None:
-    """Every rank calls report (it is a barrier); rank 0 attaches the HF checkpoint (`weights`: the gathered
-    state dict of a sharded model), plus the trainer state (optimizer, scheduler, step, plan, RNG, elapsed time)
-    that a resumed run continues from."""
-    import ray.train
-    import torch
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            getattr(model, "module", model).save_pretrained(tmp, state_dict=weights)
-            if state is not None:
-                torch.save(state, Path(tmp) / TRAINER_STATE)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def resume_state(model: Any) -> dict[str, Any] | None:
-    """Weights and trainer state of the latest checkpoint of this run (after a worker failure, or when the
-    same command is run again after an interruption); None for a fresh start."""
-    import ray.train
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        if not (Path(folder) / TRAINER_STATE).is_file():
-            return None  # the step-0 checkpoint: nothing trained yet
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
-        return torch.load(Path(folder) / TRAINER_STATE, weights_only=False)
 
 
 # Dense bf16 tensor-core peaks (no sparsity), per GPU, from the vendors' data sheets; matched by device name.
