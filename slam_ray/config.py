@@ -6,6 +6,7 @@ without GPU or network; the shipped recipes (`slam_ray/recipes/*.yaml`) override
 
 from __future__ import annotations
 
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,17 @@ StageName = Literal["synth", "extract", "pack", "train", "dpo", "eval"]
 # the dpo fields whose None means "train's value" (Experiment.trainer_settings resolves them)
 TRAINER_FIELDS = ("precision", "compile", "gradient_checkpointing", "strategy")
 
+
+
+def models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation holds (directly, optionally, or as list items), each once;
+    stage keys and the generated reference walk the schema with it."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        found += [m for m in models_in(arg) if m not in found]
+    return found
 
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignments are validated.

@@ -17,7 +17,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from slam_ray.config import Experiment
+from slam_ray.config import Experiment, models_in
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "config.md"
 COMMAND = "python -m slam_ray.config_reference"
@@ -34,16 +34,6 @@ the schema that validates the file. Unknown keys and wrong types are errors that
 be overridden with `--set section.key=value` (values parsed as YAML). How to write an experiment file and what
 the sections are for: [Experiment files](../configuration.md).
 """
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation holds (directly, optionally, or as list items)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    found: list[type[BaseModel]] = []
-    for arg in typing.get_args(annotation):
-        found += [m for m in _models_in(arg) if m not in found]
-    return found
 
 
 def _is_list(annotation: Any) -> bool:
@@ -126,7 +116,7 @@ def _sections() -> list[tuple[str, type[BaseModel]]]:
     def visit(prefix: str, model: type[BaseModel]) -> None:
         for name, info in model.model_fields.items():
             path = f"{prefix}{name}"
-            for sub in _models_in(info.annotation):
+            for sub in models_in(info.annotation):
                 if sub in seen:
                     continue
                 seen.add(sub)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from slam_ray.benchmarks import READERS_VERSION
-from slam_ray.config import STAGES, TRAINER_FIELDS, Experiment
+from slam_ray.config import STAGES, TRAINER_FIELDS, Experiment, models_in
 from slam_ray.errors import SlamError
 from slam_ray.fingerprint import fingerprint, fingerprints
 from slam_ray.grammar import PAIRS_VERSION, SENTENCES_VERSION
@@ -50,16 +49,9 @@ def operational_fields(model: type[BaseModel] = Experiment, prefix: str = "") ->
     for name, info in model.model_fields.items():
         if _marks(info).get("operational"):
             found.append(prefix + name)
-        for sub in _models_in(info.annotation):
+        for sub in models_in(info.annotation):
             found += operational_fields(sub, f"{prefix}{name}.")
     return found
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation holds (directly, optionally, as list items)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def key_view(section: BaseModel) -> dict[str, Any]:
