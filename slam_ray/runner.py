@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,13 +66,37 @@ def init_ray(exp: Experiment) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
-    ray.init(
-        address="local",
-        num_cpus=exp.ray.num_cpus or os.cpu_count(),
-        num_gpus=exp.ray.num_gpus,
-        include_dashboard=exp.ray.include_dashboard,
-        logging_level=logging.WARNING,
-    )
+    dashboard: dict[str, Any] = {}
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if exp.ray.include_dashboard:
+        # Train V2's PlacementGroupCleaner actor queries the state API with no address: with a second Ray
+        # instance on the machine it failed ("Found multiple active Ray instances", a traceback on the terminal)
+        # and stopped guarding the run's placement group. Name this instance's dashboard to its workers through
+        # the environment the new raylet inherits (a job runtime_env would start every worker through Ray's
+        # runtime-env setup process, slower), then restore it so later subprocesses do not inherit it.
+        port = _free_port()
+        dashboard = {"dashboard_port": port}
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(
+            address="local",
+            num_cpus=exp.ray.num_cpus or os.cpu_count(),
+            num_gpus=exp.ray.num_gpus,
+            include_dashboard=exp.ray.include_dashboard,
+            logging_level=logging.WARNING,
+            **dashboard,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -1,10 +1,18 @@
-"""The walking skeleton end to end: real Ray, real espeak-ng, real MLflow store, through the real CLI."""
+"""The walking skeleton end to end: real Ray, real espeak-ng, real MLflow store, through the real CLI; and what a
+user sees on the terminal: stage progress, results and real warnings, not Ray's internals (they stay in Ray's log
+files). One run checks both (each CLI run of the reduced quickstart costs minutes on 2 cores)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,23 +25,34 @@ from slam_ray.stage_io import stage_dir
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def slam_ray(*argv: str, cwd) -> subprocess.CompletedProcess:
+def slam_ray(*argv: str, cwd, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "slam_ray.cli", *argv], capture_output=True, text=True, cwd=cwd,
-                          timeout=900)
+                          env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
-def test_reduced_quickstart_runs_every_stage_then_reuses_them(tmp_path, espeak):
+def test_reduced_quickstart_runs_every_stage_then_reuses_them(tmp_path, espeak, ray_local):
+    """`ray_local`: a second Ray instance on the machine while the CLI starts its own (as on a shared machine)."""
     import mlflow
     from transformers import AutoModelForCausalLM
 
-    exp = small_experiment(tmp_path / "work")
+    # decode_cpus == actor_cpus: the remote args Ray Data would fuse decoding into the encoding actors on
+    exp = small_experiment(tmp_path / "work", extract={"decode_cpus": 0.5})
     path = tmp_path / "tiny.yaml"
     path.write_text(to_yaml(exp))
-    first = slam_ray("run", str(path), cwd=tmp_path)
+    # A private Ray temp folder (short: Ray's socket paths are limited) whose logs this test reads; no log
+    # de-duplication, so a line printed twice would show twice.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rcli", dir="/tmp"))
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DEDUP_LOGS")}
+        first = slam_ray("run", str(path), cwd=tmp_path, env={**env, "RAY_TMPDIR": str(ray_tmp)})
+        data_logs = "".join(p.read_text(errors="replace") for p in ray_tmp.glob("ray/session_*/logs/ray-data/*.log"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     for stage in exp.stages:
         assert f"[{stage}] running" in first.stdout
+    check_terminal_output(first, exp, data_logs)
 
     manifests = {}
     for stage in exp.stages:
@@ -100,3 +119,26 @@ def test_reduced_quickstart_runs_every_stage_then_reuses_them(tmp_path, espeak):
                      cwd=tmp_path)
     assert "eval/word_order/accuracy" in table.stdout
     assert len(pd.read_csv(tmp_path / "cmp" / "compare.csv")) == 2
+
+
+def check_terminal_output(run: subprocess.CompletedProcess, exp, data_logs: str) -> None:
+    """What a user sees: stage progress and results, each worker line once, none of Ray's own INFO lines."""
+    shown = run.stdout + run.stderr
+    for stage in exp.stages:  # results and progress still reach the user
+        assert f"[{stage}] done in" in run.stdout
+    assert "[synth] speak" in run.stderr and "[extract] encode" in run.stderr  # the stages' own bars
+    assert f"[train] step {exp.train.max_steps}/{exp.train.max_steps}" in run.stdout
+
+    assert "RayDeprecationWarning" not in shown
+    assert "logging_progress" not in shown and "Running Dataset" not in shown
+    assert "streaming_executor" not in shown  # Ray Data's INFO lines: in ray-data.log only
+    # Ray Train's own INFO lines: the controller's (RunConfig logging_config) and each worker's per-report line
+    assert "Requesting resources" not in shown and "Reporting training result" not in shown
+    # Train V2's placement-group cleaner finds this run's Ray among several (init_ray names the dashboard)
+    assert "Found multiple active Ray instances" not in shown
+    # every line a Train worker printed reaches the terminal once (Train V2 also logged each print)
+    worker_lines = Counter(re.sub(r"^.*?\) ", "", line) for line in shown.splitlines() if "[train]" in line)
+    assert worker_lines and max(worker_lines.values()) == 1, worker_lines
+
+    # Ray Data's own log still has the plan: decoding tasks, then a separate pool of encoding actors (unfused)
+    assert "TaskPoolMapOperator[MapBatches(decode_rows)] -> ActorPoolMapOperator[MapBatches(EncodeActor)]" in data_logs

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import small_experiment
+from helpers import link_upstream, small_experiment
 
 from slam_ray.config import to_yaml, with_values
 from slam_ray.search_space import load_space
@@ -42,7 +42,8 @@ def _runs(uri: str, experiment: str, query: str):
     return client.search_runs([found.experiment_id], query, max_results=1000) if found else []
 
 
-def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_path, ray_local, espeak, mlflow_server):
+def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_path, ray_local, espeak, mlflow_server,
+                                                                          reduced_pipeline):
     from mlflow.tracking import MlflowClient
     from ray.util.placement_group import placement_group_table
 
@@ -54,6 +55,7 @@ def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_p
         sweep={"scheduler": "asha", "metric": "val/loss", "mode": "min", "max_concurrent_trials": 2,
                "grace_percent": 20, "reduction_factor": 2},
     )
+    link_upstream(exp, reduced_pipeline)  # the trials share synth/extract/pack: the session's are the same stages
     space = load_space(str(_space(tmp_path, {})))
     table = sweep(exp, space)
 
@@ -161,10 +163,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(tmp_path, espeak):
+def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(tmp_path, espeak, reduced_pipeline):
     from mlflow.tracking import MlflowClient
 
     exp = small_experiment(tmp_path / "work", train={"max_steps": 40, "checkpoint_every": 10})
+    link_upstream(exp, reduced_pipeline)
     exp_path = tmp_path / "tiny.yaml"
     exp_path.write_text(to_yaml(exp))
     space_path = _space(tmp_path, {"metric": "val/loss", "mode": "min", "max_concurrent_trials": 1})
