@@ -46,7 +46,7 @@ def small_experiment(workdir: Path | str, **sections):
 def link_upstream(exp, built, stages: tuple[str, ...] = ("synth", "extract", "pack")) -> None:
     """Link `built`'s finished outputs of `stages` into `exp`'s workdir (the same stage keys: they only differ in
     later stages), so a test reuses the session's reduced pipeline instead of building it again."""
-    from slam_ray.stage_io import stage_dir
+    from slam_ray.core.stage_io import stage_dir
 
     for stage in stages:
         source, target = stage_dir(built, stage), stage_dir(exp, stage)

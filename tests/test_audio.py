@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from slam_ray.audio import AudioError, decode_audio, write_flac
+from slam_ray.speech.audio import AudioError, decode_audio, write_flac
 
 
 def test_decodes_the_fixture_flacs(fixtures):
@@ -54,7 +54,7 @@ def test_zero_length_audio(tmp_path):
 ])
 def test_odd_but_valid_files_are_converted(fixtures, tmp_path, name, sr, subtype, channels):
     """8-bit, 24-bit, 8 kHz, 44.1 kHz stereo, float, Ogg Vorbis and MP3 all come back as 16 kHz mono speech."""
-    from slam_ray.audio import resample
+    from slam_ray.speech.audio import resample
 
     speech = decode_audio(fixtures / "audio1.flac")
     native = resample(speech, 16_000, sr)
@@ -83,7 +83,7 @@ def long_speech(fixtures, path, seconds: float, sr: int = 16_000) -> np.ndarray:
 
 @pytest.mark.parametrize("segmenter", ["vad", "energy"])
 def test_long_files_are_cut_at_quiet_points_into_contiguous_segments(fixtures, tmp_path, segmenter):
-    from slam_ray.audio import VAD_SPEECH, decode_segments, speech_probabilities
+    from slam_ray.speech.audio import VAD_SPEECH, decode_segments, speech_probabilities
 
     whole = long_speech(fixtures, tmp_path / "long.flac", 130.0)
     segments = list(decode_segments(tmp_path / "long.flac", max_seconds=30, segmenter=segmenter))
@@ -112,7 +112,7 @@ def test_long_files_are_cut_at_quiet_points_into_contiguous_segments(fixtures, t
 
 
 def test_nan_in_the_middle_of_a_long_file_is_an_error(tmp_path):
-    from slam_ray.audio import decode_segments
+    from slam_ray.speech.audio import decode_segments
 
     audio = np.random.default_rng(0).normal(0, 0.1, 16_000 * 50).astype(np.float32)
     audio[16_000 * 40] = np.nan

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from helpers import make_benchmark_layouts
 
-from slam_ray.benchmarks import frequency_band, load_task, read_comparisons, task_names
+from slam_ray.config.tasks import DATASET_READERS, load_task, task_names
 from slam_ray.errors import SlamError
+from slam_ray.evals.readers import READERS, frequency_band, read_comparisons
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,11 @@ def test_every_shipped_task_loads():
     for name in names:
         spec = load_task(name)
         assert spec.name == name and spec.description
+
+
+def test_the_task_schema_names_exactly_the_readers_that_exist():
+    # config/tasks.py validates `reader:` against names it holds itself (config imports no evals module)
+    assert set(DATASET_READERS) == set(READERS)
 
 
 def test_zerospeech_lexical_pairs_word_and_nonword_of_one_id_and_voice(layouts):

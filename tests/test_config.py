@@ -6,6 +6,8 @@ import pytest
 import yaml
 
 from slam_ray.config import Experiment, load_experiment, parse_override, recipe_names
+from slam_ray.core.storage import workdir_path
+from slam_ray.core.tracking import tracking_uri
 from slam_ray.errors import ConfigError
 
 
@@ -25,8 +27,8 @@ def test_shipped_recipes_validate():
 def test_defaults_and_derived_locations(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exp = Experiment(name="demo")
-    assert exp.workdir_path == tmp_path / "slam_runs" / "demo"
-    assert exp.tracking_uri == f"sqlite:///{tmp_path / 'slam_runs' / 'demo' / 'mlflow.db'}"
+    assert workdir_path(exp) == tmp_path / "slam_runs" / "demo"
+    assert tracking_uri(exp) == f"sqlite:///{tmp_path / 'slam_runs' / 'demo' / 'mlflow.db'}"
     assert exp.tracking_experiment == "demo"
     assert exp.extract.inputs == ["@synth"]
     assert exp.ray.address is None and exp.ray.num_cpus is None
@@ -121,7 +123,7 @@ def test_slam_model_has_the_papers_parameter_count():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from slam_ray.config import ModelConfig
-    from slam_ray.model import _set_overrides
+    from slam_ray.lm.model import _set_overrides
 
     qwen25_05b = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                              num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151_936)

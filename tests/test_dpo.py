@@ -11,8 +11,10 @@ import pytest
 from helpers import kill_a_worker_during, link_upstream, small_experiment
 
 from slam_ray.config import with_values
+from slam_ray.core.stage_io import stage_dir
+from slam_ray.core.storage import workdir_path
+from slam_ray.core.tracking import tracking_uri
 from slam_ray.pipeline import stage_function
-from slam_ray.stage_io import stage_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -39,15 +41,15 @@ def linked(exp, values: dict, stages: tuple[str, ...] = ("synth", "extract", "pa
         target = stage_dir(new, stage).path
         target.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(stage_dir(exp, stage).path, target)
-    if (exp.workdir_path / "dpo_triples").exists():
-        os.symlink(exp.workdir_path / "dpo_triples", new.workdir_path / "dpo_triples")
+    if (workdir_path(exp) / "dpo_triples").exists():
+        os.symlink(workdir_path(exp) / "dpo_triples", workdir_path(new) / "dpo_triples")
     return new
 
 
 def dpo_curve(exp, metric: str = "dpo/loss") -> dict[int, float]:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(exp.tracking_uri)
+    client = MlflowClient(tracking_uri(exp))
     experiment = client.get_experiment_by_name(exp.name)
     if experiment is None:
         return {}
@@ -62,7 +64,7 @@ def test_dpo_raises_the_held_out_margin_and_eval_compares_before_and_after(pretr
     manifest = out.read_manifest()
     assert manifest["status"] == "complete" and manifest["counts"]["steps"] == 40
     assert manifest["counts"]["train_triples"] >= 190 and manifest["counts"]["val_triples"] >= 38  # a few may fail
-    assert len([p for p in (pretrained.workdir_path / "dpo_triples").iterdir() if p.is_dir()]) == 1  # spoken once
+    assert len([p for p in (workdir_path(pretrained) / "dpo_triples").iterdir() if p.is_dir()]) == 1  # spoken once
     m = manifest["metrics"]
     # on triples it never trained on, the policy now prefers the grammatical continuation by more
     assert m["val/logp_margin_after"] > m["val/logp_margin_before"] + 0.2
@@ -139,7 +141,7 @@ def test_precomputed_reference_logps_equal_a_plain_forward_pass(pretrained):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slam_ray.dpo_loss import build_preference_batch, preference_logps
+    from slam_ray.lm.dpo_loss import build_preference_batch, preference_logps
 
     out = stage_function("dpo")(pretrained)  # the run of the first test (reused) or a fresh one
     triples = json.loads((out.path / "triples.json").read_text())
@@ -160,7 +162,7 @@ def test_precomputed_reference_logps_equal_a_plain_forward_pass(pretrained):
 
 def slamkit_jsonl(path, triples: list[dict]) -> None:
     """Triples written the way slamkit's preference_alignment_feature_extractor writes them."""
-    from slam_ray.units import tokens_to_units, write_jsonl
+    from slam_ray.speech.units import tokens_to_units, write_jsonl
 
     def part(tokens):
         units = tokens_to_units(tokens).tolist()

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from slam_ray import grammar
-from slam_ray.dpo_loss import (
+from slam_ray.errors import SlamError
+from slam_ray.evals import grammar
+from slam_ray.lm.dpo_loss import (
     build_preference_batch,
     dpo_loss,
     preference_logps,
@@ -17,9 +18,8 @@ from slam_ray.dpo_loss import (
     reference_logps,
     sequence_logps,
 )
-from slam_ray.errors import SlamError
-from slam_ray.preferences import grammar_preference_triples, read_slamkit_preferences
-from slam_ray.units import BOS_ID, EOS_ID, PAD_ID, UNIT_OFFSET
+from slam_ray.lm.preferences import grammar_preference_triples, read_slamkit_preferences
+from slam_ray.speech.units import BOS_ID, EOS_ID, PAD_ID, UNIT_OFFSET
 
 VOCAB = 22  # 20 units
 

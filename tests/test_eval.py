@@ -19,8 +19,10 @@ from helpers import link_upstream, make_benchmark_layouts, save_tiny_text_lm, sm
 
 from slam_ray.cli import EXIT_PARTIAL, EXIT_USAGE, main
 from slam_ray.config import to_yaml, with_values
+from slam_ray.core.stage_io import StageDir, stage_dir, stage_payload
+from slam_ray.core.storage import workdir_path
+from slam_ray.core.tracking import tracking_uri
 from slam_ray.pipeline import stage_function
-from slam_ray.stage_io import StageDir, stage_dir, stage_payload
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -84,14 +86,14 @@ def test_every_task_and_checkpoint_with_a_missing_dataset(trained, tmp_path):
     negatives = json.loads(group["nll_negatives"])
     assert len(negatives) == 2 and group["outcome"] == (1.0 if group["nll_positive"] < min(negatives) else 0.0)
     units = {}  # one cache per task's file list
-    for cache in (exp.workdir_path / "eval_units").glob("*/units.json"):
+    for cache in (workdir_path(exp) / "eval_units").glob("*/units.json"):
         units.update(json.loads(cache.read_text())["units"])
     model = AutoModelForCausalLM.from_pretrained(stage_dir(exp, "train").path / "checkpoint").eval()
     for row in final[final["task"].isin(["ssc", "swuggy"])].head(4).itertuples():
         assert row.nll_positive == pytest.approx(plain_nll(model, units[row.positive]), rel=1e-4)
 
     # MLflow: accuracies, breakdowns and the learning curve by step
-    client = MlflowClient(exp.tracking_uri)
+    client = MlflowClient(tracking_uri(exp))
     experiment = client.get_experiment_by_name(exp.name)
     run = client.search_runs([experiment.experiment_id], "tags.`slam_ray.stage` = 'eval'")[0]
     assert run.data.metrics["eval/swuggy/accuracy"] == pytest.approx(results["swuggy"]["accuracy"])
@@ -110,8 +112,8 @@ def test_every_task_and_checkpoint_with_a_missing_dataset(trained, tmp_path):
 def test_generation_with_vocoder_asr_and_text_lm(trained, tmp_path):
     from test_vocoder import TINY, save_weight_normed
 
-    from slam_ray.generation import run_generation
-    from slam_ray.vocoder import UnitHifiGan
+    from slam_ray.speech.vocoder import UnitHifiGan
+    from slam_ray.stages.generation import run_generation
 
     exp, data = trained
     torch.manual_seed(0)
@@ -158,8 +160,8 @@ def test_a_failed_task_leaves_eval_partial_until_a_rerun_computes_only_it(traine
     kept; once the dataset is there, `eval` computes that task alone and the stage is complete."""
     from mlflow.tracking import MlflowClient
 
-    from slam_ray.search_space import load_space
-    from slam_ray.sweep import sweep
+    from slam_ray.sweeps.search_space import load_space
+    from slam_ray.sweeps.sweep import sweep
 
     exp, data = trained
     later = tmp_path / "ssc_downloaded_later"
@@ -173,7 +175,7 @@ def test_a_failed_task_leaves_eval_partial_until_a_rerun_computes_only_it(traine
     # 1. a sweep whose one trial is this experiment (an eval-only grid of the same seed): the trial says partial
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {"eval.seed": {"grid": [exp.eval.seed]}}}))
     sweep(exp, load_space(str(tmp_path / "space.yaml")))
-    client = MlflowClient(exp.tracking_uri)
+    client = MlflowClient(tracking_uri(exp))
     experiment = client.get_experiment_by_name(exp.tracking_experiment).experiment_id
     [trial] = client.search_runs([experiment], "tags.`slam_ray.kind` = 'trial'")
     assert trial.data.tags["slam_ray.status"] == "partial" and trial.data.tags["slam_ray.failed.eval"] == "ssc"

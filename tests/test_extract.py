@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from helpers import kill_a_worker_during, kill_when, small_experiment
 
+from slam_ray.core.stage_io import stage_dir
 from slam_ray.errors import SlamError
-from slam_ray.extract import extract, resolve_inputs
-from slam_ray.stage_io import stage_dir
-from slam_ray.units import read_unit_shards
+from slam_ray.speech.units import read_unit_shards
+from slam_ray.stages.extract import extract, resolve_inputs
 
 pytestmark = pytest.mark.ray
 
@@ -76,8 +76,8 @@ def test_a_dozen_kinds_of_broken_files_beside_real_speech_piper_and_odd_formats(
     one line of errors.jsonl with its reason; good files in the same batch are unaffected."""
     import soundfile as sf
 
-    from slam_ray.audio import decode_audio, resample
-    from slam_ray.tts import make_backend
+    from slam_ray.parallel.tts import make_backend
+    from slam_ray.speech.audio import decode_audio, resample
 
     folder = tmp_path / "audio"
     folder.mkdir()
@@ -117,8 +117,8 @@ def test_hubert_extraction_units_do_not_depend_on_batch_mates(fixtures, tmp_path
     equal those of the file encoded alone."""
     from test_features import save_tiny_hubert
 
-    from slam_ray.audio import decode_audio
-    from slam_ray.tokenizer import UnitTokenizer
+    from slam_ray.speech.audio import decode_audio
+    from slam_ray.speech.tokenizer import UnitTokenizer
 
     folder = tmp_path / "audio"
     folder.mkdir()
@@ -146,8 +146,8 @@ def test_export_to_slamkit_features_and_tokens_jsonl_round_trips(fixtures, tmp_p
     slamkit's tools and our own `pack` read back to the same units."""
     from slam_ray.cli import main
     from slam_ray.config import to_yaml
-    from slam_ray.pack import read_slamkit_units
-    from slam_ray.units import read_jsonl
+    from slam_ray.speech.units import read_jsonl
+    from slam_ray.stages.pack import read_slamkit_units
 
     (tmp_path / "audio").mkdir()
     for i in (1, 2):
@@ -249,8 +249,8 @@ import json, re, sys
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from slam_ray.audio import speech_probabilities
-from slam_ray.tokenizer import EncodeActor, decode_rows
+from slam_ray.speech.audio import speech_probabilities
+from slam_ray.parallel.encode import EncodeActor, decode_rows
 
 def rss_mb(field):
     return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
@@ -280,7 +280,7 @@ def test_a_30_minute_file_is_encoded_in_bounded_memory(fixtures, tmp_path, ray_l
     from test_audio import long_speech
 
     from slam_ray.config import TokenizerConfig
-    from slam_ray.tokenizer import UnitTokenizer
+    from slam_ray.speech.tokenizer import UnitTokenizer
 
     long_speech(fixtures, tmp_path / "lecture.flac", 30 * 60)
     long_speech(fixtures, tmp_path / "talk.flac", 10 * 60)
@@ -365,8 +365,8 @@ def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tm
 def test_a_killed_encoding_actor_loses_and_duplicates_no_file(fixtures, tmp_path, ray_local):
     """SIGKILL an encoding actor mid-run: Ray restarts it and retries its batches, and every file still comes
     out exactly once, with the units an uninterrupted encoding gives it."""
-    from slam_ray.audio import decode_audio, write_flac
-    from slam_ray.tokenizer import UnitTokenizer
+    from slam_ray.speech.audio import decode_audio, write_flac
+    from slam_ray.speech.tokenizer import UnitTokenizer
 
     folder = tmp_path / "audio"
     folder.mkdir()

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slam_ray.audio import decode_audio
 from slam_ray.errors import SlamError
-from slam_ray.features import HubertFeatures, LogMelFeatures
+from slam_ray.speech.audio import decode_audio
+from slam_ray.speech.features import HubertFeatures, LogMelFeatures
 
 
 def save_tiny_hubert(folder, rate: int, seed: int = 0) -> str:
@@ -81,7 +81,7 @@ def test_features_of_a_file_do_not_depend_on_its_batch_mates(tiny_huberts, speec
     """One padded forward for all three (the 25 Hz model's group norm over time included), and each file's
     features (and units) equal to its own forward's."""
     from slam_ray.config import TokenizerConfig
-    from slam_ray.tokenizer import UnitTokenizer
+    from slam_ray.speech.tokenizer import UnitTokenizer
 
     feats = HubertFeatures(tiny_huberts[rate], layer=3, batched=True)  # the GPU's way, here on CPU
     short = speech[1][: 16_000 * 12]
@@ -128,7 +128,8 @@ def test_gpu_batch_seconds_bounds_each_forward_and_keeps_each_files_units(tiny_h
     import pandas as pd
 
     from slam_ray.config import TokenizerConfig
-    from slam_ray.tokenizer import EncodeActor, UnitTokenizer
+    from slam_ray.parallel.encode import EncodeActor
+    from slam_ray.speech.tokenizer import UnitTokenizer
 
     cfg = TokenizerConfig(kind="hubert", model=tiny_huberts[25], layer=3, n_units=50)
     tok = UnitTokenizer(cfg, torch.randn(50, 32).numpy(), torch.zeros(32).numpy(), torch.ones(32).numpy())

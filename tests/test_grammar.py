@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from slam_ray import grammar
+from slam_ray.evals import grammar
 
 
 def test_sentences_are_distinct_and_seeded():

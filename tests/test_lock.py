@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 DRIVER = """
 import json, os, sys, time
 from slam_ray.config import Experiment
-from slam_ray.runner import cached_json
+from slam_ray.core.runner import cached_json
 
 exp = Experiment.model_validate({"name": "lock", "workdir": sys.argv[1], "eval": {"tasks": ["word_order"]}})
 

@@ -5,7 +5,7 @@ import torch
 
 from slam_ray.config import ModelConfig
 from slam_ray.errors import SlamError
-from slam_ray.model import build_model
+from slam_ray.lm.model import build_model
 
 
 def save_text_lm(path, tie: bool, dtype=torch.float32):

@@ -17,7 +17,7 @@ SCRIPT = """
 import sys
 import ray
 from slam_ray.config import Experiment
-from slam_ray.runner import init_ray
+from slam_ray.core.runner import init_ray
 
 exp = Experiment.model_validate({"name": "t", "workdir": sys.argv[1],
                                  "ray": {"num_cpus": 1, "include_dashboard": False}})

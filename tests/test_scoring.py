@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from slam_ray.scoring import accuracy_with_ci, pair_outcomes, sequence_nll
-from slam_ray.units import units_to_tokens
+from slam_ray.lm.scoring import accuracy_with_ci, pair_outcomes, sequence_nll
+from slam_ray.speech.units import units_to_tokens
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_ties_count_half():
 
 
 def test_groups_score_one_only_when_the_positive_is_strictly_best():
-    from slam_ray.scoring import group_outcome
+    from slam_ray.lm.scoring import group_outcome
 
     assert group_outcome(1.0, [2.0, 3.0]) == 1.0
     assert group_outcome(2.5, [2.0, 3.0]) == 0.0
@@ -57,7 +57,7 @@ def test_groups_score_one_only_when_the_positive_is_strictly_best():
 def test_aggregate_averages_voices_per_item_first_then_breaks_down():
     import pandas as pd
 
-    from slam_ray.scoring import aggregate
+    from slam_ray.lm.scoring import aggregate
 
     scored = pd.DataFrame({"item": ["a", "a", "b", "b", "c", "c"], "voice": ["v1", "v2"] * 3,
                            "type": ["x", "x", "x", "x", "y", "y"], "outcome": [1, 0, 1, 1, 0, 0.5]})

@@ -9,7 +9,7 @@ import yaml
 
 from slam_ray.config import load_experiment
 from slam_ray.errors import ConfigError
-from slam_ray.search_space import SearchSpace, check_field_path, load_space, validate_space
+from slam_ray.sweeps.search_space import SearchSpace, check_field_path, load_space, validate_space
 
 SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
 
@@ -130,7 +130,7 @@ def test_search_and_scheduler_objects_follow_the_sweep_section():
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from slam_ray.sweep import _scheduler, _search_alg
+    from slam_ray.sweeps.sweep import _scheduler, _search_alg
 
     exp = load_experiment("quickstart", ["sweep.scheduler=asha", "sweep.grace_percent=30"])
     asha = _scheduler(exp)
@@ -159,15 +159,15 @@ def _trial_configs(space: SearchSpace, exp):
     `generate_variants` of the param space once per sample."""
     from ray.tune.search.variant_generator import generate_variants
 
-    from slam_ray.search_space import trial_experiment, tune_param_space
+    from slam_ray.sweeps.search_space import trial_experiment, tune_param_space
 
     param_space, num_samples = tune_param_space(space, exp)
     return [trial_experiment(exp, spec) for _ in range(num_samples) for _, spec in generate_variants(param_space)]
 
 
 def test_grid_repeats_get_their_own_seeds_stage_keys_and_runs():
-    from slam_ray.search_space import trial_count
-    from slam_ray.stage_io import stage_key
+    from slam_ray.core.stage_io import stage_key
+    from slam_ray.sweeps.search_space import trial_count
 
     space = load_space("optimizer")
     exp = load_experiment("quickstart", [*space.overrides(), "sweep.num_samples=3"])
@@ -204,7 +204,7 @@ def test_the_quickstarts_first_sweep_fits_the_two_cores_it_targets(monkeypatch, 
     """`slam-ray sweep quickstart --space optimizer` as documented: one trial (its driver + its trainer, or its
     DPO worker) fits a 2-CPU Ray, and nothing is said about concurrency."""
     from slam_ray.errors import SlamError
-    from slam_ray.sweep import check_trial_fits
+    from slam_ray.sweeps.sweep import check_trial_fits
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     space = load_space("optimizer")

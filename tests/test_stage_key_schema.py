@@ -1,4 +1,4 @@
-"""What stage keys leave out is read from the schema (slam_ray/config.py field metadata), not from a list of
+"""What stage keys leave out is read from the schema (slam_ray/config/schema.py field metadata), not from a list of
 names: every field marked operational leaves every key unchanged, a user's dataset that happens to share an
 operational field's name is keyed, a field added later with `since` keeps existing keys while it holds its
 default, and a bumped format version changes the stage's key and every key after it."""
@@ -11,10 +11,10 @@ import pytest
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 
-from slam_ray import stage_io
 from slam_ray.config import STAGES, Experiment, ModelConfig, TrainConfig, load_experiment
-from slam_ray.fingerprint import snapshot
-from slam_ray.stage_io import operational_fields, stage_key, stage_payload
+from slam_ray.core import stage_io
+from slam_ray.core.fingerprint import snapshot
+from slam_ray.core.stage_io import operational_fields, stage_key, stage_payload
 
 
 def _keys(exp: Experiment) -> dict[str, str]:

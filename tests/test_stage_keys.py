@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from helpers import small_experiment
 
-from slam_ray.fingerprint import snapshot
-from slam_ray.stage_io import stage_dir, stage_key, stage_payload
+from slam_ray.core.fingerprint import snapshot
+from slam_ray.core.stage_io import stage_dir, stage_key, stage_payload
 
 
 def _folder(root: Path, files: dict[str, bytes]) -> Path:
@@ -153,8 +153,7 @@ def test_a_snapshot_fingerprints_each_input_once(tmp_path):
 def test_eval_units_cache_sees_audio_rewritten_in_place(tmp_path, monkeypatch):
     """The cache of a dataset's units (keyed by its file list) encodes a file again once it is rewritten. The
     encoder here is a stand-in (units = the file's bytes): what is under test is the cache, not the tokenizer."""
-    from slam_ray import audio_units as evaluation
-
+    from slam_ray.parallel import audio_units as evaluation
     def encode(exp, rows, *args, **kwargs):
         return [{"path": r["path"], "seg_start": 0.0, "units": list(Path(r["path"]).read_bytes()), "durations": [1]}
                 for r in rows], []
@@ -175,7 +174,7 @@ def test_eval_units_cache_sees_audio_rewritten_in_place(tmp_path, monkeypatch):
 def test_pack_runs_again_after_its_jsonl_is_edited_in_place(tmp_path):
     """The real stage: a second `pack` reuses its output; after the JSONL gains utterances in place, `pack`
     runs again and its windows hold them."""
-    from slam_ray.pack import pack
+    from slam_ray.stages.pack import pack
 
     units = tmp_path / "features.jsonl"
     rows = [{"file_name": f"u{i}.wav", "units": list(range(i % 7, i % 7 + 20))} for i in range(40)]

@@ -2,7 +2,7 @@
 
 A stage key names the folder its output lives in (`WORKDIR/<stage>/<key>/`), so a key that changes makes every
 user's existing outputs of that stage (and of every stage after it) invisible: they are computed again. Keys may
-only change on purpose: bump the stage's format version (`STAGE_FORMAT` in slam_ray/stage_io.py, policy in
+only change on purpose: bump the stage's format version (`STAGE_FORMAT` in slam_ray/core/stage_io.py, policy in
 docs/stages.md) and regenerate the file with
 
     PYTHONPATH=. python tests/test_stage_keys_golden.py --regenerate
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from slam_ray.config import STAGES, load_experiment, recipe_names
-from slam_ray.stage_io import stage_key
+from slam_ray.core.stage_io import stage_key
 
 GOLDEN = Path(__file__).parent / "data" / "golden_stage_keys.json"
 REGENERATE = "PYTHONPATH=. python tests/test_stage_keys_golden.py --regenerate"
@@ -57,9 +57,9 @@ def test_shipped_recipes_keep_their_stage_keys():
         "stage keys of the shipped recipes changed:\n  " + "\n  ".join(changed or ["(recipes added or removed)"])
         + "\nA changed key makes every user's existing output of that stage (and after it) invisible: it is "
         "computed again. If the change is on purpose (a new output format, the key covering more), bump the "
-        f"stage's STAGE_FORMAT in slam_ray/stage_io.py (docs/stages.md) and regenerate: {REGENERATE}. If not, "
+        f"stage's STAGE_FORMAT in slam_ray/core/stage_io.py (docs/stages.md) and regenerate: {REGENERATE}. If not, "
         "a field that changes no output is missing `json_schema_extra={'operational': True}`, or a new field "
-        "with a default lacks `json_schema_extra={'since': ...}` (slam_ray/config.py).")
+        "with a default lacks `json_schema_extra={'since': ...}` (slam_ray/config/schema.py).")
 
 
 def test_keys_of_absent_inputs_are_deterministic():

@@ -15,7 +15,9 @@ from helpers import S3_SECRET as SECRET
 from helpers import small_experiment
 
 from slam_ray.config import to_yaml
-from slam_ray.stage_io import stage_dir
+from slam_ray.core.stage_io import stage_dir
+from slam_ray.core.storage import workdir_path
+from slam_ray.core.tracking import tracking_uri
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -66,8 +68,8 @@ def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak
     assert results["word_order@step_10"]["checkpoint"].startswith("s3://slam/runs/")  # loaded from the bucket
 
     # the secret is nowhere: params, tags, metrics' names, artifacts, manifests
-    client = MlflowClient(exp.tracking_uri)
-    mlflow.set_tracking_uri(exp.tracking_uri)
+    client = MlflowClient(tracking_uri(exp))
+    mlflow.set_tracking_uri(tracking_uri(exp))
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert len(runs) >= 5
     for run in runs:
@@ -77,15 +79,15 @@ def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak
         for path in Path(folder).rglob("*"):
             if path.is_file():
                 assert SECRET.encode() not in path.read_bytes(), path
-    for manifest in exp.workdir_path.rglob("manifest.json"):
+    for manifest in workdir_path(exp).rglob("manifest.json"):
         assert SECRET not in manifest.read_text()
 
 
 def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, s3_server, monkeypatch):
     """The layer every stage writes through: a stage folder written locally and published, then read on
     "another machine" (a fresh cache) file by file and folder by folder; only missing files are fetched."""
-    from slam_ray import storage
-    from slam_ray.stage_io import StageDir
+    from slam_ray.core import storage
+    from slam_ray.core.stage_io import StageDir
 
     url, port, env = s3_server
     for k, v in env.items():
@@ -133,9 +135,9 @@ def test_extract_reads_folders_and_manifests_from_s3(tmp_path, s3_server, fixtur
     pointing at nothing are error lines; a prefix holding no audio is a config error naming the entry."""
     import boto3
 
-    from slam_ray.audio import decode_audio
-    from slam_ray.tokenizer import UnitTokenizer
-    from slam_ray.units import read_unit_shards
+    from slam_ray.speech.audio import decode_audio
+    from slam_ray.speech.tokenizer import UnitTokenizer
+    from slam_ray.speech.units import read_unit_shards
 
     url, port, env = s3_server
     s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
@@ -185,8 +187,8 @@ def test_bucket_inputs_are_fingerprinted_by_their_listing(tmp_path, s3_server, m
     place makes a new key, a missing prefix is keyed as absent; folder, glob and single object list alike."""
     import boto3
 
-    from slam_ray import storage
-    from slam_ray.fingerprint import fingerprint
+    from slam_ray.core import storage
+    from slam_ray.core.fingerprint import fingerprint
 
     url, port, env = s3_server
     for k, v in env.items():

@@ -18,8 +18,10 @@ import yaml
 from helpers import small_experiment
 
 from slam_ray.config import to_yaml, with_values
-from slam_ray.search_space import load_space
-from slam_ray.stage_io import stage_dir
+from slam_ray.core.stage_io import stage_dir
+from slam_ray.core.storage import workdir_path
+from slam_ray.core.tracking import tracking_uri
+from slam_ray.sweeps.search_space import load_space
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -46,7 +48,7 @@ def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_p
     from mlflow.tracking import MlflowClient
     from ray.util.placement_group import placement_group_table
 
-    from slam_ray.sweep import sweep
+    from slam_ray.sweeps.sweep import sweep
 
     exp = small_experiment(
         tmp_path / "work", train={"max_steps": 60, "val_reports": 10},
@@ -169,7 +171,7 @@ def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(
     exp_path.write_text(to_yaml(exp))
     space_path = _space(tmp_path, {"metric": "val/loss", "mode": "min", "max_concurrent_trials": 1})
     command = [sys.executable, "-m", "slam_ray.cli", "sweep", str(exp_path), "--space", str(space_path)]
-    uri = exp.tracking_uri
+    uri = tracking_uri(exp)
     db = Path(uri.removeprefix("sqlite:///"))
 
     # 1. Ctrl+C: SIGINT to the driver while a trial trains, after another has finished.
@@ -230,4 +232,4 @@ def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(
         train_runs = _runs(uri, "tiny", f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`slam_ray.stage` = 'train'")
         assert sorted(r.info.status for r in train_runs) == (["FINISHED", "KILLED"] if run_id in training else ["FINISHED"])
     # one training output per learning rate: nothing duplicated
-    assert len([p for p in (exp.workdir_path / "train").iterdir() if p.is_dir()]) == 4
+    assert len([p for p in (workdir_path(exp) / "train").iterdir() if p.is_dir()]) == 4

@@ -11,11 +11,11 @@ from helpers import kill_when, small_experiment
 from test_tts import save_tiny_vits
 
 from slam_ray.config import Experiment, SynthConfig
+from slam_ray.core.stage_io import stage_dir
 from slam_ray.errors import SlamError
-from slam_ray.preferences import read_slamkit_preferences
-from slam_ray.spoken_swag import auto_bleu, build_triples
-from slam_ray.stage_io import stage_dir
-from slam_ray.synth import plan_items, synth
+from slam_ray.lm.preferences import read_slamkit_preferences
+from slam_ray.speech.spoken_swag import auto_bleu, build_triples
+from slam_ray.stages.synth import plan_items, synth
 
 pytestmark = pytest.mark.ray
 
@@ -62,9 +62,9 @@ def test_synth_shards_index_alignments_and_unspeakable_texts(tmp_path, ray_local
 
 
 def test_interrupted_synth_speaks_only_missing_shards(tmp_path, ray_local, espeak, monkeypatch):
-    import slam_ray.synth
+    import slam_ray.stages.synth
 
-    monkeypatch.setattr(slam_ray.synth, "WAVE_UTTERANCES", 5)  # one shard of 3 per Ray Data pass
+    monkeypatch.setattr(slam_ray.stages.synth, "WAVE_UTTERANCES", 5)  # one shard of 3 per Ray Data pass
     exp = corpus_experiment(tmp_path)
     out = synth(exp)
     clean = pd.read_parquet(out.path / "index.parquet")
@@ -90,11 +90,11 @@ def test_interrupted_synth_speaks_only_missing_shards(tmp_path, ray_local, espea
 
 
 def test_waves_bound_the_utterances_per_pass(monkeypatch):
-    import slam_ray.synth
+    import slam_ray.stages.synth
 
-    monkeypatch.setattr(slam_ray.synth, "WAVE_UTTERANCES", 5)
+    monkeypatch.setattr(slam_ray.stages.synth, "WAVE_UTTERANCES", 5)
     shards = {"a": [0] * 3, "b": [0] * 2, "c": [0] * 7, "d": [0]}
-    assert slam_ray.synth._waves(list(shards), shards) == [["a", "b"], ["c"], ["d"]]
+    assert slam_ray.stages.synth._waves(list(shards), shards) == [["a", "b"], ["c"], ["d"]]
 
 
 def test_plan_is_seeded_and_noise_has_its_own_stream(tmp_path):
@@ -176,8 +176,8 @@ def test_auto_bleu_and_triples(tmp_path):
 
 
 def test_spoken_swag_to_dpo_readable_unit_triples(tmp_path, ray_local, espeak):
-    from slam_ray.extract import extract
-    from slam_ray.spoken_swag import export_preference_units
+    from slam_ray.parallel.audio_units import export_preference_units
+    from slam_ray.stages.extract import extract
 
     swag = tmp_path / "swag.jsonl"
     swag.write_text("".join(json.dumps(r) + "\n" for r in SWAG))
@@ -243,9 +243,9 @@ def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak):
 def test_write_audio_false_speaks_inside_extract_with_the_units_of_the_files(tmp_path, ray_local, espeak):
     """Fused synthesis: synth only plans, extract's actors speak each utterance straight into units. Encoded
     with the same tokenizer, they are the units of the FLACs synth would have written."""
-    from slam_ray.extract import resolve_inputs
+    from slam_ray.parallel.encode import encode_files
     from slam_ray.pipeline import stage_function
-    from slam_ray.tokenizer import encode_files
+    from slam_ray.stages.extract import resolve_inputs
 
     written = corpus_experiment(tmp_path / "written", stages=("synth", "extract"))
     fused = corpus_experiment(tmp_path / "fused", stages=("synth", "extract"), write_audio=False)
@@ -276,8 +276,8 @@ def test_write_audio_false_speaks_inside_extract_with_the_units_of_the_files(tmp
 
     # eval's pairs and dpo's triples: texts spoken straight into units in one pass (no file), equal to the
     # units of the files SpeakActor writes; an unspeakable text is an error row either way
-    from slam_ray.tokenizer import encode_spoken
-    from slam_ray.tts import speak_items
+    from slam_ray.parallel.encode import encode_spoken
+    from slam_ray.parallel.tts import speak_items
 
     tokenizer = stage_dir(written, "extract").path / "tokenizer"
 

@@ -9,7 +9,7 @@ import pytest
 
 from slam_ray.config import CorpusConfig
 from slam_ray.errors import SlamError
-from slam_ray.text_sources import cut, load_texts, split_sentences
+from slam_ray.speech.text_sources import cut, load_texts, split_sentences
 
 STORY = ("Once upon a time, there was a little dog named Max. Max liked to run! "
          "One day he found a big red ball in the park. \"Is this mine?\" he asked.")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import save_tiny_text_lm
 
-from slam_ray.textmetrics import Transcriber, auto_bleu, generative_summary, text_nll, word_error_rate
+from slam_ray.lm.textmetrics import Transcriber, auto_bleu, generative_summary, text_nll, word_error_rate
 
 
 def test_auto_bleu_counts_repeated_bigrams():
@@ -53,7 +53,7 @@ def test_genppl_matches_a_plain_forward_pass_and_skips_empty_transcripts(text_lm
 
 
 def test_offline_asr_transcribes_piper_speech(tmp_path):
-    from slam_ray.tts import make_backend
+    from slam_ray.parallel.tts import make_backend
 
     text = "the quick brown fox jumps over the lazy dog"
     audio = make_backend("piper").synthesize(text, "joe", 100)  # speed 100 = piper's length_scale 1

@@ -3,11 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from slam_ray.audio import decode_audio
 from slam_ray.config import TokenizerConfig
 from slam_ray.errors import SlamError
-from slam_ray.features import LogMelFeatures
-from slam_ray.tokenizer import UnitTokenizer, fit_kmeans
+from slam_ray.speech.audio import decode_audio
+from slam_ray.speech.features import LogMelFeatures
+from slam_ray.speech.tokenizer import UnitTokenizer, fit_kmeans
 
 
 def test_fit_assign_save_load(fixtures, tmp_path):
@@ -111,8 +111,8 @@ def test_decoding_tasks_feed_encoding_actors_one_row_per_segment(fixtures, tmp_p
     import soundfile as sf
     from test_audio import long_speech
 
-    from slam_ray.audio import decode_segments
-    from slam_ray.tokenizer import EncodeActor, decode_rows
+    from slam_ray.parallel.encode import EncodeActor, decode_rows
+    from slam_ray.speech.audio import decode_segments
 
     long_speech(fixtures, tmp_path / "long.flac", 70.0)
     noisy = np.random.default_rng(0).normal(0, 0.1, 16_000 * 50).astype(np.float32)

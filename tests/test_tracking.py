@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from slam_ray.config import Experiment
-from slam_ray.tracking import start_run
+from slam_ray.core.tracking import start_run, tracking_uri
 
 
 def test_a_list_param_longer_than_mlflows_limit_is_logged_truncated_and_the_run_succeeds(tmp_path, monkeypatch):
@@ -20,7 +20,7 @@ def test_a_list_param_longer_than_mlflows_limit_is_logged_truncated_and_the_run_
     with start_run(exp, "long params") as run:
         run.log_params({"extract": {"inputs": inputs, "frame_rate": 25}, "eval": {"tasks": ["lexical"]}})
 
-    logged = MlflowClient(exp.tracking_uri).get_run(run.run_id)
+    logged = MlflowClient(tracking_uri(exp)).get_run(run.run_id)
     assert logged.info.status == "FINISHED"
     value = logged.data.params["extract.inputs"]
     assert len(value) == MAX_PARAM_VAL_LENGTH

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 
 from slam_ray.config import ScheduleConfig
-from slam_ray.optim import lr_factor
-from slam_ray.pack import pack_windows
-from slam_ray.train import WindowBatches
+from slam_ray.lm.optim import lr_factor
+from slam_ray.stages.pack import pack_windows
+from slam_ray.stages.train import WindowBatches
 
 
 def test_cosine_with_warmup_ends_at_min_lr():
@@ -45,9 +45,9 @@ def test_too_little_data_is_a_clear_error(tmp_path):
     before any Ray worker starts, from the stage (it reads the count from the pack manifest)."""
     from helpers import small_experiment
 
+    from slam_ray.core.stage_io import stage_dir
     from slam_ray.errors import SlamError
-    from slam_ray.stage_io import stage_dir
-    from slam_ray.train import train
+    from slam_ray.stages.train import train
 
     with pytest.raises(SlamError, match="3 training windows < one global batch .8.; lower train.batch_size"):
         WindowBatches(np.zeros((3, 8)), 4, 0, 2, 0)
@@ -82,7 +82,7 @@ def test_wsd_and_linear_schedules():
 
 
 def test_warmup_steps_override_the_ratio():
-    from slam_ray.optim import warmup_steps
+    from slam_ray.lm.optim import warmup_steps
 
     assert warmup_steps(ScheduleConfig(warmup_ratio=0.1), 200) == 20
     assert warmup_steps(ScheduleConfig(warmup_ratio=0.1, warmup_steps=7), 200) == 7
@@ -95,7 +95,7 @@ def test_every_optimizer_trains_a_few_steps(name):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from slam_ray.config import OptimizerConfig
-    from slam_ray.optim import build_optimizer
+    from slam_ray.lm.optim import build_optimizer
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -175,7 +175,7 @@ def test_adalomo_matches_lomo_optims_fused_implementation(monkeypatch):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from slam_ray.config import OptimizerConfig
-    from slam_ray.optim import build_optimizer
+    from slam_ray.lm.optim import build_optimizer
 
     torch.manual_seed(0)
     # untied: the fused reference would update a tied weight from half its gradient
@@ -205,7 +205,7 @@ def units_frame(sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
 
 
 def test_mix_gives_each_dataset_its_share_of_tokens():
-    from slam_ray.pack import select_mix
+    from slam_ray.stages.pack import select_mix
 
     units = units_frame({"books": (400, 30), "stories": (100, 40)})  # 12,800 vs 4,200 tokens
     seqs, report = select_mix(units, {"books": 0.25, "stories": 0.75}, {"stories": 3}, seed=0)
@@ -221,7 +221,7 @@ def test_mix_gives_each_dataset_its_share_of_tokens():
 
 def test_no_mix_uses_every_utterance_once_and_unknown_names_fail():
     from slam_ray.errors import SlamError
-    from slam_ray.pack import select_mix
+    from slam_ray.stages.pack import select_mix
 
     units = units_frame({"a": (10, 5), "b": (30, 5)})
     seqs, report = select_mix(units, None, {}, seed=0)
@@ -246,8 +246,8 @@ def test_pack_reads_slamkit_files_without_extract(fixtures, tmp_path):
 
     from helpers import small_experiment
 
-    from slam_ray.pack import pack
-    from slam_ray.units import read_jsonl
+    from slam_ray.speech.units import read_jsonl
+    from slam_ray.stages.pack import pack
 
     exp = small_experiment(tmp_path / "w", stages=["pack"], pack={
         "inputs": [str(fixtures / "features.jsonl"), {"name": "tok", "path": str(fixtures / "tokens.jsonl")}],

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from helpers import kill_a_worker_during, small_experiment
 
-from slam_ray.stage_io import stage_dir
-from slam_ray.train import train
+from slam_ray.core.stage_io import stage_dir
+from slam_ray.core.tracking import tracking_uri
+from slam_ray.stages.train import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -40,7 +41,7 @@ def test_time_budget_sizes_the_schedule(tmp_path, ray_local):
     out = train(exp)
     manifest = json.loads(out.manifest_path.read_text())
     assert manifest["metrics"]["train/seconds"] < budget_s * 1.5
-    mlflow.set_tracking_uri(exp.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri(exp))
     run = mlflow.search_runs(experiment_names=[exp.name]).iloc[0]
     planned = int(run["params.schedule.total_steps"])  # after the re-plan from measured throughput
     steps = manifest["counts"]["steps"]
@@ -59,7 +60,7 @@ def loss_curve(exp) -> dict[int, float]:
     """train/loss per step; after a resume a step may be logged twice: the later value wins."""
     import mlflow
 
-    mlflow.set_tracking_uri(exp.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri(exp))
     runs = mlflow.search_runs(experiment_names=[exp.name], filter_string="tags.`slam_ray.stage` = 'train'")
     if runs.empty:
         return {}
@@ -161,7 +162,7 @@ def test_twist_run_stops_at_its_time_budget_between_log_steps_and_its_checkpoint
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from slam_ray.units import PAD_ID
+    from slam_ray.speech.units import PAD_ID
 
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

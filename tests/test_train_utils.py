@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from slam_ray.train_utils import flops_per_token, peak_tflops
+from slam_ray.parallel.train_utils import flops_per_token, peak_tflops
 
 
 def test_flops_per_token_counts_weights_and_attention():

@@ -1,4 +1,4 @@
-"""The trainer scaffold (`slam_ray/trainer.py`) that `train` and `dpo` share, seen from DPO, which gained train's
+"""The trainer scaffold (`slam_ray/parallel/trainer.py`) that `train` and `dpo` share, seen from DPO, which gained train's
 precision, compile, gradient checkpointing and FSDP through it: the DPO loop in the scaffold without Ray (bf16,
 gradient checkpointing, compile against fp32), then the stage on a real local Ray (FSDP against DDP, a killed
 FSDP worker that resumes, bf16 + gradient checkpointing taken from train)."""
@@ -11,8 +11,8 @@ from helpers import kill_a_worker_during, small_experiment
 from test_dpo import dpo_curve, external_start
 
 from slam_ray.config import load_experiment, recipe_names, with_values
+from slam_ray.core.stage_io import stage_dir, stage_key, stage_payload
 from slam_ray.pipeline import stage_function
-from slam_ray.stage_io import stage_dir, stage_key, stage_payload
 
 # ---------------------------------------------------------------------------------------------------------------
 # settings and stage keys
@@ -31,7 +31,7 @@ KEYS_BEFORE = {
 
 
 def test_dpo_takes_trains_settings_unless_set_and_only_a_changed_dpo_changes_keys(tmp_path):
-    from slam_ray.trainer import TrainerSettings
+    from slam_ray.parallel.trainer import TrainerSettings
 
     assert set(recipe_names()) == set(KEYS_BEFORE)
     for name, keys in KEYS_BEFORE.items():
@@ -65,8 +65,16 @@ def dpo_run(steps: int = 4, **settings) -> tuple[list[float], dict, object]:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from slam_ray.dpo_loss import build_preference_batch, dpo_loss, preference_logps
-    from slam_ray.trainer import Budget, MetricsLog, Plan, Trainer, TrainerSettings, Worker, prepare_model
+    from slam_ray.lm.dpo_loss import build_preference_batch, dpo_loss, preference_logps
+    from slam_ray.parallel.trainer import (
+        Budget,
+        MetricsLog,
+        Plan,
+        Trainer,
+        TrainerSettings,
+        Worker,
+        prepare_model,
+    )
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

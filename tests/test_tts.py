@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slam_ray.audio import AudioError
 from slam_ray.errors import SlamError
-from slam_ray.tts import PiperBackend, SpeakActor, make_backend
+from slam_ray.parallel.tts import PiperBackend, SpeakActor, make_backend
+from slam_ray.speech.audio import AudioError
 
 SENTENCE = "the big dog sees the small cat"
 
@@ -83,7 +83,7 @@ def test_espeak_speaks_at_16khz_with_word_alignments(espeak):
 
     import soundfile as sf
 
-    from slam_ray.espeak import engine
+    from slam_ray.speech.espeak import engine
 
     for text, voice, rate in [(SENTENCE, "en-us", 120), ("Hello, café 42 cats!", "en-gb+f3", 175)]:
         cli = subprocess.run([espeak, "-v", voice, "-s", str(rate), "--stdout", "--", text], capture_output=True).stdout

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from slam_ray.units import (
+from slam_ray.speech.units import (
     BOS_ID,
     EOS_ID,
     dedup,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slam_ray.errors import SlamError
-from slam_ray.vocoder import UnitHifiGan, load_vocoder, vocode
+from slam_ray.speech.vocoder import UnitHifiGan, load_vocoder, vocode
 
 TINY = {"num_embeddings": 20, "embedding_dim": 16, "model_in_dim": 16, "upsample_initial_channel": 32,
         "upsample_rates": [5, 4], "upsample_kernel_sizes": [11, 8], "resblock_kernel_sizes": [3, 5],
