@@ -1,6 +1,7 @@
 """The pipeline: which function runs each stage (the stage registry) and running an experiment's stages in
-order. The stages import the stage contract (`runner`, `stage_io`), never this module, so imports run one way:
-cli/sweep -> pipeline -> stages -> contract. A new stage is its own module plus one line in `STAGE_FUNCTIONS`."""
+order. The stages import the stage contract (slam_ray/core/), never this module, so imports run one way:
+cli -> sweeps -> pipeline -> stages (docs/layout.md). A new stage is its own module in slam_ray/stages/ plus one
+line in `STAGE_FUNCTIONS`."""
 
 from __future__ import annotations
 

@@ -7,35 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_HIFIGAN as TINY
+from helpers import save_weight_normed
 
 from slam_ray.errors import SlamError
 from slam_ray.speech.vocoder import UnitHifiGan, load_vocoder, vocode
-
-TINY = {"num_embeddings": 20, "embedding_dim": 16, "model_in_dim": 16, "upsample_initial_channel": 32,
-        "upsample_rates": [5, 4], "upsample_kernel_sizes": [11, 8], "resblock_kernel_sizes": [3, 5],
-        "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5]], "resblock": "1", "sampling_rate": 16000}
-
-
-def save_weight_normed(model: UnitHifiGan, folder, step: int = 1000):
-    """Save `model` the way textlesslib/speech-resynthesis training does: every conv weight-normalised."""
-    import copy
-
-    from torch.nn.utils import weight_norm
-
-    normed = copy.deepcopy(model)
-    for module in normed.modules():
-        if isinstance(module, torch.nn.Conv1d | torch.nn.ConvTranspose1d):
-            weight_norm(module)
-    with torch.no_grad():  # make g differ from |v| so folding really matters
-        for name, p in normed.named_parameters():
-            if name.endswith("weight_g"):
-                p.mul_(1.7)
-    state = normed.state_dict()
-    assert any(k.endswith("weight_g") for k in state)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"generator": state}, folder / f"g_{step:08d}")
-    (folder / "config.json").write_text(json.dumps(model.cfg))
-    return normed
 
 
 @pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")

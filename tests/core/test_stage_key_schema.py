@@ -84,7 +84,7 @@ def test_a_field_added_with_since_keeps_keys_at_its_default(quickstart):
     class NewModel(ModelConfig):
         new_knob: int = Field(0, json_schema_extra={"since": "test"})
 
-    class NewTrain(TrainConfig):  # as if both fields were added to config.py (nested and top level)
+    class NewTrain(TrainConfig):  # as if both fields were added to config/schema.py (nested and top level)
         model: NewModel = NewModel()
         other_knob: bool = Field(False, json_schema_extra={"since": "test"})
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import long_speech
 
 from slam_ray.speech.audio import AudioError, decode_audio, write_flac
 
@@ -66,19 +67,6 @@ def test_odd_but_valid_files_are_converted(fixtures, tmp_path, name, sr, subtype
     n = min(len(audio), len(speech))
     if subtype not in ("VORBIS", "MPEG_LAYER_III"):  # lossless up to quantisation and band limit: the same waveform
         assert np.corrcoef(audio[:n], speech[:n])[0, 1] > 0.9
-
-
-def long_speech(fixtures, path, seconds: float, sr: int = 16_000) -> np.ndarray:
-    """A long file of real speech (the fixture over and over), written block by block."""
-    speech = decode_audio(fixtures / "audio1.flac")
-    total = int(seconds * sr)
-    with sf.SoundFile(path, "w", sr, 1, "PCM_16") as f:
-        written = 0
-        while written < total:
-            piece = speech[: total - written]
-            f.write(piece)
-            written += len(piece)
-    return sf.read(path, dtype="float32")[0]
 
 
 @pytest.mark.parametrize("segmenter", ["vad", "energy"])

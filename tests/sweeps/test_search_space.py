@@ -11,7 +11,7 @@ from slam_ray.config import load_experiment
 from slam_ray.errors import ConfigError
 from slam_ray.sweeps.search_space import SearchSpace, check_field_path, load_space, validate_space
 
-SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml"))
 
 
 def space_file(tmp_path: Path, data: dict) -> str:

@@ -6,26 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import save_tiny_hubert
 
 from slam_ray.errors import SlamError
 from slam_ray.speech.audio import decode_audio
 from slam_ray.speech.features import HubertFeatures, LogMelFeatures
-
-
-def save_tiny_hubert(folder, rate: int, seed: int = 0) -> str:
-    from transformers import HubertConfig, HubertModel
-
-    torch.manual_seed(seed)
-    convs = 7 if rate == 50 else 8  # mHuBERT-25Hz: one more stride-2 conv, hop 640
-    config = HubertConfig(
-        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(16,) * convs, conv_stride=(5,) + (2,) * (convs - 1), conv_kernel=(10, 3, 3, 3, 3) + (2,) * (convs - 5),
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-        # the 50 Hz one is HuBERT-large-shaped (layer norm, pre-LN), the 25 Hz one base-shaped (group norm, post-LN)
-        feat_extract_norm="layer" if rate == 50 else "group", do_stable_layer_norm=rate == 50,
-    )
-    HubertModel(config).eval().save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,8 @@ def test_every_task_and_checkpoint_with_a_missing_dataset(trained, tmp_path):
 
 
 def test_generation_with_vocoder_asr_and_text_lm(trained, tmp_path):
-    from test_vocoder import TINY, save_weight_normed
+    from helpers import TINY_HIFIGAN as TINY
+    from helpers import save_weight_normed
 
     from slam_ray.speech.vocoder import UnitHifiGan
     from slam_ray.stages.generation import run_generation

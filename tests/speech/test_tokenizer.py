@@ -109,7 +109,7 @@ def test_decoding_tasks_feed_encoding_actors_one_row_per_segment(fixtures, tmp_p
     segments before it; `EncodeActor` gives every decoded segment the units of that segment encoded alone."""
     import pandas as pd
     import soundfile as sf
-    from test_audio import long_speech
+    from helpers import long_speech
 
     from slam_ray.parallel.encode import EncodeActor, decode_rows
     from slam_ray.speech.audio import decode_segments

@@ -130,11 +130,12 @@ def test_absent_inputs_are_keyed_as_absent(tmp_path):
         "model.base": {"path": "Qwen/Qwen2.5-0.5B", "absent": True}}
     before = stage_key(exp, "extract")
     _folder(tmp_path / "data" / "nowhere", {"x.wav": b"x"})  # the data arrives: a new key
+    here = Path.cwd()
     os.chdir(tmp_path)
     try:
         assert stage_key(exp, "extract") != before
     finally:
-        os.chdir(Path(__file__).parent)
+        os.chdir(here)
 
 
 def test_a_snapshot_fingerprints_each_input_once(tmp_path):

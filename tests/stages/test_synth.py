@@ -7,8 +7,7 @@ import json
 import pandas as pd
 import pytest
 import soundfile as sf
-from helpers import kill_when, small_experiment
-from test_tts import save_tiny_vits
+from helpers import kill_when, save_tiny_vits, small_experiment
 
 from slam_ray.config import Experiment, SynthConfig
 from slam_ray.core.stage_io import stage_dir

@@ -8,12 +8,18 @@ import os
 
 import numpy as np
 import pytest
-from helpers import kill_a_worker_during, link_upstream, small_experiment
+from helpers import (
+    dpo_curve,
+    external_start,
+    kill_a_worker_during,
+    link_upstream,
+    slamkit_jsonl,
+    small_experiment,
+)
 
 from slam_ray.config import with_values
 from slam_ray.core.stage_io import stage_dir
 from slam_ray.core.storage import workdir_path
-from slam_ray.core.tracking import tracking_uri
 from slam_ray.pipeline import stage_function
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -44,17 +50,6 @@ def linked(exp, values: dict, stages: tuple[str, ...] = ("synth", "extract", "pa
     if (workdir_path(exp) / "dpo_triples").exists():
         os.symlink(workdir_path(exp) / "dpo_triples", workdir_path(new) / "dpo_triples")
     return new
-
-
-def dpo_curve(exp, metric: str = "dpo/loss") -> dict[int, float]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri(exp))
-    experiment = client.get_experiment_by_name(exp.name)
-    if experiment is None:
-        return {}
-    runs = client.search_runs([experiment.experiment_id], "tags.`slam_ray.stage` = 'dpo'")
-    return {m.step: m.value for r in runs for m in client.get_metric_history(r.info.run_id, metric)}
 
 
 def test_dpo_raises_the_held_out_margin_and_eval_compares_before_and_after(pretrained):
@@ -160,18 +155,6 @@ def test_precomputed_reference_logps_equal_a_plain_forward_pass(pretrained):
         assert (chosen < 0).all() and (chosen != rejected).any()
 
 
-def slamkit_jsonl(path, triples: list[dict]) -> None:
-    """Triples written the way slamkit's preference_alignment_feature_extractor writes them."""
-    from slam_ray.speech.units import tokens_to_units, write_jsonl
-
-    def part(tokens):
-        units = tokens_to_units(tokens).tolist()
-        return {"units": units, "duration": [1] * len(units)}
-
-    write_jsonl(path, [{"prompt": part(t["prompt"]), "chosen": part(t["chosen"]), "rejected": part(t["rejected"])}
-                       for t in triples])
-
-
 def test_slamkit_preference_jsonl_with_a_token_budget_and_either_reference(pretrained, tmp_path):
     """slamkit's preference JSONL end to end: a cosine schedule sized by a token budget ends at it, and the
     loss curve is the same with the frozen reference model and with the precomputed reference log-probs."""
@@ -210,25 +193,6 @@ def test_slamkit_preference_jsonl_with_a_token_budget_and_either_reference(pretr
                                           for k in ("prompt", "chosen", "rejected")}) + "\n")
     with pytest.raises(SlamError, match="holds unit 499.*extract.tokenizer.n_units"):
         stage_function("dpo")(with_values(with_model, {"dpo.inputs": [str(too_many_units)]}, "test"))
-
-
-def external_start(tmp_path, n_triples: int, **dpo) -> object:
-    """An experiment whose DPO starts from a tiny Qwen2 saved here and reads `n_triples` slamkit preference
-    triples from a JSONL (every 10th held out): no upstream stage, no speech."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    exp = small_experiment(tmp_path / "w", stages=["dpo"])
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=exp.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "start")
-    rng = np.random.default_rng(0)
-    tokens = lambda n: rng.integers(2, exp.vocab_size, size=n).tolist()  # noqa: E731
-    slamkit_jsonl(tmp_path / "prefs.jsonl", [{"prompt": tokens(8), "chosen": tokens(10), "rejected": tokens(10)}
-                                             for _ in range(n_triples)])
-    return with_values(exp, {"dpo.init": str(tmp_path / "start"), "dpo.inputs": [str(tmp_path / "prefs.jsonl")],
-                             "dpo.reference": "model", **{f"dpo.{k}": v for k, v in dpo.items()}}, "test")
 
 
 def test_fewer_triples_than_one_global_batch_is_a_clear_error(tmp_path):

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import kill_a_worker_during, small_experiment
-from test_dpo import dpo_curve, external_start
+from helpers import dpo_curve, external_start, kill_a_worker_during, small_experiment
 
 from slam_ray.config import load_experiment, recipe_names, with_values
 from slam_ray.core.stage_io import stage_dir, stage_key, stage_payload
@@ -19,7 +18,7 @@ from slam_ray.pipeline import stage_function
 
 
 # The keys of the shipped recipes' stages before dpo.precision/compile/gradient_checkpointing/strategy existed
-# (tests/test_stage_keys_golden.py holds today's).
+# (tests/core/test_stage_keys_golden.py holds today's).
 KEYS_BEFORE = {
     "quickstart": {"synth": "19165e1a205f", "extract": "1c68b0ed2d63", "pack": "7771d5c35596", "train": "0a51acd25762",
                    "dpo": "278a9d9708bf", "eval": "2db7b7d261c0"},

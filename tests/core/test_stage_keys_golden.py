@@ -5,7 +5,7 @@ user's existing outputs of that stage (and of every stage after it) invisible: t
 only change on purpose: bump the stage's format version (`STAGE_FORMAT` in slam_ray/core/stage_io.py, policy in
 docs/stages.md) and regenerate the file with
 
-    PYTHONPATH=. python tests/test_stage_keys_golden.py --regenerate
+    PYTHONPATH=. python tests/core/test_stage_keys_golden.py --regenerate
 
 Keys are computed in an empty folder, so the recipes' relative data paths (`data/...`) and HF ids are keyed as
 absent whatever the checkout holds; they do not depend on the workdir.
@@ -24,8 +24,8 @@ from pathlib import Path
 from slam_ray.config import STAGES, load_experiment, recipe_names
 from slam_ray.core.stage_io import stage_key
 
-GOLDEN = Path(__file__).parent / "data" / "golden_stage_keys.json"
-REGENERATE = "PYTHONPATH=. python tests/test_stage_keys_golden.py --regenerate"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden_stage_keys.json"
+REGENERATE = "PYTHONPATH=. python tests/core/test_stage_keys_golden.py --regenerate"
 
 
 @contextlib.contextmanager

@@ -115,7 +115,7 @@ def test_a_dozen_kinds_of_broken_files_beside_real_speech_piper_and_odd_formats(
 def test_hubert_extraction_units_do_not_depend_on_batch_mates(fixtures, tmp_path, ray_local):
     """The stage with a tiny mHuBERT-25Hz-shaped model loaded by path: 352 / 398 frames, and each file's units
     equal those of the file encoded alone."""
-    from test_features import save_tiny_hubert
+    from helpers import save_tiny_hubert
 
     from slam_ray.speech.audio import decode_audio
     from slam_ray.speech.tokenizer import UnitTokenizer
@@ -277,7 +277,7 @@ def test_a_30_minute_file_is_encoded_in_bounded_memory(fixtures, tmp_path, ray_l
     import subprocess
     import sys
 
-    from test_audio import long_speech
+    from helpers import long_speech
 
     from slam_ray.config import TokenizerConfig
     from slam_ray.speech.tokenizer import UnitTokenizer
@@ -321,7 +321,7 @@ def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tm
     import sys
 
     import pyarrow.parquet as pq
-    from test_features import save_tiny_hubert
+    from helpers import save_tiny_hubert
 
     from slam_ray.config import to_yaml
 

@@ -9,36 +9,13 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import save_tiny_vits
 
 from slam_ray.errors import SlamError
 from slam_ray.parallel.tts import PiperBackend, SpeakActor, make_backend
 from slam_ray.speech.audio import AudioError
 
 SENTENCE = "the big dog sees the small cat"
-
-
-def save_tiny_vits(folder, seed: int = 0, speakers: int = 1) -> str:
-    """A randomly initialised VitsModel (a few hundred k parameters) and a character VitsTokenizer, saved with
-    save_pretrained: what `hf` loads for an MMS-TTS id, at toy size. VitsTokenizer needs a vocab.json."""
-    import torch
-    from transformers import VitsConfig, VitsModel, VitsTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {c: i for i, c in enumerate(["<pad>", *" abcdefghijklmnopqrstuvwxyz'-"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = VitsTokenizer(str(folder / "vocab.json"), pad_token="<pad>", unk_token="<unk>", add_blank=True,
-                              normalize=True, phonemize=False, is_uroman=False)
-    config = VitsConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
-                        flow_size=16, spectrogram_bins=33, upsample_initial_channel=32, upsample_rates=[8, 8, 4],
-                        upsample_kernel_sizes=[16, 16, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
-                        prior_encoder_num_flows=1, prior_encoder_num_wavenet_layers=1, duration_predictor_num_flows=1,
-                        duration_predictor_filter_channels=16, depth_separable_num_layers=1,
-                        posterior_encoder_num_wavenet_layers=1, wavenet_kernel_size=3, sampling_rate=22050,
-                        num_speakers=speakers, speaker_embedding_size=8 if speakers > 1 else 0)
-    torch.manual_seed(seed)
-    VitsModel(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
