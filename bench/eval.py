@@ -1,7 +1,7 @@
 """Likelihood scoring throughput: slam_ray's Ray Data actors vs a plain in-process loop, same model, same pairs.
 
 The baseline is slamkit's way: one process scores pair after pair in padded batches. slam_ray's path is what
-`slam-ray eval` runs (`slam_ray.scoring.score_sequences`): sequences sorted by length, spread over an actor pool,
+`slam-ray eval` runs (`slam_ray.parallel.nll.score_sequences`): sequences sorted by length, spread over an actor pool,
 one model per actor (one per GPU on a cluster). Both use the same CPU threads in total; the Ray path's time
 includes starting its actors and loading the model in each. Pairs: random unit sequences with sSC-like lengths
 (60-220 de-duplicated units, 25 Hz). Model: a Qwen2 of `--layers` x `--hidden` over 502 ids (the recipe's
@@ -40,7 +40,8 @@ def main() -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from slam_ray.config import Experiment
-    from slam_ray.scoring import pair_outcomes, score_sequences, sequence_nll
+    from slam_ray.lm.scoring import pair_outcomes, sequence_nll
+    from slam_ray.parallel.nll import score_sequences
 
     rng = np.random.default_rng(0)
     seqs = {f"{i}-{side}": rng.integers(0, 500, size=int(rng.uniform(60, 220))).tolist()

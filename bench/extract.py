@@ -2,7 +2,7 @@
 
 The baseline is slamkit's way: one process, files sorted by length, padded batches, every layer of the model
 computed (`output_hidden_states`) to read one, then nearest-centroid assignment. The pipeline is what
-`slam-ray extract` runs (`slam_ray.tokenizer.iter_encoded`): Ray tasks decode and resample the files into
+`slam-ray extract` runs (`slam_ray.parallel.encode.iter_encoded`): Ray tasks decode and resample the files into
 segments, feeding an actor pool that runs the model only up to the layer read, one utterance per forward pass
 on CPU (batched with exact group norms on GPU; units never depend on batch mates). Both use the same CPU cores
 in total; the pipeline's time includes starting its actors and loading the model in each. Files: the two real LibriSpeech fixture utterances cut to random
@@ -32,7 +32,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "data" / "slamkit_exa
 
 
 def make_files(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    from slam_ray.audio import decode_audio, write_flac
+    from slam_ray.speech.audio import decode_audio, write_flac
 
     speech = [decode_audio(FIXTURES / f"audio{i}.flac") for i in (1, 2)]
     rng = np.random.default_rng(seed)
@@ -62,7 +62,7 @@ def plain_loop(paths: list[Path], model_path: str, layer: int, centroids: np.nda
     import torch
     from transformers import HubertModel
 
-    from slam_ray.audio import decode_audio
+    from slam_ray.speech.audio import decode_audio
 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,7 +94,7 @@ def ray_pipeline(paths: list[Path], tokenizer_dir: Path, actors: int, batch: int
     import ray
 
     from slam_ray.config import Experiment
-    from slam_ray.tokenizer import iter_encoded
+    from slam_ray.parallel.encode import iter_encoded
 
     exp = Experiment.model_validate({"name": "bench", "workdir": str(tokenizer_dir.parent), "stages": ["extract"],
                                      "ray": {"actor_cpus": cpus}, "extract": {"decode_cpus": decode_cpus}})
@@ -127,7 +127,7 @@ def main() -> None:
     import torch
 
     from slam_ray.config import TokenizerConfig
-    from slam_ray.tokenizer import UnitTokenizer
+    from slam_ray.speech.tokenizer import UnitTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=200)

@@ -1,7 +1,7 @@
 """GPU figures that need no Ray (a bare GPU machine is enough): training tokens/s and MFU of the paper's 358M
 model, and unit-extraction audio-hours per GPU-hour for an mHuBERT-base-shaped tokenizer.
 
-Training: slam_ray's own model builder (`slam_ray.model.build_model`) and optimizers, the Slam model with random
+Training: slam_ray's own model builder (`slam_ray.lm.model.build_model`) and optimizers, the Slam model with random
 weights (Qwen2.5-0.5B's shape over the 502 unit ids, tied head), context 1024, bf16 autocast, and the train
 loop's step (micro-batch forward/backward x grad_accum, clip at 0.5, optimizer step). MFU is computed as `train`
 logs it: tokens/s x (6N + 12 L H T) over the dense bf16 data-sheet peak; the bf16 matmul rate measured here is
@@ -81,9 +81,9 @@ def train_throughput(batch: int, grad_accum: int, optimizer: str, compile_model:
     from train import packed_windows
 
     from slam_ray.config import ModelConfig, OptimizerConfig
-    from slam_ray.model import build_model, count_parameters
-    from slam_ray.optim import build_optimizer
-    from slam_ray.train_utils import flops_per_token, peak_tflops
+    from slam_ray.lm.model import build_model, count_parameters
+    from slam_ray.lm.optim import build_optimizer
+    from slam_ray.parallel.train_utils import flops_per_token, peak_tflops
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SLAM_MODEL), VOCAB, max_positions=CONTEXT).cuda()
@@ -160,9 +160,9 @@ def extraction(
     import torch
     from extract import make_files, mhubert_base_shaped, plain_loop
 
-    from slam_ray.audio import decode_audio
     from slam_ray.config import TokenizerConfig
-    from slam_ray.tokenizer import UnitTokenizer
+    from slam_ray.speech.audio import decode_audio
+    from slam_ray.speech.tokenizer import UnitTokenizer
 
     sets = []
     for seed, name in ((0, "a"), (1, "b")):
@@ -255,7 +255,7 @@ def profile_extraction(tok, audios: list[np.ndarray]) -> dict:  # noqa: ANN001
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from slam_ray.tokenizer import UnitTokenizer
+    from slam_ray.speech.tokenizer import UnitTokenizer
 
     feats = tok.features
     batch = np.stack([a[: 10 * 16_000] for a in audios if len(a) >= 10 * 16_000][:32])

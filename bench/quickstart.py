@@ -32,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from slam_ray.config import load_experiment
+    from slam_ray.core.stage_io import stage_dir
     from slam_ray.pipeline import run_experiment
-    from slam_ray.stage_io import stage_dir
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_quickstart_")) / "quickstart"
     if workdir.exists() and any(workdir.iterdir()):

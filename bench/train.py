@@ -32,8 +32,8 @@ def packed_windows(n_windows: int, context: int, vocab: int, seed: int = 0) -> n
 def plain_loop(exp, windows: np.ndarray, steps: int, threads: int) -> float:
     import torch
 
-    from slam_ray.model import build_model
-    from slam_ray.optim import build_optimizer
+    from slam_ray.lm.model import build_model
+    from slam_ray.lm.optim import build_optimizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -54,8 +54,8 @@ def plain_loop(exp, windows: np.ndarray, steps: int, threads: int) -> float:
 
 
 def ray_train_path(exp, windows: np.ndarray) -> float:
-    from slam_ray.stage_io import stage_dir
-    from slam_ray.train import train
+    from slam_ray.core.stage_io import stage_dir
+    from slam_ray.stages.train import train
 
     out = stage_dir(exp, "pack")
     out.path.mkdir(parents=True, exist_ok=True)

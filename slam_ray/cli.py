@@ -54,8 +54,8 @@ def _cmd_config(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from slam_ray.extract import export_slamkit
-    from slam_ray.spoken_swag import export_preference_units
+    from slam_ray.parallel.audio_units import export_preference_units
+    from slam_ray.stages.extract import export_slamkit
 
     exp = load_experiment(args.experiment, args.set)
     if args.format == "preferences":
@@ -66,26 +66,26 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from slam_ray.search_space import load_space
+    from slam_ray.sweeps.search_space import load_space
 
     space = load_space(args.space)
     # Precedence: the experiment file < the space's `sweep:` block < --set.
     exp = load_experiment(args.experiment, space.overrides() + args.set)
     if args.dry_run:
-        from slam_ray.search_space import validate_space
-        from slam_ray.sweep import sweep_name
+        from slam_ray.sweeps.search_space import validate_space
+        from slam_ray.sweeps.sweep import sweep_name
 
         validate_space(space, exp)
         print(f"{sweep_name(exp, space)}: valid ({len(space.params)} swept fields: {', '.join(space.params)}; "
               f"search {exp.sweep.search}, scheduler {exp.sweep.scheduler})")
         return
-    from slam_ray.sweep import sweep
+    from slam_ray.sweeps.sweep import sweep
 
     sweep(exp, space)
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from slam_ray.compare import compare
+    from slam_ray.sweeps.compare import compare
 
     mode = args.mode or ("min" if "loss" in args.metric else "max")
     compare(experiments=args.experiment, tracking_uri=args.tracking_uri, metric=args.metric, out_dir=args.out,
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from slam_ray.fingerprint import snapshot
+        from slam_ray.core.fingerprint import snapshot
 
         with snapshot():  # each input given by path is fingerprinted once per command
             code = args.func(args) or 0  # commands with no failure of their own return None

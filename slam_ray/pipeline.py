@@ -1,6 +1,7 @@
 """The pipeline: which function runs each stage (the stage registry) and running an experiment's stages in
-order. The stages import the stage contract (`runner`, `stage_io`), never this module, so imports run one way:
-cli/sweep -> pipeline -> stages -> contract. A new stage is its own module plus one line in `STAGE_FUNCTIONS`."""
+order. The stages import the stage contract (slam_ray/core/), never this module, so imports run one way:
+cli -> sweeps -> pipeline -> stages (docs/layout.md). A new stage is its own module in slam_ray/stages/ plus one
+line in `STAGE_FUNCTIONS`."""
 
 from __future__ import annotations
 
@@ -9,18 +10,19 @@ import time
 from collections.abc import Callable
 
 from slam_ray.config import Experiment
+from slam_ray.core.stage_io import StageDir, stage_dir
+from slam_ray.core.storage import workdir_location
+from slam_ray.core.tracking import experiment_run, ui_hint
 from slam_ray.errors import SlamError
-from slam_ray.stage_io import StageDir, stage_dir
-from slam_ray.tracking import experiment_run, ui_hint
 
 # stage -> "module:function", imported on first use: `slam-ray config show` should not pay for torch and Ray.
 STAGE_FUNCTIONS: dict[str, str] = {
-    "synth": "slam_ray.synth:synth",
-    "extract": "slam_ray.extract:extract",
-    "pack": "slam_ray.pack:pack",
-    "train": "slam_ray.train:train",
-    "eval": "slam_ray.eval:evaluate",
-    "dpo": "slam_ray.dpo:dpo",
+    "synth": "slam_ray.stages.synth:synth",
+    "extract": "slam_ray.stages.extract:extract",
+    "pack": "slam_ray.stages.pack:pack",
+    "train": "slam_ray.stages.train:train",
+    "eval": "slam_ray.stages.eval:evaluate",
+    "dpo": "slam_ray.stages.dpo:dpo",
 }
 
 
@@ -68,6 +70,6 @@ def run_experiment(exp: Experiment) -> tuple[dict[str, float], dict[str, dict[st
                 parent.set_tags({"slam_ray.status": "partial", f"slam_ray.failed.{stage}": ",".join(failed)})
         parent.log_metrics({**{f"time/{s}_s": v for s, v in wall.items()}, **summary_metrics(exp)})
     print("\nwall time per stage (s): " + ", ".join(f"{s} {v}" for s, v in wall.items()))
-    print(f"outputs: {exp.workdir_location}")
+    print(f"outputs: {workdir_location(exp)}")
     print(ui_hint(exp))
     return wall, partial

@@ -1,5 +1,6 @@
 """Helpers the tests share: a scaled-down experiment, a reduced pipeline's outputs linked into a test's workdir,
-real speech for miniature benchmark layouts, a tiny text LM, and killing a run (or one of its workers) mid-way.
+real speech for miniature benchmark layouts, tiny models (text LM, HuBERT, VITS, HiFi-GAN) and files that tests of
+several folders build, and killing a run (or one of its workers) mid-way.
 Fixtures live in conftest.py."""
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def small_experiment(workdir: Path | str, **sections):
 def link_upstream(exp, built, stages: tuple[str, ...] = ("synth", "extract", "pack")) -> None:
     """Link `built`'s finished outputs of `stages` into `exp`'s workdir (the same stage keys: they only differ in
     later stages), so a test reuses the session's reduced pipeline instead of building it again."""
-    from slam_ray.stage_io import stage_dir
+    from slam_ray.core.stage_io import stage_dir
 
     for stage in stages:
         source, target = stage_dir(built, stage), stage_dir(exp, stage)
@@ -191,3 +192,139 @@ def kill_when(command: list[str], cwd: Path, ready: Callable[[], bool], timeout:
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
+
+
+# --- tiny models and files that tests of several folders build (imports inside: conftest imports this module) ---
+
+TINY_HIFIGAN = {"num_embeddings": 20, "embedding_dim": 16, "model_in_dim": 16, "upsample_initial_channel": 32,
+                "upsample_rates": [5, 4], "upsample_kernel_sizes": [11, 8], "resblock_kernel_sizes": [3, 5],
+                "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5]], "resblock": "1", "sampling_rate": 16000}
+
+
+def save_weight_normed(model, folder, step: int = 1000):
+    """Save a `UnitHifiGan` the way textlesslib/speech-resynthesis training does: every conv weight-normalised."""
+    import copy
+
+    import torch
+    from torch.nn.utils import weight_norm
+
+    normed = copy.deepcopy(model)
+    for module in normed.modules():
+        if isinstance(module, torch.nn.Conv1d | torch.nn.ConvTranspose1d):
+            weight_norm(module)
+    with torch.no_grad():  # make g differ from |v| so folding really matters
+        for name, p in normed.named_parameters():
+            if name.endswith("weight_g"):
+                p.mul_(1.7)
+    state = normed.state_dict()
+    assert any(k.endswith("weight_g") for k in state)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"generator": state}, folder / f"g_{step:08d}")
+    (folder / "config.json").write_text(json.dumps(model.cfg))
+    return normed
+
+
+def save_tiny_hubert(folder, rate: int, seed: int = 0) -> str:
+    import torch
+    from transformers import HubertConfig, HubertModel
+
+    torch.manual_seed(seed)
+    convs = 7 if rate == 50 else 8  # mHuBERT-25Hz: one more stride-2 conv, hop 640
+    config = HubertConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(16,) * convs, conv_stride=(5,) + (2,) * (convs - 1), conv_kernel=(10, 3, 3, 3, 3) + (2,) * (convs - 5),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        # the 50 Hz one is HuBERT-large-shaped (layer norm, pre-LN), the 25 Hz one base-shaped (group norm, post-LN)
+        feat_extract_norm="layer" if rate == 50 else "group", do_stable_layer_norm=rate == 50,
+    )
+    HubertModel(config).eval().save_pretrained(folder)
+    return str(folder)
+
+
+def long_speech(fixtures, path, seconds: float, sr: int = 16_000):
+    """A long file of real speech (the fixture over and over), written block by block; returns its samples."""
+    import soundfile as sf
+
+    from slam_ray.speech.audio import decode_audio
+
+    speech = decode_audio(fixtures / "audio1.flac")
+    total = int(seconds * sr)
+    with sf.SoundFile(path, "w", sr, 1, "PCM_16") as f:
+        written = 0
+        while written < total:
+            piece = speech[: total - written]
+            f.write(piece)
+            written += len(piece)
+    return sf.read(path, dtype="float32")[0]
+
+
+def save_tiny_vits(folder, seed: int = 0, speakers: int = 1) -> str:
+    """A randomly initialised VitsModel (a few hundred k parameters) and a character VitsTokenizer, saved with
+    save_pretrained: what `hf` loads for an MMS-TTS id, at toy size. VitsTokenizer needs a vocab.json."""
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {c: i for i, c in enumerate(["<pad>", *" abcdefghijklmnopqrstuvwxyz'-"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = VitsTokenizer(str(folder / "vocab.json"), pad_token="<pad>", unk_token="<unk>", add_blank=True,
+                              normalize=True, phonemize=False, is_uroman=False)
+    config = VitsConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                        flow_size=16, spectrogram_bins=33, upsample_initial_channel=32, upsample_rates=[8, 8, 4],
+                        upsample_kernel_sizes=[16, 16, 8], resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3]],
+                        prior_encoder_num_flows=1, prior_encoder_num_wavenet_layers=1, duration_predictor_num_flows=1,
+                        duration_predictor_filter_channels=16, depth_separable_num_layers=1,
+                        posterior_encoder_num_wavenet_layers=1, wavenet_kernel_size=3, sampling_rate=22050,
+                        num_speakers=speakers, speaker_embedding_size=8 if speakers > 1 else 0)
+    torch.manual_seed(seed)
+    VitsModel(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def dpo_curve(exp, metric: str = "dpo/loss") -> dict[int, float]:
+    """{step: value} of a DPO metric over the experiment's DPO runs in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from slam_ray.core.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(exp))
+    experiment = client.get_experiment_by_name(exp.name)
+    if experiment is None:
+        return {}
+    runs = client.search_runs([experiment.experiment_id], "tags.`slam_ray.stage` = 'dpo'")
+    return {m.step: m.value for r in runs for m in client.get_metric_history(r.info.run_id, metric)}
+
+
+def slamkit_jsonl(path, triples: list[dict]) -> None:
+    """Triples written the way slamkit's preference_alignment_feature_extractor writes them."""
+    from slam_ray.speech.units import tokens_to_units, write_jsonl
+
+    def part(tokens):
+        units = tokens_to_units(tokens).tolist()
+        return {"units": units, "duration": [1] * len(units)}
+
+    write_jsonl(path, [{"prompt": part(t["prompt"]), "chosen": part(t["chosen"]), "rejected": part(t["rejected"])}
+                       for t in triples])
+
+
+def external_start(tmp_path, n_triples: int, **dpo) -> object:
+    """An experiment whose DPO starts from a tiny Qwen2 saved here and reads `n_triples` slamkit preference
+    triples from a JSONL (every 10th held out): no upstream stage, no speech."""
+    import numpy as np
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.config import with_values
+
+    exp = small_experiment(tmp_path / "w", stages=["dpo"])
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=exp.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "start")
+    rng = np.random.default_rng(0)
+    tokens = lambda n: rng.integers(2, exp.vocab_size, size=n).tolist()  # noqa: E731
+    slamkit_jsonl(tmp_path / "prefs.jsonl", [{"prompt": tokens(8), "chosen": tokens(10), "rejected": tokens(10)}
+                                             for _ in range(n_triples)])
+    return with_values(exp, {"dpo.init": str(tmp_path / "start"), "dpo.inputs": [str(tmp_path / "prefs.jsonl")],
+                             "dpo.reference": "model", **{f"dpo.{k}": v for k, v in dpo.items()}}, "test")

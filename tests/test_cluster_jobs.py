@@ -20,8 +20,8 @@ import pytest
 from helpers import free_port, small_experiment
 
 from slam_ray.config import to_yaml
-from slam_ray.stage_io import stage_dir
-from slam_ray.units import read_unit_shards
+from slam_ray.core.stage_io import stage_dir
+from slam_ray.speech.units import read_unit_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -157,7 +157,7 @@ def test_ray_job_submit_on_two_nodes_with_the_workdir_in_a_bucket(tmp_path, two_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slam_ray.storage import model_source
+    from slam_ray.core.storage import model_source
 
     address, env, temp_dirs = two_node_cluster
     url, port, credentials = s3_server

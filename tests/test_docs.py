@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from slam_ray import config_reference
 from slam_ray.config import Experiment
+from slam_ray.config import reference as config_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -36,10 +36,10 @@ def test_the_site_builds_with_strict_checks(tmp_path: Path):
 
 def test_the_checked_in_config_reference_is_the_generated_one():
     page = DOCS / "reference" / "config.md"
-    assert page.exists(), "docs/reference/config.md is missing: run `python -m slam_ray.config_reference`"
+    assert page.exists(), "docs/reference/config.md is missing: run `python -m slam_ray.config.reference`"
     assert page.read_text() == config_reference.render(), (
-        "docs/reference/config.md is stale (the schema in slam_ray/config.py changed): "
-        "run `python -m slam_ray.config_reference`")
+        "docs/reference/config.md is stale (the schema in slam_ray/config/schema.py changed): "
+        "run `python -m slam_ray.config.reference`")
 
 
 def test_the_reference_documents_every_field_of_every_section():
@@ -62,7 +62,7 @@ def test_check_mode_exits_1_on_a_stale_page_and_0_on_a_fresh_one(tmp_path: Path,
     page = tmp_path / "config.md"
     page.write_text(config_reference.render().replace("| `n_units` |", "| `n_clusters` |"))
     assert config_reference.main(["--check", "--out", str(page)]) == 1
-    assert "python -m slam_ray.config_reference" in capsys.readouterr().err
+    assert "python -m slam_ray.config.reference" in capsys.readouterr().err
     assert config_reference.main(["--out", str(page)]) == 0
     assert config_reference.main(["--check", "--out", str(page)]) == 0
 

@@ -39,7 +39,7 @@ def test_the_wheel_holds_every_module_recipe_eval_task_and_space(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "slam_ray").rglob("*.py")}
     expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "slam_ray").glob("recipes/*.yaml")}
-    expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "slam_ray").glob("eval_tasks/*.yaml")}
+    expected |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "slam_ray").glob("evals/tasks/*.yaml")}
     spaces = {f"slam_ray/search_spaces/{p.name}" for p in (ROOT / "search_spaces").glob("*.yaml")}
     assert spaces and "slam_ray/search_spaces/optimizer.yaml" in spaces
     missing = sorted((expected | spaces) - names)
@@ -53,7 +53,7 @@ def test_an_installed_wheel_finds_the_shipped_spaces_outside_a_checkout(wheel, t
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"  # no ./search_spaces here, and the checkout is not on the path
     elsewhere.mkdir()
-    code = ("import slam_ray, slam_ray.search_space as s; "
+    code = ("import slam_ray, slam_ray.sweeps.search_space as s; "
             "print(slam_ray.__file__); print(s.resolve_space_path('optimizer')); "
             "print(sorted(s.load_space('optimizer').params))")
     # the wheel first, then the venv's site-packages for the dependencies (the checkout's editable install

@@ -20,7 +20,8 @@ import pytest
 from helpers import small_experiment
 
 from slam_ray.config import to_yaml
-from slam_ray.stage_io import stage_dir
+from slam_ray.core.stage_io import stage_dir
+from slam_ray.core.tracking import tracking_uri
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -92,7 +93,7 @@ def test_reduced_quickstart_runs_every_stage_then_reuses_them(tmp_path, espeak, 
         assert results[f"{task}@init"]["checkpoint"].endswith("checkpoint_init")
 
     # MLflow: one parent run, one child per stage, training curves
-    mlflow.set_tracking_uri(exp.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri(exp))
     runs = mlflow.search_runs(experiment_names=["tiny"])
     parents = runs[runs["tags.slam_ray.kind"] == "experiment"]
     assert len(parents) == 1
@@ -115,7 +116,7 @@ def test_reduced_quickstart_runs_every_stage_then_reuses_them(tmp_path, espeak, 
     assert runs["tags.slam_ray.stage"].notna().sum() == len(exp.stages)
 
     # compare reads the same store
-    table = slam_ray("compare", "--tracking-uri", exp.tracking_uri, "--experiment", "tiny", "--out", str(tmp_path / "cmp"),
+    table = slam_ray("compare", "--tracking-uri", tracking_uri(exp), "--experiment", "tiny", "--out", str(tmp_path / "cmp"),
                      cwd=tmp_path)
     assert "eval/word_order/accuracy" in table.stdout
     assert len(pd.read_csv(tmp_path / "cmp" / "compare.csv")) == 2

@@ -1,0 +1,179 @@
+"""Runs one stage with the shared contract: reuse a complete output, else run it inside an MLflow run and
+write `manifest.json` (config, counts, timings, status) and `errors.jsonl`. A stage some of whose parts failed
+(an eval task whose dataset is missing) ends `partial`: not complete, so the next run re-enters it and redoes
+only those parts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from slam_ray.config import Experiment
+from slam_ray.core.lock import exclusive_lock
+from slam_ray.core.stage_io import (
+    StageDir,
+    Timer,
+    config_hash,
+    stage_dir,
+    stage_payload,
+    upstream_dir,
+    upstream_stages,
+)
+from slam_ray.core.storage import join, parent, read_text, workdir_location
+from slam_ray.core.tracking import Tracker, start_run
+
+log = logging.getLogger("slam_ray")
+
+
+@dataclass
+class StageResult:
+    """What a stage body returns; the runner turns it into the manifest."""
+
+    counts: dict[str, int | float] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    # Parts that failed (name -> reason): the output is `partial`, and a rerun retries only these.
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+StageBody = Callable[[Experiment, StageDir, Tracker, Timer], StageResult]
+
+
+def init_ray(exp: Experiment) -> None:
+    """Join `ray.address` (or the cluster a job runs in), else start a local instance sized by config."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Train V2 workers hold one unconsumed report: a report blocks until the controller's next poll (every
+    # 2 s by default), which made back-to-back reports cost 2 s each. Poll faster (inherited by local Ray).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # Train V2 tees a worker's print() into its logger's console handler as well: every `[train]`/`[dpo]` line
+    # reached the terminal twice. Plain prints reach the driver once; Ray Train propagates this to its workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # `ray job submit` gives its driver RAY_ADDRESS (the job's cluster). Without either, start a new instance:
+    # address=None would join whatever Ray's ray_current_cluster file names, even a cluster long killed.
+    address = exp.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    dashboard: dict[str, Any] = {}
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if exp.ray.include_dashboard:
+        # Train V2's PlacementGroupCleaner actor queries the state API with no address: with a second Ray
+        # instance on the machine it failed ("Found multiple active Ray instances", a traceback on the terminal)
+        # and stopped guarding the run's placement group. Name this instance's dashboard to its workers through
+        # the environment the new raylet inherits (a job runtime_env would start every worker through Ray's
+        # runtime-env setup process, slower), then restore it so later subprocesses do not inherit it.
+        port = _free_port()
+        dashboard = {"dashboard_port": port}
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(
+            address="local",
+            num_cpus=exp.ray.num_cpus or os.cpu_count(),
+            num_gpus=exp.ray.num_gpus,
+            include_dashboard=exp.ray.include_dashboard,
+            logging_level=logging.WARNING,
+            **dashboard,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def exclusive(out: StageDir) -> Iterator[None]:
+    """One process builds a stage output at a time (concurrent sweep trials can share an upstream stage; two
+    drivers on two nodes can share a workdir in a bucket): a lock `<key>.lock` beside the output, a file lock
+    locally, a lease object in S3 (slam_ray/core/lock.py)."""
+    with exclusive_lock(join(parent(out.root), f"{out.key}.lock"), out.stage):
+        yield
+
+
+def cached_json(exp: Experiment, kind: str, payload: dict[str, Any], name: str,
+                build: Callable[[StageDir], dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """`build(folder)` once per payload, saved as WORKDIR/<kind>/<hash>/<name> (under the lock, written
+    atomically, published with what `build` wrote beside it); every later call, from any process, reads it
+    back. Returns (location, data)."""
+    key = config_hash(payload)
+    cache = StageDir(kind, key, join(workdir_location(exp), kind, key))
+    with exclusive(cache):
+        text = read_text(cache.location(name))
+        if text is not None:
+            return cache.location(name), json.loads(text)
+        cache.path.mkdir(parents=True, exist_ok=True)  # `build` may write files beside the result
+        data = build(cache)
+        path = cache.path / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+        cache.publish()
+        return cache.location(name), data
+
+
+def run_stage(exp: Experiment, stage: str, body: StageBody) -> StageDir:
+    out = stage_dir(exp, stage)
+    with exclusive(out):
+        if out.is_complete():
+            print(f"[{stage}] reusing complete output {out.root}")
+            return out
+        return _run(exp, stage, body, out)
+
+
+def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir) -> StageDir:
+    for upstream in upstream_stages(exp, stage):
+        upstream_dir(exp, upstream)  # a clear error before any work if an input stage has not run
+    print(f"[{stage}] running -> {out.root}")
+    payload = stage_payload(exp, stage)
+    manifest: dict[str, Any] = {"stage": stage, "key": out.key, "status": "running", "config": payload,
+                                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out.write_manifest(manifest)
+    timer = Timer()
+    with start_run(exp, stage, {"slam_ray.stage": stage, "slam_ray.key": out.key}) as tracker:
+        tracker.log_params(payload)
+        tracker.set_tags({"slam_ray.output": out.root})
+        start = time.perf_counter()
+        try:
+            result = body(exp, out, tracker, timer)
+        except BaseException as e:
+            out.write_manifest({**manifest, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+            raise
+        timer.timings["total"] = round(time.perf_counter() - start, 3)
+        out.write_errors(result.errors)
+        out.publish()  # every file before the manifest that says the output is complete
+        manifest.update(status="partial" if result.failed else "complete", counts=result.counts,
+                        outputs=result.outputs, timings=timer.timings, metrics=result.metrics,
+                        n_errors=len(result.errors), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if result.failed:
+            manifest["failed"] = result.failed
+            tracker.set_tags({"slam_ray.status": "partial", "slam_ray.failed": ",".join(result.failed)})
+        out.write_manifest(manifest)
+        tracker.log_metrics({**{f"count/{k}": v for k, v in result.counts.items()},
+                             **{f"time/{k}_s": v for k, v in timer.timings.items()}, **result.metrics})
+        tracker.log_artifact(out.manifest_path)
+        if result.errors:
+            tracker.log_artifact(out.errors_path)
+    summary = ", ".join(f"{k}={v}" for k, v in result.counts.items())
+    print(f"[{stage}] done in {timer.timings['total']:.1f}s ({summary}; {len(result.errors)} errors)")
+    if result.failed:
+        print(f"[{stage}] partial: {', '.join(result.failed)} failed; run the same command again to retry only "
+              "those (the rest is kept)")
+    return out

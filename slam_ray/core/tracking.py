@@ -1,0 +1,271 @@
+"""The one MLflow writer. Every stage logs through a `Tracker` (a run id plus a tracking URI), which is plain
+data, so a Ray Train worker can rebuild it and write metrics to the run the driver opened.
+
+Runs: `slam-ray run` opens a parent run named after the experiment; each stage is a child run tagged
+`mlflow.parentRunId` (MLflow has no native nesting across processes). A stage run on its own is a top-level run.
+`slam-ray sweep` opens a parent run per sweep, a child per trial, and the trial's stage runs beneath it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slam_ray.config import Experiment
+from slam_ray.core.storage import workdir_path
+
+# The parent run that new runs nest under (set by `experiment_run` / a sweep trial), the tags every new run
+# gets (a sweep trial tags its stage runs with its trial id), and the writer actor in use (a sweep's).
+_parent_run_id: str | None = None
+_extra_tags: dict[str, str] = {}
+_writer: str | None = None
+_MAX_PARAM_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow 3.17; longer values fail the call
+_TRUNCATED = "...[truncated]"
+WRITER_NAMESPACE = "slam_ray"
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def param_value(value: Any) -> str:
+    """A param as MLflow stores it: lists as JSON, cut to MLflow's length limit with a marker (a long
+    `extract.inputs` or task list would otherwise fail the whole call)."""
+    text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    if len(text) > _MAX_PARAM_CHARS:
+        text = text[: _MAX_PARAM_CHARS - len(_TRUNCATED)] + _TRUNCATED
+    return text
+
+
+def _tag_filter(tags: dict[str, str]) -> str:
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+
+class MlflowStore:
+    """Every MLflow call slam_ray makes, in one place. It runs in the calling process, or — in a sweep, whose
+    trials would otherwise write one sqlite file from many processes ("database is locked") — inside a single
+    writer actor that every trial and training worker sends its calls to."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.client = _client(uri)
+
+    def _experiment_id(self, name: str, artifact_location: str | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(name, artifact_location=artifact_location)
+
+    def create_run(self, experiment: str, artifact_location: str | None, run_name: str, tags: dict[str, str]) -> str:
+        return self.client.create_run(self._experiment_id(experiment, artifact_location), run_name=run_name,
+                                      tags=tags).info.run_id
+
+    def find_runs(self, experiment: str, tags: dict[str, str], status: str | None = None) -> list[str]:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        query = _tag_filter(tags) + (f" and attributes.status = '{status}'" if status else "")
+        return [r.info.run_id for r in self.client.search_runs([found.experiment_id], query, max_results=1000)]
+
+    def log(self, run_id: str, metrics: list[tuple[str, float, int]] | None = None,
+            params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        metric_items = [Metric(k, float(v), now, step) for k, v, step in metrics or []]
+        param_items = [Param(k, v) for k, v in (params or {}).items()]
+        tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(metric_items), len(param_items), len(tag_items)), 100):
+            self.client.log_batch(run_id, metrics=metric_items[i : i + 100], params=param_items[i : i + 100],
+                                  tags=tag_items[i : i + 100])
+
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, path, artifact_path)
+
+    def set_status(self, run_id: str, status: str, only_if_running: bool = False) -> None:
+        if status == "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+        elif not only_if_running or self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_terminated(run_id, status)
+
+
+class _RemoteStore:
+    """Calls an `MlflowStore` living in the named writer actor, synchronously (errors surface here)."""
+
+    def __init__(self, name: str) -> None:
+        import ray
+
+        self.actor = ray.get_actor(name, namespace=WRITER_NAMESPACE)
+
+    def __getattr__(self, method: str):
+        import ray
+
+        remote = getattr(self.actor, method)
+        return lambda *args, **kwargs: ray.get(remote.remote(*args, **kwargs))
+
+
+_stores: dict[tuple[str, str | None], Any] = {}
+_writer_handles: dict[str, Any] = {}
+
+
+def store(uri: str, writer: str | None = None) -> MlflowStore | _RemoteStore:
+    key = (uri, writer)
+    if key not in _stores:
+        _stores[key] = _RemoteStore(writer) if writer else MlflowStore(uri)
+    return _stores[key]
+
+
+def start_writer(uri: str, name: str) -> None:
+    """Start (or join) the single MLflow writer actor and send this process's runs through it."""
+    global _writer
+    import ray
+
+    # Keep the handle: an actor whose creator drops every handle is stopped, named or not.
+    _writer_handles[name] = ray.remote(MlflowStore).options(
+        name=name, namespace=WRITER_NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1).remote(uri)
+    _writer = name
+
+
+def use_writer(name: str | None) -> None:
+    global _writer
+    _writer = name
+
+
+def stop_writer(name: str) -> None:
+    """Stop a writer this process started (after its last call has returned) and write directly again."""
+    import ray
+
+    use_writer(None)
+    _stores.pop(next((k for k in _stores if k[1] == name), None), None)
+    if (handle := _writer_handles.pop(name, None)) is not None:
+        ray.kill(handle)
+
+
+@dataclass
+class Tracker:
+    """A run to write to: plain data, so a Ray Train worker can rebuild it (`Tracker(**asdict(t))`)."""
+
+    uri: str
+    run_id: str
+    writer: str | None = None
+    reused: bool = False  # an existing run found again (a resumed sweep), not a new one
+
+    @property
+    def store(self) -> MlflowStore | _RemoteStore:
+        return store(self.uri, self.writer)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = flatten(params)
+        self.store.log(self.run_id, params={k: param_value(v) for k, v in flat.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        items = [(k, float(v), step or 0) for k, v in metrics.items() if v is not None]
+        if items:
+            self.store.log(self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.store.log(self.run_id, tags={k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.store.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_status(self, status: str, only_if_running: bool = False) -> None:
+        self.store.set_status(self.run_id, status, only_if_running)
+
+
+def tracking_uri(exp: Experiment) -> str:
+    """The experiment's MLflow tracking URI: `tracking.uri`, else a SQLite store in its workdir."""
+    # Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() exports it, so one experiment's store would leak
+    # into the next one run in the same process. Clusters pass --set tracking.uri=... instead.
+    return exp.tracking.uri or f"sqlite:///{workdir_path(exp) / 'mlflow.db'}"
+
+
+def _artifact_location(exp: Experiment) -> str | None:
+    workdir_path(exp).mkdir(parents=True, exist_ok=True)
+    if tracking_uri(exp).startswith("sqlite:"):
+        return (workdir_path(exp) / "mlartifacts").as_uri()  # beside the store, not in the current directory
+    return None
+
+
+def open_run(exp: Experiment, run_name: str, tags: dict[str, str] | None = None,
+             find_by: dict[str, str] | None = None) -> Tracker:
+    """A new run (a child of the current parent run, if any) — or, with `find_by`, the existing run with those
+    tags (a resumed sweep reuses its runs), set back to RUNNING."""
+    backend = store(tracking_uri(exp), _writer)
+    all_tags = {"slam_ray.experiment": exp.name, **_extra_tags, **(tags or {}), **(find_by or {})}
+    if _parent_run_id:
+        all_tags["mlflow.parentRunId"] = _parent_run_id
+    if find_by and (found := backend.find_runs(exp.tracking_experiment, find_by)):
+        tracker = Tracker(tracking_uri(exp), found[0], _writer, reused=True)
+        tracker.set_status("RUNNING")
+        return tracker
+    run_id = backend.create_run(exp.tracking_experiment, _artifact_location(exp), run_name, all_tags)
+    return Tracker(tracking_uri(exp), run_id, _writer)
+
+
+@contextlib.contextmanager
+def start_run(exp: Experiment, run_name: str, tags: dict[str, str] | None = None,
+              find_by: dict[str, str] | None = None) -> Iterator[Tracker]:
+    """Open a run (see `open_run`); close it FINISHED, FAILED or KILLED."""
+    tracker = open_run(exp, run_name, tags, find_by)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        # A sweep's driver may already have closed it (KILLED when the scheduler stopped the trial).
+        tracker.set_status(status, only_if_running=True)
+
+
+@contextlib.contextmanager
+def parent_run(tracker: Tracker, extra_tags: dict[str, str] | None = None) -> Iterator[Tracker]:
+    """Runs opened inside nest under `tracker` (and carry `extra_tags`)."""
+    global _parent_run_id, _extra_tags
+    saved = _parent_run_id, _extra_tags
+    _parent_run_id, _extra_tags = tracker.run_id, {**_extra_tags, **(extra_tags or {})}
+    try:
+        yield tracker
+    finally:
+        _parent_run_id, _extra_tags = saved
+
+
+@contextlib.contextmanager
+def experiment_run(exp: Experiment) -> Iterator[Tracker]:
+    """The parent run of `slam-ray run`: the whole config as params, stages as children."""
+    with start_run(exp, exp.name, {"slam_ray.kind": "experiment"}) as tracker, parent_run(tracker):
+        tracker.log_params(exp.model_dump(mode="json"))
+        yield tracker
+
+
+def ui_hint(exp: Experiment) -> str:
+    uri = tracking_uri(exp)
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow: open {uri}"
+    return f"MLflow: mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"

@@ -1,0 +1,87 @@
+"""Likelihood scoring shared by every evaluation task.
+
+A sequence is `<s> u+2 ... <s>`; its score is the NLL of every token after BOS (EOS included), averaged per
+token (`mean`, slamkit's convention) or summed (`sum`, older papers). Lower NLL = the model prefers it.
+A comparison (a pair, or a group of one positive and several negatives) scores 1 when the positive is strictly
+the most likely, 0 when a negative is more likely, and 1/k when it ties k-1 negatives (0.5 for a pair).
+`slam_ray.parallel.nll.score_sequences` spreads the NLLs over a pool of Ray Data actors (no Ray here).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from slam_ray.speech.units import PAD_ID, units_to_tokens
+
+
+def sequence_nll(model, unit_seqs: Sequence[Sequence[int]], convention: str = "mean", batch_size: int = 32,
+                 device: str = "cpu") -> np.ndarray:
+    """NLL per sequence under a causal LM; batches sorted by length, right-padded with an attention mask."""
+    import torch
+
+    token_seqs = [units_to_tokens(u) for u in unit_seqs]
+    order = np.argsort([len(t) for t in token_seqs])
+    scores = np.zeros(len(token_seqs), dtype=np.float64)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        longest = max(len(token_seqs[i]) for i in idx)
+        ids = torch.full((len(idx), longest), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(token_seqs[i])] = torch.from_numpy(token_seqs[i])
+            mask[row, : len(token_seqs[i])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        target_mask = mask[:, 1:].float()
+        nll = -(logp * target_mask).sum(1)
+        if convention == "mean":
+            nll = nll / target_mask.sum(1)
+        scores[idx] = nll.cpu().numpy()
+    return scores
+
+
+def pair_outcomes(positive_nll: np.ndarray, negative_nll: np.ndarray) -> np.ndarray:
+    """1 where the positive is more likely, 0 where less, 0.5 for a tie."""
+    return np.where(positive_nll < negative_nll, 1.0, np.where(positive_nll > negative_nll, 0.0, 0.5))
+
+
+def group_outcome(positive_nll: float, negative_nlls: Sequence[float]) -> float:
+    """1 if the positive is strictly the most likely, 0 if any negative is more likely, 1/k on a k-way tie."""
+    best = min(negative_nlls)
+    if positive_nll < best:
+        return 1.0
+    if positive_nll > best:
+        return 0.0
+    return 1.0 / (1 + sum(n == positive_nll for n in negative_nlls))
+
+
+def accuracy_with_ci(outcomes: np.ndarray) -> dict[str, float]:
+    """Mean outcome with a 95% normal-approximation confidence interval (clipped to [0, 1]). For 0/1
+    outcomes the variance is p(1-p); for outcomes averaged over voices, their own variance."""
+    outcomes = np.asarray(outcomes, dtype=np.float64)
+    n = len(outcomes)
+    acc = float(outcomes.mean()) if n else float("nan")
+    half = 1.96 * math.sqrt(float(outcomes.var()) / n) if n else float("nan")
+    return {"accuracy": acc, "n": n, "ci95_low": max(0.0, acc - half), "ci95_high": min(1.0, acc + half)}
+
+
+def aggregate(scored: pd.DataFrame, aggregate_by: str | None, breakdown: Sequence[str]) -> dict[str, Any]:
+    """Task accuracy from per-comparison `outcome`s: averaged per `aggregate_by` first (ZeroSpeech: an item over
+    its voices), then over items; plus the same for every value of each breakdown column."""
+    def stats(df: pd.DataFrame) -> dict[str, float]:
+        per_item = df.groupby(aggregate_by, sort=False)["outcome"].mean() if aggregate_by else df["outcome"]
+        return {**accuracy_with_ci(per_item.to_numpy()), "comparisons": len(df)}
+
+    result: dict[str, Any] = stats(scored)
+    for column in breakdown:
+        if column in scored:
+            result[f"by_{column}"] = {str(value): stats(part) for value, part in scored.groupby(column, sort=True)}
+    return result

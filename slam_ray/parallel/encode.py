@@ -1,0 +1,171 @@
+"""Speech units of many files in one Ray Data pass, shared by `extract`, `eval` and `dpo`: decoding tasks (CPU)
+feed encoding actors that run the fitted tokenizer (`slam_ray/speech/tokenizer.py`); `encode_spoken` speaks texts
+inside the decoding tasks first (speak-then-tokenise, no audio file written)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from slam_ray.core.storage import localize
+from slam_ray.speech.audio import TARGET_SAMPLE_RATE
+from slam_ray.speech.tokenizer import UnitTokenizer
+
+_FILE_FIELDS = ("id", "path", "text", "speaker", "dataset")
+
+
+def decode_rows(batch, max_segment_seconds: float | None = None, segmenter: str = "vad"):
+    """Ray Data task (CPU): input rows -> one row per segment, 16 kHz float32 samples as bytes in `audio`, or one
+    error row for a file that cannot be decoded. Segments are yielded as they are read (a long file never sits
+    in memory whole), each held until the next is known, so `n_segments` is set on a file's last row only (0 on
+    the others); an error row closes its file too (`n_segments` = segments before it + 1)."""
+    import pandas as pd
+
+    from slam_ray.parallel.tts import row_segments
+
+    for row in batch.to_dict("records"):
+        base = {k: (row.get(k) if isinstance(row.get(k), str) else "") for k in _FILE_FIELDS}
+        base["input_id"] = row["id"]
+        held, k = None, 0
+        try:
+            for start, end, audio in row_segments(row, max_segment_seconds, segmenter):
+                if held is not None:
+                    yield pd.DataFrame([{**held, "id": f"{row['id']}@{k - 1:04d}", "n_segments": 0}])
+                held = {**base, "seg_start": start, "seg_end": end, "audio_seconds": end - start,
+                        "audio": audio.astype(np.float32, copy=False).tobytes(), "error": None}
+                k += 1
+        except Exception as e:
+            if held is not None:  # segments before the failure still count, so the driver can close the file
+                yield pd.DataFrame([{**held, "id": f"{row['id']}@{k - 1:04d}", "n_segments": 0}])
+            yield pd.DataFrame([{**base, "seg_start": 0.0, "seg_end": 0.0, "audio_seconds": 0.0, "audio": b"",
+                                 "error": str(e) or type(e).__name__, "n_segments": k + 1}])
+            continue
+        yield pd.DataFrame([{**held, "id": f"{row['id']}@{k - 1:04d}" if k > 1 else row["id"], "n_segments": k}])
+
+
+class EncodeActor:
+    """Ray Data actor: decoded segment rows -> the same rows with `units`, `durations`, `n_frames` (audio dropped).
+    Segments are encoded in batches of about `flush_seconds` of audio (the model sees padded batches whose
+    results equal each segment alone); a segment that fails is an error row and every other still comes through."""
+
+    def __init__(self, tokenizer_dir: str, flush_seconds: float | None = None,
+                 gpu_batch_seconds: float | None = None) -> None:
+        from slam_ray.parallel.actors import limit_threads
+
+        limit_threads()
+        self.tokenizer = UnitTokenizer.load(localize(tokenizer_dir))  # fetched to this node from a bucket
+        features = self.tokenizer.features
+        if flush_seconds is None:  # a GPU needs big batches to choose from (bench/gpu.py)
+            flush_seconds = 800.0 if features.device.type == "cuda" else 200.0
+        if gpu_batch_seconds is not None and hasattr(features, "max_batch_samples"):  # HuBERT's padded batches
+            features.max_batch_samples = int(gpu_batch_seconds * TARGET_SAMPLE_RATE)
+        self.flush_samples = int(flush_seconds * TARGET_SAMPLE_RATE)
+
+    def _encode(self, audios: list[np.ndarray]) -> list[dict | str]:
+        try:
+            return self.tokenizer.encode_batch(audios)
+        except Exception:  # find the culprit(s): one at a time
+            out: list[dict | str] = []
+            for audio in audios:
+                try:
+                    out.append(self.tokenizer.encode(audio))
+                except Exception as e:
+                    out.append(str(e) or type(e).__name__)
+            return out
+
+    def __call__(self, batch):  # pandas DataFrame in and out
+        import pandas as pd
+
+        rows = batch.to_dict("records")
+        todo = [i for i, r in enumerate(rows) if not isinstance(r.get("error"), str)]
+        results: dict[int, dict | str] = {}
+        group: list[int] = []
+        samples = 0
+        for n, i in enumerate(todo):
+            group.append(i)
+            samples += len(rows[i]["audio"]) // 4  # float32 bytes
+            if samples >= self.flush_samples or n == len(todo) - 1:
+                audios = [np.frombuffer(rows[j]["audio"], dtype=np.float32).copy() for j in group]  # writable for torch
+                results.update(zip(group, self._encode(audios), strict=True))
+                group, samples = [], 0
+        out = []
+        for i, row in enumerate(rows):
+            row = {k: v for k, v in row.items() if k != "audio"}
+            enc = results.get(i, row.get("error"))
+            if isinstance(enc, dict):
+                out.append({**row, "units": enc["units"].tolist(), "durations": enc["durations"].tolist(),
+                            "n_frames": enc["n_frames"], "error": None})
+            else:
+                out.append({**row, "units": [], "durations": [], "n_frames": 0, "error": enc})
+        return pd.DataFrame(out)
+
+
+def iter_encoded(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: int, batch_size: int,
+                 num_gpus: float = 0.0) -> Iterator[dict]:
+    """Stream encoded files as they complete: a file's rows (`id`, `path`, `text`, `speaker`, `dataset`,
+    `input_id`, `seg_start`, `seg_end`, `audio_seconds`, `units`, `durations`, `n_frames`, `n_segments`,
+    `error` None), one per segment — a file longer than `extract.max_segment_seconds` is `<id>@0000`, ... — or
+    one error row (`error`: the reason) when any part of it fails. Decoding runs as Ray tasks on CPUs, feeding
+    the encoding actors (on GPUs with `num_gpus`)."""
+    from slam_ray.parallel.actors import map_rows
+
+    decode = {"max_segment_seconds": exp.extract.max_segment_seconds, "segmenter": exp.extract.segmenter}
+    parts: dict[str, list[dict]] = {}
+    expected: dict[str, int] = {}
+    actor = {"tokenizer_dir": str(tokenizer_dir), "gpu_batch_seconds": exp.extract.gpu_batch_seconds}
+    for df in map_rows(exp, rows, EncodeActor, actor, num_actors, batch_size,
+                       num_gpus, prepare=(decode_rows, decode, exp.extract.decode_cpus)):
+        for rec in df.to_dict("records"):
+            uid = rec["input_id"]
+            parts.setdefault(uid, []).append(rec)
+            if int(rec["n_segments"]):
+                expected[uid] = int(rec["n_segments"])
+            if len(parts[uid]) != expected.get(uid):
+                continue
+            done = sorted(parts.pop(uid), key=lambda r: r["seg_start"])
+            del expected[uid]
+            failed = next((r for r in done if isinstance(r.get("error"), str)), None)
+            if failed is not None:
+                yield {**failed, "id": uid, "n_segments": 1, "units": [], "durations": [], "audio_seconds": 0.0}
+                continue
+            for r in done:
+                yield {**r, "n_segments": len(done), "error": None, "units": [int(u) for u in r["units"]],
+                       "durations": [int(d) for d in r["durations"]]}
+
+
+def encode_files(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: int, batch_size: int,
+                 num_gpus: float = 0.0) -> tuple[list[dict], list[dict]]:
+    """Units for every row (`id`, `path`, `text`, `speaker`); returns (good rows, error rows)."""
+    good, bad = [], []
+    for rec in iter_encoded(exp, rows, tokenizer_dir, num_actors, batch_size, num_gpus):
+        (bad if rec["error"] else good).append(rec)
+    return good, bad
+
+
+def encode_spoken(exp, items: list[dict], tokenizer_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """Units of texts spoken with the experiment's synth engine — items with `id`, `text`, `voice`, `speed` (and
+    optionally `noise`, `seed`) — in one Ray Data pass: each text is spoken inside a decoding task straight
+    into memory (a 16-bit FLAC round trip, so its units are those of the file synth would write) and encoded by
+    the actors; no audio file is written. The `hf` backend wants its GPU actors: its items (which then need a
+    `path`) are spoken into files first. Returns (good rows, error rows) as `encode_files` does."""
+    from slam_ray.parallel.tts import check_backend, speak_items
+
+    synth = exp.synth
+    if synth.backend == "hf":
+        spoken, unspoken = speak_items(exp, items, synth.backend, synth.sample_rate, synth.num_actors, synth.batch_size)
+        good, bad = encode_files(exp, spoken, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size,
+                                 exp.extract.num_gpus_per_actor)
+        return good, unspoken + bad
+    check_backend(synth.backend, synth.sample_rate)  # a missing engine fails here, not once per row
+    rows = []
+    for item in items:
+        plan = {"backend": synth.backend, "text": item["text"], "voice": item["voice"], "speed": item["speed"],
+                "noise": float(item.get("noise") or 0.0), "seed": int(item.get("seed") or 0),
+                "sample_rate": synth.sample_rate}
+        rows.append({"id": item["id"], "path": "", "text": item["text"], "speaker": item.get("speaker") or item["voice"],
+                     "speak": json.dumps(plan)})
+    return encode_files(exp, rows, tokenizer_dir, exp.extract.num_actors, exp.extract.batch_size,
+                        exp.extract.num_gpus_per_actor)

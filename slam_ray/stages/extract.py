@@ -1,0 +1,302 @@
+"""`slam-ray extract`: audio -> discrete units, in parallel on Ray Data.
+
+1. Resolve `extract.inputs` (folders, globs, JSONL/CSV manifests, '@synth'; local or s3:// / gs://) into rows
+   (id, path, text, speaker).
+2. Tokeniser: load centroids, or fit k-means on features of a seeded sample of files (saved to `tokenizer/`).
+3. Encode every file: Ray tasks decode it (mono, 16 kHz, long files cut into segments in pauses) and stream
+   its segments to an actor pool (features -> units -> de-dup); a file that fails anywhere is one line of
+   errors.jsonl and its neighbours still come through.
+4. Write Parquet shards `units/part-NNNNN.parquet`, sorted by id (the same inputs give the same shards).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from slam_ray.config import Experiment
+from slam_ray.core.runner import StageResult, init_ray, run_stage
+from slam_ray.core.stage_io import StageDir, Timer, upstream_dir
+from slam_ray.core.storage import is_remote, list_files, open_input, resolve_relative
+from slam_ray.core.tracking import Tracker
+from slam_ray.errors import SlamError
+from slam_ray.parallel.actors import map_rows
+from slam_ray.parallel.encode import iter_encoded
+from slam_ray.speech.tokenizer import UnitTokenizer, fit_kmeans
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
+
+UNITS_SCHEMA = pa.schema([
+    ("id", pa.string()), ("path", pa.string()), ("units", pa.list_(pa.uint16())),
+    ("durations", pa.list_(pa.uint16())), ("n_frames", pa.int64()), ("audio_seconds", pa.float64()),
+    ("segment", pa.struct([("start", pa.float64()), ("end", pa.float64())])),
+    ("text", pa.string()), ("speaker", pa.string()), ("dataset", pa.string()),
+])
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------
+
+
+def _text_field(rec: dict, key: str) -> str:
+    value = rec.get(key)
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)  # NaN != NaN
+
+
+def _manifest_rows(path: str) -> list[dict]:
+    """Rows of a JSONL/CSV manifest, local or in object storage; relative audio paths are relative to it."""
+    remote = is_remote(path)
+    name = Path(path.partition("?")[0])  # a URI's query (endpoint etc.) is not part of its name
+    source = open_input(path) if remote else path
+    df = pd.read_json(source, lines=True) if name.suffix == ".jsonl" else pd.read_csv(source)
+    if "path" not in df.columns:
+        raise SlamError(f"manifest {path} has no `path` column (columns: {', '.join(map(str, df.columns))})")
+    rows = []
+    for i, rec in enumerate(df.to_dict("records")):
+        if remote:
+            audio = resolve_relative(path, str(rec["path"]))
+        else:
+            audio = Path(str(rec["path"]))
+            audio = str(audio if audio.is_absolute() else (Path(path).parent / audio))
+        rows.append({"id": _text_field(rec, "id") or f"{name.stem}-{i:07d}", "path": audio,
+                     "text": _text_field(rec, "text"), "speaker": _text_field(rec, "speaker")})
+    return rows
+
+
+def _remote_rows(uri: str) -> list[dict]:
+    """Rows of the audio files under an s3:// / gs:// folder, glob or single object; ids relative to the folder."""
+    return [{"id": str(Path(relative).with_suffix("")), "path": file, "text": "", "speaker": ""}
+            for relative, file in list_files(uri) if Path(relative).suffix.lower() in AUDIO_SUFFIXES]
+
+
+def _file_rows(files: list[Path], root: Path | None) -> list[dict]:
+    rows = []
+    for f in sorted(files):
+        rel = f.relative_to(root) if root else Path(f.name)
+        rows.append({"id": str(rel.with_suffix("")), "path": str(f.absolute()), "text": "", "speaker": ""})
+    return rows
+
+
+def _planned(exp: Experiment, row: dict) -> dict:
+    """A synth row with no audio (`synth.write_audio: false`): what the encoding actor needs to speak it, and a
+    duration estimated from the text (~14 characters/s) for sizing the k-means sample."""
+    if row["path"]:
+        return {}
+    spec = {k: row[k] for k in ("backend", "text", "voice", "speed", "noise", "seed")}
+    return {"speak": json.dumps({**spec, "sample_rate": exp.synth.sample_rate}), "duration": len(row["text"]) / 14}
+
+
+def resolve_inputs(exp: Experiment) -> list[dict]:
+    rows: list[dict] = []
+    for dataset, entry in exp.named_inputs():
+        found: list[dict] = []
+        if entry == "@synth":
+            index = pd.read_parquet(upstream_dir(exp, "synth").local("index.parquet"))
+            found = [{"id": r["id"], "path": r["path"], "text": r["text"], "speaker": r["voice"],
+                      "duration": r["duration"], **_planned(exp, r)} for r in index.to_dict("records")]
+        elif is_remote(entry):
+            base = entry.partition("?")[0]
+            found = _manifest_rows(entry) if base.endswith((".jsonl", ".csv")) else _remote_rows(entry)
+            if not found:
+                raise SlamError(f"extract.inputs entry {entry!r} holds no audio file ({', '.join(sorted(AUDIO_SUFFIXES))})")
+        elif Path(entry).is_dir():
+            found = _file_rows([p for p in Path(entry).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES], Path(entry))
+        elif Path(entry).is_file() and Path(entry).suffix in (".jsonl", ".csv"):
+            found = _manifest_rows(entry)
+        elif Path(entry).is_file():
+            found = _file_rows([Path(entry)], None)
+        else:
+            matches = [Path(p) for p in sorted(glob.glob(entry, recursive=True))]
+            if not matches:
+                raise SlamError(f"extract.inputs entry {entry!r} matches no folder, file, manifest or glob")
+            found = _file_rows([p for p in matches if p.is_file()], None)
+        rows += [{**r, "dataset": dataset} for r in found]
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise SlamError(f"extract.inputs give duplicate ids ({', '.join(dupes)}); give each input a distinct id")
+    return rows
+
+
+# --- actors ----------------------------------------------------------------------------------------------------
+
+
+class FeatureActor:
+    """Features of a sample of files, for fitting k-means (float16 bytes to keep the object store small).
+    A long file contributes its first segment only (bounded memory)."""
+
+    def __init__(self, tokenizer_cfg: dict, max_segment_seconds: float | None, segmenter: str = "vad") -> None:
+        from slam_ray.config import TokenizerConfig
+        from slam_ray.parallel.actors import limit_threads
+        from slam_ray.speech.features import make_features
+
+        limit_threads()
+        self.features = make_features(TokenizerConfig.model_validate(tokenizer_cfg))
+        self.max_segment_seconds, self.segmenter = max_segment_seconds, segmenter
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from slam_ray.parallel.tts import row_segments
+
+        out = []
+        for row in batch.to_dict("records"):
+            try:
+                _, _, audio = next(row_segments(row, self.max_segment_seconds, self.segmenter))
+                feats = self.features(audio).cpu().numpy().astype(np.float16)
+                out.append({"id": row["id"], "feats": feats.tobytes(), "dim": feats.shape[1], "error": None})
+            except Exception as e:
+                out.append({"id": row["id"], "feats": b"", "dim": 0, "error": str(e)})
+        return pd.DataFrame(out)
+
+
+# --- stage -----------------------------------------------------------------------------------------------------
+
+
+def _fit_sample(exp: Experiment, rows: list[dict]) -> list[dict]:
+    """A seeded sample with about `fit_frames` frames (or ~10 s per file when durations are unknown)."""
+    cfg = exp.extract.tokenizer
+    sample = list(rows)
+    random.Random(cfg.seed).shuffle(sample)
+    picked, frames = [], 0.0
+    for row in sample:
+        picked.append(row)
+        frames += (row.get("duration") or 10.0) * cfg.frame_rate
+        if frames >= cfg.fit_frames * 1.1:
+            break
+    return picked
+
+
+def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokenizer:
+    cfg = exp.extract.tokenizer
+    if (folder / "tokenizer.json").is_file():  # written last by save(): a complete tokenizer from an earlier try
+        return UnitTokenizer.load(folder)
+    if cfg.centroids:
+        tokenizer = UnitTokenizer.from_centroids(cfg)
+        tokenizer.save(folder)
+        return tokenizer
+    by_id = {}
+    sample = _fit_sample(exp, rows)
+    ctor = {"tokenizer_cfg": cfg.model_dump(), "max_segment_seconds": exp.extract.max_segment_seconds,
+            "segmenter": exp.extract.segmenter}
+    for df in map_rows(exp, sample, FeatureActor, ctor,
+                       exp.extract.num_actors, exp.extract.batch_size, exp.extract.num_gpus_per_actor):
+        for rec in df.to_dict("records"):
+            if not rec["error"]:  # a bad file is reported once, by the encoding pass that every file goes through
+                by_id[rec["id"]] = np.frombuffer(rec["feats"], dtype=np.float16).reshape(-1, rec["dim"])
+    # Ray Data returns batches in completion order: sort, so the same inputs always fit the same centroids.
+    features = [by_id[i] for i in sorted(by_id)]
+    if not features:
+        raise SlamError("none of the sampled input files could be decoded to fit the tokenizer; check extract.inputs")
+    centroids, mean, std = fit_kmeans(features, cfg)
+    tokenizer = UnitTokenizer(cfg, centroids, mean, std)
+    tokenizer.save(folder)
+    return tokenizer
+
+
+def _write_chunk(out: StageDir, index: int, good: list[dict], bad: list[dict]) -> None:
+    """One shard per fixed chunk of inputs (sorted by id); the Parquet file, renamed into place last, marks
+    the chunk done, so a rerun after an interruption encodes only the chunks that are missing."""
+    (out.path / "chunks").mkdir(parents=True, exist_ok=True)
+    (out.path / "units").mkdir(parents=True, exist_ok=True)
+    with open(out.path / "chunks" / f"part-{index:05d}.errors.jsonl", "w") as f:
+        for rec in sorted(bad, key=lambda r: r["id"]):
+            f.write(json.dumps({"id": rec["id"], "path": rec["path"], "error": rec["error"], "phase": "encode"}) + "\n")
+    rows = []
+    for rec in sorted(good, key=lambda r: r["id"]):
+        rows.append({**{k: rec[k] for k in UNITS_SCHEMA.names if k != "segment"},
+                     "segment": {"start": rec["seg_start"], "end": rec["seg_end"]}})
+    tmp = out.path / "units" / f".part-{index:05d}.parquet.tmp"
+    pq.write_table(pa.Table.from_pylist(rows, schema=UNITS_SCHEMA), tmp)
+    tmp.replace(out.path / "units" / f"part-{index:05d}.parquet")
+    out.publish("chunks", f"part-{index:05d}.errors.jsonl")
+    out.publish("units", f"part-{index:05d}.parquet")  # last: the chunk's done mark in a bucket too
+
+
+def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
+    with timer.phase("inputs"):
+        rows = sorted(resolve_inputs(exp), key=lambda r: r["id"])
+    if not rows:
+        raise SlamError("extract.inputs resolved to no audio files")
+    size = exp.extract.shard_files
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    out.local("chunks"), out.local("units")  # with a workdir in a bucket: the shards a killed run finished there
+    todo = {i for i in range(len(chunks)) if not (out.path / "units" / f"part-{i:05d}.parquet").is_file()}
+    if len(todo) < len(chunks):
+        print(f"[extract] resuming: {len(chunks) - len(todo)} of {len(chunks)} shards already written")
+    init_ray(exp)
+    with timer.phase("fit_tokenizer"):
+        fit_tokenizer(exp, rows, out.local("tokenizer"))
+        out.publish("tokenizer")  # before any actor, which may run on another node, loads it
+    chunk_of = {row["id"]: i for i in todo for row in chunks[i]}
+    pending = [row for i in sorted(todo) for row in chunks[i]]
+    received: dict[int, tuple[list[dict], list[dict]]] = {i: ([], []) for i in todo}
+    files_done = dict.fromkeys(todo, 0)
+    segments: dict[str, list[dict]] = {}  # a long file's segments, until all of them are in
+    seconds, errors_seen = 0.0, 0
+    with timer.phase("encode"), tqdm(total=len(pending), unit="file", desc="[extract] encode", mininterval=2) as bar:
+        for rec in iter_encoded(exp, pending, out.location("tokenizer"), exp.extract.num_actors, exp.extract.batch_size,
+                                exp.extract.num_gpus_per_actor):
+            uid = rec["input_id"]
+            parts = segments.setdefault(uid, [])
+            parts.append(rec)
+            if len(parts) < rec["n_segments"]:
+                continue
+            index = chunk_of[uid]
+            good, bad = received[index]
+            (bad if rec["error"] else good).extend(segments.pop(uid))
+            files_done[index] += 1
+            seconds += sum(p["audio_seconds"] for p in parts)
+            errors_seen += 1 if rec["error"] else 0
+            bar.update()
+            bar.set_postfix_str(f"{seconds / 3600:.2f} h audio, {errors_seen} errors", refresh=False)
+            if files_done[index] == len(chunks[index]):
+                _write_chunk(out, index, good, bad)
+                del received[index]
+    errors = [json.loads(line) for i in range(len(chunks))
+              for line in (out.path / "chunks" / f"part-{i:05d}.errors.jsonl").read_text().splitlines()]
+    table = pa.concat_tables([pq.read_table(out.path / "units" / f"part-{i:05d}.parquet", columns=["audio_seconds", "units"])
+                              for i in range(len(chunks))])
+    audio_s = float(pa.compute.sum(table["audio_seconds"]).as_py() or 0.0)
+    n_units = int(pa.compute.sum(pa.compute.list_value_length(table["units"])).as_py() or 0)
+    return StageResult(
+        counts={"files": len(rows), "encoded": len(rows) - len(errors), "segments": table.num_rows, "units": n_units, "audio_seconds": round(audio_s, 1),
+                "shards": len(chunks), "shards_resumed": len(chunks) - len(todo)},
+        outputs={"units": [f"units/part-{i:05d}.parquet" for i in range(len(chunks))], "tokenizer": "tokenizer"},
+        errors=errors,
+        metrics={"throughput/audio_seconds_per_s": audio_s / max(timer.timings["encode"], 1e-9),
+                 "errors": float(len(errors)),
+                 "units_per_second_of_audio": n_units / max(audio_s, 1e-9)},
+    )
+
+
+def extract(exp: Experiment) -> StageDir:
+    return run_stage(exp, "extract", _extract)
+
+
+def export_slamkit(exp: Experiment, form: str, path: str | Path) -> int:
+    """Write this experiment's units in slamkit's `features` JSONL (`units`, `duration`, `file_name`) or `tokens`
+    JSONL (`file_name`, `audio_repr`), one line per row in id order, for slamkit's own tools. Returns the rows."""
+    from slam_ray.core.stage_io import stage_dir
+    from slam_ray.speech.units import read_unit_shards, units_to_repr, write_jsonl
+
+    out = stage_dir(exp, "extract")
+    if not out.is_complete():
+        raise SlamError(f"no complete extract output for this experiment at {out.root}: run `slam-ray extract` first")
+    out.local("units")
+    table = read_unit_shards(out.path).sort_values("id")
+    if form == "features":
+        rows = ({"units": [int(u) for u in r.units], "duration": [int(d) for d in r.durations], "file_name": r.path or r.id}
+                for r in table.itertuples())
+    elif form == "tokens":
+        rows = ({"file_name": r.path, "audio_repr": units_to_repr(r.units)} for r in table.itertuples())
+    else:
+        raise SlamError(f"unknown slamkit format {form!r}; choose features or tokens")
+    write_jsonl(path, rows)
+    return len(table)

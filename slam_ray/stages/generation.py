@@ -1,0 +1,212 @@
+"""The `generate` eval task: continue spoken prompts, then (optionally) vocode, transcribe and score the text.
+
+Prompts: the first `eval.generation.prompt_seconds` of each audio file of the task's `path` (a folder, a glob,
+or a JSONL manifest of `{"path", "text"?}`), tokenised with the experiment's tokenizer and cut by unit
+durations; or unit prompts from a slamkit features JSONL (`{"file_name", "units", "duration"}`). Sampling:
+temperature, top-k, new tokens and repetition penalty from `eval.generation`, one seed per sample, so a rerun
+gives the same units whatever the number of actors. Work is spread over Ray Data actors (`eval.num_actors`),
+each holding the model, the vocoder and the ASR engine.
+
+With `eval.generation.vocoder` set, each continuation (alone with `drop_prompt`, else prompt + continuation)
+becomes audio, then text (`asr`), and `text_lm` gives GenPPL; Auto-BLEU needs only the transcripts. Prompt
+files whose manifest line has a `text` are also transcribed whole: `asr_wer` says how far to trust the ASR.
+Outputs in the eval folder, `<task>/`: `generated.jsonl` (units, transcripts), `audio/*.wav`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from slam_ray.config import EvalTask, Experiment
+from slam_ray.core.stage_io import StageDir
+from slam_ray.core.storage import join, model_source, write_bytes
+from slam_ray.errors import SlamError
+from slam_ray.lm.textmetrics import generative_summary, text_nll, word_error_rate
+from slam_ray.parallel.audio_units import audio_units
+from slam_ray.speech.units import EOS_ID, PAD_ID, tokens_to_units, units_to_tokens
+
+
+def _natural(path: str) -> list:
+    """Name order with numbers compared as numbers: `2_correct` before `10_correct` (the sSC layout)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def _prompt_sources(path: str, n: int) -> list[dict[str, Any]]:
+    """Rows `{id, path, text?}` or `{id, units, duration?}` for the first `n` prompts of the task's path."""
+    p = Path(path).expanduser()
+    if p.suffix == ".jsonl":
+        if not p.is_file():
+            raise SlamError(f"generate: prompt manifest {p} does not exist")
+        rows = []
+        for i, line in enumerate(t for t in p.read_text().splitlines() if t.strip()):
+            rec = json.loads(line)
+            uid = str(rec.get("id") or Path(rec.get("file_name") or rec.get("path") or f"prompt{i}").stem)
+            if "units" in rec:
+                rows.append({"id": uid, "units": rec["units"], "duration": rec.get("duration")})
+            elif "path" in rec:
+                audio = rec["path"] if Path(rec["path"]).is_absolute() else str(p.parent / rec["path"])
+                rows.append({"id": uid, "path": audio, "text": rec.get("text")})
+            else:
+                raise SlamError(f"{p}:{i + 1}: a prompt line needs `path` (audio) or `units`")
+    else:
+        pattern = str(p / "**" / "*") if p.is_dir() else str(p)
+        files = sorted((f for f in glob.glob(pattern, recursive=True)
+                        if Path(f).suffix.lower() in (".wav", ".flac", ".ogg", ".mp3")), key=_natural)
+        rows = [{"id": Path(f).stem, "path": f} for f in files]
+    if not rows:
+        raise SlamError(f"generate: no prompts in {path} (a folder or glob of audio, or a JSONL of paths or units)")
+    return rows[:n]
+
+
+def _cut(units: list[int], durations: list[int] | None, seconds: float, frame_rate: float) -> list[int]:
+    """The units that start within the first `seconds` (all of them without durations)."""
+    if not durations:
+        return list(units)
+    starts = np.concatenate([[0], np.cumsum(durations)[:-1]]) / frame_rate
+    return [u for u, s in zip(units, starts, strict=True) if s < seconds]
+
+
+def prompts(exp: Experiment, entry: EvalTask) -> tuple[list[dict[str, Any]], list[dict]]:
+    """(prompt rows with `units`, errors). Audio prompts are tokenised through eval's cache of audio units."""
+    cfg = exp.eval.generation
+    sources = _prompt_sources(entry.path, cfg.n_prompts)
+    audio = [r["path"] for r in sources if "path" in r]
+    units, durations, errors = audio_units(exp, audio) if audio else ({}, {}, [])
+    out = []
+    for row in sources:
+        if "units" in row:
+            found, runs = row["units"], row.get("duration")
+        elif row["path"] in units:
+            found, runs = units[row["path"]], durations[row["path"]]
+        else:
+            continue
+        prompt = _cut(found, runs, cfg.prompt_seconds, exp.extract.tokenizer.frame_rate)
+        if prompt:
+            out.append({**row, "units": prompt})
+    return out, errors
+
+
+class GenerateActor:
+    """Ray Data actor: prompt rows -> sampled continuations (+ audio, transcript when a vocoder is given)."""
+
+    def __init__(self, checkpoint: str, settings: dict[str, Any], audio_dir: str, threads: int = 1) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from slam_ray.lm.textmetrics import Transcriber
+        from slam_ray.parallel.actors import limit_threads
+        from slam_ray.speech.vocoder import load_vocoder
+
+        limit_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint)).to(self.device).eval()
+        self.s = settings
+        self.vocoder = load_vocoder(settings["vocoder"]) if settings["vocoder"] else None
+        self.asr = Transcriber(settings["asr"], self.device) if self.vocoder or settings["wer"] else None
+        self.audio_dir = audio_dir  # a folder or a URI: written through the storage layer
+
+    def _continue(self, prompt: list[int], seed: int) -> list[int]:
+        import torch
+
+        ids = torch.from_numpy(units_to_tokens(prompt, add_eos=False))[None].to(self.device)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                      temperature=self.s["temperature"], top_k=self.s["top_k"],
+                                      max_new_tokens=self.s["max_new_tokens"],
+                                      repetition_penalty=self.s["repetition_penalty"],
+                                      eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+        new = out[0, ids.shape[1]:].tolist()
+        return tokens_to_units(new[: new.index(EOS_ID)] if EOS_ID in new else new).tolist()
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import io
+
+        import soundfile as sf
+
+        from slam_ray.speech.audio import decode_audio
+        from slam_ray.speech.vocoder import vocode
+
+        rows = []
+        for row in batch.to_dict("records"):
+            prompt = [int(u) for u in row["units"]]
+            units = self._continue(prompt, int(row["seed"]))
+            out = {"key": row["key"], "id": row["id"], "sample": row["sample"], "seed": row["seed"],
+                   "prompt_units": prompt, "units": units, "transcript": None, "audio": None,
+                   "wer_edits": None, "wer_words": None}
+            if self.vocoder is not None:
+                wav = vocode(self.vocoder, units if self.s["drop_prompt"] else prompt + units)
+                path = join(self.audio_dir, f"{row['key']}.wav")
+                buffer = io.BytesIO()
+                sf.write(buffer, wav, self.vocoder.sample_rate, format="WAV")
+                write_bytes(path, buffer.getvalue())
+                audio16k = decode_audio(buffer.getvalue())
+                out.update(audio=path, transcript=self.asr(audio16k) if audio16k.size else "")
+            if self.asr is not None and isinstance(row.get("text"), str) and isinstance(row.get("path"), str):
+                edits, n_words = word_error_rate(row["text"], self.asr(decode_audio(row["path"])))
+                out.update(wer_edits=edits, wer_words=n_words)
+            rows.append(out)
+        return pd.DataFrame(rows)
+
+
+def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: StageDir, name: str) -> dict[str, Any]:
+    """Generate from every prompt into the folder `name` of the eval output: `generated.jsonl` and the audio;
+    return the task's results (figures + settings)."""
+    from slam_ray.parallel.actors import map_rows
+
+    cfg = exp.eval.generation
+    if cfg.vocoder:  # fail here with the reason, not in every actor's constructor
+        from slam_ray.lm.textmetrics import check_asr
+        from slam_ray.speech.vocoder import load_vocoder
+
+        load_vocoder(cfg.vocoder)
+        check_asr(cfg.asr)
+    rows, errors = prompts(exp, entry)
+    if not rows:
+        raise SlamError(f"generate: none of the prompts in {entry.path} could be tokenised ({len(errors)} errors)")
+    out_dir = out.path / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**cfg.model_dump(mode="json"), "wer": any(isinstance(r.get("text"), str) for r in rows)}
+    work = [{"key": f"{r['id']}-{k}", "id": r["id"], "sample": k, "seed": cfg.seed * 1_000_003 + i * 97 + k,
+             "units": r["units"], "path": r.get("path"), "text": r.get("text")}
+            for i, r in enumerate(rows) for k in range(cfg.samples_per_prompt)]
+    ctor = {"checkpoint": checkpoint, "settings": settings, "audio_dir": out.location(name, "audio"),
+            "threads": max(1, int(exp.ray.actor_cpus))}
+    done = [df for df in map_rows(exp, work, GenerateActor, ctor, exp.eval.num_actors, 4, exp.eval.num_gpus_per_actor)]
+    generated = pd.concat(done, ignore_index=True).sort_values("key").reset_index(drop=True)
+
+    result: dict[str, Any] = {"prompts": len(rows), "samples": len(generated),
+                              "mean_new_units": float(generated["units"].map(len).mean()),
+                              "prompt_errors": len(errors), "checkpoint": str(checkpoint),
+                              "settings": cfg.model_dump(mode="json")}
+    if cfg.vocoder:
+        transcripts = [t or "" for t in generated["transcript"]]
+        nlls: list[float | None] = [None] * len(transcripts)
+        if cfg.text_lm:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            lm = AutoModelForCausalLM.from_pretrained(cfg.text_lm).to(device)
+            tok = AutoTokenizer.from_pretrained(cfg.text_lm)
+            kept = [i for i, t in enumerate(transcripts) if t.strip()]
+            for i, nll in zip(kept, text_nll(lm, tok, [transcripts[i] for i in kept], device), strict=True):
+                nlls[i] = nll
+        result.update(generative_summary(transcripts, nlls, cfg.auto_bleu_n))
+    if generated["wer_words"].notna().any():
+        words_total = float(generated["wer_words"].sum())
+        result["asr_wer"] = float(generated["wer_edits"].sum()) / max(words_total, 1.0)
+    with open(out_dir / "generated.jsonl", "w") as f:
+        for rec in generated.drop(columns=["wer_edits", "wer_words"]).to_dict("records"):
+            f.write(json.dumps({k: (list(map(int, v)) if k.endswith("units") else v) for k, v in rec.items()},
+                               default=str) + "\n")
+    print(f"[eval] {entry.key}: {len(generated)} continuations of {len(rows)} prompts -> {out_dir / 'generated.jsonl'}"
+          + "".join(f", {k} {result[k]:.3f}" for k in ("genppl", f"auto_bleu_{cfg.auto_bleu_n}", "asr_wer") if k in result))
+    return result

@@ -1,0 +1,193 @@
+"""`slam-ray train`: pre-train a speech LM on packed unit windows with Ray Train (`TorchTrainer`).
+
+Read top to bottom: the driver runs a `TorchTrainer`; each worker builds the model, probes its own
+throughput when the budget is wall-clock time (so a cosine schedule really ends at the budget), trains with
+AdamW + warmup/cosine, logs to MLflow from rank 0, and reports two HF checkpoints: `init` (step 0, the
+untrained baseline evaluation compares against) and `final`. The driver copies both into the stage folder.
+What is not this stage's data or loss (precision, compile, DDP/FSDP, budgets, resume, logging, MFU) is the
+trainer scaffold's, shared with `dpo` (`slam_ray/parallel/trainer.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+import numpy as np
+
+from slam_ray.config import Experiment
+from slam_ray.core.runner import StageResult, init_ray, run_stage
+from slam_ray.core.stage_io import StageDir, Timer, upstream_dir
+from slam_ray.core.storage import in_filesystem, localize, storage_root
+from slam_ray.core.tracking import Tracker
+from slam_ray.lm.optim import build_optimizer, lr_factor, warmup_steps
+from slam_ray.parallel.train_utils import all_ranks, check_global_batch, flops_per_token
+from slam_ray.parallel.trainer import (
+    Budget,
+    Mfu,
+    Plan,
+    Trainer,
+    TrainerSettings,
+    fit,
+    plain_model,
+    prepare_model,
+    replan_steps,
+    report_checkpoint,
+    resume_state,
+    setup_worker,
+    tune_callbacks,
+)
+from slam_ray.speech.units import PAD_ID
+
+INTERMEDIATE_VAL_WINDOWS = 256  # progress reports validate on this many windows; the final pass on all
+TOO_FEW_WINDOWS = "lower train.batch_size, train.num_workers or pack.context_len, or give more data"
+
+
+class WindowBatches:
+    """Seeded epoch-wise shuffles of the packed windows; rank r takes its slice of every global batch."""
+
+    def __init__(self, windows: np.ndarray, batch_size: int, rank: int, world: int, seed: int) -> None:
+        self.windows, self.batch_size, self.rank, self.world, self.seed = windows, batch_size, rank, world, seed
+        self.global_batch = batch_size * world
+        check_global_batch(len(windows), "training windows", self.global_batch, TOO_FEW_WINDOWS)
+        self.per_epoch = len(windows) // self.global_batch
+
+    def batch(self, index: int) -> np.ndarray:
+        epoch, i = divmod(index, self.per_epoch)
+        order = np.random.default_rng(self.seed + epoch).permutation(len(self.windows))
+        start = i * self.global_batch + self.rank * self.batch_size
+        return self.windows[order[start : start + self.batch_size]]
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+
+    from slam_ray.lm.model import build_model, count_parameters
+
+    exp = Experiment.model_validate(config["experiment"])
+    cfg = exp.train
+    w = setup_worker(exp, config, cfg.seed)
+    settings = TrainerSettings.of(exp, "train")
+    train_windows = np.load(localize(config["train_path"]))  # fetched to this node when the workdir is a bucket
+    val_windows = np.load(localize(config["val_path"]))
+    context_len = train_windows.shape[1]
+    model = build_model(cfg.model, exp.vocab_size, max_positions=context_len)
+    n_params = count_parameters(model)
+    resumed = resume_state(model)
+    if resumed is None:
+        report_checkpoint(model, w.rank, {"step": 0, "kind": "init", "params": n_params})
+    hf_config = model.config
+    model = prepare_model(model, settings, w.device)
+    data = WindowBatches(train_windows, cfg.batch_size, w.rank, w.world, cfg.seed)
+    tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * w.world
+    # Step and token budgets cap the step count; a time budget sizes it from measured throughput below.
+    step_cap = min(cfg.max_steps or 10**12, -(-cfg.max_tokens // tokens_per_step) if cfg.max_tokens else 10**12)
+    t = Trainer(w, settings, model, build_optimizer(cfg.optimizer, model.parameters()),
+                Plan(step_cap, warmup_steps(cfg.schedule, step_cap)),
+                lambda s, plan: lr_factor(s, plan.total, plan.warmup, cfg.schedule, cfg.optimizer.lr),
+                Budget(cfg.max_minutes, step_cap), cfg.grad_accum, cfg.max_grad_norm,
+                mfu=Mfu.of(w.device, flops_per_token(n_params, hf_config.num_hidden_layers, hf_config.hidden_size,
+                                                     context_len), cfg.peak_tflops),
+                resumed=resumed, prefix="train")
+
+    def loss_on(windows: np.ndarray, net: torch.nn.Module) -> torch.Tensor:
+        x = torch.from_numpy(windows.astype(np.int64)).to(w.device)
+        return net(input_ids=x, labels=x.masked_fill(x == PAD_ID, -100)).loss
+
+    def micro_loss(index: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return loss_on(data.batch(index), t.model), {}
+
+    def validate(limit: int | None = None) -> float:
+        """Mean loss over (the first `limit` of) the validation windows, all ranks sharing the work. Under DDP
+        it runs on the unwrapped module: ranks may see unequal numbers of batches, and a DDP forward would wait
+        for the other ranks (a deadlock). A sharded model's every forward is collective, so under FSDP every
+        rank runs the same number of batches (a rank out of windows repeats one and does not count it)."""
+        plain = plain_model(t.model, settings).eval()
+        windows = val_windows[:limit]
+        stride = cfg.batch_size * w.world
+        end = -(-len(windows) // stride) * stride if settings.fsdp else len(windows)
+        losses = []
+        with torch.no_grad(), t.autocast():
+            for i in range(w.rank * cfg.batch_size, end, stride):
+                loss = loss_on(windows[i : i + cfg.batch_size] if i < len(windows) else windows[:1], plain).item()
+                if i < len(windows):
+                    losses.append(loss)
+        plain.train()
+        return all_ranks(sum(losses), "sum") / max(1.0, all_ranks(len(losses), "sum"))
+
+    reports_done = resumed.get("reports_done", 0) if resumed else 0
+    if resumed is None:
+        if cfg.max_minutes:  # the schedule's length: what the time budget affords at the throughput measured here
+            t.plan.total = max(1, min(step_cap, t.budget.steps_affordable(t.probe_step_time(micro_loss))))
+        t.plan.warmup = warmup_steps(cfg.schedule, t.plan.total)
+        t.plan.replans = replan_steps(t.plan.total, cfg.max_minutes)
+        t.apply_plan()
+        # on the log thread: a worker's first MLflow call takes seconds, inside the time budget
+        w.log.params({"model.params": n_params, "schedule.planned_steps": t.plan.total,
+                      "schedule.warmup_steps": t.plan.warmup})
+        w.log.print(f"[train] {n_params / 1e6:.2f}M params, {w.world} worker(s), {t.plan.total} steps planned")
+
+    def progress_report() -> None:
+        """The validation loss at each 1/val_reports of the budget, which a sweep's early-stopping scheduler
+        (ASHA, median) compares across trials at equal shares of their budgets."""
+        nonlocal reports_done
+        if not cfg.val_reports or t.step * cfg.val_reports < (reports_done + 1) * t.plan.total:
+            return
+        reports_done = t.step * cfg.val_reports // t.plan.total
+        progress = {"step": t.step, "progress": round(100 * t.step / t.plan.total, 2),
+                    "val/loss": validate(INTERMEDIATE_VAL_WINDOWS), "train/tokens": t.step * tokens_per_step}
+        w.log.metrics({"val/loss": progress["val/loss"]}, t.step)
+        ray.train.report(progress)
+
+    t.run(micro_loss, lambda step: tokens_per_step, log_every=cfg.log_every,
+          describe=lambda m: f"loss {m['loss']:.3f}  lr {m['lr']:.2e}", checkpoint_every=cfg.checkpoint_every,
+          checkpoint_every_minutes=cfg.checkpoint_every_minutes, after_step=progress_report,
+          extra_state=lambda: {"reports_done": reports_done})
+    w.log.params({"schedule.total_steps": t.plan.total})  # idempotent when a resumed run logs it again
+    val_loss = validate()
+    metrics = {"progress": 100.0, "val/loss": val_loss, "tokens": t.step * tokens_per_step,
+               "train_seconds": t.train_seconds, "tokens_per_s": t.tokens_per_s, "params": n_params,
+               "total_steps": t.plan.total}
+    if (mfu := t.mfu(t.tokens_per_s, w.world)) is not None:
+        metrics["mfu"] = mfu
+    w.log.metrics({"val/loss": val_loss, "train/tokens_per_s_mean": metrics["tokens_per_s"],
+                   **({"train/mfu_mean": mfu} if mfu is not None else {})}, t.step)
+    t.finish(metrics)
+
+
+def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
+    packed = upstream_dir(exp, "pack")
+    # Fail here, before Ray starts workers, when the data cannot fill one global batch (a worker would fail alike).
+    n_windows = ((packed.read_manifest() or {}).get("counts") or {}).get("train_windows")
+    if n_windows is not None:
+        check_global_batch(int(n_windows), "training windows", exp.train.batch_size * exp.train.num_workers, TOO_FEW_WINDOWS)
+    init_ray(exp)
+    with timer.phase("fit"):
+        result = fit(exp, out, "train", train_loop_per_worker,
+                     {"train_path": packed.location("train.npy"), "val_path": packed.location("val.npy")},
+                     tracker, exp.train.num_workers, callbacks=tune_callbacks())
+    checkpoints = {m.get("kind"): (ckpt, m) for ckpt, m in result.best_checkpoints}  # the latest of each kind
+    for kind, folder in (("init", "checkpoint_init"), ("final", "checkpoint")):
+        target = out.path / folder
+        shutil.rmtree(target, ignore_errors=True)
+        checkpoints[kind][0].to_directory(str(target))
+    # Every reported checkpoint, oldest first: what `eval.checkpoints: [all]` scores for a learning curve.
+    root = storage_root(exp, out)
+    listing = sorted(({"step": int(m["step"]), "kind": m.get("kind"), "path": in_filesystem(root, ckpt.path)}
+                      for ckpt, m in result.best_checkpoints), key=lambda c: c["step"])
+    (out.path / "checkpoints.json").write_text(json.dumps(listing, indent=1))
+    final = checkpoints["final"][1]
+    return StageResult(
+        counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"])},
+        outputs={"checkpoint": "checkpoint", "checkpoint_init": "checkpoint_init"},
+        metrics={"val/loss_final": float(final["val/loss"]), "train/seconds": float(final["train_seconds"]),
+                 "train/tokens_per_s_mean": float(final["tokens_per_s"]),
+                 **({"train/mfu_mean": float(final["mfu"])} if "mfu" in final else {})},
+    )
+
+
+def train(exp: Experiment) -> StageDir:
+    return run_stage(exp, "train", _train)
+

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slam_ray.config import Experiment, load_experiment, parse_override, recipe_names
+from slam_ray.core.storage import workdir_path
+from slam_ray.core.tracking import tracking_uri
+from slam_ray.errors import ConfigError
+
+
+def write(tmp_path: Path, data: dict, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_recipes_validate():
+    assert {"quickstart", "slam", "slam_scaled"} <= set(recipe_names())
+    for name in recipe_names():
+        exp = load_experiment(name)
+        assert exp.name == name
+
+
+def test_defaults_and_derived_locations(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp = Experiment(name="demo")
+    assert workdir_path(exp) == tmp_path / "slam_runs" / "demo"
+    assert tracking_uri(exp) == f"sqlite:///{tmp_path / 'slam_runs' / 'demo' / 'mlflow.db'}"
+    assert exp.tracking_experiment == "demo"
+    assert exp.extract.inputs == ["@synth"]
+    assert exp.ray.address is None and exp.ray.num_cpus is None
+
+
+def test_overrides_are_typed():
+    exp = load_experiment("quickstart", ["train.optimizer.lr=3e-4", "train.max_steps=12", "eval.tasks=[lexical]",
+                                         "ray.num_cpus=1.5", "train.model.init=random", "workdir=/tmp/x"])
+    assert exp.train.optimizer.lr == pytest.approx(3e-4)
+    assert exp.train.max_steps == 12
+    assert exp.eval.tasks == ["lexical"]
+    assert exp.ray.num_cpus == 1.5
+    assert exp.workdir == "/tmp/x"
+
+
+def test_parse_override_yaml_values():
+    assert parse_override("a.b=true") == (["a", "b"], True)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert parse_override("a=null") == (["a"], None)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("train.lr")
+    with pytest.raises(ConfigError, match="malformed"):
+        parse_override("train..lr=1")
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [("train.optimizr.lr=1", "train.optimizr"), ("bogus=1", "bogus"), ("train.batch_size=abc", "train.batch_size"),
+     ("synth.backend=festival", "synth.backend"), ("train.schedule.warmup_ratio=2", "train.schedule.warmup_ratio"),
+     ("extract.tokenizer.kind=hubert", "extract.tokenizer")],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_experiment("quickstart", [override])
+    assert f"- {field}" in str(err.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = write(tmp_path, {"name": "x", "train": {"lr": 1e-3}})
+    with pytest.raises(ConfigError, match=r"train\.lr: unknown key"):
+        load_experiment(str(path))
+
+
+def test_override_into_a_value_is_refused():
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_experiment("quickstart", ["name.x=1"])
+
+
+def test_missing_experiment_lists_recipes():
+    with pytest.raises(ConfigError, match="quickstart"):
+        load_experiment("no_such_recipe")
+
+
+def test_budget_required():
+    with pytest.raises(ConfigError, match="max_steps, max_tokens or max_minutes"):
+        load_experiment("quickstart", ["train.max_minutes=null", "train.max_steps=null"])
+
+
+def test_name_defaults_to_file_stem(tmp_path):
+    exp = load_experiment(str(write(tmp_path, {"stages": ["synth"]}, "my-exp.yaml")))
+    assert exp.name == "my-exp"
+
+
+def test_slam_recipe_matches_the_paper():
+    """docs/recipe.md's table of the final recipe (the paper's), value by value."""
+    exp = load_experiment("slam")
+    tok = exp.extract.tokenizer
+    assert (tok.kind, tok.model, tok.layer, tok.n_units, tok.dedup, tok.frame_rate) == (
+        "hubert", "slprl/mhubert-base-25hz", 11, 500, True, 25)
+    assert exp.vocab_size == 502
+    m = exp.train.model
+    assert (m.init, m.base, m.dropout, m.rope_theta) == ("twist", "Qwen/Qwen2.5-0.5B", 0.0, 10_000)
+    assert exp.pack.context_len == 1024
+    opt, sched = exp.train.optimizer, exp.train.schedule
+    assert (opt.name, opt.lr, opt.betas, opt.weight_decay) == ("adamw", 1e-3, (0.9, 0.999), 0.0)
+    assert (sched.name, sched.warmup_ratio, sched.min_lr) == ("cosine", 0.01, 5e-5)
+    t = exp.train
+    assert (t.batch_size, t.grad_accum, t.batch_size * t.grad_accum) == (8, 16, 128)
+    assert t.batch_size * t.grad_accum * exp.pack.context_len == 131_072  # "≈131k tokens/step"
+    assert (t.max_grad_norm, t.precision, t.max_steps, t.max_minutes) == (0.5, "bf16", 17625, 23.5 * 60)
+    d = exp.dpo
+    assert (d.beta, d.lr, d.batch_size, d.grad_accum, d.schedule, d.max_grad_norm, d.max_steps, d.max_minutes) == (
+        0.1, 5e-5, 4, 16, "inverse_sqrt", 0.5, 813, 30)
+    g = exp.eval.generation
+    assert (g.temperature, g.top_k, g.max_new_tokens, g.repetition_penalty) == (0.8, 25, 150, 1.1)
+    assert exp.eval.convention == "mean"
+
+
+def test_slam_model_has_the_papers_parameter_count():
+    """Qwen2.5-0.5B's architecture with the 502-id vocabulary and a tied head: 358,347,904 parameters."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.config import ModelConfig
+    from slam_ray.lm.model import _set_overrides
+
+    qwen25_05b = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                             num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151_936)
+    _set_overrides(qwen25_05b, ModelConfig(init="random"), load_experiment("slam").vocab_size)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(qwen25_05b)
+    assert sum(p.numel() for p in model.parameters()) == 358_347_904
+
+
+def test_scaled_recipe_doubles_the_batch():
+    slam, scaled = load_experiment("slam"), load_experiment("slam_scaled")
+    per_step = lambda e: e.train.batch_size * e.train.grad_accum * e.train.num_workers  # noqa: E731
+    assert per_step(scaled) == 2 * per_step(slam)
+    assert scaled.train.max_minutes > slam.train.max_minutes
+    assert scaled.dpo.epochs == 2

@@ -1,0 +1,194 @@
+"""Stage keys see inputs given by path: each kind of input edited in place makes a new key (and a new key
+downstream), an untouched one keeps it, an absent one is keyed as absent; and a stage really runs again after
+its input file is edited."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import small_experiment
+
+from slam_ray.core.fingerprint import snapshot
+from slam_ray.core.stage_io import stage_dir, stage_key, stage_payload
+
+
+def _folder(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def _later(path: Path) -> None:
+    """Move a file's mtime a second on: an edit minutes after the last run, without sleeping in the test."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def _keys(exp, stages: tuple[str, ...]) -> dict[str, str]:
+    return {s: stage_key(exp, s) for s in stages}
+
+
+def _assert_edit_changes(exp, stages: tuple[str, ...], edit) -> None:
+    """Keys are stable while nothing changes, and every listed stage's key changes after `edit()`."""
+    before = _keys(exp, stages)
+    assert _keys(exp, stages) == before  # unchanged input: identical keys
+    edit()
+    after = _keys(exp, stages)
+    assert all(after[s] != before[s] for s in stages), (before, after)
+
+
+def test_task_yaml_edited_in_place_changes_the_eval_key(tmp_path):
+    task = tmp_path / "mine.yaml"
+    task.write_text("description: my pairs\nreader: manifest\n")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": "a", "positive": "x.wav", "negative": "y.wav"}) + "\n")
+    exp = small_experiment(tmp_path / "w", eval={"tasks": [{"task": str(task), "path": str(pairs)}]})
+    _assert_edit_changes(exp, ("eval",), lambda: task.write_text("description: my pairs\nreader: manifest\n"
+                                                                  "breakdown: [subset]\n"))
+    # the dataset manifest the task reads is an input too (same size: the content tells)
+    _assert_edit_changes(exp, ("eval",), lambda: pairs.write_text(pairs.read_text().replace('"a"', '"b"')))
+
+
+def test_pack_jsonl_edited_in_place_changes_pack_and_everything_after(tmp_path):
+    units = tmp_path / "features.jsonl"
+    units.write_text(json.dumps({"file_name": "a.wav", "units": [1, 2, 3]}) + "\n")
+    exp = small_experiment(tmp_path / "w", stages=["pack", "train", "eval"], pack={"inputs": [str(units)]},
+                           eval={"tasks": ["word_order"], "checkpoints": ["final"]})
+    # same length: only the content differs
+    _assert_edit_changes(exp, ("pack", "train", "eval"),
+                         lambda: units.write_text(units.read_text().replace("[1, 2, 3]", "[1, 2, 4]")))
+
+
+def test_extract_folder_and_manifest_edited_in_place_change_extract_and_after(tmp_path):
+    audio = _folder(tmp_path / "audio", {"a/1.flac": b"one", "b/2.flac": b"two"})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "audio/a/1.flac"}) + "\n")
+    exp = small_experiment(tmp_path / "w", extract={"inputs": [str(audio), {"name": "listed", "path": str(manifest)}]})
+    # a nested file rewritten (the folder's own mtime does not change)
+    _assert_edit_changes(exp, ("extract", "pack", "train"), lambda: (audio / "b" / "2.flac").write_bytes(b"two!"))
+    _assert_edit_changes(exp, ("extract", "pack"), lambda: (audio / "a" / "3.flac").write_bytes(b"new file"))
+    _assert_edit_changes(exp, ("extract", "pack"),
+                         lambda: manifest.write_text(manifest.read_text().replace("1.flac", "3.flac")))
+    glob_exp = small_experiment(tmp_path / "w", extract={"inputs": [str(audio / "**" / "*.flac")]})
+    _assert_edit_changes(glob_exp, ("extract",), lambda: (audio / "b" / "4.flac").write_bytes(b"four"))
+
+
+def test_centroids_and_model_folders_edited_in_place_change_their_keys(tmp_path):
+    centroids = tmp_path / "km.npy"
+    np.save(centroids, np.zeros((4, 3), dtype=np.float32))
+    exp = small_experiment(tmp_path / "w", extract={"tokenizer": {"centroids": str(centroids), "n_units": 4}})
+    _assert_edit_changes(exp, ("extract", "pack"), lambda: np.save(centroids, np.ones((4, 3), dtype=np.float32)))
+
+    model = _folder(tmp_path / "base", {"config.json": b"{}", "model.safetensors": b"w" * 100})
+    exp = small_experiment(tmp_path / "w", train={"model": {"base": str(model)}})
+
+    def rewrite_weights() -> None:  # same size, written later
+        (model / "model.safetensors").write_bytes(b"v" * 100)
+        _later(model / "model.safetensors")
+
+    _assert_edit_changes(exp, ("train", "eval"), rewrite_weights)
+
+    init = _folder(tmp_path / "init", {"config.json": b"{}", "model.safetensors": b"w" * 10})
+    exp = small_experiment(tmp_path / "w", stages=["dpo", "eval"], dpo={"init": str(init), "max_steps": 2})
+    _assert_edit_changes(exp, ("dpo", "eval"), lambda: (init / "model.safetensors").write_bytes(b"w" * 11))
+
+
+def test_eval_checkpoint_folder_and_synth_corpus_edited_in_place_change_their_keys(tmp_path):
+    ckpt = _folder(tmp_path / "ckpt", {"config.json": b"{}", "model.safetensors": b"w" * 10})
+    exp = small_experiment(tmp_path / "w", stages=["eval"], eval={"tasks": ["word_order"], "checkpoints": [str(ckpt)]})
+    _assert_edit_changes(exp, ("eval",), lambda: (ckpt / "model.safetensors").write_bytes(b"x" * 12))
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat\nthe dog ran\n")
+    exp = small_experiment(tmp_path / "w", synth={"corpus": {"source": "text", "path": str(corpus)}})
+    _assert_edit_changes(exp, ("synth", "extract", "pack"),
+                         lambda: corpus.write_text(corpus.read_text().replace("cat", "cow")))
+
+
+def test_dpo_jsonl_edited_in_place_changes_the_dpo_key(tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": [1], "chosen": [2], "rejected": [3]}) + "\n")
+    exp = small_experiment(tmp_path / "w", stages=["dpo"], dpo={"init": "some/model", "inputs": [str(prefs)],
+                                                                "max_steps": 2})
+    _assert_edit_changes(exp, ("dpo",), lambda: prefs.write_text(prefs.read_text().replace("[3]", "[4]")))
+
+
+def test_absent_inputs_are_keyed_as_absent(tmp_path):
+    """`config show` and a recipe whose data/ is not there yet still get keys, saying what is absent; an HF id
+    is not a local path, so it is keyed by its name alone."""
+    exp = small_experiment(tmp_path / "w", extract={"inputs": ["data/nowhere"], "tokenizer": {"centroids": "km.npy"}},
+                           train={"model": {"base": "Qwen/Qwen2.5-0.5B"}})
+    extract = stage_payload(exp, "extract")["extract"]["fingerprints"]
+    assert extract == {"inputs": [{"path": "data/nowhere", "absent": True}],
+                       "tokenizer.centroids": {"path": "km.npy", "absent": True}}
+    assert stage_payload(exp, "train")["train"]["fingerprints"] == {
+        "model.base": {"path": "Qwen/Qwen2.5-0.5B", "absent": True}}
+    before = stage_key(exp, "extract")
+    _folder(tmp_path / "data" / "nowhere", {"x.wav": b"x"})  # the data arrives: a new key
+    here = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        assert stage_key(exp, "extract") != before
+    finally:
+        os.chdir(here)
+
+
+def test_a_snapshot_fingerprints_each_input_once(tmp_path):
+    """Within one command (a snapshot) an input is read once, so every key of the command agrees; the next
+    command sees the edit."""
+    units = tmp_path / "features.jsonl"
+    units.write_text(json.dumps({"units": [1, 2, 3]}) + "\n")
+    exp = small_experiment(tmp_path / "w", pack={"inputs": [str(units)]})
+    with snapshot():
+        before = stage_key(exp, "pack")
+        units.write_text(json.dumps({"units": [1, 2, 4]}) + "\n")
+        assert stage_key(exp, "pack") == before
+    assert stage_key(exp, "pack") != before
+
+
+def test_eval_units_cache_sees_audio_rewritten_in_place(tmp_path, monkeypatch):
+    """The cache of a dataset's units (keyed by its file list) encodes a file again once it is rewritten. The
+    encoder here is a stand-in (units = the file's bytes): what is under test is the cache, not the tokenizer."""
+    from slam_ray.parallel import audio_units as evaluation
+    def encode(exp, rows, *args, **kwargs):
+        return [{"path": r["path"], "seg_start": 0.0, "units": list(Path(r["path"]).read_bytes()), "durations": [1]}
+                for r in rows], []
+
+    monkeypatch.setattr(evaluation, "encode_files", encode)
+    monkeypatch.setattr(evaluation, "init_ray", lambda exp: None)
+    monkeypatch.setattr(evaluation, "tokenizer_dir", lambda exp: "")
+    wav = tmp_path / "a.wav"
+    wav.write_bytes(b"\x01\x02")
+    exp = small_experiment(tmp_path / "w")
+    assert evaluation.audio_units(exp, [str(wav)])[0] == {str(wav): [1, 2]}
+    wav.write_bytes(b"\x03\x04")
+    _later(wav)  # written later than the first encoding (a test is faster than the clock's granularity)
+    assert evaluation.audio_units(exp, [str(wav)])[0] == {str(wav): [3, 4]}
+
+
+@pytest.mark.slow
+def test_pack_runs_again_after_its_jsonl_is_edited_in_place(tmp_path):
+    """The real stage: a second `pack` reuses its output; after the JSONL gains utterances in place, `pack`
+    runs again and its windows hold them."""
+    from slam_ray.stages.pack import pack
+
+    units = tmp_path / "features.jsonl"
+    rows = [{"file_name": f"u{i}.wav", "units": list(range(i % 7, i % 7 + 20))} for i in range(40)]
+    units.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    exp = small_experiment(tmp_path / "w", stages=["pack"], pack={"inputs": [str(units)], "context_len": 16,
+                                                                  "val_fraction": 0.1})
+    first = pack(exp)
+    assert pack(exp).root == first.root  # reused: nothing changed
+    with open(units, "a") as f:  # edited in place: 40 more utterances
+        f.writelines(json.dumps({**r, "file_name": "more-" + r["file_name"]}) + "\n" for r in rows)
+    second = pack(exp)
+    assert second.root != first.root and second.is_complete() and first.is_complete()
+    assert stage_dir(exp, "pack").root == second.root
+    assert second.read_manifest()["counts"]["utterances"] == 80 and first.read_manifest()["counts"]["utterances"] == 40
+    windows = lambda out: sum(len(np.load(out.path / f"{s}.npy")) for s in ("train", "val"))  # noqa: E731
+    assert windows(second) > windows(first)

@@ -1,0 +1,215 @@
+"""Training checkpoints on S3-compatible object storage (a real moto server on 127.0.0.1), and no credential
+anywhere in what MLflow records."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import S3_SECRET as SECRET
+from helpers import link_upstream, small_experiment
+
+from slam_ray.config import to_yaml
+from slam_ray.core.stage_io import stage_dir
+from slam_ray.core.storage import workdir_path
+from slam_ray.core.tracking import tracking_uri
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak, reduced_pipeline):
+    import boto3
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    url, port, env = s3_server
+    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=SECRET, region_name="us-east-1")
+    s3.create_bucket(Bucket="slam")
+    storage = f"s3://slam/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
+    exp = small_experiment(tmp_path / "work", stages=["synth", "extract", "pack", "train", "eval"],
+                           train={"max_steps": 20, "checkpoint_every": 10, "storage_path": storage},
+                           eval={"tasks": ["word_order"], "n_pairs": 12, "checkpoints": ["final", "all"]})
+    link_upstream(exp, reduced_pipeline)  # what this test is about starts at train: the session's upstream stages
+    (tmp_path / "s3.yaml").write_text(to_yaml(exp))
+    proc = subprocess.run([sys.executable, "-m", "slam_ray.cli", "run", str(tmp_path / "s3.yaml")], cwd=tmp_path,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    # the Ray Train run lives in the bucket: every reported checkpoint, each loadable as a HF model
+    out = stage_dir(exp, "train")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="slam", Prefix="runs/")["Contents"]]
+    weights = sorted(k for k in keys if k.endswith("model.safetensors"))
+    assert len(weights) == 3  # step 0 (init), step 10, step 20 (final)
+    assert all(k.startswith(f"runs/tiny-train-{out.key}/checkpoint_") for k in weights)
+    listing = json.loads((out.path / "checkpoints.json").read_text())
+    assert [c["step"] for c in listing] == [0, 10, 20] and all(c["path"].startswith("s3://slam/runs/") for c in listing)
+    last = tmp_path / "from_s3"
+    last.mkdir()
+    prefix = listing[-1]["path"].partition("?")[0].removeprefix("s3://slam/")
+    for key in (k for k in keys if k.startswith(prefix + "/") and not k.endswith("/")):  # skip folder markers
+        target = last / key[len(prefix) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file("slam", key, str(target))
+    from_bucket = AutoModelForCausalLM.from_pretrained(last)
+    local = AutoModelForCausalLM.from_pretrained(out.path / "checkpoint")
+    for a, b in zip(from_bucket.state_dict().values(), local.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+    # eval's `all` fetched each checkpoint from the bucket: the step-20 one scores like the final one
+    results = json.loads((stage_dir(exp, "eval").path / "results.json").read_text())
+    assert [k for k in results if k.startswith("word_order@step_")] == ["word_order@step_0", "word_order@step_10",
+                                                                         "word_order@step_20"]
+    assert results["word_order@step_20"]["accuracy"] == results["word_order"]["accuracy"]
+    assert results["word_order@step_10"]["checkpoint"].startswith("s3://slam/runs/")  # loaded from the bucket
+
+    # the secret is nowhere: params, tags, metrics' names, artifacts, manifests
+    client = MlflowClient(tracking_uri(exp))
+    mlflow.set_tracking_uri(tracking_uri(exp))
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    # the experiment's run and the stages this run executed (synth/extract/pack were reused: no runs)
+    assert {r.data.tags.get("slam_ray.stage") for r in runs} >= {"train", "eval"}
+    assert any(r.data.tags.get("slam_ray.kind") == "experiment" for r in runs)
+    for run in runs:
+        blob = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        assert SECRET not in blob and "slamtestkey" not in blob
+        folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "art" / run.info.run_id))
+        for path in Path(folder).rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
+    for manifest in workdir_path(exp).rglob("manifest.json"):
+        assert SECRET not in manifest.read_text()
+
+
+def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, s3_server, monkeypatch):
+    """The layer every stage writes through: a stage folder written locally and published, then read on
+    "another machine" (a fresh cache) file by file and folder by folder; only missing files are fetched."""
+    from slam_ray.core import storage
+    from slam_ray.core.stage_io import StageDir
+
+    url, port, env = s3_server
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    import boto3
+
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="work")
+    root = f"s3://work/exp/extract/abc?endpoint_override=127.0.0.1:{port}&scheme=http"
+    assert storage.join(root, "units", "p.parquet") == (f"s3://work/exp/extract/abc/units/p.parquet"
+                                                         f"?endpoint_override=127.0.0.1:{port}&scheme=http")
+    monkeypatch.setenv("SLAM_RAY_CACHE", str(tmp_path / "node_a"))
+    out = StageDir("extract", "abc", root)
+    assert out.remote and out.path.is_relative_to(tmp_path / "node_a") and out.read_manifest() is None
+    (out.path / "tokenizer").mkdir(parents=True)
+    (out.path / "tokenizer" / "centroids.npy").write_bytes(b"\x00" * 1000)
+    (out.path / "tokenizer" / "tokenizer.json").write_text("{}")
+    (out.path / "tokenizer" / ".half.tmp").write_text("a temporary file is never published")
+    out.publish("tokenizer")
+    out.write_manifest({"status": "complete"})
+    storage.write_bytes(out.location("audio", "a.flac"), b"written by an actor")
+
+    monkeypatch.setenv("SLAM_RAY_CACHE", str(tmp_path / "node_b"))  # another node: nothing local yet
+    there = StageDir("extract", "abc", root)
+    assert not there.path.exists() and there.is_complete()
+    folder = there.local("tokenizer")
+    assert folder.is_relative_to(tmp_path / "node_b") and sorted(p.name for p in folder.iterdir()) == [
+        "centroids.npy", "tokenizer.json"]
+    assert (folder / "centroids.npy").read_bytes() == b"\x00" * 1000
+    assert there.local("audio", "a.flac").read_bytes() == b"written by an actor"
+    assert storage.read_text(there.location("missing.json")) is None and not storage.exists(there.location("nope"))
+    assert not there.local("nothing", "here").exists()
+    there.write_manifest({"status": "failed!!"})  # as long as "complete": a file is published whatever its size
+    assert StageDir("extract", "abc", root).read_manifest() == {"status": "failed!!"}
+    stamp = (folder / "tokenizer.json").stat().st_mtime_ns
+    storage.write_bytes(there.location("tokenizer", "extra.bin"), b"new")
+    there.local("tokenizer")  # completes the copy, leaves the files it has
+    assert (folder / "extra.bin").read_bytes() == b"new" and (folder / "tokenizer.json").stat().st_mtime_ns == stamp
+    # a local location is used in place: nothing is copied
+    assert storage.localize(str(tmp_path / "x")) == tmp_path / "x" and storage.model_source("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+
+
+def test_extract_reads_folders_and_manifests_from_s3(tmp_path, s3_server, fixtures, monkeypatch):
+    """`extract.inputs` in a bucket: a folder (recursively) and a JSONL manifest with paths relative to it.
+    Every good object yields the units of the same file read from disk; a corrupt object and a manifest entry
+    pointing at nothing are error lines; a prefix holding no audio is a config error naming the entry."""
+    import boto3
+
+    from slam_ray.speech.audio import decode_audio
+    from slam_ray.speech.tokenizer import UnitTokenizer
+    from slam_ray.speech.units import read_unit_shards
+
+    url, port, env = s3_server
+    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=SECRET, region_name="us-east-1")
+    s3.create_bucket(Bucket="speech")
+    s3.upload_file(str(fixtures / "audio1.flac"), "speech", "corpus/a/audio1.flac")
+    s3.upload_file(str(fixtures / "audio2.flac"), "speech", "corpus/b/audio2.flac")
+    s3.put_object(Bucket="speech", Key="corpus/bad.flac", Body=b"not audio at all")
+    s3.put_object(Bucket="speech", Key="corpus/notes.txt", Body=b"not an audio suffix: skipped")
+    manifest = [{"id": "again", "path": "../corpus/a/audio1.flac", "text": "the same file", "speaker": "s1"},
+                {"id": "gone", "path": "../corpus/missing.flac"}]
+    s3.put_object(Bucket="speech", Key="lists/more.jsonl", Body="\n".join(json.dumps(m) for m in manifest).encode())
+    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
+    exp = small_experiment(tmp_path / "work", stages=["extract"],
+                           extract={"inputs": [f"s3://speech/corpus{query}", f"s3://speech/lists/more.jsonl{query}"],
+                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    (tmp_path / "s3.yaml").write_text(to_yaml(exp))
+
+    def extract(path):
+        return subprocess.run([sys.executable, "-m", "slam_ray.cli", "extract", str(path)], cwd=tmp_path,
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+    proc = extract(tmp_path / "s3.yaml")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for name, value in env.items():  # keying an input in a bucket lists it: this process needs the credentials too
+        monkeypatch.setenv(name, value)
+    out = stage_dir(exp, "extract").path
+    rows = {r["id"]: r for r in read_unit_shards(out).to_dict("records")}
+    assert sorted(rows) == ["a/audio1", "again", "b/audio2"]
+    assert rows["again"]["text"] == "the same file" and rows["a/audio1"]["path"].startswith("s3://speech/corpus/a/")
+    errors = {json.loads(line)["id"]: json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines()}
+    assert sorted(errors) == ["bad", "gone"]
+    tokenizer = UnitTokenizer.load(out / "tokenizer")
+    for uid, local in (("a/audio1", "audio1"), ("again", "audio1"), ("b/audio2", "audio2")):
+        expected = tokenizer.encode(decode_audio(fixtures / f"{local}.flac"))
+        assert list(rows[uid]["units"]) == expected["units"].tolist()
+
+    empty = small_experiment(tmp_path / "empty", stages=["extract"], extract={"inputs": [f"s3://speech/nothing{query}"]})
+    (tmp_path / "empty.yaml").write_text(to_yaml(empty))
+    proc = extract(tmp_path / "empty.yaml")
+    assert proc.returncode != 0 and "s3://speech/nothing" in proc.stdout + proc.stderr
+    assert "holds no audio file" in proc.stdout + proc.stderr
+
+
+def test_bucket_inputs_are_fingerprinted_by_their_listing(tmp_path, s3_server, monkeypatch):
+    """An input in a bucket is keyed by its objects' sizes and modification times: an object rewritten in
+    place makes a new key, a missing prefix is keyed as absent; folder, glob and single object list alike."""
+    import boto3
+
+    from slam_ray.core import storage
+    from slam_ray.core.fingerprint import fingerprint
+
+    url, port, env = s3_server
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    s3.create_bucket(Bucket="data")
+    s3.put_object(Bucket="data", Key="corpus/a/1.flac", Body=b"one")
+    s3.put_object(Bucket="data", Key="corpus/b/2.flac", Body=b"two")
+    s3.put_object(Bucket="data", Key="corpus/notes.txt", Body=b"notes")
+    uri = lambda path: f"s3://data/{path}?endpoint_override=127.0.0.1:{port}&scheme=http"  # noqa: E731
+    assert [r for r, _ in storage.list_files(uri("corpus"))] == ["a/1.flac", "b/2.flac", "notes.txt"]
+    assert [r for r, _ in storage.list_files(uri("corpus/**/*.flac"))] == ["a/1.flac", "b/2.flac"]
+    assert storage.list_files(uri("corpus/a/1.flac")) == [("1.flac", uri("corpus/a/1.flac"))]
+    assert storage.list_files(uri("nothing")) == [] and storage.listing(uri("nothing")) is None
+
+    folder, glob_ = fingerprint(uri("corpus")), fingerprint(uri("corpus/**/*.flac"))
+    assert folder["files"] == 3 and folder["bytes"] == 11 and glob_["files"] == 2
+    assert fingerprint(uri("corpus")) == folder  # unchanged: the same key
+    s3.put_object(Bucket="data", Key="corpus/b/2.flac", Body=b"two, again")  # rewritten in place
+    assert fingerprint(uri("corpus")) != folder and fingerprint(uri("corpus/**/*.flac")) != glob_
+    assert fingerprint(uri("absent/")) == {"path": uri("absent/"), "absent": True}

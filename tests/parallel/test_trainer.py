@@ -1,0 +1,186 @@
+"""The trainer scaffold (`slam_ray/parallel/trainer.py`) that `train` and `dpo` share, seen from DPO, which gained train's
+precision, compile, gradient checkpointing and FSDP through it: the DPO loop in the scaffold without Ray (bf16,
+gradient checkpointing, compile against fp32), then the stage on a real local Ray (FSDP against DDP, a killed
+FSDP worker that resumes, bf16 + gradient checkpointing taken from train)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import dpo_curve, external_start, kill_a_worker_during, small_experiment
+
+from slam_ray.config import load_experiment, recipe_names, with_values
+from slam_ray.core.stage_io import stage_dir, stage_key, stage_payload
+from slam_ray.pipeline import stage_function
+
+# ---------------------------------------------------------------------------------------------------------------
+# settings and stage keys
+
+
+# The keys of the shipped recipes' stages before dpo.precision/compile/gradient_checkpointing/strategy existed
+# (tests/core/test_stage_keys_golden.py holds today's).
+KEYS_BEFORE = {
+    "quickstart": {"synth": "19165e1a205f", "extract": "1c68b0ed2d63", "pack": "7771d5c35596", "train": "0a51acd25762",
+                   "dpo": "278a9d9708bf", "eval": "2db7b7d261c0"},
+    "slam": {"extract": "f03cf66ee464", "pack": "b24711859fd3", "train": "1762179eb716", "dpo": "119477ae4f52",
+             "eval": "86dbdf5683c7"},
+    "slam_scaled": {"extract": "96f6e3cd14d3", "pack": "abdce3d0a236", "train": "3fd39c006f08", "dpo": "bdfa0ae9e544",
+                    "eval": "cd2b1b53659a"},
+}
+
+
+def test_dpo_takes_trains_settings_unless_set_and_only_a_changed_dpo_changes_keys(tmp_path):
+    from slam_ray.parallel.trainer import TrainerSettings
+
+    assert set(recipe_names()) == set(KEYS_BEFORE)
+    for name, keys in KEYS_BEFORE.items():
+        exp = load_experiment(name, [f"workdir={tmp_path}"])
+        now = {stage: stage_key(exp, stage) for stage in keys}
+        # the quickstart's DPO still trains as before (fp32 DDP): every key kept; the slam recipes' DPO now runs
+        # bf16 like their pre-training, so its key changes (an fp32 output is not reused as a bf16 one)
+        changed = {stage for stage in keys if now[stage] != keys[stage]}
+        assert changed == (set() if name == "quickstart" else {"dpo"}), (name, changed)
+    slam = load_experiment("slam", [f"workdir={tmp_path}"])
+    assert TrainerSettings.of(slam, "dpo") == TrainerSettings("bf16", False, False, "ddp")  # train's, as pre-training
+    own = with_values(slam, {"dpo.precision": "fp32", "dpo.strategy": "fsdp"}, "test")
+    assert TrainerSettings.of(own, "dpo") == TrainerSettings("fp32", False, False, "fsdp")
+    assert TrainerSettings.of(own, "train") == TrainerSettings("bf16", False, False, "ddp")
+    assert stage_key(own, "dpo") != stage_key(slam, "dpo")  # a value set on dpo is keyed
+    # without the train stage's key (dpo.init), what DPO takes from train is keyed directly
+    external = small_experiment(tmp_path, stages=["dpo"], dpo={"init": "some/model"})
+    assert "precision" not in stage_payload(external, "dpo")["dpo"]
+    bf16 = with_values(external, {"train.precision": "bf16"}, "test")
+    assert stage_key(bf16, "dpo") != stage_key(external, "dpo")
+    assert stage_key(with_values(external, {"train.log_every": 3}, "test"), "dpo") == stage_key(external, "dpo")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the DPO loop in the scaffold, without Ray (one rank, no process group)
+
+
+def dpo_run(steps: int = 4, **settings) -> tuple[list[float], dict, object]:
+    """`steps` DPO steps of a tiny Qwen2 (2 micro-batches each) through `Trainer.run` with these settings:
+    (the loss of every micro-batch, the final weights, the prepared model)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.lm.dpo_loss import build_preference_batch, dpo_loss, preference_logps
+    from slam_ray.parallel.trainer import (
+        Budget,
+        MetricsLog,
+        Plan,
+        Trainer,
+        TrainerSettings,
+        Worker,
+        prepare_model,
+    )
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    policy = Qwen2ForCausalLM(config)
+    reference = Qwen2ForCausalLM(config).eval().requires_grad_(False)
+    reference.load_state_dict(policy.state_dict())
+    rng = np.random.default_rng(0)
+    seq = lambda n: rng.integers(2, 50, size=n).tolist()  # noqa: E731
+    batches = [build_preference_batch([seq(6) for _ in range(4)], [seq(int(rng.integers(4, 9))) for _ in range(4)],
+                                      [seq(int(rng.integers(4, 9))) for _ in range(4)], 64) for _ in range(2 * steps)]
+    chosen = TrainerSettings(**settings)
+    device = torch.device("cpu")
+    model = prepare_model(policy, chosen, device)
+    losses: list[float] = []
+
+    def micro_loss(index: int):
+        pol_c, pol_r = preference_logps(t.model, batches[index])
+        with torch.no_grad():
+            ref_c, ref_r = preference_logps(reference, batches[index])
+        loss, stats = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=0.5)
+        losses.append(loss.item())
+        return loss, stats
+
+    t = Trainer(Worker(0, 1, device, MetricsLog(None)), chosen, model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                Plan(steps, 0), lambda s, plan: 1.0, Budget(None), grad_accum=2, max_grad_norm=1.0, prefix="dpo")
+    t.run(micro_loss, lambda s: 1, log_every=1, describe=lambda m: f"loss {m['loss']:.4f}")
+    assert t.step == steps
+    return losses, {k: v.detach().clone() for k, v in policy.state_dict().items()}, model
+
+
+def test_dpo_in_bf16_gives_the_fp32_loss_to_bf16_precision():
+    """dpo.precision bf16: the forwards run under bf16 autocast (the losses are not fp32's bit for bit), the
+    loss curve is fp32's to bf16's precision and the weights stay fp32."""
+    import torch
+
+    fp32, weights32, _ = dpo_run(precision="fp32")
+    bf16, weights16, _ = dpo_run(precision="bf16")
+    assert fp32[-1] < fp32[0]  # it learns
+    assert bf16 != fp32
+    np.testing.assert_allclose(bf16, fp32, rtol=3e-2, atol=1e-2)
+    assert all(v.dtype == torch.float32 for v in weights16.values())
+
+
+def test_dpo_with_gradient_checkpointing_gives_the_same_losses_and_weights():
+    import torch
+
+    plain, weights, _ = dpo_run()
+    checkpointed, weights_ckpt, model = dpo_run(gradient_checkpointing=True)
+    assert model.is_activation_checkpointing
+    np.testing.assert_allclose(checkpointed, plain, rtol=1e-5)
+    for name, value in weights.items():
+        torch.testing.assert_close(weights_ckpt[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_dpo_compiled_gives_the_same_losses_and_weights():
+    """Inductor on CPU (a C compiler; tens of seconds for the tiny model, rows of varying length recompile once)."""
+    import torch
+
+    plain, weights, _ = dpo_run(steps=3)
+    compiled, weights_c, model = dpo_run(steps=3, compile=True)
+    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-5)
+    for name, value in weights.items():
+        torch.testing.assert_close(weights_c[name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the DPO stage on a real local Ray
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tmp_path, ray_local):
+    """On 2 CPU workers (gloo), from the experiment file: dpo.strategy fsdp (FSDP2, the frozen reference sharded
+    too), killed mid-run by SIGKILLing a worker, resumes from its gathered checkpoint and ends on the same step
+    with DDP's loss curve and final weights (to 1e-3, as train's FSDP); train.precision bf16 and
+    train.gradient_checkpointing reach DPO (its own fields left None): a curve that is DDP's to bf16's precision,
+    not bit for bit. (A stage run costs ~1 min of Ray Train start-up on a busy 2-core machine, hence one test.)"""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = {"batch_size": 2, "num_workers": 2, "grad_accum": 2, "max_steps": 80, "log_every": 4, "lr": 2e-3,
+            "checkpoint_every": 8}  # on log steps: a resumed run's first logged mean covers the steps since the checkpoint
+    extra = {"ddp": {}, "fsdp": {"dpo.strategy": "fsdp", "train.max_failures": 2},
+             "bf16": {"train.precision": "bf16", "train.gradient_checkpointing": True}}
+    runs = {name: with_values(external_start(tmp_path / name, 100, **base), {"ray.worker_cpus": 0.5, **values}, "test")
+            for name, values in extra.items()}
+    for name in ("ddp", "bf16"):
+        stage_function("dpo")(runs[name])
+    victim, errors = kill_a_worker_during(lambda: stage_function("dpo")(runs["fsdp"]),
+                                          lambda: 12 <= max(dpo_curve(runs["fsdp"]), default=0) < 60)
+    assert victim is not None, "the run finished before a worker could be killed"
+    assert not errors, errors
+    curves = {name: dpo_curve(exp) for name, exp in runs.items()}
+    steps = list(range(4, 81, 4))
+    assert all(sorted(curve) == steps for curve in curves.values()), curves
+    for exp in runs.values():
+        assert stage_dir(exp, "dpo").read_manifest()["counts"]["steps"] == 80
+    ddp, fsdp, bf16 = ([curves[name][s] for s in steps] for name in ("ddp", "fsdp", "bf16"))
+    assert np.mean(ddp[-4:]) < np.mean(ddp[:4])  # it learns
+    np.testing.assert_allclose(fsdp, ddp, rtol=1e-3, atol=1e-5)
+    assert bf16 != ddp
+    np.testing.assert_allclose(bf16, ddp, rtol=1e-2)
+    weights = {name: AutoModelForCausalLM.from_pretrained(stage_dir(runs[name], "dpo").path / "checkpoint").state_dict()
+               for name in ("ddp", "fsdp")}
+    assert weights["fsdp"].keys() == weights["ddp"].keys()
+    for key, value in weights["ddp"].items():
+        torch.testing.assert_close(weights["fsdp"][key], value, rtol=1e-3, atol=1e-4)

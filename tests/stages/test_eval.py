@@ -1,0 +1,233 @@
+"""The eval stage on a real local Ray: miniature official layouts spoken by espeak-ng, every checkpoint of a
+training run, a missing dataset that does not stop the other tasks (the stage ends partial, the CLI exits 1, a
+rerun retries only that task), and generation with a vocoder + ASR."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from helpers import link_upstream, make_benchmark_layouts, save_tiny_text_lm, small_experiment, speak_wav
+
+from slam_ray.cli import EXIT_PARTIAL, EXIT_USAGE, main
+from slam_ray.config import to_yaml, with_values
+from slam_ray.core.stage_io import StageDir, stage_dir, stage_payload
+from slam_ray.core.storage import workdir_path
+from slam_ray.core.tracking import tracking_uri
+from slam_ray.pipeline import stage_function
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, reduced_pipeline):
+    """A tiny experiment trained for 30 steps with a checkpoint every 10 (on the session's reduced pipeline),
+    plus the miniature layouts."""
+    root = tmp_path_factory.mktemp("eval")
+    exp = small_experiment(root / "work", train={"max_steps": 30, "checkpoint_every": 10})
+    link_upstream(exp, reduced_pipeline)
+    stage_function("train")(exp)
+    return exp, make_benchmark_layouts(root / "data")
+
+
+def plain_nll(model, units: list[int]) -> float:
+    """slamkit's convention by hand: mean NLL of every token after BOS, EOS included, one unpadded sequence."""
+    ids = torch.tensor([[1, *(u + 2 for u in units), 1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return -logp.gather(-1, ids[0, 1:, None]).mean().item()
+
+
+def test_every_task_and_checkpoint_with_a_missing_dataset(trained, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    exp, data = trained
+    tasks = ["lexical", {"task": "swuggy", "path": str(data["zerospeech"])},
+             {"task": "sblimp", "path": str(data["zerospeech"])}, {"task": "ssc", "path": str(data["ssc"])},
+             {"task": "salmon", "path": str(data["salmon"]), "subsets": ["gender_consistency", "speaker_consistency"]},
+             {"task": "manifest", "path": str(data["manifest"]), "name": "mine"},
+             {"task": "tsc", "path": str(tmp_path / "not_downloaded")}]
+    exp = with_values(exp, {"eval.tasks": tasks, "eval.checkpoints": ["final", "init", "all"], "eval.num_actors": 2},
+                      "test")
+    out = stage_function("eval")(exp)
+    results = json.loads((out.path / "results.json").read_text())
+
+    assert "does not exist" in results["tsc"]["error"]  # reported, and every other task still ran
+    errors = [json.loads(line) for line in out.errors_path.read_text().splitlines()]
+    assert any(e["task"] == "tsc" for e in errors)
+    expect = {"lexical": (12, 12), "swuggy": (4, 8), "sblimp": (3, 6), "ssc": (3, 3), "salmon": (6, 6), "mine": (2, 2)}
+    for task, (n_items, n_comparisons) in expect.items():
+        for suffix in ("", "@init", "@step_0", "@step_10", "@step_20", "@step_30"):
+            r = results[f"{task}{suffix}"]
+            assert (r["n"], r["comparisons"]) == (n_items, n_comparisons), (task, suffix)
+            assert 0 <= r["ci95_low"] <= r["accuracy"] <= r["ci95_high"] <= 1 and r["convention"] == "mean"
+    assert set(results["swuggy"]["by_frequency_band"]) == {"oov", "1-5", "21-100", ">100"}
+    assert set(results["sblimp"]["by_type"]) == {"agreement", "word_order"}
+    assert set(results["salmon"]["by_subset"]) == {"gender_consistency", "speaker_consistency"}
+    assert results["mine@step_30"]["checkpoint"] != results["mine"]["checkpoint"]
+    # the step-30 checkpoint of the run holds the final weights: same scores
+    assert results["swuggy@step_30"]["accuracy"] == results["swuggy"]["accuracy"]
+    assert (out.path / "learning_curve.png").stat().st_size > 1000
+
+    # per-comparison scores: outcomes follow the NLLs, and an NLL equals a plain forward pass on the units
+    scores = pd.read_csv(out.path / "scores.csv")
+    assert set(scores["checkpoint"]) == {"final", "init", "step_0", "step_10", "step_20", "step_30"}
+    final = scores[scores["checkpoint"] == "final"]
+    group = final[final["task"] == "mine"].iloc[1]
+    negatives = json.loads(group["nll_negatives"])
+    assert len(negatives) == 2 and group["outcome"] == (1.0 if group["nll_positive"] < min(negatives) else 0.0)
+    units = {}  # one cache per task's file list
+    for cache in (workdir_path(exp) / "eval_units").glob("*/units.json"):
+        units.update(json.loads(cache.read_text())["units"])
+    model = AutoModelForCausalLM.from_pretrained(stage_dir(exp, "train").path / "checkpoint").eval()
+    for row in final[final["task"].isin(["ssc", "swuggy"])].head(4).itertuples():
+        assert row.nll_positive == pytest.approx(plain_nll(model, units[row.positive]), rel=1e-4)
+
+    # MLflow: accuracies, breakdowns and the learning curve by step
+    client = MlflowClient(tracking_uri(exp))
+    experiment = client.get_experiment_by_name(exp.name)
+    run = client.search_runs([experiment.experiment_id], "tags.`slam_ray.stage` = 'eval'")[0]
+    assert run.data.metrics["eval/swuggy/accuracy"] == pytest.approx(results["swuggy"]["accuracy"])
+    assert "eval/swuggy/by_frequency_band/gt100/accuracy" in run.data.metrics
+    curve = client.get_metric_history(run.info.run_id, "eval/sblimp/curve_accuracy")
+    assert sorted(m.step for m in curve) == [0, 10, 20, 30]
+
+    # a checkpoint folder given by path needs no training stage in the payload
+    alone = with_values(exp, {"eval.tasks": [tasks[3]], "eval.checkpoints": [str(stage_dir(exp, "train").path / "checkpoint")]},
+                        "test")
+    assert "train" not in stage_payload(alone, "eval")
+    again = json.loads((stage_function("eval")(alone).path / "results.json").read_text())
+    assert again["ssc@checkpoint"]["accuracy"] == results["ssc"]["accuracy"]
+
+
+def test_generation_with_vocoder_asr_and_text_lm(trained, tmp_path):
+    from helpers import TINY_HIFIGAN as TINY
+    from helpers import save_weight_normed
+
+    from slam_ray.speech.vocoder import UnitHifiGan
+    from slam_ray.stages.generation import run_generation
+
+    exp, data = trained
+    torch.manual_seed(0)
+    save_weight_normed(UnitHifiGan({**TINY, "num_embeddings": exp.extract.tokenizer.n_units}), tmp_path / "vocoder")
+    text_lm = save_tiny_text_lm(tmp_path / "text_lm")
+    prompts = tmp_path / "prompts.jsonl"
+    texts = ["the dog runs in the park", "one two three four five six"]
+    prompts.write_text("".join(json.dumps({"path": str(speak_wav(tmp_path / f"p{i}.wav", t)), "text": t}) + "\n"
+                               for i, t in enumerate(texts)))
+    gen = {"vocoder": str(tmp_path / "vocoder"), "text_lm": str(text_lm), "max_new_tokens": 20,
+           "samples_per_prompt": 2, "prompt_seconds": 1.0}
+    exp = with_values(exp, {"eval.tasks": [{"task": "generate", "path": str(prompts)}], "eval.checkpoints": ["final"],
+                            **{f"eval.generation.{k}": v for k, v in gen.items()}}, "test")
+    out = stage_function("eval")(exp)
+    result = json.loads((out.path / "results.json").read_text())["generate"]
+    rows = [json.loads(line) for line in (out.path / "generate" / "generated.jsonl").read_text().splitlines()]
+
+    assert result["prompts"] == 2 and result["samples"] == len(rows) == 4
+    assert result["settings"]["max_new_tokens"] == 20 and result["settings"]["vocoder"] == gen["vocoder"]
+    for row in rows:
+        assert 0 < len(row["prompt_units"]) <= 25 * 1.0 + 1 and len(row["units"]) <= 20
+        assert all(0 <= u < exp.extract.tokenizer.n_units for u in row["units"])
+        if row["units"]:  # drop_prompt: only the continuation is vocoded, 20 samples per unit
+            assert sf.info(row["audio"]).frames == 20 * len(row["units"])
+    assert result["transcripts"] == 4 and 0 <= result["empty_transcripts"] <= 4
+    if result["empty_transcripts"] < 4:
+        assert math.isfinite(result["genppl"]) and 0 <= result["auto_bleu_2"] <= 1
+    assert 0 <= result["asr_wer"] < 0.7  # pocketsphinx on the espeak prompts, whose text the manifest gives
+
+    # seeded: the same samples again, from 2 actors instead of 1
+    again = run_generation(with_values(exp, {"eval.num_actors": 2}, "test"), exp.eval.task_entries()[0],
+                           str(stage_dir(exp, "train").path / "checkpoint"), StageDir("eval", "again", str(tmp_path)), "again")
+    rows2 = [json.loads(line) for line in (tmp_path / "again" / "generated.jsonl").read_text().splitlines()]
+    assert [r["units"] for r in rows2] == [r["units"] for r in rows] and again["samples"] == 4
+    assert np.mean([len(r["units"]) for r in rows]) == pytest.approx(result["mean_new_units"])
+
+
+def _manifest(exp) -> dict:
+    return json.loads(stage_dir(exp, "eval").manifest_path.read_text())
+
+
+def test_a_failed_task_leaves_eval_partial_until_a_rerun_computes_only_it(trained, tmp_path, capsys):
+    """A dataset that is missing: a sweep trial is tagged partial, `run` exits 1 with the good task's results
+    kept; once the dataset is there, `eval` computes that task alone and the stage is complete."""
+    from mlflow.tracking import MlflowClient
+
+    from slam_ray.sweeps.search_space import load_space
+    from slam_ray.sweeps.sweep import sweep
+
+    exp, data = trained
+    later = tmp_path / "ssc_downloaded_later"
+    exp = with_values(exp, {"eval.tasks": [{"task": "manifest", "path": str(data["manifest"]), "name": "mine"},
+                                           {"task": "ssc", "path": str(later)}],
+                            "eval.checkpoints": ["final", "init"], "sweep.metric": "eval/mine/accuracy"}, "test")
+    path = tmp_path / "exp.yaml"
+    path.write_text(to_yaml(exp))
+    out = stage_dir(exp, "eval")
+
+    # 1. a sweep whose one trial is this experiment (an eval-only grid of the same seed): the trial says partial
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {"eval.seed": {"grid": [exp.eval.seed]}}}))
+    sweep(exp, load_space(str(tmp_path / "space.yaml")))
+    client = MlflowClient(tracking_uri(exp))
+    experiment = client.get_experiment_by_name(exp.tracking_experiment).experiment_id
+    [trial] = client.search_runs([experiment], "tags.`slam_ray.kind` = 'trial'")
+    assert trial.data.tags["slam_ray.status"] == "partial" and trial.data.tags["slam_ray.failed.eval"] == "ssc"
+    assert not out.is_complete() and _manifest(exp)["status"] == "partial"
+    capsys.readouterr()
+
+    # 2. `run` re-enters the partial stage, keeps `mine`, fails `ssc` again: exit 1 after every stage ran
+    kept = Path(_manifest(exp)["outputs"]["tasks"]["mine"]) / "task.json"
+    stamp = kept.stat().st_mtime_ns
+    assert main(["run", str(path)]) == EXIT_PARTIAL
+    captured = capsys.readouterr()
+    assert "[eval] running" in captured.out and "task mine: finished by an earlier run" in captured.out
+    assert "eval: ssc failed" in captured.err and "does not exist" in captured.err
+    manifest = _manifest(exp)
+    assert manifest["status"] == "partial" and list(manifest["failed"]) == ["ssc"]
+    assert "eval/mine/accuracy" in manifest["metrics"]
+    results = json.loads((out.path / "results.json").read_text())
+    assert results["mine"]["n"] == 2 and results["mine@init"]["n"] == 2 and "does not exist" in results["ssc"]["error"]
+    assert kept.stat().st_mtime_ns == stamp  # not recomputed
+    parent = client.search_runs([experiment], "tags.`slam_ray.kind` = 'experiment'")[0]
+    assert parent.data.tags["slam_ray.status"] == "partial"
+    first_scores = pd.read_csv(out.path / "scores.csv")
+
+    # 3. the dataset arrives (a new eval key: the key covers what is at a dataset's path): only ssc is computed
+    shutil.copytree(data["ssc"], later)
+    assert main(["eval", str(path)]) == 0
+    assert "task mine: finished by an earlier run" in capsys.readouterr().out
+    assert kept.stat().st_mtime_ns == stamp
+    out = stage_dir(exp, "eval")
+    manifest = _manifest(exp)
+    assert manifest["status"] == "complete" and "failed" not in manifest and out.is_complete()
+    again = json.loads((out.path / "results.json").read_text())
+    assert again["mine"] == results["mine"] and again["ssc"]["n"] == again["ssc@init"]["n"] == 3
+    scores = pd.read_csv(out.path / "scores.csv")
+    assert set(zip(scores["task"], scores["checkpoint"], strict=True)) == {
+        ("mine", "final"), ("mine", "init"), ("ssc", "final"), ("ssc", "init")}
+    pd.testing.assert_frame_equal(scores[scores["task"] == "mine"].dropna(axis=1, how="all"),
+                                  first_scores.dropna(axis=1, how="all"))
+    assert main(["eval", str(path)]) == 0
+    assert "[eval] reusing complete output" in capsys.readouterr().out
+
+
+def test_no_checkpoint_to_score_is_a_config_error(trained, tmp_path, capsys):
+    exp, data = trained
+    # no dpo stage, so no before_dpo checkpoint: nothing to score (and generation had no model to sample)
+    exp = with_values(exp, {"eval.tasks": [{"task": "manifest", "path": str(data["manifest"]), "name": "mine"},
+                                           {"task": "generate", "path": str(data["manifest"])}],
+                            "eval.checkpoints": ["before_dpo"]}, "test")
+    path = tmp_path / "exp.yaml"
+    path.write_text(to_yaml(exp))
+    assert main(["eval", str(path)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "eval.checkpoints: none of ['before_dpo'] exists" in err and "add `final`" in err
+    assert _manifest(exp)["status"] == "failed" and not stage_dir(exp, "eval").is_complete()

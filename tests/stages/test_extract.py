@@ -1,0 +1,394 @@
+"""Extraction over real speech and broken files, on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import kill_a_worker_during, kill_when, small_experiment
+
+from slam_ray.core.stage_io import stage_dir
+from slam_ray.errors import SlamError
+from slam_ray.speech.units import read_unit_shards
+from slam_ray.stages.extract import extract, resolve_inputs
+
+pytestmark = pytest.mark.ray
+
+
+def corpus_with_broken_files(fixtures, folder):
+    folder.mkdir()
+    shutil.copy(fixtures / "audio1.flac", folder / "good1.flac")
+    shutil.copy(fixtures / "audio2.flac", folder / "good2.flac")
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "noise.flac").write_bytes(np.random.default_rng(0).bytes(5000))
+    (folder / "text.wav").write_text("this is not audio\n" * 20)
+    (folder / "truncated.flac").write_bytes((fixtures / "audio1.flac").read_bytes()[:300])
+    (folder / "notes.txt").write_text("ignored: not an audio suffix")
+    return {"empty", "noise", "text", "truncated"}
+
+
+def test_bad_files_are_reported_and_good_files_come_through(fixtures, tmp_path, ray_local):
+    bad = corpus_with_broken_files(fixtures, tmp_path / "audio")
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(tmp_path / "audio")], "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    out = extract(exp)
+    units = read_unit_shards(out.path)
+    assert sorted(units.id) == ["good1", "good2"]
+    assert sorted(units.n_frames) == [352, 398]
+    assert [int(np.sum(d)) for d in units.sort_values("id").durations] == [352, 398]
+    errors = [json.loads(line) for line in out.errors_path.read_text().splitlines()]
+    encode_errors = {e["id"] for e in errors if e["phase"] == "encode"}
+    assert encode_errors == bad
+    assert all(e["error"] for e in errors)
+    manifest = json.loads(out.manifest_path.read_text())
+    assert manifest["counts"]["encoded"] == 2 and manifest["counts"]["files"] == 6
+
+
+def a_dozen_broken_files(fixtures, folder) -> set[str]:
+    """Twelve kinds of unusable input, each named by what is wrong with it."""
+    import os
+
+    import soundfile as sf
+
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "random_bytes.flac").write_bytes(np.random.default_rng(0).bytes(5000))
+    (folder / "text.wav").write_text("this is not audio\n" * 20)
+    (folder / "header_only.flac").write_bytes((fixtures / "audio1.flac").read_bytes()[:300])
+    (folder / "riff_junk.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 4)
+    (folder / "garbage.mp3").write_bytes(b"\xff\xfb" + np.random.default_rng(1).bytes(3000))
+    sf.write(folder / "zero_length.wav", np.zeros(0, np.float32), 16_000)
+    nan = np.random.default_rng(2).normal(0, 0.1, 16_000).astype(np.float32)
+    nan[8000] = np.nan
+    sf.write(folder / "nan.wav", nan, 16_000, subtype="FLOAT")
+    sf.write(folder / "infinite.wav", np.full(16_000, np.inf, np.float32), 16_000, subtype="FLOAT")
+    sf.write(folder / "too_short.wav", np.zeros(100, np.float32), 16_000)  # shorter than one frame
+    os.symlink(folder / "gone.flac", folder / "dangling_link.flac")
+    (folder / "a_folder.wav").mkdir()
+    return {"empty", "random_bytes", "text", "header_only", "riff_junk", "garbage", "zero_length", "nan",
+            "infinite", "too_short", "dangling_link", "a_folder"}
+
+
+def test_a_dozen_kinds_of_broken_files_beside_real_speech_piper_and_odd_formats(fixtures, tmp_path, ray_local):
+    """Every good file yields units (real speech, piper speech, and odd but valid encodings); every bad file is
+    one line of errors.jsonl with its reason; good files in the same batch are unaffected."""
+    import soundfile as sf
+
+    from slam_ray.parallel.tts import make_backend
+    from slam_ray.speech.audio import decode_audio, resample
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    shutil.copy(fixtures / "audio1.flac", folder / "real1.flac")
+    shutil.copy(fixtures / "audio2.flac", folder / "real2.flac")
+    piper = make_backend("piper")
+    sf.write(folder / "piper.wav", piper.synthesize("A small dog ran across the quiet park.", "joe", 160), 16_000)
+    speech = decode_audio(fixtures / "audio2.flac")
+    sf.write(folder / "stereo_44k.flac", np.stack([resample(speech, 16_000, 44_100)] * 2, 1), 44_100)
+    sf.write(folder / "phone_8k_u8.wav", resample(speech, 16_000, 8_000), 8_000, subtype="PCM_U8")
+    sf.write(folder / "studio_24bit.flac", speech, 16_000, subtype="PCM_24")
+    sf.write(folder / "podcast.mp3", speech, 16_000, subtype="MPEG_LAYER_III")
+    sf.write(folder / "radio.ogg", speech, 16_000, subtype="VORBIS")
+    good = {"real1", "real2", "piper", "stereo_44k", "phone_8k_u8", "studio_24bit", "podcast", "radio"}
+    bad = a_dozen_broken_files(fixtures, folder)
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(folder)], "batch_size": 32,  # good and bad share one batch
+                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    out = extract(exp)
+    units = read_unit_shards(out.path)
+    assert set(units.id) == good
+    frames = dict(zip(units.id, units.n_frames, strict=True))
+    assert frames["real1"] == 352 and frames["real2"] == 398
+    for name in ("stereo_44k", "phone_8k_u8", "studio_24bit", "podcast", "radio"):
+        assert abs(frames[name] - 398) <= 2, name  # converted to 16 kHz mono, same length
+    errors = [json.loads(line) for line in out.errors_path.read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == sorted(bad)  # one line per bad file
+    reasons = {e["id"]: e["error"] for e in errors}
+    assert "NaN" in reasons["nan"] and "infinite" in reasons["infinite"] and "no samples" in reasons["zero_length"]
+    assert "shorter than one frame" in reasons["too_short"]
+    manifest = json.loads(out.manifest_path.read_text())
+    assert manifest["counts"]["encoded"] == len(good) and manifest["counts"]["files"] == len(good) + len(bad)
+
+
+def test_hubert_extraction_units_do_not_depend_on_batch_mates(fixtures, tmp_path, ray_local):
+    """The stage with a tiny mHuBERT-25Hz-shaped model loaded by path: 352 / 398 frames, and each file's units
+    equal those of the file encoded alone."""
+    from helpers import save_tiny_hubert
+
+    from slam_ray.speech.audio import decode_audio
+    from slam_ray.speech.tokenizer import UnitTokenizer
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(fixtures / "audio1.flac", folder / f"a{i}.flac")
+        shutil.copy(fixtures / "audio2.flac", folder / f"b{i}.flac")
+    model = save_tiny_hubert(tmp_path / "mhubert", rate=25)
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(folder)], "batch_size": 6,
+                                    "tokenizer": {"kind": "hubert", "model": model, "layer": 2, "n_units": 12,
+                                                  "fit_frames": 1000}})
+    out = extract(exp)
+    units = read_unit_shards(out.path).set_index("id")
+    assert list(units.n_frames) == [352] * 3 + [398] * 3
+    tokenizer = UnitTokenizer.load(out.path / "tokenizer")
+    assert tokenizer.cfg.kind == "hubert" and tokenizer.centroids.shape == (12, 32)
+    for name, source in (("a1", "audio1"), ("b2", "audio2")):
+        alone = tokenizer.encode(decode_audio(fixtures / f"{source}.flac"))
+        assert list(units.loc[name, "units"]) == alone["units"].tolist()
+        assert list(units.loc[name, "durations"]) == alone["durations"].tolist()
+
+
+def test_export_to_slamkit_features_and_tokens_jsonl_round_trips(fixtures, tmp_path, ray_local, capsys):
+    """`slam-ray export`: the units of the stage in slamkit's two JSONL forms (the fixtures' key order), which
+    slamkit's tools and our own `pack` read back to the same units."""
+    from slam_ray.cli import main
+    from slam_ray.config import to_yaml
+    from slam_ray.speech.units import read_jsonl
+    from slam_ray.stages.pack import read_slamkit_units
+
+    (tmp_path / "audio").mkdir()
+    for i in (1, 2):
+        shutil.copy(fixtures / f"audio{i}.flac", tmp_path / "audio" / f"audio{i}.flac")
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(tmp_path / "audio")], "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    (tmp_path / "exp.yaml").write_text(to_yaml(exp))
+    assert main(["export", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "f.jsonl")]) == 2
+    assert "run `slam-ray extract` first" in capsys.readouterr().err
+    units = read_unit_shards(extract(exp).path).sort_values("id")
+    assert main(["export", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "f.jsonl")]) == 0
+    assert main(["export", str(tmp_path / "exp.yaml"), "--format", "tokens", "--out", str(tmp_path / "t.jsonl")]) == 0
+    features, tokens = list(read_jsonl(tmp_path / "f.jsonl")), list(read_jsonl(tmp_path / "t.jsonl"))
+    slamkit_features = next(read_jsonl(fixtures / "features.jsonl"))
+    slamkit_tokens = next(read_jsonl(fixtures / "tokens.jsonl"))
+    assert [list(r) for r in features] == [list(slamkit_features)] * 2  # same keys, same order
+    assert [list(r) for r in tokens] == [list(slamkit_tokens)] * 2
+    assert [sum(r["duration"]) for r in features] == [352, 398]
+    for path in ("f.jsonl", "t.jsonl"):
+        back = read_slamkit_units(tmp_path / path, "x")
+        assert [list(u) for u in back.units] == [list(u) for u in units.units]
+
+
+def test_manifest_inputs_and_duplicate_ids(fixtures, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"path": str(fixtures / "audio1.flac"), "id": "a", "text": "hello", "speaker": "s1"},
+            {"path": str(fixtures / "audio2.flac"), "id": "b"}]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    exp = small_experiment(tmp_path / "w", extract={"inputs": [str(manifest)]})
+    resolved = resolve_inputs(exp)
+    assert [(r["id"], r["text"], r["speaker"]) for r in resolved] == [("a", "hello", "s1"), ("b", "", "")]
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    exp = small_experiment(tmp_path / "w", extract={"inputs": [str(manifest), str(tmp_path / "m.csv")]})
+    with pytest.raises(SlamError, match="duplicate ids"):
+        resolve_inputs(exp)
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    exp = small_experiment(tmp_path / "w", extract={"inputs": [str(tmp_path / "nowhere" / "*.flac")]})
+    with pytest.raises(SlamError, match="matches no folder"):
+        resolve_inputs(exp)
+
+
+def test_synth_input_needs_the_synth_stage(tmp_path):
+    exp = small_experiment(tmp_path / "w")
+    with pytest.raises(SlamError, match="needs the output of `synth`"):
+        resolve_inputs(exp)
+    assert not stage_dir(exp, "synth").is_complete()
+
+
+def test_interrupted_extraction_resumes_without_redoing_shards(fixtures, tmp_path, ray_local):
+    """Shards are written per fixed chunk of inputs: after an interruption only the missing chunks are encoded,
+    and the result equals a clean run's."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "audio"
+    corpus_with_broken_files(fixtures, folder)  # 6 inputs -> 3 chunks, one of them with a bad file
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(folder)], "shard_files": 2,
+                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    out = extract(exp)
+    shards = sorted((out.path / "units").glob("part-*.parquet"))
+    assert len(shards) == 3
+    clean = {p.name: pq.read_table(p) for p in shards}
+    clean_errors = out.errors_path.read_text()
+
+    # Simulate a crash after the first chunk: the manifest says running, later shards are missing.
+    manifest = json.loads(out.manifest_path.read_text())
+    out.write_manifest({**manifest, "status": "running"})
+    kept = shards[0].stat().st_mtime_ns
+    for p in shards[1:]:
+        p.unlink()
+    out = extract(exp)
+    assert shards[0].stat().st_mtime_ns == kept  # not redone
+    manifest = json.loads(out.manifest_path.read_text())
+    assert manifest["counts"]["shards_resumed"] == 1
+    again = {p.name: pq.read_table(p) for p in sorted((out.path / "units").glob("part-*.parquet"))}
+    assert again.keys() == clean.keys()
+    for name, table in clean.items():
+        assert again[name].equals(table), name
+    assert out.errors_path.read_text() == clean_errors  # the same error lines, none duplicated
+
+
+def test_named_inputs_tag_their_dataset(fixtures, tmp_path, ray_local):
+    """Each unit row records the dataset its input was named by, which pack.mix weights."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(fixtures / "audio1.flac", tmp_path / "a" / "one.flac")
+    shutil.copy(fixtures / "audio2.flac", tmp_path / "b" / "two.flac")
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [{"name": "books", "path": str(tmp_path / "a")}, str(tmp_path / "b")],
+                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    units = read_unit_shards(extract(exp).path)
+    assert dict(zip(units.id, units.dataset, strict=True)) == {"one": "books", "two": "b"}
+
+
+PEAK_MEMORY_SCRIPT = """
+import json, re, sys
+from pathlib import Path
+import numpy as np
+import pandas as pd
+from slam_ray.speech.audio import speech_probabilities
+from slam_ray.parallel.encode import EncodeActor, decode_rows
+
+def rss_mb(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+tokenizer_dir, path, max_seconds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+actor = EncodeActor(tokenizer_dir)
+speech_probabilities(np.zeros(16000, np.float32))  # silero-vad loaded before measuring, like the model
+Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the current RSS
+before = rss_mb("VmRSS")
+rows = errors = frames = 0
+# the pipeline's two steps in one process: the decoding task's segments, each encoded as it comes
+for part in decode_rows(pd.DataFrame([{"id": "long", "path": path}]), max_segment_seconds=max_seconds):
+    out = actor(part)
+    rows, errors, frames = rows + len(out), errors + out.error.notna().sum().item(), frames + int(out.n_frames.sum())
+peak = rss_mb("VmHWM")
+print(json.dumps({"peak_growth_mb": peak - before, "peak_mb": peak, "rows": rows, "errors": errors, "frames": frames}))
+"""
+
+
+@pytest.mark.slow
+def test_a_30_minute_file_is_encoded_in_bounded_memory(fixtures, tmp_path, ray_local):
+    """Read block by block and cut into <= 60 s segments, a 30-minute file costs a few MB of memory beyond the
+    model; decoded whole it costs hundreds. The stage writes one row per segment, contiguous and complete."""
+    import subprocess
+    import sys
+
+    from helpers import long_speech
+
+    from slam_ray.config import TokenizerConfig
+    from slam_ray.speech.tokenizer import UnitTokenizer
+
+    long_speech(fixtures, tmp_path / "lecture.flac", 30 * 60)
+    long_speech(fixtures, tmp_path / "talk.flac", 10 * 60)
+    rng = np.random.default_rng(0)
+    tok = UnitTokenizer(TokenizerConfig(n_units=16), rng.normal(size=(16, 80)).astype(np.float32),
+                        np.zeros(80, np.float32), np.ones(80, np.float32))
+    tok.save(tmp_path / "tok")
+    peaks = {}
+    for name, minutes, max_seconds in (("talk", 10, 60), ("lecture", 30, 60), ("lecture", 30, None)):
+        run = subprocess.run([sys.executable, "-c", PEAK_MEMORY_SCRIPT, str(tmp_path / "tok"), str(tmp_path / f"{name}.flac"),
+                              json.dumps(max_seconds)], capture_output=True, text=True, check=True)
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        assert result["errors"] == 0 and abs(result["frames"] - minutes * 60 * 25) <= 30
+        peaks[minutes, max_seconds] = result["peak_growth_mb"]
+        print(f"{minutes}-minute file, max_segment_seconds={max_seconds}: {result['rows']} rows, "
+              f"peak RSS {result['peak_mb']:.0f} MB (growth while encoding {result['peak_growth_mb']:.0f} MB)")
+    # segmented, memory does not grow with the file: 3x the audio, about the same peak
+    assert abs(peaks[30, 60] - peaks[10, 60]) < 40
+    # decoded whole, it does (float32 samples alone are 115 MB for 30 minutes): the measurement can see it
+    assert peaks[30, None] > 4 * peaks[30, 60]
+
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(tmp_path / "lecture.flac")], "max_segment_seconds": 60,
+                                    "tokenizer": {"centroids": str(tmp_path / "tok" / "centroids.npy"), "n_units": 16}})
+    units = read_unit_shards(extract(exp).path)
+    assert len(units) >= 30 and all(i.startswith("lecture@") for i in units.id)
+    starts = [s["start"] for s in units.segment]
+    ends = [s["end"] for s in units.segment]
+    assert starts[0] == 0 and ends[-1] == pytest.approx(1800) and starts[1:] == ends[:-1]
+    assert max(e - s for s, e in zip(starts, ends, strict=True)) <= 60
+
+
+@pytest.mark.slow
+def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tmp_path):
+    """SIGKILL `slam-ray extract` (driver, local Ray, actors) mid-way, run the same command again: it encodes
+    only the missing shards and ends with exactly the shards and error lines of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    from helpers import save_tiny_hubert
+
+    from slam_ray.config import to_yaml
+
+    folder = tmp_path / "audio"
+    corpus_with_broken_files(fixtures, folder)
+    for i in range(40):
+        shutil.copy(fixtures / f"audio{1 + i % 2}.flac", folder / f"copy{i:02d}.flac")
+    model = save_tiny_hubert(tmp_path / "hubert", rate=25)
+
+    def command(workdir):
+        exp = small_experiment(workdir, stages=["extract"],
+                               extract={"inputs": [str(folder)], "shard_files": 4, "batch_size": 2,
+                                        "tokenizer": {"kind": "hubert", "model": model, "layer": 3, "n_units": 12,
+                                                      "fit_frames": 1000}})
+        path = workdir.parent / f"{workdir.name}.yaml"
+        path.write_text(to_yaml(exp))
+        return [sys.executable, "-m", "slam_ray.cli", "extract", str(path)], stage_dir(exp, "extract")
+
+    clean_cmd, clean_out = command(tmp_path / "clean")
+    subprocess.run(clean_cmd, cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    shard_names = sorted(p.name for p in (clean_out.path / "units").glob("part-*.parquet"))
+    assert len(shard_names) == 12  # 46 inputs, 4 per shard
+
+    killed_cmd, killed_out = command(tmp_path / "killed")
+    kill_when(killed_cmd, tmp_path, lambda: len(list((killed_out.path / "units").glob("part-*.parquet"))) >= 2)
+    before = {p.name: p.stat().st_mtime_ns for p in (killed_out.path / "units").glob("part-*.parquet")}
+    assert 2 <= len(before) < 12
+
+    rerun = subprocess.run(killed_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    manifest = killed_out.read_manifest()
+    assert manifest["counts"]["shards_resumed"] == len(before)
+    for name, mtime in before.items():
+        assert (killed_out.path / "units" / name).stat().st_mtime_ns == mtime  # not redone
+    assert sorted(p.name for p in (killed_out.path / "units").glob("part-*.parquet")) == shard_names
+    for name in shard_names:
+        assert pq.read_table(killed_out.path / "units" / name).equals(pq.read_table(clean_out.path / "units" / name)), name
+    assert killed_out.errors_path.read_text() == clean_out.errors_path.read_text()  # same lines, none twice
+
+
+def test_a_killed_encoding_actor_loses_and_duplicates_no_file(fixtures, tmp_path, ray_local):
+    """SIGKILL an encoding actor mid-run: Ray restarts it and retries its batches, and every file still comes
+    out exactly once, with the units an uninterrupted encoding gives it."""
+    from slam_ray.speech.audio import decode_audio, write_flac
+    from slam_ray.speech.tokenizer import UnitTokenizer
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    speech = [decode_audio(fixtures / f"audio{i}.flac") for i in (1, 2)]
+    rng = np.random.default_rng(0)
+    for i in range(96):
+        source, length = speech[i % 2], int(rng.uniform(4.0, 12.0) * 16_000)
+        start = int(rng.integers(0, len(source) - length))
+        write_flac(folder / f"utt{i:03d}.flac", source[start : start + length])
+    (folder / "broken.flac").write_bytes(b"junk")
+    exp = small_experiment(tmp_path / "w", stages=["extract"],
+                           extract={"inputs": [str(folder)], "num_actors": 2, "batch_size": 2, "shard_files": 8,
+                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    shards = stage_dir(exp, "extract").path / "units"
+    victim, errors = kill_a_worker_during(lambda: extract(exp), lambda: any(shards.glob("part-*.parquet")),
+                                          actor_class="MapWorker(MapBatches(EncodeActor))")
+    assert victim is not None, "the extraction finished before an encoding actor could be killed"
+    assert not errors, errors
+    out = stage_dir(exp, "extract")
+    units = read_unit_shards(out.path)
+    assert len(units) == 96 and sorted(units.id) == [f"utt{i:03d}" for i in range(96)]  # each exactly once
+    assert [json.loads(line)["id"] for line in out.errors_path.read_text().splitlines()] == ["broken"]
+    tokenizer = UnitTokenizer.load(out.path / "tokenizer")
+    for row in units.itertuples():
+        assert list(row.units) == tokenizer.encode(decode_audio(folder / f"{row.id}.flac"))["units"].tolist()

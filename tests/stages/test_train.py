@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from slam_ray.config import ScheduleConfig
+from slam_ray.lm.optim import lr_factor
+from slam_ray.stages.pack import pack_windows
+from slam_ray.stages.train import WindowBatches
+
+
+def test_cosine_with_warmup_ends_at_min_lr():
+    sched = ScheduleConfig(name="cosine", warmup_ratio=0.1, min_lr=1e-4)
+    factors = [lr_factor(s, 100, 10, sched, 1e-3) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert lr_factor(100, 100, 10, sched, 1e-3) == pytest.approx(0.1)  # min_lr / lr
+
+
+def test_inverse_sqrt_and_constant():
+    inv = ScheduleConfig(name="inverse_sqrt", warmup_ratio=0.0)
+    assert lr_factor(3, 100, 4, inv, 1.0) == pytest.approx(1.0)
+    assert lr_factor(15, 100, 4, inv, 1.0) == pytest.approx(0.5)
+    assert lr_factor(50, 100, 0, ScheduleConfig(name="constant"), 1.0) == 1.0
+
+
+def test_ranks_see_disjoint_slices_of_each_global_batch():
+    windows = np.arange(40 * 4).reshape(40, 4)
+    r0 = WindowBatches(windows, 5, rank=0, world=2, seed=0)
+    r1 = WindowBatches(windows, 5, rank=1, world=2, seed=0)
+    assert r0.per_epoch == 4
+    seen = []
+    for i in range(r0.per_epoch):
+        a, b = r0.batch(i)[:, 0], r1.batch(i)[:, 0]
+        assert not set(a) & set(b)
+        seen += list(a) + list(b)
+    assert len(set(seen)) == 40  # one epoch covers every window once
+    assert not np.array_equal(r0.batch(0), r0.batch(4))  # next epoch is reshuffled
+
+
+def test_too_little_data_is_a_clear_error(tmp_path):
+    """Fewer packed windows than one global batch: a SlamError naming the fields, from the worker's batcher and,
+    before any Ray worker starts, from the stage (it reads the count from the pack manifest)."""
+    from helpers import small_experiment
+
+    from slam_ray.core.stage_io import stage_dir
+    from slam_ray.errors import SlamError
+    from slam_ray.stages.train import train
+
+    with pytest.raises(SlamError, match="3 training windows < one global batch .8.; lower train.batch_size"):
+        WindowBatches(np.zeros((3, 8)), 4, 0, 2, 0)
+    exp = small_experiment(tmp_path / "w", train={"batch_size": 4, "num_workers": 2})
+    packed = stage_dir(exp, "pack")
+    packed.path.mkdir(parents=True)
+    packed.write_manifest({"status": "complete", "stage": "pack", "key": packed.key, "counts": {"train_windows": 5}})
+    with pytest.raises(SlamError, match="5 training windows < one global batch .8.; lower train.batch_size, "
+                                        "train.num_workers"):
+        train(exp)
+
+
+def test_packing_wastes_less_than_one_percent():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(2, 100, size=rng.integers(20, 80)).astype(np.int64) for _ in range(500)]
+    windows, n_pad = pack_windows(seqs, 256)
+    total = sum(len(s) for s in seqs)
+    assert windows.shape[1] == 256 and windows.dtype == np.uint16
+    assert windows.size - n_pad == total
+    assert n_pad / windows.size < 0.01
+    assert np.array_equal(windows.reshape(-1)[:total], np.concatenate(seqs))
+
+
+def test_wsd_and_linear_schedules():
+    wsd = ScheduleConfig(name="wsd", warmup_ratio=0.0, warmup_steps=5, decay_ratio=0.2, min_lr=0.0)
+    f = [lr_factor(s, 100, 5, wsd, 1.0) for s in range(101)]
+    assert f[4] == pytest.approx(1.0) and f[50] == 1.0 and f[79] == 1.0  # stable until the last 20%
+    assert f[90] == pytest.approx(0.5) and f[100] == pytest.approx(0.0)
+    lin = ScheduleConfig(name="linear", warmup_ratio=0.0, min_lr=0.1)
+    assert lr_factor(50, 100, 0, lin, 1.0) == pytest.approx(0.55)
+    assert lr_factor(100, 100, 0, lin, 1.0) == pytest.approx(0.1)
+
+
+def test_warmup_steps_override_the_ratio():
+    from slam_ray.lm.optim import warmup_steps
+
+    assert warmup_steps(ScheduleConfig(warmup_ratio=0.1), 200) == 20
+    assert warmup_steps(ScheduleConfig(warmup_ratio=0.1, warmup_steps=7), 200) == 7
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_fused", "adafactor", "ademamix", "lion", "adalomo"])
+def test_every_optimizer_trains_a_few_steps(name):
+    """Each optimizer of the ablation space lowers the loss of a tiny Qwen2 on a repeating unit pattern."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.config import OptimizerConfig
+    from slam_ray.lm.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True))
+    lr = {"adafactor": 5e-2, "adalomo": 5e-2}.get(name, 3e-3)  # both scale steps by the weights' RMS
+    opt = build_optimizer(OptimizerConfig(name=name, lr=lr), model.parameters())
+    x = torch.arange(2, 34).repeat(4, 2)
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], (name, losses[0], losses[-1])
+
+
+def tiny_lm_and_batch():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=64))
+    return model, torch.arange(2, 34).repeat(4, 2)
+
+
+def loss_and_grads(model, x):
+    model.train()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return loss.item(), grads
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    import copy
+
+    import torch
+
+    model, x = tiny_lm_and_batch()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert checkpointed.is_activation_checkpointing
+    loss, grads = loss_and_grads(model, x)
+    loss_ckpt, grads_ckpt = loss_and_grads(checkpointed, x)
+    assert loss_ckpt == pytest.approx(loss, abs=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_loss_and_gradients():
+    """Inductor on CPU (it needs a C compiler; ~20 s to compile the tiny model here)."""
+    import copy
+
+    import torch
+
+    model, x = tiny_lm_and_batch()
+    compiled = torch.compile(copy.deepcopy(model))
+    loss, grads = loss_and_grads(model, x)
+    loss_c, grads_c = loss_and_grads(compiled, x)
+    assert loss_c == pytest.approx(loss, abs=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_c["_orig_mod." + name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_adalomo_matches_lomo_optims_fused_implementation(monkeypatch):
+    """Our AdaLomo step equals lomo-optim's (the authors' package) fused-backward update, parameter for
+    parameter, over several steps. lomo-optim allocates its state with `.cuda()`: on this CPU-only machine the
+    test makes `.cuda()` a no-op so the reference runs unchanged otherwise."""
+    import copy
+
+    import lomo_optim
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.config import OptimizerConfig
+    from slam_ray.lm.optim import build_optimizer
+
+    torch.manual_seed(0)
+    # untied: the fused reference would update a tied weight from half its gradient
+    ours = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False))
+    reference, start = copy.deepcopy(ours), copy.deepcopy(ours)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    lomo = lomo_optim.AdaLomo(reference, lr=1e-2, loss_scale=0)  # no loss scaling: exact fp32 gradients
+    opt = build_optimizer(OptimizerConfig(name="adalomo", lr=1e-2), ours.parameters())
+    x = torch.arange(2, 34).repeat(4, 2)
+    for _ in range(4):
+        lomo.fused_backward(reference(input_ids=x, labels=x).loss, lr=1e-2)
+        ours(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for (name, a), b, before in zip(ours.named_parameters(), reference.parameters(), start.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(a, before), f"{name} did not move"
+
+
+def units_frame(sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    """`sizes[name] = (utterances, units per utterance)`."""
+    rng = np.random.default_rng(0)
+    rows = [{"id": f"{name}-{i}", "dataset": name, "units": rng.integers(0, 50, size=length)}
+            for name, (n, length) in sizes.items() for i in range(n)]
+    return pd.DataFrame(rows)
+
+
+def test_mix_gives_each_dataset_its_share_of_tokens():
+    from slam_ray.stages.pack import select_mix
+
+    units = units_frame({"books": (400, 30), "stories": (100, 40)})  # 12,800 vs 4,200 tokens
+    seqs, report = select_mix(units, {"books": 0.25, "stories": 0.75}, {"stories": 3}, seed=0)
+    assert report["books"]["share"] == pytest.approx(0.25, abs=0.01)
+    assert report["stories"]["share"] == pytest.approx(0.75, abs=0.01)
+    assert report["stories"]["epochs"] == pytest.approx(3.0, abs=0.02)  # the scarce dataset sets the length
+    assert sum(len(s) for s in seqs) == pytest.approx(sum(r["tokens"] for r in report.values()))
+    again, _ = select_mix(units, {"books": 0.25, "stories": 0.75}, {"stories": 3}, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(seqs, again, strict=True))  # deterministic for a seed
+    other, _ = select_mix(units, {"books": 0.25, "stories": 0.75}, {"stories": 3}, seed=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(seqs, other, strict=False))
+
+
+def test_no_mix_uses_every_utterance_once_and_unknown_names_fail():
+    from slam_ray.errors import SlamError
+    from slam_ray.stages.pack import select_mix
+
+    units = units_frame({"a": (10, 5), "b": (30, 5)})
+    seqs, report = select_mix(units, None, {}, seed=0)
+    assert len(seqs) == 40 and report["b"]["share"] == pytest.approx(0.75)
+    with pytest.raises(SlamError, match=r"\['librispeech'\].*\['a', 'b'\]"):
+        select_mix(units, {"librispeech": 1.0}, {}, seed=0)
+
+
+def test_mix_weights_are_validated():
+    from slam_ray.config import load_experiment
+    from slam_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mix weights"):
+        load_experiment("quickstart", ["pack.mix={a: -1}"])
+    exp = load_experiment("quickstart", ["extract.inputs=[{name: books, path: /data/books}, /data/LibriSpeech/, '@synth']"])
+    assert exp.named_inputs() == [("books", "/data/books"), ("LibriSpeech", "/data/LibriSpeech/"), ("synth", "@synth")]
+
+
+def test_pack_reads_slamkit_files_without_extract(fixtures, tmp_path):
+    """slamkit's features and tokens JSONL go straight into pack: no extract stage is needed or run."""
+    import json
+
+    from helpers import small_experiment
+
+    from slam_ray.speech.units import read_jsonl
+    from slam_ray.stages.pack import pack
+
+    exp = small_experiment(tmp_path / "w", stages=["pack"], pack={
+        "inputs": [str(fixtures / "features.jsonl"), {"name": "tok", "path": str(fixtures / "tokens.jsonl")}],
+        "context_len": 64, "val_fraction": 0.0, "mix": {"features": 0.5, "tok": 0.5}})
+    out = pack(exp)
+    manifest = json.loads(out.manifest_path.read_text())
+    per_file = sum(len(r["units"]) + 2 for r in read_jsonl(fixtures / "features.jsonl"))  # + BOS and EOS
+    assert manifest["counts"]["train_tokens"] == 2 * per_file  # the same utterances, once from each file
+    assert manifest["counts"]["mix.features.share"] == pytest.approx(0.5)
+    windows = np.load(out.path / "train.npy")
+    assert windows.shape[1] == 64 and windows.max() < 502
+    assert "extract" not in manifest["config"]

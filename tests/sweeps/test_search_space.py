@@ -1,0 +1,224 @@
+"""Search-space YAML: parsing, validation against the experiment schema (before any trial), Tune conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slam_ray.config import load_experiment
+from slam_ray.errors import ConfigError
+from slam_ray.sweeps.search_space import SearchSpace, check_field_path, load_space, validate_space
+
+SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml"))
+
+
+def space_file(tmp_path: Path, data: dict) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_the_issue_spaces_ship():
+    assert {"optimizer", "schedule", "data_mix", "model_init", "context", "dpo_budget"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_space_is_valid_for_its_recipe(name):
+    space = load_space(name)
+    assert space.description
+    recipe = "slam" if name in ("model_init", "context") else "quickstart"
+    overrides = space.overrides()
+    if name == "dpo_budget":
+        overrides.append("stages=[synth,extract,pack,train,dpo,eval]")
+    if name == "data_mix":  # the quickstart has one dataset; name three so the mix can address them
+        overrides.append('extract.inputs=[{name: librispeech, path: "@synth"}]')
+    exp = load_experiment(recipe, overrides)
+    validate_space(space, exp)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("train.optimizer.lrr", "train.optimizer has no field 'lrr'. Fields there: name, lr"),
+        ("trian.optimizer.lr", "the experiment has no field 'trian'"),
+        ("train.optimizer.lr.x", "train.optimizer.lr is a value, not a section"),
+        ("train.optimizer", "is a whole section; sweep one of its fields, e.g. train.optimizer.name"),
+        ("pack.mix.stories.x", "address one entry at most"),
+    ],
+)
+def test_a_field_that_does_not_exist_is_named(key, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        check_field_path(key)
+
+
+def test_mapping_entries_and_nested_fields_are_fields():
+    for key in ("pack.mix.stories", "pack.epochs.librispeech", "extract.tokenizer.n_units", "train.model.init"):
+        check_field_path(key)
+
+
+def test_values_are_validated_with_the_field_named(tmp_path):
+    exp = load_experiment("quickstart")
+    bad_lr = load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"grid": [1e-3, -1]}}}))
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.lr.*greater than 0"):
+        validate_space(bad_lr, exp)
+    bad_name = load_space(space_file(tmp_path, {"params": {"train.optimizer.name": {"choice": ["adamw", "sgd"]}}}))
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.name"):
+        validate_space(bad_name, exp)
+    # a range is checked at both ends: warmup_ratio must stay < 1
+    bad_range = load_space(space_file(tmp_path, {"params": {"train.schedule.warmup_ratio": {"uniform": [0.0, 1.5]}}}))
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        validate_space(bad_range, exp)
+
+
+def test_dependent_fields_are_validated_together(tmp_path):
+    exp = load_experiment("quickstart")
+    alone = load_space(space_file(tmp_path, {"params": {"train.model.init": {"grid": ["random", "twist"]}}}))
+    with pytest.raises(ConfigError, match="init 'twist' needs `base`"):
+        validate_space(alone, exp)
+    together = load_space(space_file(tmp_path, {"params": {"train.model.init": {"grid": ["random", "twist"]},
+                                                            "train.model.base": {"grid": ["/some/local/lm"]}}}))
+    validate_space(together, exp)
+
+
+def test_malformed_spaces_say_what_to_fix(tmp_path):
+    with pytest.raises(ConfigError, match="give exactly one of grid, choice"):
+        load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"grid": [1], "choice": [2]}}}))
+    with pytest.raises(ConfigError, match="low < high"):
+        load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"loguniform": [1e-2, 1e-3]}}}))
+    with pytest.raises(ConfigError, match="unknown sweep field"):
+        load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"grid": [1]}}, "sweep": {"sheduler": "asha"}}))
+    with pytest.raises(ConfigError, match="params"):
+        load_space(space_file(tmp_path, {"description": "nothing swept"}))
+
+
+def test_a_space_that_changes_no_stage_of_the_experiment_is_refused(tmp_path):
+    space = load_space(space_file(tmp_path, {"params": {"dpo.beta": {"grid": [0.1, 0.5]}}}))
+    without_dpo = load_experiment("quickstart", ["stages=[synth,extract,pack,train,eval]"])
+    with pytest.raises(ConfigError, match="every trial would be the same"):
+        validate_space(space, without_dpo)
+    validate_space(space, load_experiment("quickstart"))  # the quickstart runs dpo: fine
+
+
+def test_optuna_refuses_grid_axes(tmp_path):
+    space = load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"grid": [1e-3, 3e-3]}},
+                                             "sweep": {"search": "optuna"}}))
+    with pytest.raises(ConfigError, match="use `choice`"):
+        validate_space(space, load_experiment("quickstart", space.overrides()))
+
+
+def test_tune_domains_and_sweep_defaults(tmp_path):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = SearchSpace.model_validate({
+        "name": "s", "sweep": {"scheduler": "asha", "num_samples": 3},
+        "params": {"a.b": {"grid": [1, 2]}, "c.d": {"choice": ["x"]}, "e.f": {"loguniform": [1e-4, 1e-2]},
+                   "g.h": {"uniform": [0, 1]}, "i.j": {"randint": [1, 4]}}})
+    tune_space = space.to_tune()
+    assert tune_space["a.b"] == {"grid_search": [1, 2]}
+    assert isinstance(tune_space["c.d"], Categorical)
+    assert isinstance(tune_space["e.f"], Float) and isinstance(tune_space["g.h"], Float)
+    assert isinstance(tune_space["i.j"], Integer) and tune_space["i.j"].upper == 4
+    # the space's sweep block sits between the experiment file and the user's --set
+    exp = load_experiment("quickstart", [*space.overrides(), "sweep.num_samples=5"])
+    assert exp.sweep.scheduler == "asha" and exp.sweep.num_samples == 5
+
+
+def test_search_and_scheduler_objects_follow_the_sweep_section():
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from slam_ray.sweeps.sweep import _scheduler, _search_alg
+
+    exp = load_experiment("quickstart", ["sweep.scheduler=asha", "sweep.grace_percent=30"])
+    asha = _scheduler(exp)
+    assert isinstance(asha, ASHAScheduler) and asha._time_attr == "progress" and asha.metric == "val/loss"
+    assert not asha._stop_last_trials  # a trial at 100% must still be evaluated
+    assert isinstance(_scheduler(load_experiment("quickstart", ["sweep.scheduler=median"])), MedianStoppingRule)
+    assert _scheduler(load_experiment("quickstart")) is None
+    assert isinstance(_search_alg(exp), BasicVariantGenerator)
+
+    # Optuna learns from the final metric and ignores the validation reports that lack it
+    optuna_exp = load_experiment("quickstart", ["sweep.search=optuna", "sweep.metric=eval/word_order/accuracy"])
+    searcher = _search_alg(optuna_exp)
+    assert isinstance(searcher, OptunaSearch)
+    space = SearchSpace.model_validate({"name": "s", "params": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}}})
+    searcher.set_search_properties(None, None, space.to_tune())
+    config = searcher.suggest("t1")
+    assert 1e-4 <= config["train.optimizer.lr"] <= 1e-2
+    searcher.on_trial_result("t1", {"progress": 20.0, "val/loss": 3.1, "training_iteration": 1})  # no KeyError
+    searcher.on_trial_complete("t1", {"eval/word_order/accuracy": 0.8, "training_iteration": 2})
+    trials = searcher._ot_study.trials
+    assert len(trials) == 1 and trials[0].value == 0.8
+
+
+def _trial_configs(space: SearchSpace, exp):
+    """The experiments a sweep's trials run, in Tune's order, without Ray: Tune's variant generator yields
+    `generate_variants` of the param space once per sample."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from slam_ray.sweeps.search_space import trial_experiment, tune_param_space
+
+    param_space, num_samples = tune_param_space(space, exp)
+    return [trial_experiment(exp, spec) for _ in range(num_samples) for _, spec in generate_variants(param_space)]
+
+
+def test_grid_repeats_get_their_own_seeds_stage_keys_and_runs():
+    from slam_ray.core.stage_io import stage_key
+    from slam_ray.sweeps.search_space import trial_count
+
+    space = load_space("optimizer")
+    exp = load_experiment("quickstart", [*space.overrides(), "sweep.num_samples=3"])
+    validate_space(space, exp)
+    trials = _trial_configs(space, exp)
+    assert len(trials) == trial_count(space, exp) == 9 * 3  # the count an interrupted sweep is checked against
+    # the whole grid runs before the next repeat starts; repeat r adds r to the training and DPO seeds
+    assert [t.train.seed for t in trials] == [0] * 9 + [1] * 9 + [2] * 9
+    assert [t.dpo.seed for t in trials] == [exp.dpo.seed + r for r in (0, 1, 2) for _ in range(9)]
+    # so every trial trains, tunes and is evaluated on its own (its own stage outputs and MLflow runs) ...
+    for stage in ("train", "dpo", "eval"):
+        assert len({stage_key(t, stage) for t in trials}) == 27, stage
+    # ... on the same units, split and evaluation pairs
+    assert len({stage_key(t, "pack") for t in trials}) == 1
+    assert {t.eval.seed for t in trials} == {exp.eval.seed}
+
+
+def test_one_repeat_and_random_search_leave_the_seeds_alone(tmp_path):
+    space = load_space("optimizer")
+    assert {t.train.seed for t in _trial_configs(space, load_experiment("quickstart", space.overrides()))} == {0}
+    lr = load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"loguniform": [1e-4, 1e-2]}},
+                                          "sweep": {"search": "random", "num_samples": 4}}))
+    trials = _trial_configs(lr, load_experiment("quickstart", lr.overrides()))
+    assert len(trials) == 4 and {t.train.seed for t in trials} == {0}
+
+
+def test_repeats_and_a_swept_seed_are_refused_together(tmp_path):
+    space = load_space(space_file(tmp_path, {"params": {"train.seed": {"grid": [0, 1]}}, "sweep": {"num_samples": 2}}))
+    with pytest.raises(ConfigError, match="repeats would collide"):
+        validate_space(space, load_experiment("quickstart", space.overrides()))
+
+
+def test_the_quickstarts_first_sweep_fits_the_two_cores_it_targets(monkeypatch, capsys):
+    """`slam-ray sweep quickstart --space optimizer` as documented: one trial (its driver + its trainer, or its
+    DPO worker) fits a 2-CPU Ray, and nothing is said about concurrency."""
+    from slam_ray.errors import SlamError
+    from slam_ray.sweeps.sweep import check_trial_fits
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    space = load_space("optimizer")
+    exp = load_experiment("quickstart", space.overrides())
+    assert "dpo" in exp.stages
+    check_trial_fits(exp, {"CPU": 2.0})
+    assert capsys.readouterr().out == ""
+    # a trainer asking for both cores leaves no room for the trial's driver: refused, with a value that fits
+    with pytest.raises(SlamError, match=r"one trial needs 2\.1 CPUs") as refused:
+        check_trial_fits(load_experiment("quickstart", [*space.overrides(), "ray.worker_cpus=2"]), {"CPU": 2.0})
+    suggested = str(refused.value).rsplit("--set ", 1)[1]
+    check_trial_fits(load_experiment("quickstart", [*space.overrides(), suggested]), {"CPU": 2.0})
+    # two concurrent trials of two workers each on 4 CPUs: said to run one at a time
+    two = load_experiment("quickstart", [*space.overrides(), "train.num_workers=2", "ray.worker_cpus=1",
+                                         "sweep.max_concurrent_trials=2"])
+    check_trial_fits(two, {"CPU": 4.0})
+    assert "1 of sweep.max_concurrent_trials 2 fit" in capsys.readouterr().out
