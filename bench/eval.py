@@ -69,7 +69,7 @@ def main() -> None:
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
         try:
             start = time.perf_counter()
-            ray_nll = score_sequences(exp, tmp, seqs)
+            ray_nll = score_sequences(exp, [tmp], seqs)[str(tmp)]
             ray_s = time.perf_counter() - start
         finally:
             ray.shutdown()

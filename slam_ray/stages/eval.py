@@ -303,8 +303,9 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
     needed = {k: units[k] for _, c, _ in tasks.values() for k in [*c["positive"], *(n for ns in c["negatives"] for n in ns)]}
     with timer.phase("score"):
         init_ray(exp)
+        nlls = score_sequences(exp, [folder for _, folder, _ in checkpoints], needed) if tasks else {}
         for suffix, folder, step in checkpoints if tasks else []:
-            nll = score_sequences(exp, folder, needed)
+            nll = nlls[str(folder)]
             for key, (spec, comparisons, _) in tasks.items():
                 rows = _score_task(comparisons, nll)
                 result = aggregate(rows, spec.aggregate_by, spec.breakdown)

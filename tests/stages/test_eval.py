@@ -88,9 +88,13 @@ def test_every_task_and_checkpoint_with_a_missing_dataset(trained, tmp_path):
     units = {}  # one cache per task's file list
     for cache in (workdir_path(exp) / "eval_units").glob("*/units.json"):
         units.update(json.loads(cache.read_text())["units"])
-    model = AutoModelForCausalLM.from_pretrained(stage_dir(exp, "train").path / "checkpoint").eval()
-    for row in final[final["task"].isin(["ssc", "swuggy"])].head(4).itertuples():
-        assert row.nll_positive == pytest.approx(plain_nll(model, units[row.positive]), rel=1e-4)
+    # one actor pool scored every checkpoint (each actor swaps models as their rows arrive): each checkpoint's
+    # NLLs are its own model's
+    for name, folder in (("final", "checkpoint"), ("init", "checkpoint_init")):
+        model = AutoModelForCausalLM.from_pretrained(stage_dir(exp, "train").path / folder).eval()
+        rows = scores[(scores["checkpoint"] == name) & scores["task"].isin(["ssc", "swuggy"])]
+        for row in rows.head(4).itertuples():
+            assert row.nll_positive == pytest.approx(plain_nll(model, units[row.positive]), rel=1e-4), name
 
     # MLflow: accuracies, breakdowns and the learning curve by step
     client = MlflowClient(tracking_uri(exp))
