@@ -4,6 +4,10 @@ Both train the quickstart model (Qwen2, 2 x 128) on the same packed windows for 
 with the same optimizer; tokens/s of the Ray path are measured inside the worker over its training loop (Ray
 start-up and checkpoint upload excluded, as for the baseline), and the last line is one JSON object.
 
+`--profile` also samples every process on the machine once a second while the Ray path runs and prints the CPU
+seconds each kind of process used (the training worker, Ray Train's controller, the dashboard, GCS, raylet, …):
+where the cores went besides the worker (psutil, from the dev extra).
+
     .venv/bin/python bench/train.py [--steps 300] [--context 256] [--batch 16] [--threads 2]
 """
 
@@ -11,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +60,62 @@ def plain_loop(exp, windows: np.ndarray, steps: int, threads: int) -> float:
     return steps * b * windows.shape[1] / (time.perf_counter() - start)
 
 
+class CpuProfile:
+    """CPU seconds per kind of process (its Ray title or program name) while the block runs: every process is
+    sampled once a second and its last reading kept, so processes that start and end inside the block count."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.psutil, self.stop = psutil, threading.Event()
+        self.first: dict[int, float] = {p.pid: self._cpu(p) for p in psutil.process_iter()}
+        self.last: dict[int, tuple[str, float]] = {}
+
+    @staticmethod
+    def _cpu(proc) -> float:  # noqa: ANN001
+        try:
+            t = proc.cpu_times()
+            return t.user + t.system
+        except Exception:  # gone, or not ours to read
+            return 0.0
+
+    @staticmethod
+    def _kind(proc) -> str:  # noqa: ANN001
+        try:
+            cmd = proc.cmdline()
+        except Exception:
+            return "?"
+        title = " ".join(cmd)
+        if title.startswith("ray::"):
+            return re.sub(r"\s.*", "", title)
+        for name in ("gcs_server", "raylet", "dashboard.py", "dashboard/agent.py", "log_monitor.py", "runtime_env",
+                     "default_worker.py", "monitor.py"):
+            if name in title:
+                return name
+        return Path(cmd[0]).name if cmd else "?"
+
+    def _sample(self) -> None:
+        while not self.stop.wait(1.0):
+            for proc in self.psutil.process_iter():
+                self.last[proc.pid] = (self._kind(proc), self._cpu(proc))
+
+    def __enter__(self) -> CpuProfile:
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self.stop.set()
+        self.thread.join()
+        self.by_kind: dict[str, float] = defaultdict(float)
+        for pid, (kind, cpu) in self.last.items():
+            self.by_kind[kind] += max(0.0, cpu - self.first.get(pid, 0.0))
+
+    def table(self) -> str:
+        rows = sorted(self.by_kind.items(), key=lambda kv: -kv[1])
+        return "\n".join(f"  {cpu:8.1f} s  {kind}" for kind, cpu in rows if cpu >= 0.5)
+
+
 def ray_train_path(exp, windows: np.ndarray) -> float:
     from slam_ray.core.stage_io import stage_dir
     from slam_ray.stages.train import train
@@ -73,6 +136,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="CPU seconds per process kind during the Ray path")
     args = parser.parse_args()
 
     from slam_ray.config import load_experiment
@@ -84,7 +148,12 @@ def main() -> None:
             "train.log_every=50"])
         windows = packed_windows(max(4 * args.batch, 600), args.context, exp.vocab_size)
         baseline = plain_loop(exp, windows, args.steps, args.threads)
-        ray_path = ray_train_path(exp, windows)
+        if args.profile:
+            with CpuProfile() as profile:
+                ray_path = ray_train_path(exp, windows)
+            print("CPU seconds by process during the Ray path:\n" + profile.table())
+        else:
+            ray_path = ray_train_path(exp, windows)
     figures = {"slam_tokens_per_s": round(ray_path), "baseline_tokens_per_s": round(baseline),
                "ratio": round(ray_path / baseline, 3), "steps": args.steps, "batch": args.batch,
                "context": args.context, "threads": args.threads}

@@ -52,12 +52,14 @@ class WindowBatches:
         self.global_batch = batch_size * world
         check_global_batch(len(windows), "training windows", self.global_batch, TOO_FEW_WINDOWS)
         self.per_epoch = len(windows) // self.global_batch
+        self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def batch(self, index: int) -> np.ndarray:
         epoch, i = divmod(index, self.per_epoch)
-        order = np.random.default_rng(self.seed + epoch).permutation(len(self.windows))
+        if epoch != self._epoch:  # one permutation per epoch, not per step (O(windows) each)
+            self._epoch, self._order = epoch, np.random.default_rng(self.seed + epoch).permutation(len(self.windows))
         start = i * self.global_batch + self.rank * self.batch_size
-        return self.windows[order[start : start + self.batch_size]]
+        return self.windows[self._order[start : start + self.batch_size]]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -70,8 +72,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = exp.train
     w = setup_worker(exp, config, cfg.seed)
     settings = TrainerSettings.of(exp, "train")
-    train_windows = np.load(localize(config["train_path"]))  # fetched to this node when the workdir is a bucket
-    val_windows = np.load(localize(config["val_path"]))
+    # Memory-mapped (fetched to this node first when the workdir is a bucket): a batch reads its rows, and the
+    # workers of a node share the page cache instead of each holding the whole array.
+    train_windows = np.load(localize(config["train_path"]), mmap_mode="r")
+    val_windows = np.load(localize(config["val_path"]), mmap_mode="r")
     context_len = train_windows.shape[1]
     model = build_model(cfg.model, exp.vocab_size, max_positions=context_len)
     n_params = count_parameters(model)

@@ -40,6 +40,23 @@ def test_ranks_see_disjoint_slices_of_each_global_batch():
     assert not np.array_equal(r0.batch(0), r0.batch(4))  # next epoch is reshuffled
 
 
+def test_memory_mapped_windows_give_the_same_batches_in_any_order_of_access(tmp_path):
+    """The worker maps train.npy instead of loading it: batches equal the in-memory array's, the epoch's
+    shuffle is the seeded permutation of that epoch (cached per epoch, so resuming at any step, or going back
+    to an earlier epoch, gives the same batch)."""
+    windows = np.arange(30 * 4, dtype=np.uint16).reshape(30, 4)
+    np.save(tmp_path / "train.npy", windows)
+    mapped = WindowBatches(np.load(tmp_path / "train.npy", mmap_mode="r"), 3, rank=1, world=2, seed=7)
+    plain = WindowBatches(windows, 3, rank=1, world=2, seed=7)
+    for index in [0, 1, 9, 5, 12, 3, 17, 0]:  # across epochs (5 batches each), forwards and back
+        epoch, i = divmod(index, plain.per_epoch)
+        order = np.random.default_rng(7 + epoch).permutation(30)
+        expected = windows[order[i * 6 + 3 : i * 6 + 6]]
+        np.testing.assert_array_equal(mapped.batch(index), expected)
+        np.testing.assert_array_equal(plain.batch(index), expected)
+        assert type(mapped.batch(index)) is np.ndarray  # rows copied out of the map, not a view of the file
+
+
 def test_too_little_data_is_a_clear_error(tmp_path):
     """Fewer packed windows than one global batch: a SlamError naming the fields, from the worker's batcher and,
     before any Ray worker starts, from the stage (it reads the count from the pack manifest)."""
