@@ -314,7 +314,7 @@ def test_a_30_minute_file_is_encoded_in_bounded_memory(fixtures, tmp_path, ray_l
 
 
 @pytest.mark.slow
-def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tmp_path):
+def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tmp_path, ray_local):
     """SIGKILL `slam-ray extract` (driver, local Ray, actors) mid-way, run the same command again: it encodes
     only the missing shards and ends with exactly the shards and error lines of an uninterrupted run."""
     import subprocess
@@ -338,14 +338,14 @@ def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tm
                                                       "fit_frames": 1000}})
         path = workdir.parent / f"{workdir.name}.yaml"
         path.write_text(to_yaml(exp))
-        return [sys.executable, "-m", "slam_ray.cli", "extract", str(path)], stage_dir(exp, "extract")
+        return [sys.executable, "-m", "slam_ray.cli", "extract", str(path)], exp
 
-    clean_cmd, clean_out = command(tmp_path / "clean")
-    subprocess.run(clean_cmd, cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    clean_out = extract(command(tmp_path / "clean")[1])  # the reference run, in this process (the session's Ray)
     shard_names = sorted(p.name for p in (clean_out.path / "units").glob("part-*.parquet"))
     assert len(shard_names) == 12  # 46 inputs, 4 per shard
 
-    killed_cmd, killed_out = command(tmp_path / "killed")
+    killed_cmd, killed_exp = command(tmp_path / "killed")
+    killed_out = stage_dir(killed_exp, "extract")
     kill_when(killed_cmd, tmp_path, lambda: len(list((killed_out.path / "units").glob("part-*.parquet"))) >= 2)
     before = {p.name: p.stat().st_mtime_ns for p in (killed_out.path / "units").glob("part-*.parquet")}
     assert 2 <= len(before) < 12

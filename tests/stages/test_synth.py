@@ -205,7 +205,7 @@ def test_spoken_swag_to_dpo_readable_unit_triples(tmp_path, ray_local, espeak):
 
 
 @pytest.mark.slow
-def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak):
+def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak, ray_local):
     """SIGKILL `slam-ray synth` (driver, local Ray, actors, espeak servers) mid-way, run the same command again:
     it speaks only the shards without an index part and ends with exactly a clean run's index and errors."""
     import subprocess
@@ -218,11 +218,12 @@ def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak):
                                synth={"corpus": {"n_sentences": 240}, "shard_size": 20, "batch_size": 4})
         path = workdir.parent / f"{workdir.name}.yaml"
         path.write_text(to_yaml(exp))
-        return [sys.executable, "-m", "slam_ray.cli", "synth", str(path)], stage_dir(exp, "synth")
+        return [sys.executable, "-m", "slam_ray.cli", "synth", str(path)], exp
 
-    clean_cmd, clean_out = command(tmp_path / "clean")
-    subprocess.run(clean_cmd, cwd=tmp_path, check=True, capture_output=True, timeout=600)
-    killed_cmd, killed_out = command(tmp_path / "killed")
+    clean_exp = command(tmp_path / "clean")[1]
+    clean_out = synth(clean_exp)  # the reference run, in this process (the session's Ray)
+    killed_cmd, killed_exp = command(tmp_path / "killed")
+    killed_out = stage_dir(killed_exp, "synth")
     kill_when(killed_cmd, tmp_path, lambda: len(list((killed_out.path / "index").glob("part-*.parquet"))) >= 2)
     before = {p.name: p.stat().st_mtime_ns for p in (killed_out.path / "index").glob("part-*.parquet")}
     assert 2 <= len(before) < 12
