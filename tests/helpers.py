@@ -194,6 +194,30 @@ def kill_when(command: list[str], cwd: Path, ready: Callable[[], bool], timeout:
             proc.wait(timeout=60)
 
 
+
+def kill_and_rerun(exp, stage: str, parts: str, n_parts: int, cwd: Path):
+    """SIGKILL `slam-ray <stage>` on `exp` once two of its `n_parts` shard files (`<output>/<parts>/part-*`) exist,
+    run the same command again, and check the rerun kept the finished shards (counted as resumed, files not
+    rewritten). Returns the stage's output folder for the caller to compare with a clean run."""
+    import sys
+
+    from slam_ray.config import to_yaml
+    from slam_ray.core.stage_io import stage_dir
+
+    path = cwd / f"{stage}_killed.yaml"
+    path.write_text(to_yaml(exp))
+    command = [sys.executable, "-m", "slam_ray.cli", stage, str(path)]
+    out = stage_dir(exp, stage)
+    kill_when(command, cwd, lambda: len(list((out.path / parts).glob("part-*.parquet"))) >= 2)
+    before = {p.name: p.stat().st_mtime_ns for p in (out.path / parts).glob("part-*.parquet")}
+    assert 2 <= len(before) < n_parts
+    rerun = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert out.read_manifest()["counts"]["shards_resumed"] == len(before)
+    for name, mtime in before.items():
+        assert (out.path / parts / name).stat().st_mtime_ns == mtime  # not redone
+    return out
+
 # --- tiny models and files that tests of several folders build (imports inside: conftest imports this module) ---
 
 TINY_HIFIGAN = {"num_embeddings": 20, "embedding_dim": 16, "model_in_dim": 16, "upsample_initial_channel": 32,

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import kill_a_worker_during, kill_when, small_experiment
+from helpers import kill_a_worker_during, small_experiment
 
 from slam_ray.core.stage_io import stage_dir
 from slam_ray.errors import SlamError
@@ -317,13 +317,8 @@ def test_a_30_minute_file_is_encoded_in_bounded_memory(fixtures, tmp_path, ray_l
 def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tmp_path, ray_local):
     """SIGKILL `slam-ray extract` (driver, local Ray, actors) mid-way, run the same command again: it encodes
     only the missing shards and ends with exactly the shards and error lines of an uninterrupted run."""
-    import subprocess
-    import sys
-
     import pyarrow.parquet as pq
-    from helpers import save_tiny_hubert
-
-    from slam_ray.config import to_yaml
+    from helpers import kill_and_rerun, save_tiny_hubert
 
     folder = tmp_path / "audio"
     corpus_with_broken_files(fixtures, folder)
@@ -331,31 +326,17 @@ def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tm
         shutil.copy(fixtures / f"audio{1 + i % 2}.flac", folder / f"copy{i:02d}.flac")
     model = save_tiny_hubert(tmp_path / "hubert", rate=25)
 
-    def command(workdir):
-        exp = small_experiment(workdir, stages=["extract"],
-                               extract={"inputs": [str(folder)], "shard_files": 4, "batch_size": 2,
-                                        "tokenizer": {"kind": "hubert", "model": model, "layer": 3, "n_units": 12,
-                                                      "fit_frames": 1000}})
-        path = workdir.parent / f"{workdir.name}.yaml"
-        path.write_text(to_yaml(exp))
-        return [sys.executable, "-m", "slam_ray.cli", "extract", str(path)], exp
+    def experiment(workdir):
+        return small_experiment(workdir, stages=["extract"],
+                                extract={"inputs": [str(folder)], "shard_files": 4, "batch_size": 2,
+                                         "tokenizer": {"kind": "hubert", "model": model, "layer": 3, "n_units": 12,
+                                                       "fit_frames": 1000}})
 
-    clean_out = extract(command(tmp_path / "clean")[1])  # the reference run, in this process (the session's Ray)
+    clean_out = extract(experiment(tmp_path / "clean"))  # the reference run, in this process (the session's Ray)
     shard_names = sorted(p.name for p in (clean_out.path / "units").glob("part-*.parquet"))
     assert len(shard_names) == 12  # 46 inputs, 4 per shard
 
-    killed_cmd, killed_exp = command(tmp_path / "killed")
-    killed_out = stage_dir(killed_exp, "extract")
-    kill_when(killed_cmd, tmp_path, lambda: len(list((killed_out.path / "units").glob("part-*.parquet"))) >= 2)
-    before = {p.name: p.stat().st_mtime_ns for p in (killed_out.path / "units").glob("part-*.parquet")}
-    assert 2 <= len(before) < 12
-
-    rerun = subprocess.run(killed_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    manifest = killed_out.read_manifest()
-    assert manifest["counts"]["shards_resumed"] == len(before)
-    for name, mtime in before.items():
-        assert (killed_out.path / "units" / name).stat().st_mtime_ns == mtime  # not redone
+    killed_out = kill_and_rerun(experiment(tmp_path / "killed"), "extract", "units", 12, tmp_path)
     assert sorted(p.name for p in (killed_out.path / "units").glob("part-*.parquet")) == shard_names
     for name in shard_names:
         assert pq.read_table(killed_out.path / "units" / name).equals(pq.read_table(clean_out.path / "units" / name)), name

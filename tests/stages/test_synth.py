@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import soundfile as sf
-from helpers import kill_when, save_tiny_vits, small_experiment
+from helpers import kill_and_rerun, save_tiny_vits, small_experiment
 
 from slam_ray.config import Experiment, SynthConfig
 from slam_ray.core.stage_io import stage_dir
@@ -208,30 +208,12 @@ def test_spoken_swag_to_dpo_readable_unit_triples(tmp_path, ray_local, espeak):
 def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak, ray_local):
     """SIGKILL `slam-ray synth` (driver, local Ray, actors, espeak servers) mid-way, run the same command again:
     it speaks only the shards without an index part and ends with exactly a clean run's index and errors."""
-    import subprocess
-    import sys
+    def experiment(workdir):
+        return small_experiment(workdir, stages=["synth"],
+                                synth={"corpus": {"n_sentences": 240}, "shard_size": 20, "batch_size": 4})
 
-    from slam_ray.config import to_yaml
-
-    def command(workdir):
-        exp = small_experiment(workdir, stages=["synth"],
-                               synth={"corpus": {"n_sentences": 240}, "shard_size": 20, "batch_size": 4})
-        path = workdir.parent / f"{workdir.name}.yaml"
-        path.write_text(to_yaml(exp))
-        return [sys.executable, "-m", "slam_ray.cli", "synth", str(path)], exp
-
-    clean_exp = command(tmp_path / "clean")[1]
-    clean_out = synth(clean_exp)  # the reference run, in this process (the session's Ray)
-    killed_cmd, killed_exp = command(tmp_path / "killed")
-    killed_out = stage_dir(killed_exp, "synth")
-    kill_when(killed_cmd, tmp_path, lambda: len(list((killed_out.path / "index").glob("part-*.parquet"))) >= 2)
-    before = {p.name: p.stat().st_mtime_ns for p in (killed_out.path / "index").glob("part-*.parquet")}
-    assert 2 <= len(before) < 12
-    rerun = subprocess.run(killed_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert killed_out.read_manifest()["counts"]["shards_resumed"] == len(before)
-    for name, mtime in before.items():
-        assert (killed_out.path / "index" / name).stat().st_mtime_ns == mtime  # not redone
+    clean_out = synth(experiment(tmp_path / "clean"))  # the reference run, in this process (the session's Ray)
+    killed_out = kill_and_rerun(experiment(tmp_path / "killed"), "synth", "index", 12, tmp_path)
     clean = pd.read_parquet(clean_out.path / "index.parquet")
     again = pd.read_parquet(killed_out.path / "index.parquet")
     assert len(again) == 240 and again["id"].is_unique
