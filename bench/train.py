@@ -118,12 +118,12 @@ class CpuProfile:
 
 def ray_train_path(exp, windows: np.ndarray) -> float:
     from slam_ray.core.stage_io import stage_dir
+    from slam_ray.lm.packed import save_windows
     from slam_ray.stages.train import train
 
     out = stage_dir(exp, "pack")
     out.path.mkdir(parents=True, exist_ok=True)
-    np.save(out.path / "train.npy", windows)
-    np.save(out.path / "val.npy", windows[:8])
+    save_windows(out.path, windows, windows[:8])
     out.write_manifest({"status": "complete", "stage": "pack", "key": out.key})
     result = train(exp)
     manifest = json.loads(result.manifest_path.read_text())

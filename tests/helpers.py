@@ -195,7 +195,7 @@ def kill_when(command: list[str], cwd: Path, ready: Callable[[], bool], timeout:
 
 
 
-def kill_and_rerun(exp, stage: str, parts: str, n_parts: int, cwd: Path):
+def kill_and_rerun(exp, stage: str, parts: str, n_parts: int, cwd: Path, suffix: str = ".parquet"):
     """SIGKILL `slam-ray <stage>` on `exp` once two of its `n_parts` shard files (`<output>/<parts>/part-*`) exist,
     run the same command again, and check the rerun kept the finished shards (counted as resumed, files not
     rewritten). Returns the stage's output folder for the caller to compare with a clean run."""
@@ -208,8 +208,8 @@ def kill_and_rerun(exp, stage: str, parts: str, n_parts: int, cwd: Path):
     path.write_text(to_yaml(exp))
     command = [sys.executable, "-m", "slam_ray.cli", stage, str(path)]
     out = stage_dir(exp, stage)
-    kill_when(command, cwd, lambda: len(list((out.path / parts).glob("part-*.parquet"))) >= 2)
-    before = {p.name: p.stat().st_mtime_ns for p in (out.path / parts).glob("part-*.parquet")}
+    kill_when(command, cwd, lambda: len(list((out.path / parts).glob(f"part-*{suffix}"))) >= 2)
+    before = {p.name: p.stat().st_mtime_ns for p in (out.path / parts).glob(f"part-*{suffix}")}
     assert 2 <= len(before) < n_parts
     rerun = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]

@@ -22,6 +22,7 @@ from helpers import small_experiment
 from slam_ray.config import to_yaml
 from slam_ray.core.stage_io import stage_dir
 from slam_ray.core.tracking import tracking_uri
+from slam_ray.lm.packed import PackedWindows
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -75,7 +76,7 @@ def test_reduced_quickstart_runs_every_stage_then_reuses_them(tmp_path, espeak, 
     assert int(np.sum(row.durations)) == row.n_frames and max(row.units) < 48
     # pack: windows of context_len, almost no padding
     assert manifests["pack"]["counts"]["train_pad_fraction"] < 0.01
-    assert np.load(stage_dir(exp, "pack").path / "train.npy").shape[1] == 128
+    assert PackedWindows(stage_dir(exp, "pack").path, "train").shape[1] == 128
     # train: HF checkpoints that plain transformers loads
     train_dir = stage_dir(exp, "train").path
     final = AutoModelForCausalLM.from_pretrained(train_dir / "checkpoint")

@@ -201,6 +201,12 @@ class PackConfig(Section):
     mix: dict[str, float] | None = Field(None, description="share of training tokens per dataset; None = all once")
     epochs: dict[str, float] = Field(default_factory=dict, description="most passes over a dataset under a mix (1)")
     seed: int = 0
+    shard_tokens: int = Field(
+        1 << 22, ge=1024,
+        description="tokens per output shard, which is also the shuffle buffer: utterances are shuffled within the "
+                    "inputs of one shard (whose order is shuffled first); a task's memory is ~20 bytes per token of it")
+    num_workers: int = Field(2, ge=1, description="pack tasks running at once (Ray Data); the output is the same for any",
+                             json_schema_extra={"operational": True})
 
     @model_validator(mode="after")
     def _mix_weights(self) -> PackConfig:

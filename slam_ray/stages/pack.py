@@ -1,136 +1,348 @@
-"""`slam-ray pack`: unit shards -> fixed-length token windows for training.
+"""`slam-ray pack`: unit shards -> shards of fixed-length token windows for training, streaming on Ray Data.
 
-Each utterance becomes `<s> u+2 ... <s>` (BOS and EOS are both id 1, as in slamkit); utterances are shuffled
-(seeded), concatenated and cut into `context_len` windows, so almost no position is padding. A seeded share
-of utterances is held out as the validation split. `pack.mix` weights datasets (named by `extract.inputs`)
-by their share of training tokens, `pack.epochs` caps how often each may be repeated.
-Output: `train.npy`, `val.npy` (uint16, [n, context_len]); the manifest reports each dataset's share and epochs.
+Each utterance becomes `<s> u+2 ... <s>` (BOS and EOS are both id 1, as in slamkit); utterances are concatenated
+and cut into `context_len` windows, so almost no position is padding. Memory stays flat in corpus size: no
+process ever holds more than one output shard's inputs. Read top to bottom:
+
+1. **Input shards.** Each extract shard (`units/part-*.parquet`) is one; a slamkit features/tokens JSONL is cut
+   into pieces of about `pack.shard_tokens / 4` tokens (byte ranges found by a scan).
+2. **Statistics pass** (Ray Data, one task per input shard): per shard and dataset, utterances and tokens of
+   the training and held-out parts. An utterance is held out for validation when a seeded hash of its dataset
+   and id falls below `pack.val_fraction`: the same utterance is held out however the corpus is sharded.
+3. **Mix plan** (driver, from those counts only): `pack.mix` shares of training tokens with `pack.epochs` caps
+   give each dataset a rate: how many times its utterances are used (e.g. 2.4 = twice, plus 40% of its
+   tokens a third time). Without a mix every utterance is used once.
+4. **Two-level shuffle:** the input shards are put in a seeded order and grouped into consecutive runs of
+   about `pack.shard_tokens` training tokens; each group's utterances (with their repeats) are shuffled
+   within it -- the group is the shuffle buffer -- and written as one output shard. Training then draws
+   windows in a fresh seeded order every epoch across all shards.
+5. **Pack pass** (Ray Data, one task per group): writes `train/part-N.npy`, `val/part-N.npy` (+ `.starts.npy`
+   document starts) and, last, `parts/part-N.json`, the group's done mark: a killed run redoes only missing
+   groups. A group's output depends on the seed and its inputs only, so it is the same for any number of
+   workers. The driver then writes `index.json` (format: slam_ray/lm/packed.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pandas as pd
+from tqdm import tqdm
 
 from slam_ray.config import Experiment, name_entries
-from slam_ray.core.runner import StageResult, run_stage
+from slam_ray.core.runner import StageResult, init_ray, run_stage
 from slam_ray.core.stage_io import StageDir, Timer, upstream_dir
+from slam_ray.core.storage import localize
 from slam_ray.core.tracking import Tracker
 from slam_ray.errors import SlamError
-from slam_ray.speech.units import PAD_ID, read_jsonl, read_unit_shards, repr_to_units, units_to_tokens
+from slam_ray.lm.packed import utterance_stream, write_index, write_shard
+from slam_ray.parallel.actors import quiet_ray_data
+from slam_ray.speech.units import repr_to_units
+
+# --- reading input shards ----------------------------------------------------------------------------------------
 
 
-def pack_windows(sequences: list[np.ndarray], context_len: int) -> tuple[np.ndarray, int]:
-    """Concatenate and cut into windows; the last partial window is padded. Returns (windows, n_pad)."""
-    if not sequences:
-        return np.zeros((0, context_len), dtype=np.uint16), 0
-    stream = np.concatenate(sequences)
-    n_windows = -(-len(stream) // context_len)
-    n_pad = n_windows * context_len - len(stream)
-    stream = np.concatenate([stream, np.full(n_pad, PAD_ID, dtype=stream.dtype)])
-    return stream.reshape(n_windows, context_len).astype(np.uint16), n_pad
+class Utterances:
+    """A shard's utterances as a ragged array: utterance i's units are `values[offsets[i]:offsets[i + 1]]`."""
+
+    def __init__(self, ids: list[str], datasets: list[str], values: np.ndarray, offsets: np.ndarray) -> None:
+        self.ids, self.datasets, self.values, self.offsets = ids, np.asarray(datasets, dtype=object), values, offsets
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """Tokens per utterance once packed: its units, BOS and EOS."""
+        return np.diff(self.offsets) + 2
 
 
-def select_mix(units: pd.DataFrame, mix: dict[str, float] | None, epochs: dict[str, float], seed: int
-               ) -> tuple[list[np.ndarray], dict[str, dict[str, float]]]:
-    """Token sequences for the training stream, drawn per dataset so each takes its `mix` share of tokens.
+def _read_parquet(shard: dict[str, Any]) -> Utterances:
+    import pyarrow.parquet as pq
 
-    Without a mix every utterance is used once. With one, dataset d may be read at most `epochs[d]` times
-    (default 1); the stream is as long as the scarcest dataset allows at its share, the others are sampled to
-    their share (whole shuffled passes, then a partial one). Deterministic for a seed.
-    """
-    seqs = [units_to_tokens(u) for u in units["units"]]
-    names = units["dataset"].fillna("").astype(str).to_numpy()
-    present = sorted(set(names))
-    if mix is None:
-        lengths = {d: float(sum(len(s) for s, n in zip(seqs, names, strict=True) if n == d)) for d in present}
-        total = sum(lengths.values()) or 1.0
-        return seqs, {d: {"tokens": lengths[d], "share": lengths[d] / total, "epochs": 1.0} for d in present}
-    unknown = sorted(set(mix) - set(present)) + sorted(set(epochs) - set(present))
-    if unknown:
-        raise SlamError(f"pack.mix/pack.epochs name datasets {unknown} that the extract output does not hold; "
-                        f"its datasets are {present} (named by extract.inputs)")
-    weights = {d: w / sum(mix.values()) for d, w in mix.items() if w > 0}
-    by_dataset = {d: [s for s, n in zip(seqs, names, strict=True) if n == d] for d in weights}
-    tokens = {d: sum(len(s) for s in by_dataset[d]) for d in weights}
-    stream_tokens = min(epochs.get(d, 1.0) * tokens[d] / weights[d] for d in weights)
-    rng = np.random.default_rng(seed)
-    chosen, report = [], {}
-    for d in sorted(weights):
-        target, taken = weights[d] * stream_tokens, 0
-        while taken < target - 0.5:
-            for i in rng.permutation(len(by_dataset[d])):
-                if taken >= target - 0.5:
-                    break
-                chosen.append(by_dataset[d][i])
-                taken += len(by_dataset[d][i])
-        report[d] = {"tokens": float(taken), "epochs": taken / max(tokens[d], 1)}
-    total = sum(r["tokens"] for r in report.values()) or 1.0
-    for d in report:
-        report[d]["share"] = report[d]["tokens"] / total
-    order = rng.permutation(len(chosen))
-    return [chosen[i] for i in order], report
+    path = localize(shard["location"])
+    table = pq.read_table(path, columns=["id", "units", "dataset"] if "dataset" in pq.read_schema(path).names
+                          else ["id", "units"])
+    units = table.column("units").combine_chunks()
+    datasets = (table.column("dataset").fill_null("").to_pylist() if "dataset" in table.column_names
+                else [""] * table.num_rows)
+    offsets = units.offsets.to_numpy().astype(np.int64) - units.offsets[0].as_py()
+    return Utterances(table.column("id").to_pylist(), datasets, units.values.to_numpy(zero_copy_only=False), offsets)
 
 
-def read_slamkit_units(path: str | Path, dataset: str) -> pd.DataFrame:
-    """Utterances of a slamkit features JSONL (`units`, `duration`, `file_name`) or tokens JSONL
-    (`file_name`, `audio_repr`), as rows (id, units, dataset)."""
-    rows = []
-    for i, rec in enumerate(read_jsonl(path)):
-        if "units" in rec:
-            units = rec["units"]
-        elif "audio_repr" in rec:
-            units = repr_to_units(rec["audio_repr"])
-        else:
-            raise SlamError(f"{path}:{i + 1}: neither a slamkit features row (`units`) nor a tokens row (`audio_repr`)")
-        rows.append({"id": str(rec.get("file_name") or f"{dataset}-{i:07d}"), "units": np.asarray(units), "dataset": dataset})
-    return pd.DataFrame(rows, columns=["id", "units", "dataset"])
+def _read_jsonl(shard: dict[str, Any]) -> Utterances:
+    """The lines of a slamkit features (`units`) or tokens (`audio_repr`) JSONL in bytes [start, stop)."""
+    ids, arrays = [], []
+    with open(localize(shard["location"]), "rb") as f:
+        f.seek(shard["start"])
+        line_no = shard["first_line"]
+        while f.tell() < shard["stop"]:
+            line = f.readline()
+            line_no += 1
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "units" in rec:
+                units = rec["units"]
+            elif "audio_repr" in rec:
+                units = repr_to_units(rec["audio_repr"])
+            else:
+                raise SlamError(f"{shard['location']}:{line_no}: neither a slamkit features row (`units`) nor a "
+                                "tokens row (`audio_repr`)")
+            ids.append(str(rec.get("file_name") or f"{shard['dataset']}-{line_no:09d}"))
+            arrays.append(np.asarray(units, dtype=np.uint16))
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
+    return Utterances(ids, [shard["dataset"]] * len(ids), values, offsets)
 
 
-def read_pack_inputs(exp: Experiment) -> pd.DataFrame:
-    frames = []
+def read_shard(shard: dict[str, Any]) -> Utterances:
+    return _read_parquet(shard) if shard["kind"] == "parquet" else _read_jsonl(shard)
+
+
+def held_out(u: Utterances, seed: int, fraction: float) -> np.ndarray:
+    """Which utterances are validation: a seeded hash of (dataset, id) below `fraction`, so the choice depends on
+    the utterance alone, not on the shard it is in or on how many workers pack."""
+    if fraction <= 0:
+        return np.zeros(len(u.ids), dtype=bool)
+    draws = [int.from_bytes(hashlib.blake2b(f"{seed}\0{d}\0{i}".encode(), digest_size=8).digest(), "little")
+             for d, i in zip(u.datasets, u.ids, strict=True)]
+    return np.array(draws, dtype=np.float64) / 2.0**64 < fraction
+
+
+# --- pass 1: statistics ----------------------------------------------------------------------------------------
+
+
+def _jsonl_pieces(location: str, dataset: str, piece_tokens: int) -> list[dict[str, Any]]:
+    """Byte ranges of a JSONL file holding about `piece_tokens` tokens each (one scan, line by line)."""
+    pieces, start, first_line, tokens, line_no = [], 0, 0, 0, 0
+    with open(localize(location), "rb") as f:
+        for line in iter(f.readline, b""):
+            line_no += 1
+            if line.strip():
+                rec = json.loads(line)
+                tokens += (len(rec["units"]) if "units" in rec else rec.get("audio_repr", "").count("<")) + 2
+            if tokens >= piece_tokens:
+                pieces.append({"start": start, "stop": f.tell(), "first_line": first_line})
+                start, first_line, tokens = f.tell(), line_no, 0
+        if f.tell() > start:
+            pieces.append({"start": start, "stop": f.tell(), "first_line": first_line})
+    return [{"kind": "jsonl", "location": location, "dataset": dataset, **p, "id": f"{dataset}@{p['start']:015d}"}
+            for p in pieces]
+
+
+def shard_stats(shard: dict[str, Any], seed: int, val_fraction: float) -> dict[str, Any]:
+    """Per dataset of one input shard: utterances and tokens of its training and held-out parts."""
+    u = read_shard(shard)
+    val, tokens = held_out(u, seed, val_fraction), u.tokens
+    per: dict[str, dict[str, int]] = {}
+    for d in sorted(set(u.datasets)):
+        mine = u.datasets == d
+        per[d] = {"train_utterances": int((mine & ~val).sum()), "train_tokens": int(tokens[mine & ~val].sum()),
+                  "val_utterances": int((mine & val).sum()), "val_tokens": int(tokens[mine & val].sum())}
+    return {**shard, "datasets": per}
+
+
+def _stats_task(row: dict[str, Any], seed: int, val_fraction: float, piece_tokens: int) -> list[dict[str, Any]]:
+    shard = json.loads(row["shard"])
+    pieces = _jsonl_pieces(shard["location"], shard["dataset"], piece_tokens) if shard["kind"] == "jsonl" else [shard]
+    return [{"stats": json.dumps(shard_stats(p, seed, val_fraction))} for p in pieces]
+
+
+def input_shards(exp: Experiment) -> list[dict[str, Any]]:
+    """The inputs named by `pack.inputs`: each extract shard, and each slamkit JSONL file (split in pass 1)."""
+    shards = []
     for dataset, entry in name_entries(exp.pack.inputs, {"@extract": "@extract"}):
         if entry == "@extract":
             extracted = upstream_dir(exp, "extract")
-            extracted.local("units")  # fetched when the workdir is a bucket
-            units = read_unit_shards(extracted.path)
-            if "dataset" not in units.columns:
-                units["dataset"] = ""
-            frames.append(units[["id", "units", "dataset"]])
+            for name in (extracted.read_manifest() or {}).get("outputs", {}).get("units", []):
+                shards.append({"kind": "parquet", "location": extracted.location(name), "id": f"@extract/{name}"})
         elif Path(entry).is_file():
-            frames.append(read_slamkit_units(entry, dataset))
+            shards.append({"kind": "jsonl", "location": str(Path(entry).resolve()), "dataset": dataset})
         else:
             raise SlamError(f"pack.inputs entry {entry!r} is neither '@extract' nor an existing slamkit JSONL file")
-    return pd.concat(frames, ignore_index=True)
+    return shards
+
+
+# --- pass 2: the mix plan and the groups -------------------------------------------------------------------------
+
+
+def mix_rates(train_tokens: dict[str, int], mix: dict[str, float] | None, epochs: dict[str, float]) -> dict[str, float]:
+    """Times each dataset's training utterances are used so that it takes its `mix` share of the training tokens,
+    none more than its `epochs` cap (default 1): the scarcest dataset at its share sets the stream's length.
+    Without a mix every dataset is used once; a dataset the mix does not name is left out."""
+    present = sorted(train_tokens)
+    if mix is None:
+        return dict.fromkeys(present, 1.0)
+    unknown = sorted(set(mix) - set(present)) + sorted(set(epochs) - set(present))
+    if unknown:
+        raise SlamError(f"pack.mix/pack.epochs name datasets {unknown} that the inputs do not hold; "
+                        f"their datasets are {present} (named by extract.inputs or pack.inputs)")
+    weights = {d: w / sum(mix.values()) for d, w in mix.items() if w > 0}
+    empty = [d for d in weights if train_tokens[d] == 0]
+    if empty:
+        raise SlamError(f"pack.mix gives {empty} a share but they hold no training tokens")
+    stream = min(epochs.get(d, 1.0) * train_tokens[d] / weights[d] for d in weights)
+    return {d: (weights[d] * stream / train_tokens[d] if d in weights else 0.0) for d in present}
+
+
+def plan_groups(stats: list[dict[str, Any]], rates: dict[str, float], shard_tokens: int, seed: int
+                ) -> list[list[dict[str, Any]]]:
+    """Input shards in a seeded order, cut into consecutive groups of about `shard_tokens` training tokens."""
+    ordered = [stats[i] for i in np.random.default_rng(seed).permutation(len(stats))]
+    groups, current, size = [], [], 0.0
+    for shard in ordered:
+        current.append(shard)
+        size += sum(rates.get(d, 0.0) * c["train_tokens"] + c["val_tokens"] for d, c in shard["datasets"].items())
+        if size >= shard_tokens:
+            groups.append(current)
+            current, size = [], 0.0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def choose_training(u: Utterances, train: np.ndarray, rates: dict[str, float], rng: np.random.Generator) -> np.ndarray:
+    """Indices of the training utterances with their repeats: rate 2.4 = every utterance twice, and a seeded
+    choice of utterances holding 40% of the dataset's tokens in this shard a third time (rounded to the nearest
+    utterance, so the shares hold over many shards)."""
+    tokens, chosen = u.tokens, []
+    for d in sorted(set(u.datasets[train])):
+        mine = np.flatnonzero(train & (u.datasets == d))
+        whole, part = divmod(rates.get(d, 0.0), 1.0)
+        chosen.extend([mine] * int(whole))
+        if part > 0:
+            candidates = rng.permutation(mine)
+            cumulative = np.cumsum(tokens[candidates])
+            quota = part * cumulative[-1]
+            chosen.append(candidates[: int(np.searchsorted(cumulative - tokens[candidates] / 2, quota))])
+    return np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def pack_group(group: dict[str, Any]) -> dict[str, Any]:
+    """Read one group's input shards, choose and shuffle its utterances, write its train and val shards, then
+    its done mark. Returns the group's index rows and per-dataset training tokens."""
+    rng = np.random.default_rng([group["seed"], group["index"]])
+    parts: dict[str, list[tuple[Utterances, np.ndarray]]] = {"train": [], "val": []}
+    datasets: dict[str, int] = {}
+    for shard in group["shards"]:
+        u = read_shard(shard)
+        val = held_out(u, group["seed"], group["val_fraction"])
+        chosen = choose_training(u, ~val, group["rates"], rng)
+        parts["train"].append((u, chosen))
+        parts["val"].append((u, np.flatnonzero(val)))
+        names, tokens = u.datasets[chosen], u.tokens[chosen]
+        for d in set(names):
+            datasets[d] = datasets.get(d, 0) + int(tokens[names == d].sum())
+    folder = Path(group["folder"])
+    rows = {}
+    for split, selections in parts.items():
+        values, offsets, order, base, count = [], [np.zeros(1, dtype=np.int64)], [], 0, 0
+        for u, chosen in selections:  # one ragged array of the group's utterances
+            values.append(u.values)
+            offsets.append(u.offsets[1:] + base)
+            order.append(chosen + count)
+            base, count = base + int(u.offsets[-1]), count + len(u.ids)
+        merged_offsets = np.concatenate(offsets).astype(np.int64)
+        order_all = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+        order_all = order_all[rng.permutation(len(order_all))]  # the group is the shuffle buffer
+        tokens, starts = utterance_stream(np.concatenate(values) if values else np.zeros(0, np.uint16),
+                                          merged_offsets, order_all)
+        rows[split] = write_shard(folder, split, group["index"], tokens, starts, group["context_len"])
+    done = {"index": group["index"], "shards": rows, "datasets": datasets,
+            "utterances": sum(len(u.ids) for u, _ in parts["train"])}
+    (folder / "parts").mkdir(parents=True, exist_ok=True)
+    tmp = folder / "parts" / f".part-{group['index']:05d}.json.tmp"
+    tmp.write_text(json.dumps(done))
+    tmp.replace(folder / "parts" / f"part-{group['index']:05d}.json")  # last: the group's done mark
+    return done
+
+
+def _pack_task(row: dict[str, Any]) -> dict[str, Any]:
+    from slam_ray.core.storage import publish
+
+    group = json.loads(row["group"])
+    done = pack_group(group)
+    name = f"part-{group['index']:05d}"
+    for relative in (f"train/{name}.npy", f"train/{name}.starts.npy", f"val/{name}.npy", f"val/{name}.starts.npy",
+                     f"parts/{name}.json"):  # in a bucket: uploaded, the done mark last
+        publish(group["root"], relative)
+    return {"done": json.dumps(done)}
+
+
+def _ray_map(items: list[dict[str, Any]], fn: Any, exp: Experiment, flat: bool = False, **fn_kwargs: Any):
+    """Run `fn` over `items` (one JSON string column each) as Ray Data tasks, `pack.num_workers` at a time."""
+    import ray.data
+
+    quiet_ray_data()
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    mapper = ds.flat_map if flat else ds.map
+    return mapper(fn, fn_kwargs=fn_kwargs, num_cpus=exp.ray.actor_cpus,
+                  compute=ray.data.TaskPoolStrategy(size=min(exp.pack.num_workers, max(1, len(items))))).iter_rows()
 
 
 def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     cfg = exp.pack
-    with timer.phase("read"):
-        units = read_pack_inputs(exp)
-    if len(units) == 0:
+    shards = input_shards(exp)
+    if not shards:
+        raise SlamError("pack.inputs hold no unit shards to pack")
+    init_ray(exp)
+    out.local("parts")  # with a workdir in a bucket: the groups a killed run finished there
+    stats_file = out.path / "stats.json"
+    with timer.phase("stats"):
+        if (cached := out.local("stats.json")).is_file():  # pass 1 of a killed run
+            stats = json.loads(cached.read_text())
+        else:
+            stats = [json.loads(r["stats"]) for r in tqdm(
+                _ray_map([{"shard": json.dumps(s)} for s in shards], _stats_task, exp, flat=True, seed=cfg.seed,
+                         val_fraction=cfg.val_fraction, piece_tokens=max(1, cfg.shard_tokens // 4)),
+                desc="[pack] count", unit="piece", mininterval=2)]
+            stats.sort(key=lambda s: s.get("id", s["location"]))
+            stats_file.write_text(json.dumps(stats))
+            out.publish("stats.json")
+    train_tokens: dict[str, int] = {}
+    for s in stats:
+        for d, c in s["datasets"].items():
+            train_tokens[d] = train_tokens.get(d, 0) + c["train_tokens"]
+    if not sum(c["train_utterances"] + c["val_utterances"] for s in stats for c in s["datasets"].values()):
         raise SlamError("pack.inputs hold no utterances to pack")
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(units))
-    n_val = int(round(cfg.val_fraction * len(units)))
-    counts: dict[str, int | float] = {"utterances": len(units)}
+    rates = mix_rates(train_tokens, cfg.mix, cfg.epochs)
+    groups = [{"index": i, "shards": g, "rates": rates, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+               "context_len": cfg.context_len, "folder": str(out.path), "root": out.root}
+              for i, g in enumerate(plan_groups(stats, rates, cfg.shard_tokens, cfg.seed))]
+    todo = [g for g in groups if not (out.path / "parts" / f"part-{g['index']:05d}.json").is_file()]
+    if len(todo) < len(groups):
+        print(f"[pack] resuming: {len(groups) - len(todo)} of {len(groups)} shards already written")
     with timer.phase("pack"):
-        train_seqs, mix_report = select_mix(units.iloc[order[n_val:]], cfg.mix, cfg.epochs, cfg.seed)
-        val_seqs = [units_to_tokens(units["units"].iloc[i]) for i in order[:n_val]]
-        for split, seqs in (("train", train_seqs), ("val", val_seqs)):
-            windows, n_pad = pack_windows(seqs, cfg.context_len)
-            np.save(out.path / f"{split}.npy", windows)
-            counts[f"{split}_windows"] = len(windows)
-            counts[f"{split}_tokens"] = int(windows.size - n_pad)
-            counts[f"{split}_pad_fraction"] = round(n_pad / max(windows.size, 1), 6)
-    for dataset, r in mix_report.items():
+        for _ in tqdm(_ray_map([{"group": json.dumps(g)} for g in todo], _pack_task, exp) if todo else [],
+                      total=len(todo), desc="[pack] pack", unit="shard", mininterval=2):
+            pass
+    done = [json.loads((out.local("parts", f"part-{g['index']:05d}.json")).read_text()) for g in groups]
+    taken: dict[str, int] = {}
+    for part in done:
+        for d, n in part["datasets"].items():
+            taken[d] = taken.get(d, 0) + n
+    total = sum(taken.values()) or 1
+    report = {d: {"tokens": taken.get(d, 0), "share": taken.get(d, 0) / total,
+                  "epochs": taken.get(d, 0) / max(train_tokens[d], 1)} for d in sorted(rates) if rates[d] > 0}
+    index = write_index(out.path, cfg.context_len, {split: [p["shards"][split] for p in done] for split in ("train", "val")},
+                        report)
+    counts: dict[str, int | float] = {"utterances": sum(c["train_utterances"] + c["val_utterances"] for s in stats
+                                                        for c in s["datasets"].values()),
+                                      "shards": len(groups), "shards_resumed": len(groups) - len(todo)}
+    for split, info in index["splits"].items():
+        counts[f"{split}_windows"] = info["windows"]
+        counts[f"{split}_tokens"] = info["tokens"]
+        counts[f"{split}_pad_fraction"] = round(info["pad"] / max(info["windows"] * cfg.context_len, 1), 6)
+    for dataset, r in report.items():
         counts[f"mix.{dataset or 'default'}.share"] = round(r["share"], 4)
         counts[f"mix.{dataset or 'default'}.epochs"] = round(r["epochs"], 3)
     if counts["train_windows"] == 0:
         raise SlamError("no training windows; lower pack.val_fraction or give more audio")
-    return StageResult(counts=counts, outputs={"train": "train.npy", "val": "val.npy"})
+    seconds = max(timer.timings.get("pack", 0.0), 1e-9)
+    return StageResult(counts=counts, outputs={"index": "index.json", "train": "train", "val": "val"},
+                       metrics={"throughput/tokens_per_s": (counts["train_tokens"] + counts["val_tokens"]) / seconds})
 
 
 def pack(exp: Experiment) -> StageDir:

@@ -22,6 +22,7 @@ from slam_ray.core.stage_io import StageDir, Timer, upstream_dir
 from slam_ray.core.storage import in_filesystem, localize, storage_root
 from slam_ray.core.tracking import Tracker
 from slam_ray.lm.optim import build_optimizer, lr_factor, warmup_steps
+from slam_ray.lm.packed import PackedWindows
 from slam_ray.parallel.train_utils import all_ranks, check_global_batch, flops_per_token
 from slam_ray.parallel.trainer import (
     Budget,
@@ -47,7 +48,7 @@ TOO_FEW_WINDOWS = "lower train.batch_size, train.num_workers or pack.context_len
 class WindowBatches:
     """Seeded epoch-wise shuffles of the packed windows; rank r takes its slice of every global batch."""
 
-    def __init__(self, windows: np.ndarray, batch_size: int, rank: int, world: int, seed: int) -> None:
+    def __init__(self, windows: np.ndarray | PackedWindows, batch_size: int, rank: int, world: int, seed: int) -> None:
         self.windows, self.batch_size, self.rank, self.world, self.seed = windows, batch_size, rank, world, seed
         self.global_batch = batch_size * world
         check_global_batch(len(windows), "training windows", self.global_batch, TOO_FEW_WINDOWS)
@@ -72,11 +73,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = exp.train
     w = setup_worker(exp, config, cfg.seed)
     settings = TrainerSettings.of(exp, "train")
-    # Memory-mapped (fetched to this node first when the workdir is a bucket): a batch reads its rows, and the
-    # workers of a node share the page cache instead of each holding the whole array.
-    train_windows = np.load(localize(config["train_path"]), mmap_mode="r")
-    val_windows = np.load(localize(config["val_path"]), mmap_mode="r")
-    context_len = train_windows.shape[1]
+    # The pack output's shards, memory-mapped (fetched to this node first when the workdir is a bucket): a batch
+    # reads its rows, and the workers of a node share the page cache; a worker's own memory does not grow with
+    # the corpus.
+    packed = localize(config["pack_root"])
+    train_windows, val_windows = PackedWindows(packed, "train"), PackedWindows(packed, "val")
+    context_len = train_windows.context_len
     model = build_model(cfg.model, exp.vocab_size, max_positions=context_len)
     n_params = count_parameters(model)
     resumed = resume_state(model)
@@ -109,14 +111,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for the other ranks (a deadlock). A sharded model's every forward is collective, so under FSDP every
         rank runs the same number of batches (a rank out of windows repeats one and does not count it)."""
         plain = plain_model(t.model, settings).eval()
-        windows = val_windows[:limit]
+        n = min(len(val_windows), limit or len(val_windows))
         stride = cfg.batch_size * w.world
-        end = -(-len(windows) // stride) * stride if settings.fsdp else len(windows)
+        end = -(-n // stride) * stride if settings.fsdp else n
         losses = []
         with torch.no_grad(), t.autocast():
             for i in range(w.rank * cfg.batch_size, end, stride):
-                loss = loss_on(windows[i : i + cfg.batch_size] if i < len(windows) else windows[:1], plain).item()
-                if i < len(windows):
+                loss = loss_on(val_windows[i : min(i + cfg.batch_size, n)] if i < n else val_windows[:1], plain).item()
+                if i < n:
                     losses.append(loss)
         plain.train()
         return all_ranks(sum(losses), "sum") / max(1.0, all_ranks(len(losses), "sum"))
@@ -170,7 +172,7 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
     init_ray(exp)
     with timer.phase("fit"):
         result = fit(exp, out, "train", train_loop_per_worker,
-                     {"train_path": packed.location("train.npy"), "val_path": packed.location("val.npy")},
+                     {"pack_root": packed.root},
                      tracker, exp.train.num_workers, callbacks=tune_callbacks())
     checkpoints = {m.get("kind"): (ckpt, m) for ckpt, m in result.best_checkpoints}  # the latest of each kind
     for kind, folder in (("init", "checkpoint_init"), ("final", "checkpoint")):

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from slam_ray.config import ScheduleConfig
 from slam_ray.lm.optim import lr_factor
-from slam_ray.stages.pack import pack_windows
 from slam_ray.stages.train import WindowBatches
 
 
@@ -41,12 +39,16 @@ def test_ranks_see_disjoint_slices_of_each_global_batch():
 
 
 def test_memory_mapped_windows_give_the_same_batches_in_any_order_of_access(tmp_path):
-    """The worker maps train.npy instead of loading it: batches equal the in-memory array's, the epoch's
+    """The worker maps the pack shards instead of loading them: batches equal the in-memory array's, the epoch's
     shuffle is the seeded permutation of that epoch (cached per epoch, so resuming at any step, or going back
     to an earlier epoch, gives the same batch)."""
+    from slam_ray.lm.packed import PackedWindows, write_index, write_shard
+
     windows = np.arange(30 * 4, dtype=np.uint16).reshape(30, 4)
-    np.save(tmp_path / "train.npy", windows)
-    mapped = WindowBatches(np.load(tmp_path / "train.npy", mmap_mode="r"), 3, rank=1, world=2, seed=7)
+    rows = [write_shard(tmp_path, "train", i, windows[a:b].reshape(-1), np.zeros(0), 4)  # three shards
+            for i, (a, b) in enumerate(((0, 7), (7, 8), (8, 30)))]
+    write_index(tmp_path, 4, {"train": rows, "val": []})
+    mapped = WindowBatches(PackedWindows(tmp_path, "train"), 3, rank=1, world=2, seed=7)
     plain = WindowBatches(windows, 3, rank=1, world=2, seed=7)
     for index in [0, 1, 9, 5, 12, 3, 17, 0]:  # across epochs (5 batches each), forwards and back
         epoch, i = divmod(index, plain.per_epoch)
@@ -75,17 +77,6 @@ def test_too_little_data_is_a_clear_error(tmp_path):
     with pytest.raises(SlamError, match="5 training windows < one global batch .8.; lower train.batch_size, "
                                         "train.num_workers"):
         train(exp)
-
-
-def test_packing_wastes_less_than_one_percent():
-    rng = np.random.default_rng(0)
-    seqs = [rng.integers(2, 100, size=rng.integers(20, 80)).astype(np.int64) for _ in range(500)]
-    windows, n_pad = pack_windows(seqs, 256)
-    total = sum(len(s) for s in seqs)
-    assert windows.shape[1] == 256 and windows.dtype == np.uint16
-    assert windows.size - n_pad == total
-    assert n_pad / windows.size < 0.01
-    assert np.array_equal(windows.reshape(-1)[:total], np.concatenate(seqs))
 
 
 def test_wsd_and_linear_schedules():
@@ -213,40 +204,6 @@ def test_adalomo_matches_lomo_optims_fused_implementation(monkeypatch):
         assert not torch.equal(a, before), f"{name} did not move"
 
 
-def units_frame(sizes: dict[str, tuple[int, int]]) -> pd.DataFrame:
-    """`sizes[name] = (utterances, units per utterance)`."""
-    rng = np.random.default_rng(0)
-    rows = [{"id": f"{name}-{i}", "dataset": name, "units": rng.integers(0, 50, size=length)}
-            for name, (n, length) in sizes.items() for i in range(n)]
-    return pd.DataFrame(rows)
-
-
-def test_mix_gives_each_dataset_its_share_of_tokens():
-    from slam_ray.stages.pack import select_mix
-
-    units = units_frame({"books": (400, 30), "stories": (100, 40)})  # 12,800 vs 4,200 tokens
-    seqs, report = select_mix(units, {"books": 0.25, "stories": 0.75}, {"stories": 3}, seed=0)
-    assert report["books"]["share"] == pytest.approx(0.25, abs=0.01)
-    assert report["stories"]["share"] == pytest.approx(0.75, abs=0.01)
-    assert report["stories"]["epochs"] == pytest.approx(3.0, abs=0.02)  # the scarce dataset sets the length
-    assert sum(len(s) for s in seqs) == pytest.approx(sum(r["tokens"] for r in report.values()))
-    again, _ = select_mix(units, {"books": 0.25, "stories": 0.75}, {"stories": 3}, seed=0)
-    assert all(np.array_equal(a, b) for a, b in zip(seqs, again, strict=True))  # deterministic for a seed
-    other, _ = select_mix(units, {"books": 0.25, "stories": 0.75}, {"stories": 3}, seed=1)
-    assert not all(np.array_equal(a, b) for a, b in zip(seqs, other, strict=False))
-
-
-def test_no_mix_uses_every_utterance_once_and_unknown_names_fail():
-    from slam_ray.errors import SlamError
-    from slam_ray.stages.pack import select_mix
-
-    units = units_frame({"a": (10, 5), "b": (30, 5)})
-    seqs, report = select_mix(units, None, {}, seed=0)
-    assert len(seqs) == 40 and report["b"]["share"] == pytest.approx(0.75)
-    with pytest.raises(SlamError, match=r"\['librispeech'\].*\['a', 'b'\]"):
-        select_mix(units, {"librispeech": 1.0}, {}, seed=0)
-
-
 def test_mix_weights_are_validated():
     from slam_ray.config import load_experiment
     from slam_ray.errors import ConfigError
@@ -255,25 +212,3 @@ def test_mix_weights_are_validated():
         load_experiment("quickstart", ["pack.mix={a: -1}"])
     exp = load_experiment("quickstart", ["extract.inputs=[{name: books, path: /data/books}, /data/LibriSpeech/, '@synth']"])
     assert exp.named_inputs() == [("books", "/data/books"), ("LibriSpeech", "/data/LibriSpeech/"), ("synth", "@synth")]
-
-
-def test_pack_reads_slamkit_files_without_extract(fixtures, tmp_path):
-    """slamkit's features and tokens JSONL go straight into pack: no extract stage is needed or run."""
-    import json
-
-    from helpers import small_experiment
-
-    from slam_ray.speech.units import read_jsonl
-    from slam_ray.stages.pack import pack
-
-    exp = small_experiment(tmp_path / "w", stages=["pack"], pack={
-        "inputs": [str(fixtures / "features.jsonl"), {"name": "tok", "path": str(fixtures / "tokens.jsonl")}],
-        "context_len": 64, "val_fraction": 0.0, "mix": {"features": 0.5, "tok": 0.5}})
-    out = pack(exp)
-    manifest = json.loads(out.manifest_path.read_text())
-    per_file = sum(len(r["units"]) + 2 for r in read_jsonl(fixtures / "features.jsonl"))  # + BOS and EOS
-    assert manifest["counts"]["train_tokens"] == 2 * per_file  # the same utterances, once from each file
-    assert manifest["counts"]["mix.features.share"] == pytest.approx(0.5)
-    windows = np.load(out.path / "train.npy")
-    assert windows.shape[1] == 64 and windows.max() < 502
-    assert "extract" not in manifest["config"]

@@ -10,6 +10,7 @@ from helpers import kill_a_worker_during, small_experiment
 
 from slam_ray.core.stage_io import stage_dir
 from slam_ray.core.tracking import tracking_uri
+from slam_ray.lm.packed import PackedWindows, save_windows
 from slam_ray.stages.train import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -24,8 +25,7 @@ def fake_pack_output(exp, n_windows: int = 64):
     # a learnable stream: a repeating pattern of unit tokens
     pattern = rng.integers(2, vocab, size=17)
     stream = np.resize(pattern, n_windows * exp.pack.context_len).astype(np.uint16)
-    np.save(out.path / "train.npy", stream.reshape(n_windows, -1))
-    np.save(out.path / "val.npy", stream[: 4 * exp.pack.context_len].reshape(4, -1))
+    save_windows(out.path, stream.reshape(n_windows, -1), stream[: 4 * exp.pack.context_len].reshape(4, -1))
     out.write_manifest({"status": "complete", "stage": "pack", "key": out.key})
 
 
@@ -179,7 +179,7 @@ def test_twist_run_stops_at_its_time_budget_between_log_steps_and_its_checkpoint
     assert sorted(loss_curve(exp)) == [steps]  # the stopping step is logged
 
     model = AutoModelForCausalLM.from_pretrained(stage_dir(exp, "train").path / "checkpoint").eval()
-    x = torch.from_numpy(np.load(stage_dir(exp, "pack").path / "val.npy").astype(np.int64))
+    x = torch.from_numpy(PackedWindows(stage_dir(exp, "pack").path, "val")[:].astype(np.int64))
     with torch.no_grad():
         reloaded = model(input_ids=x, labels=x.masked_fill(x == PAD_ID, -100)).loss.item()
     assert reloaded == pytest.approx(manifest["metrics"]["val/loss_final"], rel=1e-5)

@@ -1,0 +1,155 @@
+"""Packed token windows on disk: the `pack` stage's output format, read memory-mapped by the training workers.
+
+A pack output (format 2) is a folder of shards plus a small index, so neither the stage that writes it nor a
+worker that reads it ever holds the corpus:
+
+    index.json                    context_len; per split its shards (file, windows, tokens, pad); per dataset
+                                  the training tokens, share and epochs
+    train/part-NNNNN.npy          uint16 [windows, context_len]: utterances `<s> u+2 ... <s>` concatenated and cut
+                                  into windows; only a shard's last window is padded (<pad> = 0)
+    train/part-NNNNN.starts.npy   int64: flat offsets (row * context_len + column) in that shard where an
+                                  utterance begins (its <s>)
+    val/part-NNNNN.npy, ...       the same for the held-out utterances
+
+Documents: a window's documents begin at column 0 and at every utterance start inside it. An utterance cut by a
+window boundary is two documents; the later piece starts with the utterance's next unit (no repeated <s>), so
+no token is added or lost by the cut.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slam_ray.errors import SlamError
+from slam_ray.speech.units import BOS_ID, EOS_ID, PAD_ID, UNIT_OFFSET
+
+PACK_FORMAT = 2
+SPLITS = ("train", "val")
+
+
+def utterance_stream(values: np.ndarray, offsets: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The token stream of utterances `order` (indices into a ragged array: utterance i's units are
+    `values[offsets[i]:offsets[i + 1]]`), each as `<s> u+2 ... <s>`, in that order; an index may repeat.
+    Returns (tokens uint16, starts int64: where each utterance's <s> is). Vectorised: no Python loop per
+    utterance, so packing runs at memory speed."""
+    order = np.asarray(order, dtype=np.int64)
+    lengths = (offsets[order + 1] - offsets[order]).astype(np.int64)
+    ends = np.cumsum(lengths + 2)
+    starts = ends - (lengths + 2)
+    tokens = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint16)
+    tokens[starts] = BOS_ID
+    tokens[ends - 1] = EOS_ID
+    n_units = int(lengths.sum())
+    if n_units:
+        # unit j of the k-th utterance: source offsets[order[k]] + j, target starts[k] + 1 + j
+        unit_base = np.cumsum(lengths) - lengths  # where the k-th utterance's units begin among all units
+        within = np.arange(n_units, dtype=np.int64) - np.repeat(unit_base, lengths)
+        source = np.repeat(offsets[order], lengths) + within
+        target = np.repeat(starts + 1, lengths) + within
+        tokens[target] = values[source].astype(np.uint16) + UNIT_OFFSET
+    return tokens, starts
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+
+
+def write_shard(folder: Path, split: str, index: int, tokens: np.ndarray, starts: np.ndarray, context_len: int
+                ) -> dict[str, Any]:
+    """Cut `tokens` into windows (the last one padded) and write shard `index` of `split`; returns its index row."""
+    n_windows = -(-len(tokens) // context_len)
+    pad = n_windows * context_len - len(tokens)
+    windows = np.concatenate([tokens, np.full(pad, PAD_ID, dtype=np.uint16)]).reshape(n_windows, context_len)
+    (folder / split).mkdir(parents=True, exist_ok=True)
+    name = f"part-{index:05d}"
+    _atomic_save(folder / split / f"{name}.starts.npy", np.asarray(starts, dtype=np.int64))
+    _atomic_save(folder / split / f"{name}.npy", windows.astype(np.uint16, copy=False))
+    return {"file": f"{name}.npy", "windows": n_windows, "tokens": int(len(tokens)), "pad": int(pad)}
+
+
+def write_index(folder: Path, context_len: int, shards: dict[str, list[dict[str, Any]]],
+                datasets: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    index = {"format": PACK_FORMAT, "context_len": context_len,
+             "splits": {split: {"windows": sum(s["windows"] for s in rows), "tokens": sum(s["tokens"] for s in rows),
+                                "pad": sum(s["pad"] for s in rows), "shards": rows}
+                        for split, rows in shards.items()},
+             "datasets": datasets or {}}
+    tmp = folder / ".index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    tmp.replace(folder / "index.json")
+    return index
+
+
+def save_windows(folder: str | Path, train: np.ndarray, val: np.ndarray) -> None:
+    """Write already-cut windows ([n, context_len] each) as a one-shard pack output (benchmarks, tests)."""
+    folder = Path(folder)
+    context_len = train.shape[1]
+    shards = {}
+    for split, windows in (("train", train), ("val", val)):
+        flat = np.asarray(windows, dtype=np.uint16).reshape(-1)
+        starts = np.flatnonzero(flat == BOS_ID)[::2]  # every utterance is <s> ... <s>: its start is every other one
+        shards[split] = [write_shard(folder, split, 0, flat, starts, context_len)]
+    write_index(folder, context_len, shards)
+
+
+class PackedWindows:
+    """One split of a pack output as a read-only array of windows `[len(self), context_len]`, memory-mapped shard
+    by shard: indexing reads only the rows asked for, and the workers of a node share the page cache."""
+
+    def __init__(self, folder: str | Path, split: str) -> None:
+        folder = Path(folder)
+        index_file = folder / "index.json"
+        if not index_file.is_file():
+            raise SlamError(f"{folder} holds no index.json: not a pack output of format {PACK_FORMAT} "
+                            "(rerun `slam-ray pack`; an older train.npy output is not read)")
+        index = json.loads(index_file.read_text())
+        if index.get("format") != PACK_FORMAT:
+            raise SlamError(f"{index_file}: pack format {index.get('format')}, this slam_ray reads {PACK_FORMAT}")
+        self.folder, self.split = folder / split, split
+        self.context_len = int(index["context_len"])
+        rows = [s for s in index["splits"][split]["shards"] if s["windows"] > 0]
+        self._files = [r["file"] for r in rows]
+        self._shards: list[np.ndarray | None] = [None] * len(rows)
+        self.offsets = np.concatenate([[0], np.cumsum([r["windows"] for r in rows])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.context_len
+
+    def _shard(self, s: int) -> np.ndarray:
+        if self._shards[s] is None:
+            self._shards[s] = np.load(self.folder / self._files[s], mmap_mode="r")
+        return self._shards[s]
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray:
+        """Rows as an in-memory uint16 array: `windows[i]`, `windows[a:b]` or `windows[[i, j, ...]]` (any order)."""
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        rows = np.atleast_1d(np.asarray(index, dtype=np.int64))
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"window index out of range 0..{len(self) - 1}")
+        out = np.empty((len(rows), self.context_len), dtype=np.uint16)
+        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(shard_of):
+            mask = shard_of == s
+            out[mask] = self._shard(int(s))[rows[mask] - self.offsets[s]]
+        return out[0] if np.ndim(index) == 0 else out
+
+    def document_starts(self, window: int) -> np.ndarray:
+        """Columns of window `window` where a document begins: 0, and every utterance start after it."""
+        s = int(np.searchsorted(self.offsets, window, side="right") - 1)
+        starts = np.load(self.folder / self._files[s].replace(".npy", ".starts.npy"), mmap_mode="r")
+        begin = (window - self.offsets[s]) * self.context_len
+        inside = starts[np.searchsorted(starts, begin): np.searchsorted(starts, begin + self.context_len)] - begin
+        return np.union1d([0], inside).astype(np.int64)

@@ -1,0 +1,216 @@
+"""The pack stage: the token stream, the shard format and its reader, the mix plan, the two-level shuffle, and the
+stage on Ray Data (shares, worker-count independence, resume after SIGKILL)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slam_ray.lm.packed import PackedWindows, save_windows, utterance_stream, write_index, write_shard
+from slam_ray.speech.units import units_to_tokens
+from slam_ray.stages.pack import mix_rates, pack_group, plan_groups, shard_stats
+
+
+def ragged(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+    return np.concatenate(arrays).astype(np.uint16), offsets
+
+
+def features_jsonl(path: Path, dataset: str, n: int, lengths: tuple[int, int], seed: int) -> list[list[int]]:
+    """A slamkit features JSONL of `n` utterances of random units; returns their units."""
+    rng = np.random.default_rng(seed)
+    utterances = [rng.integers(0, 500, size=rng.integers(*lengths)).tolist() for _ in range(n)]
+    with open(path, "w") as f:
+        for i, units in enumerate(utterances):
+            f.write(json.dumps({"units": units, "duration": [1] * len(units), "file_name": f"{dataset}/{i:06d}.flac"}) + "\n")
+    return utterances
+
+
+def documents(windows: PackedWindows) -> list[tuple[int, ...]]:
+    """The utterances of a split as token tuples `<s> ... <s>`, rebuilt from the windows and their document
+    starts (a piece that continues an utterance from the previous window is joined back to it)."""
+    utterances: list[list[int]] = []
+    for w in range(len(windows)):
+        row, cuts = windows[w], list(windows.document_starts(w)) + [windows.context_len]
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            piece = [int(t) for t in row[a:b] if t != 0]
+            if not piece:
+                continue
+            if a == 0 and utterances and (len(utterances[-1]) < 2 or utterances[-1][-1] != 1 or piece[0] != 1):
+                utterances[-1].extend(piece)  # the rest of an utterance the window boundary cut
+            else:
+                utterances.append(piece)
+    return [tuple(u) for u in utterances]
+
+
+def test_utterance_stream_is_each_utterance_as_tokens_in_the_given_order():
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 500, size=n) for n in (5, 1, 12, 0, 7)]
+    values, offsets = ragged(arrays)
+    order = np.array([2, 0, 2, 4, 3, 1])  # repeats and an empty utterance
+    tokens, starts = utterance_stream(values, offsets, order)
+    expected = np.concatenate([units_to_tokens(arrays[i]) for i in order])
+    np.testing.assert_array_equal(tokens, expected)
+    assert tokens.dtype == np.uint16
+    np.testing.assert_array_equal(starts, np.cumsum([0] + [len(arrays[i]) + 2 for i in order[:-1]]))
+
+
+def test_packing_wastes_less_than_one_percent(tmp_path):
+    """Only a shard's last window is padded; the windows hold the stream token for token."""
+    rng = np.random.default_rng(0)
+    values, offsets = ragged([rng.integers(0, 98, size=rng.integers(20, 80)) for _ in range(500)])
+    tokens, starts = utterance_stream(values, offsets, np.arange(500))
+    row = write_shard(tmp_path, "train", 0, tokens, starts, 256)
+    windows = np.load(tmp_path / "train" / "part-00000.npy")
+    assert windows.shape == (row["windows"], 256) and windows.dtype == np.uint16
+    assert row["tokens"] == len(tokens) and row["pad"] < 256 and row["pad"] / windows.size < 0.01
+    np.testing.assert_array_equal(windows.reshape(-1)[: len(tokens)], tokens)
+
+
+def test_packed_windows_read_rows_across_shards_and_know_where_documents_start(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 500, size=rng.integers(3, 40)) for _ in range(60)]
+    values, offsets = ragged(arrays)
+    rows, expected = [], []
+    for shard, order in enumerate((np.arange(0, 25), np.arange(25, 26), np.arange(26, 60))):
+        tokens, starts = utterance_stream(values, offsets, order)
+        rows.append(write_shard(tmp_path, "train", shard, tokens, starts, 16))
+        expected.append(np.load(tmp_path / "train" / f"part-{shard:05d}.npy"))
+    write_index(tmp_path, 16, {"train": rows, "val": []})
+    everything = np.concatenate(expected)
+    windows = PackedWindows(tmp_path, "train")
+    assert windows.shape == everything.shape
+    picks = np.random.default_rng(2).permutation(len(everything))[:40]
+    np.testing.assert_array_equal(windows[picks], everything[picks])  # any order, across shards
+    np.testing.assert_array_equal(windows[3:9], everything[3:9])
+    np.testing.assert_array_equal(windows[len(everything) - 1], everything[-1])
+    with pytest.raises(IndexError):
+        windows[[len(everything)]]
+    # every utterance comes back whole, in order, from the document starts (pieces cut by windows joined)
+    assert documents(windows) == [tuple(units_to_tokens(a)) for a in arrays]
+    assert windows.document_starts(0)[0] == 0
+
+
+def test_mix_rates_give_shares_under_epoch_caps_and_name_unknown_datasets():
+    from slam_ray.errors import SlamError
+
+    rates = mix_rates({"books": 12_800, "stories": 4_200}, {"books": 0.25, "stories": 0.75}, {"stories": 3})
+    assert rates["stories"] == pytest.approx(3.0)  # the scarce dataset at its cap sets the stream's length
+    taken = {d: rates[d] * n for d, n in {"books": 12_800, "stories": 4_200}.items()}
+    assert taken["books"] / sum(taken.values()) == pytest.approx(0.25)
+    assert mix_rates({"a": 10, "b": 30}, None, {}) == {"a": 1.0, "b": 1.0}
+    assert mix_rates({"a": 10, "b": 30}, {"a": 1.0}, {})["b"] == 0.0  # not in the mix: left out
+    with pytest.raises(SlamError, match=r"\['librispeech'\].*\['a', 'b'\]"):
+        mix_rates({"a": 10, "b": 30}, {"librispeech": 1.0}, {})
+
+
+def test_without_a_mix_every_utterance_is_packed_once_train_or_val(tmp_path):
+    """The stage's two passes in-process (no Ray): every input utterance is in exactly one split, once; the
+    held-out share is near val_fraction; a different seed shuffles differently."""
+    originals = features_jsonl(tmp_path / "a.jsonl", "a", 300, (5, 60), 0)
+    originals += features_jsonl(tmp_path / "b.jsonl", "b", 200, (5, 60), 1)
+
+    def run(seed: int, folder: Path) -> tuple[list, list]:
+        stats = []
+        for name in ("a", "b"):
+            from slam_ray.stages.pack import _jsonl_pieces
+
+            stats += [shard_stats(p, seed, 0.1) for p in _jsonl_pieces(str(tmp_path / f"{name}.jsonl"), name, 2000)]
+        rates = {"a": 1.0, "b": 1.0}
+        groups = plan_groups(stats, rates, 4000, seed)
+        assert len(groups) > 3
+        done = [pack_group({"index": i, "shards": g, "rates": rates, "seed": seed, "val_fraction": 0.1,
+                            "context_len": 64, "folder": str(folder), "root": str(folder)}) for i, g in enumerate(groups)]
+        write_index(folder, 64, {s: [d["shards"][s] for d in done] for s in ("train", "val")})
+        return documents(PackedWindows(folder, "train")), documents(PackedWindows(folder, "val"))
+
+    train, val = run(0, tmp_path / "out0")
+    assert Counter(train + val) == Counter(tuple(units_to_tokens(u)) for u in originals)
+    assert 0.05 < len(val) / len(originals) < 0.15
+    train1, _ = run(1, tmp_path / "out1")
+    assert train1 != train
+
+
+def test_save_windows_writes_a_readable_one_shard_output(tmp_path):
+    windows = np.arange(12 * 8, dtype=np.uint16).reshape(12, 8)
+    save_windows(tmp_path, windows, windows[:2])
+    np.testing.assert_array_equal(PackedWindows(tmp_path, "train")[np.arange(12)], windows)
+    assert len(PackedWindows(tmp_path, "val")) == 2
+
+
+def test_an_old_single_array_output_is_not_read(tmp_path):
+    from slam_ray.errors import SlamError
+
+    np.save(tmp_path / "train.npy", np.zeros((4, 8), dtype=np.uint16))
+    with pytest.raises(SlamError, match="no index.json.*rerun `slam-ray pack`"):
+        PackedWindows(tmp_path, "train")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pack_stage_mixes_shares_and_resumes_a_killed_run_to_the_same_shards(ray_local, tmp_path):
+    """On Ray Data: two slamkit files, 11 shards of about 100k tokens. The mix gives each dataset its share to 1%
+    with the epoch cap; a run with one worker SIGKILLed after two shards reruns only the missing ones, and its
+    shards equal, byte for byte, those of a clean run with two workers."""
+    from helpers import kill_and_rerun, small_experiment
+
+    from slam_ray.stages.pack import pack
+
+    books = features_jsonl(tmp_path / "books.jsonl", "books", 7000, (100, 400), 0)
+    stories = features_jsonl(tmp_path / "stories.jsonl", "stories", 800, (100, 400), 1)
+
+    def experiment(workdir: Path, workers: int):
+        return small_experiment(workdir, stages=["pack"], pack={
+            "inputs": [str(tmp_path / "books.jsonl"), str(tmp_path / "stories.jsonl")], "context_len": 256,
+            "val_fraction": 0.02, "mix": {"books": 0.6, "stories": 0.4}, "epochs": {"stories": 2.5},
+            "shard_tokens": 100_000, "num_workers": workers})
+
+    clean = pack(experiment(tmp_path / "clean", 2))
+    counts = json.loads(clean.manifest_path.read_text())["counts"]
+    assert counts["shards"] >= 10
+    assert counts["mix.books.share"] == pytest.approx(0.6, abs=0.01)
+    assert counts["mix.stories.share"] == pytest.approx(0.4, abs=0.01)
+    assert counts["mix.stories.epochs"] == pytest.approx(2.5, abs=0.025)  # the scarce dataset at its cap
+    book_tokens = sum(len(u) + 2 for u in books)
+    assert counts["mix.books.epochs"] < 1 and counts["train_tokens"] > book_tokens * counts["mix.books.epochs"]
+    train = documents(PackedWindows(clean.path, "train"))
+    story_set = {tuple(units_to_tokens(u)) for u in stories}
+    repeats = Counter(u for u in train if u in story_set)
+    assert set(repeats.values()) <= {2, 3}  # every held-in story 2 or 3 times: the cap, not more
+    assert counts["train_pad_fraction"] < 0.01
+
+    killed = kill_and_rerun(experiment(tmp_path / "killed", 1), "pack", "parts", counts["shards"], tmp_path,
+                            suffix=".json")
+    for split in ("train", "val"):
+        files = sorted(p.name for p in (clean.path / split).iterdir())
+        assert files == sorted(p.name for p in (killed.path / split).iterdir())
+        for name in files:
+            assert (clean.path / split / name).read_bytes() == (killed.path / split / name).read_bytes(), name
+    assert json.loads((killed.path / "index.json").read_text()) == json.loads((clean.path / "index.json").read_text())
+
+
+@pytest.mark.ray
+def test_pack_reads_slamkit_files_without_extract(fixtures, ray_local, tmp_path):
+    """slamkit's features and tokens JSONL go straight into pack: no extract stage is needed or run."""
+    from helpers import small_experiment
+
+    from slam_ray.speech.units import read_jsonl
+    from slam_ray.stages.pack import pack
+
+    exp = small_experiment(tmp_path / "w", stages=["pack"], pack={
+        "inputs": [str(fixtures / "features.jsonl"), {"name": "tok", "path": str(fixtures / "tokens.jsonl")}],
+        "context_len": 64, "val_fraction": 0.0, "mix": {"features": 0.5, "tok": 0.5}})
+    out = pack(exp)
+    manifest = json.loads(out.manifest_path.read_text())
+    per_file = sum(len(r["units"]) + 2 for r in read_jsonl(fixtures / "features.jsonl"))  # + BOS and EOS
+    assert manifest["counts"]["train_tokens"] == 2 * per_file  # the same utterances, once from each file
+    assert manifest["counts"]["mix.features.share"] == pytest.approx(0.5)
+    windows = PackedWindows(out.path, "train")
+    assert windows.shape[1] == 64 and windows[:].max() < 502
+    assert Counter(documents(windows)) == Counter(  # each file's utterances once
+        {tuple(units_to_tokens(r["units"])): 2 for r in read_jsonl(fixtures / "features.jsonl")})
+    assert "extract" not in manifest["config"]
