@@ -35,7 +35,7 @@ from tqdm import tqdm
 from slam_ray.config import Experiment, name_entries
 from slam_ray.core.runner import StageResult, init_ray, run_stage
 from slam_ray.core.stage_io import StageDir, Timer, upstream_dir
-from slam_ray.core.storage import localize
+from slam_ray.core.storage import local_path, localize
 from slam_ray.core.tracking import Tracker
 from slam_ray.errors import SlamError
 from slam_ray.lm.packed import utterance_stream, write_index, write_shard
@@ -145,9 +145,13 @@ def shard_stats(shard: dict[str, Any], seed: int, val_fraction: float) -> dict[s
 
 
 def _stats_task(row: dict[str, Any], seed: int, val_fraction: float, piece_tokens: int) -> list[dict[str, Any]]:
-    shard = json.loads(row["shard"])
-    pieces = _jsonl_pieces(shard["location"], shard["dataset"], piece_tokens) if shard["kind"] == "jsonl" else [shard]
-    return [{"stats": json.dumps(shard_stats(p, seed, val_fraction))} for p in pieces]
+    """Statistics of a few input shards (several per task: a Ray task costs more than counting a small shard)."""
+    rows = []
+    for shard in json.loads(row["shards"]):
+        pieces = (_jsonl_pieces(shard["location"], shard["dataset"], piece_tokens) if shard["kind"] == "jsonl"
+                  else [shard])
+        rows += [{"stats": json.dumps(shard_stats(p, seed, val_fraction))} for p in pieces]
+    return rows
 
 
 def input_shards(exp: Experiment) -> list[dict[str, Any]]:
@@ -235,7 +239,7 @@ def pack_group(group: dict[str, Any]) -> dict[str, Any]:
         names, tokens = u.datasets[chosen], u.tokens[chosen]
         for d in set(names):
             datasets[d] = datasets.get(d, 0) + int(tokens[names == d].sum())
-    folder = Path(group["folder"])
+    folder = local_path(group["root"])  # this node's staging copy when the workdir is a bucket
     rows = {}
     for split, selections in parts.items():
         values, offsets, order, base, count = [], [np.zeros(1, dtype=np.int64)], [], 0, 0
@@ -294,8 +298,10 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
         if (cached := out.local("stats.json")).is_file():  # pass 1 of a killed run
             stats = json.loads(cached.read_text())
         else:
+            per_task = max(1, min(16, len(shards) // (4 * cfg.num_workers)))
             stats = [json.loads(r["stats"]) for r in tqdm(
-                _ray_map([{"shard": json.dumps(s)} for s in shards], _stats_task, exp, flat=True, seed=cfg.seed,
+                _ray_map([{"shards": json.dumps(shards[i : i + per_task])} for i in range(0, len(shards), per_task)],
+                         _stats_task, exp, flat=True, seed=cfg.seed,
                          val_fraction=cfg.val_fraction, piece_tokens=max(1, cfg.shard_tokens // 4)),
                 desc="[pack] count", unit="piece", mininterval=2)]
             stats.sort(key=lambda s: s.get("id", s["location"]))
@@ -309,7 +315,7 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
         raise SlamError("pack.inputs hold no utterances to pack")
     rates = mix_rates(train_tokens, cfg.mix, cfg.epochs)
     groups = [{"index": i, "shards": g, "rates": rates, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-               "context_len": cfg.context_len, "folder": str(out.path), "root": out.root}
+               "context_len": cfg.context_len, "root": out.root}
               for i, g in enumerate(plan_groups(stats, rates, cfg.shard_tokens, cfg.seed))]
     todo = [g for g in groups if not (out.path / "parts" / f"part-{g['index']:05d}.json").is_file()]
     if len(todo) < len(groups):

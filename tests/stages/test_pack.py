@@ -124,7 +124,7 @@ def test_without_a_mix_every_utterance_is_packed_once_train_or_val(tmp_path):
         groups = plan_groups(stats, rates, 4000, seed)
         assert len(groups) > 3
         done = [pack_group({"index": i, "shards": g, "rates": rates, "seed": seed, "val_fraction": 0.1,
-                            "context_len": 64, "folder": str(folder), "root": str(folder)}) for i, g in enumerate(groups)]
+                            "context_len": 64, "root": str(folder)}) for i, g in enumerate(groups)]
         write_index(folder, 64, {s: [d["shards"][s] for d in done] for s in ("train", "val")})
         return documents(PackedWindows(folder, "train")), documents(PackedWindows(folder, "val"))
 
