@@ -275,15 +275,21 @@ def _pack_task(row: dict[str, Any]) -> dict[str, Any]:
     return {"done": json.dumps(done)}
 
 
-def _ray_map(items: list[dict[str, Any]], fn: Any, exp: Experiment, flat: bool = False, **fn_kwargs: Any):
-    """Run `fn` over `items` (one JSON string column each) as Ray Data tasks, `pack.num_workers` at a time."""
+def _map(items: list[dict[str, Any]], fn: Any, exp: Experiment, flat: bool = False, **fn_kwargs: Any):
+    """Run `fn` over `items` (one JSON string column each) as Ray Data tasks, `pack.num_workers` at a time. A single
+    item runs here, in the driver: the same function on the same input, without starting Ray for a small corpus
+    (the quickstart's is one group)."""
+    if len(items) == 1:
+        result = fn(items[0], **fn_kwargs)
+        return iter(result if flat else [result])
     import ray.data
 
+    init_ray(exp)
     quiet_ray_data()
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     mapper = ds.flat_map if flat else ds.map
     return mapper(fn, fn_kwargs=fn_kwargs, num_cpus=exp.ray.actor_cpus,
-                  compute=ray.data.TaskPoolStrategy(size=min(exp.pack.num_workers, max(1, len(items))))).iter_rows()
+                  compute=ray.data.TaskPoolStrategy(size=min(exp.pack.num_workers, len(items)))).iter_rows()
 
 
 def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
@@ -291,16 +297,15 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
     shards = input_shards(exp)
     if not shards:
         raise SlamError("pack.inputs hold no unit shards to pack")
-    init_ray(exp)
     out.local("parts")  # with a workdir in a bucket: the groups a killed run finished there
     stats_file = out.path / "stats.json"
     with timer.phase("stats"):
         if (cached := out.local("stats.json")).is_file():  # pass 1 of a killed run
             stats = json.loads(cached.read_text())
         else:
-            per_task = max(1, min(16, len(shards) // (4 * cfg.num_workers)))
+            per_task = 16  # counting runs at ~50M tokens/s: a task per shard would cost more than the counting
             stats = [json.loads(r["stats"]) for r in tqdm(
-                _ray_map([{"shards": json.dumps(shards[i : i + per_task])} for i in range(0, len(shards), per_task)],
+                _map([{"shards": json.dumps(shards[i : i + per_task])} for i in range(0, len(shards), per_task)],
                          _stats_task, exp, flat=True, seed=cfg.seed,
                          val_fraction=cfg.val_fraction, piece_tokens=max(1, cfg.shard_tokens // 4)),
                 desc="[pack] count", unit="piece", mininterval=2)]
@@ -321,7 +326,7 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
     if len(todo) < len(groups):
         print(f"[pack] resuming: {len(groups) - len(todo)} of {len(groups)} shards already written")
     with timer.phase("pack"):
-        for _ in tqdm(_ray_map([{"group": json.dumps(g)} for g in todo], _pack_task, exp) if todo else [],
+        for _ in tqdm(_map([{"group": json.dumps(g)} for g in todo], _pack_task, exp) if todo else [],
                       total=len(todo), desc="[pack] pack", unit="shard", mininterval=2):
             pass
     done = [json.loads((out.local("parts", f"part-{g['index']:05d}.json")).read_text()) for g in groups]

@@ -173,8 +173,7 @@ def test_eval_units_cache_sees_audio_rewritten_in_place(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.ray
-def test_pack_runs_again_after_its_jsonl_is_edited_in_place(tmp_path, ray_local):
+def test_pack_runs_again_after_its_jsonl_is_edited_in_place(tmp_path):
     """The real stage: a second `pack` reuses its output; after the JSONL gains utterances in place, `pack`
     runs again and its windows hold them."""
     from slam_ray.stages.pack import pack

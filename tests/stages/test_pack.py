@@ -193,9 +193,9 @@ def test_pack_stage_mixes_shares_and_resumes_a_killed_run_to_the_same_shards(ray
     assert json.loads((killed.path / "index.json").read_text()) == json.loads((clean.path / "index.json").read_text())
 
 
-@pytest.mark.ray
-def test_pack_reads_slamkit_files_without_extract(fixtures, ray_local, tmp_path):
-    """slamkit's features and tokens JSONL go straight into pack: no extract stage is needed or run."""
+def test_pack_reads_slamkit_files_without_extract(fixtures, tmp_path):
+    """slamkit's features and tokens JSONL go straight into pack: no extract stage is needed or run (one group:
+    it runs in the driver)."""
     from helpers import small_experiment
 
     from slam_ray.speech.units import read_jsonl
