@@ -7,9 +7,11 @@ process as the driver) and samples every 50 ms the anonymous memory (`RssAnon` o
 memory-mapped file are page cache, not a copy) of the driver and of every Ray worker process it started.
 Then a training worker's data path runs in a fresh process: `PackedWindows` over the shards and the train stage's
 `WindowBatches` reading one whole epoch of batches (each converted to int64 as the worker's `loss_on` does), and
-its peak anonymous memory is sampled the same way. The last line is one JSON object.
+its peak anonymous memory is sampled the same way. `--ray-data-reader` also streams the same windows through Ray
+Data (`read_numpy` -> `iter_torch_batches` with a local shuffle buffer), the alternative reader, and reports its
+time and memory (its own and its Ray workers'). The last line is one JSON object.
 
-    .venv/bin/python bench/pack.py [--sizes 10e6 100e6] [--workers 2] [--shard-tokens 4194304]
+    .venv/bin/python bench/pack.py [--sizes 10e6 100e6] [--workers 2] [--shard-tokens 4194304] [--ray-data-reader]
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def anon_bytes(pid: int) -> int:
 
 
 class PeakAnon:
-    """Peak RssAnon of one process, or of this process and each `ray::` worker among its descendants."""
+    """Peak RssAnon of a process (this one by default) and, separately, of the Ray workers among its descendants."""
 
     def __init__(self, pid: int | None = None) -> None:
         self.pid, self.driver, self.workers, self._stop = pid, 0, 0, threading.Event()
@@ -54,13 +56,13 @@ class PeakAnon:
         me = psutil.Process(self.pid or os.getpid())
         while not self._stop.is_set():
             self.driver = max(self.driver, anon_bytes(me.pid))
-            if self.pid is None:
-                for child in me.children(recursive=True):
-                    try:
-                        if child.name().startswith("ray::") or "default_worker.py" in " ".join(child.cmdline()):
-                            self.workers = max(self.workers, anon_bytes(child.pid))
-                    except psutil.Error:
-                        pass
+            # and every Ray worker among its descendants (a reader with its own Ray has some too)
+            for child in me.children(recursive=True):
+                try:
+                    if child.name().startswith("ray::") or "default_worker.py" in " ".join(child.cmdline()):
+                        self.workers = max(self.workers, anon_bytes(child.pid))
+                except psutil.Error:
+                    pass
             time.sleep(0.05)
 
     def __enter__(self) -> PeakAnon:
@@ -114,17 +116,35 @@ print(json.dumps({"windows": len(windows), "batches": data.per_epoch, "seconds":
 """
 
 
-def train_reader_memory(pack_root: Path) -> tuple[int, dict]:
-    proc = subprocess.Popen([sys.executable, "-c", TRAIN_READER, str(pack_root)], stdout=subprocess.PIPE, text=True,
+# The alternative the data-path issue asked to measure: the same windows streamed by Ray Data into the worker
+# (`iter_torch_batches` with a local shuffle buffer), in a process of its own with a local Ray.
+RAY_DATA_READER = """
+import json, sys, time
+from pathlib import Path
+import ray, ray.data
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+ray.data.DataContext.get_current().enable_progress_bars = False
+files = sorted(str(p) for p in (Path(sys.argv[1]) / "train").glob("part-*.npy") if not p.name.endswith(".starts.npy"))
+ds = ray.data.read_numpy(files)
+start, windows = time.perf_counter(), 0
+for batch in ds.iter_torch_batches(batch_size=16, local_shuffle_buffer_size=4096, local_shuffle_seed=0):
+    windows += len(batch["data"])
+print(json.dumps({"windows": windows, "seconds": time.perf_counter() - start}))
+"""
+
+
+def reader_memory(script: str, pack_root: Path) -> tuple[int, int, dict]:
+    """Run a reader script; its peak anonymous memory and that of any Ray worker it started."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(pack_root)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     with PeakAnon(proc.pid) as peak:
         out, _ = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"training reader failed ({proc.returncode})")
-    return peak.driver, json.loads(out.strip().splitlines()[-1])
+        raise SystemExit(f"reader failed ({proc.returncode})")
+    return peak.driver, peak.workers, json.loads(out.strip().splitlines()[-1])
 
 
-def one_size(n_tokens: int, workers: int, shard_tokens: int, cores: int) -> dict:
+def one_size(n_tokens: int, workers: int, shard_tokens: int, cores: int, ray_data_reader: bool) -> dict:
     from slam_ray.config import load_experiment
     from slam_ray.stages.pack import pack
 
@@ -143,8 +163,14 @@ def one_size(n_tokens: int, workers: int, shard_tokens: int, cores: int) -> dict
         ray.shutdown()
         tokens = manifest["counts"]["train_tokens"] + manifest["counts"]["val_tokens"]
         seconds = manifest["timings"]["stats"] + manifest["timings"]["pack"]
-        reader_peak, reader = train_reader_memory(out.path)
-        return {"tokens": tokens, "utterances": utterances, "shards": manifest["counts"]["shards"],
+        reader_peak, _, reader = reader_memory(TRAIN_READER, out.path)
+        extra = {}
+        if ray_data_reader:
+            own, ray_workers, streamed = reader_memory(RAY_DATA_READER, out.path)
+            extra = {"ray_data_reader_anon_mb": round(own / 2**20, 1),
+                     "ray_data_reader_workers_anon_mb": round(ray_workers / 2**20, 1),
+                     "ray_data_reader_s": round(streamed["seconds"], 2), "ray_data_reader_windows": streamed["windows"]}
+        return {**extra, "tokens": tokens, "utterances": utterances, "shards": manifest["counts"]["shards"],
                 "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
                 "tokens_per_s_per_core": round(tokens / seconds / min(workers, cores)),
                 "driver_anon_mb": round(peak.driver / 2**20, 1), "worker_anon_mb": round(peak.workers / 2**20, 1),
@@ -157,11 +183,13 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[10e6, 100e6], help="corpus sizes in tokens")
     parser.add_argument("--workers", type=int, default=2, help="pack.num_workers")
     parser.add_argument("--shard-tokens", type=int, default=1 << 22, help="pack.shard_tokens")
+    parser.add_argument("--ray-data-reader", action="store_true",
+                        help="also stream the windows through Ray Data's iter_torch_batches (the alternative reader)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     results = {}
     for size in args.sizes:
-        figures = one_size(int(size), args.workers, args.shard_tokens, cores)
+        figures = one_size(int(size), args.workers, args.shard_tokens, cores, args.ray_data_reader)
         print(f"{size:.0e} tokens: {json.dumps(figures)}", flush=True)
         results[f"{size:.0e}"] = figures
     sizes = list(results.values())

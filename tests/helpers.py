@@ -213,7 +213,9 @@ def kill_and_rerun(exp, stage: str, parts: str, n_parts: int, cwd: Path, suffix:
     assert 2 <= len(before) < n_parts
     rerun = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert out.read_manifest()["counts"]["shards_resumed"] == len(before)
+    # A shard a Ray worker was writing when the driver died may still land (the worker finishes its task, e.g.
+    # pack's): it counts as resumed too, but nothing finished before the kill is redone.
+    assert len(before) <= out.read_manifest()["counts"]["shards_resumed"] < n_parts
     for name, mtime in before.items():
         assert (out.path / parts / name).stat().st_mtime_ns == mtime  # not redone
     return out
