@@ -204,7 +204,8 @@ class PackConfig(Section):
     shard_tokens: int = Field(
         1 << 22, ge=1024,
         description="tokens per output shard, which is also the shuffle buffer: utterances are shuffled within the "
-                    "inputs of one shard (whose order is shuffled first); a task's memory is ~20 bytes per token of it")
+                    "inputs of one shard (whose order is shuffled first); a task's memory is ~20 bytes per token of it",
+        json_schema_extra={"since": "0.2"})
     num_workers: int = Field(2, ge=1, description="pack tasks running at once (Ray Data); the output is the same for any",
                              json_schema_extra={"operational": True})
 
