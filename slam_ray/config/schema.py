@@ -270,6 +270,11 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more compute")
     compile: bool = Field(False, description="torch.compile the model (inductor; the first steps pay the compile time)")
+    document_mask: bool = Field(
+        False, description="each utterance (or piece of one) in a packed window is its own document, as slamkit's "
+                           "packing with flash_attention_2: positions restart at 0, attention stays inside the "
+                           "document, its first token is not a target, and the loss is the mean over the targets "
+                           "of the whole accumulated step (all workers)", json_schema_extra={"since": "0.2"})
     peak_tflops: float | None = Field(None, gt=0, description="per-GPU peak for MFU; None = looked up by GPU name (bf16 dense)",
                                       json_schema_extra={"operational": True})
     num_workers: int = Field(1, ge=1)

@@ -113,6 +113,7 @@ class PackedWindows:
         rows = [s for s in index["splits"][split]["shards"] if s["windows"] > 0]
         self._files = [r["file"] for r in rows]
         self._shards: list[np.ndarray | None] = [None] * len(rows)
+        self._shard_starts: list[np.ndarray | None] = [None] * len(rows)
         self.offsets = np.concatenate([[0], np.cumsum([r["windows"] for r in rows])]).astype(np.int64)
 
     def __len__(self) -> int:
@@ -141,10 +142,33 @@ class PackedWindows:
             out[mask] = self._shard(int(s))[rows[mask] - self.offsets[s]]
         return out[0] if np.ndim(index) == 0 else out
 
+    def _starts(self, s: int) -> np.ndarray:
+        if self._shard_starts[s] is None:
+            self._shard_starts[s] = np.load(self.folder / self._files[s].replace(".npy", ".starts.npy"), mmap_mode="r")
+        return self._shard_starts[s]
+
     def document_starts(self, window: int) -> np.ndarray:
         """Columns of window `window` where a document begins: 0, and every utterance start after it."""
         s = int(np.searchsorted(self.offsets, window, side="right") - 1)
-        starts = np.load(self.folder / self._files[s].replace(".npy", ".starts.npy"), mmap_mode="r")
+        starts = self._starts(s)
         begin = (window - self.offsets[s]) * self.context_len
         inside = starts[np.searchsorted(starts, begin): np.searchsorted(starts, begin + self.context_len)] - begin
         return np.union1d([0], inside).astype(np.int64)
+
+    def positions(self, rows: np.ndarray) -> np.ndarray:
+        """Position ids `[len(rows), context_len]` that restart at 0 at every document start of each window (the
+        padding after a shard's last utterance is a document of its own): what document masking feeds the
+        model. transformers reads restarting position ids as packed sequences (block-diagonal causal attention
+        for sdpa/eager, varlen for flash_attention_2)."""
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        columns = np.arange(self.context_len, dtype=np.int64)
+        begins = np.zeros((len(rows), self.context_len), dtype=np.int64)
+        for k, window in enumerate(rows.tolist()):
+            marks = np.zeros(self.context_len, dtype=bool)
+            marks[self.document_starts(window)] = True
+            tokens = self[window]
+            pad = np.flatnonzero(tokens == PAD_ID)
+            if len(pad):
+                marks[pad[0]] = True
+            begins[k] = np.maximum.accumulate(np.where(marks, columns, 0))
+        return columns[None, :] - begins

@@ -55,12 +55,54 @@ class WindowBatches:
         self.per_epoch = len(windows) // self.global_batch
         self._epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
-    def batch(self, index: int) -> np.ndarray:
+    def global_rows(self, index: int) -> np.ndarray:
+        """The windows of global batch `index` (all ranks, rank 0's slice first)."""
         epoch, i = divmod(index, self.per_epoch)
         if epoch != self._epoch:  # one permutation per epoch, not per step (O(windows) each)
             self._epoch, self._order = epoch, np.random.default_rng(self.seed + epoch).permutation(len(self.windows))
-        start = i * self.global_batch + self.rank * self.batch_size
-        return self.windows[self._order[start : start + self.batch_size]]
+        return self._order[i * self.global_batch : (i + 1) * self.global_batch]
+
+    def rows(self, index: int) -> np.ndarray:
+        """This rank's windows of global batch `index`."""
+        return self.global_rows(index)[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def batch(self, index: int) -> np.ndarray:
+        return self.windows[self.rows(index)]
+
+
+def window_inputs(windows: PackedWindows | np.ndarray, rows: np.ndarray, document_mask: bool) -> dict[str, Any]:
+    """Model inputs (CPU tensors) of windows `rows`: padding is never a target; under document masking the position
+    ids restart at every document and a document's first token is not a target (no target crosses a boundary)."""
+    import torch
+
+    x = torch.from_numpy(windows[rows].astype(np.int64))
+    labels = x.masked_fill(x == PAD_ID, -100)
+    if not document_mask:
+        return {"input_ids": x, "labels": labels}
+    positions = torch.from_numpy(windows.positions(rows))
+    # use_cache=False: transformers reads restarting position ids as packed documents only when there is no KV
+    # cache, and a model in eval mode makes one by default (the documents would then attend to each other).
+    return {"input_ids": x, "labels": labels.masked_fill(positions == 0, -100), "position_ids": positions,
+            "use_cache": False}
+
+
+def targets_in(windows: PackedWindows | np.ndarray, micro_batches: list[np.ndarray], document_mask: bool) -> int:
+    """Targets (labels left after the causal shift, not -100) in these micro-batches of windows: a step's count,
+    from every rank's rows, known to each rank from the seeded batch order without a collective."""
+    rows = np.concatenate(micro_batches)
+    return int((window_inputs(windows, rows, document_mask)["labels"][:, 1:] != -100).sum())
+
+
+def document_lengths(positions: np.ndarray) -> list[np.ndarray]:
+    """Per window, the lengths of its documents (position ids restart at 0 at each document)."""
+    return [np.diff(np.append(np.flatnonzero(row == 0), len(row))) for row in positions]
+
+
+def effective_context(positions: np.ndarray) -> float:
+    """The context length whose full-window attention costs what these windows' documents cost: sum of squared
+    document lengths over the window length, averaged over windows (the MFU's attention term under masking)."""
+    return float(np.mean([np.sum(lengths.astype(np.float64) ** 2) / positions.shape[1]
+                          for lengths in document_lengths(positions)]))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -88,6 +130,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = prepare_model(model, settings, w.device)
     data = WindowBatches(train_windows, cfg.batch_size, w.rank, w.world, cfg.seed)
     tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * w.world
+    # Under document masking, attention costs each document's own length: the MFU counts that (measured on the
+    # first 256 windows: utterances are shuffled into windows, so any 256 are a sample), not the window's.
+    attention_context = (effective_context(train_windows.positions(np.arange(min(256, len(train_windows)))))
+                         if cfg.document_mask else context_len)
     # Step and token budgets cap the step count; a time budget sizes it from measured throughput below.
     step_cap = min(cfg.max_steps or 10**12, -(-cfg.max_tokens // tokens_per_step) if cfg.max_tokens else 10**12)
     t = Trainer(w, settings, model, build_optimizer(cfg.optimizer, model.parameters()),
@@ -95,15 +141,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 lambda s, plan: lr_factor(s, plan.total, plan.warmup, cfg.schedule, cfg.optimizer.lr),
                 Budget(cfg.max_minutes, step_cap), cfg.grad_accum, cfg.max_grad_norm,
                 mfu=Mfu.of(w.device, flops_per_token(n_params, hf_config.num_hidden_layers, hf_config.hidden_size,
-                                                     context_len), cfg.peak_tflops),
+                                                     attention_context), cfg.peak_tflops),
                 resumed=resumed, prefix="train")
 
-    def loss_on(windows: np.ndarray, net: torch.nn.Module) -> torch.Tensor:
-        x = torch.from_numpy(windows.astype(np.int64)).to(w.device)
-        return net(input_ids=x, labels=x.masked_fill(x == PAD_ID, -100)).loss
+    def loss_on(windows: PackedWindows, rows: np.ndarray, net: torch.nn.Module, **kwargs: Any) -> torch.Tensor:
+        batch = window_inputs(windows, rows, cfg.document_mask)
+        return net(**{k: v.to(w.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, **kwargs).loss
+
+    step_targets: dict[int, int] = {}
+
+    def targets_in_step(step: int) -> int:
+        if step not in step_targets:
+            step_targets.clear()
+            step_targets[step] = targets_in(train_windows, [data.global_rows(step * cfg.grad_accum + m)
+                                                            for m in range(cfg.grad_accum)], cfg.document_mask)
+        return step_targets[step]
 
     def micro_loss(index: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return loss_on(data.batch(index), t.model), {}
+        if not cfg.document_mask:
+            return loss_on(train_windows, data.rows(index), t.model), {}
+        # The step's loss is the mean over all its targets: each micro-batch's NLL sum over the step's count, scaled
+        # by what the trainer divides by (micro-batches) and DDP averages over (ranks).
+        scale = targets_in_step(index // cfg.grad_accum) / (cfg.grad_accum * w.world)
+        return loss_on(train_windows, data.rows(index), t.model, num_items_in_batch=scale), {}
 
     def validate(limit: int | None = None) -> float:
         """Mean loss over (the first `limit` of) the validation windows, all ranks sharing the work. Under DDP
@@ -117,7 +177,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         losses = []
         with torch.no_grad(), t.autocast():
             for i in range(w.rank * cfg.batch_size, end, stride):
-                loss = loss_on(val_windows[i : min(i + cfg.batch_size, n)] if i < n else val_windows[:1], plain).item()
+                rows = np.arange(i, min(i + cfg.batch_size, n)) if i < n else np.arange(1)
+                loss = loss_on(val_windows, rows, plain).item()
                 if i < n:
                     losses.append(loss)
         plain.train()

@@ -248,3 +248,93 @@ def test_training_on_pack_shards_gives_the_loss_curve_of_the_same_windows_in_mem
     sharded, in_memory = curve(PackedWindows(tmp_path, "train")), curve(windows)
     assert sharded == pytest.approx(in_memory, abs=1e-5)
     assert sharded[-1] < sharded[0]  # it trained
+
+
+def packed_utterances(folder, lengths: list[int], context_len: int, vocab: int, seed: int = 0):
+    """A one-shard pack output of random utterances of these lengths (in units), in order."""
+    from slam_ray.lm.packed import PackedWindows, utterance_stream, write_index, write_shard
+
+    rng = np.random.default_rng(seed)
+    arrays = [rng.integers(0, vocab - 2, size=n) for n in lengths]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens, starts = utterance_stream(np.concatenate(arrays).astype(np.uint16), offsets, np.arange(len(lengths)))
+    row = write_shard(folder, "train", 0, tokens, starts, context_len)
+    write_index(folder, context_len, {"train": [row], "val": []})
+    return PackedWindows(folder, "train")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_document_mask_gives_an_utterance_in_a_packed_window_its_logits_alone(tmp_path, attention):
+    """Position ids restarting at each document make transformers attend within documents only: every document
+    (an utterance, or a piece of one cut by a window boundary) in a window has the logits it has alone."""
+    import torch
+    from helpers import small_experiment
+
+    from slam_ray.lm.model import build_model
+    from slam_ray.stages.train import window_inputs
+
+    exp = small_experiment(tmp_path / "w")
+    windows = packed_utterances(tmp_path, [10, 25, 40, 3], 32, exp.vocab_size)  # 12 + 27 + 42 + 5 tokens
+    torch.manual_seed(0)
+    model = build_model(exp.train.model.model_copy(update={"attn_implementation": attention}), exp.vocab_size,
+                        max_positions=32).eval()
+    rows = np.arange(len(windows))
+    batch = window_inputs(windows, rows, document_mask=True)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        unmasked = model(input_ids=batch["input_ids"]).logits
+        checked = 0
+        for k in rows:
+            cuts = list(np.flatnonzero(batch["position_ids"][k] == 0)) + [32]  # the padding is a document too
+            assert set(windows.document_starts(k)) <= set(cuts)
+            for a, b in zip(cuts, cuts[1:], strict=False):
+                alone = model(input_ids=batch["input_ids"][k : k + 1, a:b]).logits[0]
+                torch.testing.assert_close(packed[k, a:b], alone, atol=1e-5, rtol=1e-5)
+                checked += 1
+    assert checked >= 6  # documents, pieces included, across the three windows
+    assert not torch.allclose(unmasked[0, 12:32], packed[0, 12:32], atol=1e-3)  # without it: the 2nd sees the 1st
+    # a document's first token is not a target; padding is no target
+    assert (batch["labels"][batch["position_ids"] == 0] == -100).all()
+    assert (batch["labels"][batch["input_ids"] == 0] == -100).all()
+
+
+def test_document_mask_loss_is_the_mean_over_the_targets_of_the_whole_step(tmp_path):
+    """Two micro-batches of 4 windows, each loss scaled by the step's target count as the worker does, give the
+    gradients of one batch of 8 (per-micro-batch means would weight their targets unequally)."""
+    import torch
+    from helpers import small_experiment
+
+    from slam_ray.lm.model import build_model
+    from slam_ray.stages.train import targets_in, window_inputs
+
+    exp = small_experiment(tmp_path / "w")
+    rng = np.random.default_rng(1)
+    windows = packed_utterances(tmp_path, list(rng.integers(1, 60, size=40)), 32, exp.vocab_size)
+    data = WindowBatches(windows, 8, rank=0, world=1, seed=0)
+    rows = data.rows(0)
+
+    def gradients(micro_batches: list[np.ndarray], normalise: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(exp.train.model, exp.vocab_size, max_positions=32)
+        n = targets_in(windows, micro_batches, True)
+        for part in micro_batches:
+            kwargs = {"num_items_in_batch": n / len(micro_batches)} if normalise else {}
+            (model(**window_inputs(windows, part, True), **kwargs).loss / len(micro_batches)).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    whole = gradients([rows], normalise=False)
+    split = gradients([rows[:4], rows[4:]], normalise=True)
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    counts = [targets_in(windows, [part], True) for part in (rows[:4], rows[4:])]
+    assert counts[0] != counts[1]  # the micro-batches hold unequal targets: plain means would differ
+    naive = gradients([rows[:4], rows[4:]], normalise=False)
+    assert max(float((a - b).abs().max()) for a, b in zip(whole, naive, strict=True)) > 1e-5
+
+
+def test_effective_context_counts_each_documents_own_attention():
+    from slam_ray.stages.train import effective_context
+
+    positions = np.array([[0, 1, 2, 3, 0, 1, 0, 1]])  # documents of 4, 2, 2 tokens in a window of 8
+    assert effective_context(positions) == pytest.approx((16 + 4 + 4) / 8)
+    assert effective_context(np.arange(8)[None, :]) == 8  # one document: the window's length

@@ -183,3 +183,53 @@ def test_twist_run_stops_at_its_time_budget_between_log_steps_and_its_checkpoint
     with torch.no_grad():
         reloaded = model(input_ids=x, labels=x.masked_fill(x == PAD_ID, -100)).loss.item()
     assert reloaded == pytest.approx(manifest["metrics"]["val/loss_final"], rel=1e-5)
+
+
+def utterance_pack_output(exp, n_utterances: int = 300) -> None:
+    """A pack output of real utterances (random lengths, a learnable repeating pattern of units), written by the
+    pack stage's own writer, so windows hold several documents each."""
+    from slam_ray.lm.packed import utterance_stream, write_index, write_shard
+
+    out = stage_dir(exp, "pack")
+    out.path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, size=n_utterances)
+    values = np.resize(rng.integers(0, exp.vocab_size - 2, size=13), int(lengths.sum())).astype(np.uint16)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    rows = {}
+    for split, order in (("train", np.arange(20, n_utterances)), ("val", np.arange(20))):
+        tokens, starts = utterance_stream(values, offsets, order)
+        rows[split] = [write_shard(out.path, split, 0, tokens, starts, exp.pack.context_len)]
+    write_index(out.path, exp.pack.context_len, rows)
+    out.write_manifest({"status": "complete", "stage": "pack", "key": out.key})
+
+
+def test_document_mask_through_the_stage_is_exact_across_workers_and_micro_batches(tmp_path, ray_local):
+    """`train.document_mask` on Ray Train: 2 DDP workers x 2 micro-batches of 2 windows give the loss curve of 1
+    worker x 8 windows (the loss is the mean over the whole step's targets, all ranks), and the final validation
+    loss the worker reported is the reloaded checkpoint's under document masking (not the plain one's)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slam_ray.stages.train import window_inputs
+
+    base = {"max_steps": 8, "max_minutes": None, "log_every": 2, "val_reports": 0, "document_mask": True}
+    one = small_experiment(tmp_path / "one", train={**base, "batch_size": 8})
+    split = small_experiment(tmp_path / "split", ray={"worker_cpus": 0.5},
+                             train={**base, "num_workers": 2, "batch_size": 2, "grad_accum": 2})
+    for exp in (one, split):
+        utterance_pack_output(exp)
+        assert len(PackedWindows(stage_dir(exp, "pack").path, "train")) >= 64  # 8 steps stay in the first epoch
+        train(exp)
+    curves = [loss_curve(exp) for exp in (one, split)]
+    assert sorted(curves[0]) == sorted(curves[1]) == [2, 4, 6, 8]
+    np.testing.assert_allclose([curves[1][s] for s in sorted(curves[1])], [curves[0][s] for s in sorted(curves[0])],
+                               rtol=1e-4)
+    manifest = json.loads(stage_dir(one, "train").manifest_path.read_text())
+    model = AutoModelForCausalLM.from_pretrained(stage_dir(one, "train").path / "checkpoint").eval()
+    val = PackedWindows(stage_dir(one, "pack").path, "val")
+    with torch.no_grad():
+        masked = model(**window_inputs(val, np.arange(len(val)), document_mask=True)).loss.item()
+        plain = model(**window_inputs(val, np.arange(len(val)), document_mask=False)).loss.item()
+    assert masked == pytest.approx(manifest["metrics"]["val/loss_final"], rel=1e-5)
+    assert abs(plain - masked) > 1e-3
