@@ -95,6 +95,19 @@ def save_windows(folder: str | Path, train: np.ndarray, val: np.ndarray) -> None
     write_index(folder, context_len, shards)
 
 
+def allow_open_files(n: int) -> None:
+    """Raise this process's soft limit on open files towards `n` (up to the hard limit): the `slam` corpus is
+    ~1,400 shards, and a soft limit of 1,024 is common."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = n if hard == resource.RLIM_INFINITY else min(n, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 class PackedWindows:
     """One split of a pack output as a read-only array of windows `[len(self), context_len]`, memory-mapped shard
     by shard: indexing reads only the rows asked for, and the workers of a node share the page cache."""
@@ -115,6 +128,7 @@ class PackedWindows:
         self._shards: list[np.ndarray | None] = [None] * len(rows)
         self._shard_starts: list[np.ndarray | None] = [None] * len(rows)
         self.offsets = np.concatenate([[0], np.cumsum([r["windows"] for r in rows])]).astype(np.int64)
+        allow_open_files(2 * len(rows) + 1024)  # a map (and its document starts) keeps a descriptor per shard
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

@@ -6,7 +6,7 @@ process ever holds more than one output shard's inputs. Read top to bottom:
 
 1. **Input shards.** Each extract shard (`units/part-*.parquet`) is one; a slamkit features/tokens JSONL is cut
    into pieces of about `pack.shard_tokens / 4` tokens (byte ranges found by a scan).
-2. **Statistics pass** (Ray Data, one task per input shard): per shard and dataset, utterances and tokens of
+2. **Statistics pass** (Ray Data, 16 input shards per task): per shard and dataset, utterances and tokens of
    the training and held-out parts. An utterance is held out for validation when a seeded hash of its dataset
    and id falls below `pack.val_fraction`: the same utterance is held out however the corpus is sharded.
 3. **Mix plan** (driver, from those counts only): `pack.mix` shares of training tokens with `pack.epochs` caps
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,14 @@ class Utterances:
         """Tokens per utterance once packed: its units, BOS and EOS."""
         return np.diff(self.offsets) + 2
 
+    def take(self, keep: np.ndarray) -> Utterances:
+        """Only utterances `keep` (sorted indices), in a compact copy: a group holds what it packs, not all it read."""
+        lengths = np.diff(self.offsets)[keep]
+        values = (np.concatenate([self.values[self.offsets[i] : self.offsets[i + 1]] for i in keep.tolist()])
+                  if len(keep) else self.values[:0])
+        return Utterances([self.ids[i] for i in keep.tolist()], list(self.datasets[keep]), values,
+                          np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
 
 def _read_parquet(shard: dict[str, Any]) -> Utterances:
     import pyarrow.parquet as pq
@@ -66,8 +75,9 @@ def _read_parquet(shard: dict[str, Any]) -> Utterances:
     units = table.column("units").combine_chunks()
     datasets = (table.column("dataset").fill_null("").to_pylist() if "dataset" in table.column_names
                 else [""] * table.num_rows)
-    offsets = units.offsets.to_numpy().astype(np.int64) - units.offsets[0].as_py()
-    return Utterances(table.column("id").to_pylist(), datasets, units.values.to_numpy(zero_copy_only=False), offsets)
+    offsets = units.offsets.to_numpy().astype(np.int64)
+    values = units.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]  # `.values` ignores a slice
+    return Utterances(table.column("id").to_pylist(), datasets, values, offsets - offsets[0])
 
 
 def _read_jsonl(shard: dict[str, Any]) -> Utterances:
@@ -89,7 +99,7 @@ def _read_jsonl(shard: dict[str, Any]) -> Utterances:
             else:
                 raise SlamError(f"{shard['location']}:{line_no}: neither a slamkit features row (`units`) nor a "
                                 "tokens row (`audio_repr`)")
-            ids.append(str(rec.get("file_name") or f"{shard['dataset']}-{line_no:09d}"))
+            ids.append(str(rec.get("file_name") or f"{shard['location']}:{line_no}"))  # unique across files
             arrays.append(np.asarray(units, dtype=np.uint16))
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -128,7 +138,7 @@ def _jsonl_pieces(location: str, dataset: str, piece_tokens: int) -> list[dict[s
                 start, first_line, tokens = f.tell(), line_no, 0
         if f.tell() > start:
             pieces.append({"start": start, "stop": f.tell(), "first_line": first_line})
-    return [{"kind": "jsonl", "location": location, "dataset": dataset, **p, "id": f"{dataset}@{p['start']:015d}"}
+    return [{"kind": "jsonl", "location": location, "dataset": dataset, **p, "id": f"{location}@{p['start']:015d}"}
             for p in pieces]
 
 
@@ -234,11 +244,15 @@ def pack_group(group: dict[str, Any]) -> dict[str, Any]:
         u = read_shard(shard)
         val = held_out(u, group["seed"], group["val_fraction"])
         chosen = choose_training(u, ~val, group["rates"], rng)
-        parts["train"].append((u, chosen))
-        parts["val"].append((u, np.flatnonzero(val)))
         names, tokens = u.datasets[chosen], u.tokens[chosen]
         for d in set(names):
             datasets[d] = datasets.get(d, 0) + int(tokens[names == d].sum())
+        # keep only what is packed (a dataset used at a low rate, or only for validation, is mostly dropped here),
+        # so a group's memory is its output's size plus one input shard
+        keep = np.union1d(chosen, np.flatnonzero(val)).astype(np.int64)
+        u, chosen, val_rows = u.take(keep), np.searchsorted(keep, chosen), np.searchsorted(keep, np.flatnonzero(val))
+        parts["train"].append((u, chosen))
+        parts["val"].append((u, val_rows))
     folder = local_path(group["root"])  # this node's staging copy when the workdir is a bucket
     rows = {}
     for split, selections in parts.items():
@@ -255,9 +269,9 @@ def pack_group(group: dict[str, Any]) -> dict[str, Any]:
                                           merged_offsets, order_all)
         rows[split] = write_shard(folder, split, group["index"], tokens, starts, group["context_len"])
     done = {"index": group["index"], "shards": rows, "datasets": datasets,
-            "utterances": sum(len(u.ids) for u, _ in parts["train"])}
+            "utterances": {split: int(sum(len(picked) for _, picked in selections)) for split, selections in parts.items()}}
     (folder / "parts").mkdir(parents=True, exist_ok=True)
-    tmp = folder / "parts" / f".part-{group['index']:05d}.json.tmp"
+    tmp = folder / "parts" / f".part-{group['index']:05d}.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(done))
     tmp.replace(folder / "parts" / f"part-{group['index']:05d}.json")  # last: the group's done mark
     return done
@@ -309,8 +323,10 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
                          _stats_task, exp, flat=True, seed=cfg.seed,
                          val_fraction=cfg.val_fraction, piece_tokens=max(1, cfg.shard_tokens // 4)),
                 desc="[pack] count", unit="piece", mininterval=2)]
-            stats.sort(key=lambda s: s.get("id", s["location"]))
-            stats_file.write_text(json.dumps(stats))
+            stats.sort(key=lambda s: s["id"])
+            tmp = out.path / f".stats.json.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(stats))
+            tmp.replace(stats_file)  # atomic: a kill mid-write leaves no truncated file for the rerun to read
             out.publish("stats.json")
     train_tokens: dict[str, int] = {}
     for s in stats:

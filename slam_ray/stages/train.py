@@ -81,9 +81,23 @@ def window_inputs(windows: PackedWindows | np.ndarray, rows: np.ndarray, documen
         return {"input_ids": x, "labels": labels}
     positions = torch.from_numpy(windows.positions(rows))
     # use_cache=False: transformers reads restarting position ids as packed documents only when there is no KV
-    # cache, and a model in eval mode makes one by default (the documents would then attend to each other).
+    # cache, and it makes one whenever config.use_cache holds (the documents would then attend to each other).
     return {"input_ids": x, "labels": labels.masked_fill(positions == 0, -100), "position_ids": positions,
             "use_cache": False}
+
+
+def spread_sample(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Row indices: all `n`, or a seeded sample of `limit` of them in file order (so reads stay sequential)."""
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def flat_documents(batch: dict[str, Any]) -> dict[str, Any]:
+    """A micro-batch of windows as one row `[1, B * T]` with its restarting position ids, for FlashAttention-2:
+    transformers takes its varlen (document-masked) path only for a batch of one row, so `[B, T]` would attend
+    across documents. Each window starts a document (position 0, no target), so no target crosses windows."""
+    return {k: v.reshape(1, -1) if hasattr(v, "reshape") else v for k, v in batch.items()}
 
 
 def targets_in(windows: PackedWindows | np.ndarray, micro_batches: list[np.ndarray], document_mask: bool) -> int:
@@ -131,8 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = WindowBatches(train_windows, cfg.batch_size, w.rank, w.world, cfg.seed)
     tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * w.world
     # Under document masking, attention costs each document's own length: the MFU counts that (measured on the
-    # first 256 windows: utterances are shuffled into windows, so any 256 are a sample), not the window's.
-    attention_context = (effective_context(train_windows.positions(np.arange(min(256, len(train_windows)))))
+    # 256 windows sampled over every shard), not the window's.
+    attention_context = (effective_context(train_windows.positions(spread_sample(len(train_windows), 256, cfg.seed)))
                          if cfg.document_mask else context_len)
     # Step and token budgets cap the step count; a time budget sizes it from measured throughput below.
     step_cap = min(cfg.max_steps or 10**12, -(-cfg.max_tokens // tokens_per_step) if cfg.max_tokens else 10**12)
@@ -146,6 +160,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def loss_on(windows: PackedWindows, rows: np.ndarray, net: torch.nn.Module, **kwargs: Any) -> torch.Tensor:
         batch = window_inputs(windows, rows, cfg.document_mask)
+        if cfg.document_mask and cfg.model.attn_implementation == "flash_attention_2":
+            batch = flat_documents(batch)
         return net(**{k: v.to(w.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, **kwargs).loss
 
     step_targets: dict[int, int] = {}
@@ -166,23 +182,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return loss_on(train_windows, data.rows(index), t.model, num_items_in_batch=scale), {}
 
     def validate(limit: int | None = None) -> float:
-        """Mean loss over (the first `limit` of) the validation windows, all ranks sharing the work. Under DDP
+        """Mean loss over the validation windows (a fixed seeded sample of `limit` of them, spread over every
+        shard — the first ones would be one group's few input shards), all ranks sharing the work. Under DDP
         it runs on the unwrapped module: ranks may see unequal numbers of batches, and a DDP forward would wait
         for the other ranks (a deadlock). A sharded model's every forward is collective, so under FSDP every
         rank runs the same number of batches (a rank out of windows repeats one and does not count it)."""
         plain = plain_model(t.model, settings).eval()
-        n = min(len(val_windows), limit or len(val_windows))
+        chosen = spread_sample(len(val_windows), limit, cfg.seed)
+        n = len(chosen)
         stride = cfg.batch_size * w.world
         end = -(-n // stride) * stride if settings.fsdp else n
         losses = []
         with torch.no_grad(), t.autocast():
             for i in range(w.rank * cfg.batch_size, end, stride):
-                rows = np.arange(i, min(i + cfg.batch_size, n)) if i < n else np.arange(1)
+                rows = chosen[i : i + cfg.batch_size] if i < n else chosen[:1]
                 loss = loss_on(val_windows, rows, plain).item()
                 if i < n:
                     losses.append(loss)
         plain.train()
-        return all_ranks(sum(losses), "sum") / max(1.0, all_ranks(len(losses), "sum"))
+        count = all_ranks(len(losses), "sum")
+        return all_ranks(sum(losses), "sum") / count if count else float("nan")  # no split: not a perfect 0
 
     reports_done = resumed.get("reports_done", 0) if resumed else 0
     if resumed is None:

@@ -214,3 +214,42 @@ def test_pack_reads_slamkit_files_without_extract(fixtures, tmp_path):
     assert Counter(documents(windows)) == Counter(  # each file's utterances once
         {tuple(units_to_tokens(r["units"])): 2 for r in read_jsonl(fixtures / "features.jsonl")})
     assert "extract" not in manifest["config"]
+
+
+def test_a_reader_of_more_shards_than_the_open_file_limit_reads_them_all(tmp_path):
+    """Each memory-mapped shard keeps a file descriptor: the `slam` corpus has ~1,400 shards, beyond a common
+    soft limit of 1,024. The reader raises the soft limit (to the hard one at most) instead of failing midway."""
+    import subprocess
+    import sys
+
+    rows = []
+    for i in range(300):
+        tokens = np.array([1, 5 + i % 7, 6, 1] * 4, dtype=np.uint16)
+        rows.append(write_shard(tmp_path, "train", i, tokens, np.arange(0, 16, 4), 8))
+    write_index(tmp_path, 8, {"train": rows, "val": []})
+    script = f"""
+import resource, numpy as np
+from slam_ray.lm.packed import PackedWindows
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+windows = PackedWindows({str(tmp_path)!r}, "train")
+rows = np.arange(len(windows))
+assert windows[rows].shape == (600, 8) and windows.positions(rows).max() == 3
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) >= 2 * 300
+
+
+def test_jsonl_pieces_and_unnamed_rows_are_told_apart_across_files_of_one_dataset(tmp_path):
+    """Two files given the same dataset name: their pieces and their rows without `file_name` get distinct ids,
+    so the plan's order is total and hold-out draws are independent between the files."""
+    from slam_ray.stages.pack import _jsonl_pieces, read_shard
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.jsonl").write_text("".join(json.dumps({"units": [1, 2, 3]}) + "\n" for _ in range(5)))
+    pieces = [p for name in ("a", "b") for p in _jsonl_pieces(str(tmp_path / name / "train.jsonl"), "train", 10**6)]
+    assert len({p["id"] for p in pieces}) == len(pieces) == 2
+    ids = [read_shard(p).ids for p in pieces]
+    assert not set(ids[0]) & set(ids[1])

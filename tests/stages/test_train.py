@@ -338,3 +338,29 @@ def test_effective_context_counts_each_documents_own_attention():
     positions = np.array([[0, 1, 2, 3, 0, 1, 0, 1]])  # documents of 4, 2, 2 tokens in a window of 8
     assert effective_context(positions) == pytest.approx((16 + 4 + 4) / 8)
     assert effective_context(np.arange(8)[None, :]) == 8  # one document: the window's length
+
+
+def test_flash_attention_layout_flattens_a_micro_batch_into_one_row_of_documents(tmp_path):
+    """FlashAttention-2 masks documents only for a batch of one row, so the worker flattens `[B, T]` to
+    `[1, B*T]`: on CPU (sdpa) the flattened batch gives the batched loss and logits — windows stay apart because
+    each starts a document."""
+    import torch
+    from helpers import small_experiment
+
+    from slam_ray.lm.model import build_model
+    from slam_ray.stages.train import flat_documents, spread_sample, window_inputs
+
+    exp = small_experiment(tmp_path / "w")
+    windows = packed_utterances(tmp_path, [10, 25, 40, 3, 50, 7], 32, exp.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(exp.train.model, exp.vocab_size, max_positions=32).eval()
+    batch = window_inputs(windows, np.arange(len(windows)), document_mask=True)
+    flat = flat_documents(batch)
+    assert flat["input_ids"].shape == (1, batch["input_ids"].numel()) and flat["use_cache"] is False
+    with torch.no_grad():
+        batched, flattened = model(**batch), model(**flat)
+    torch.testing.assert_close(flattened.logits.reshape(batched.logits.shape), batched.logits, atol=1e-5, rtol=1e-5)
+    assert flattened.loss.item() == pytest.approx(batched.loss.item(), rel=1e-5)
+    assert list(spread_sample(5, None, 0)) == [0, 1, 2, 3, 4]
+    sample = spread_sample(1000, 10, 0)
+    assert len(set(sample)) == 10 and list(sample) == sorted(sample) and sample.max() > 500  # spread, in order
