@@ -289,13 +289,16 @@ def _pack_task(row: dict[str, Any]) -> dict[str, Any]:
     return {"done": json.dumps(done)}
 
 
+IN_DRIVER_ITEMS = 4  # up to this many tasks run in the driver: Ray Data's start-up (~2.5 s here) costs more
+
+
 def _map(items: list[dict[str, Any]], fn: Any, exp: Experiment, flat: bool = False, **fn_kwargs: Any):
-    """Run `fn` over `items` (one JSON string column each) as Ray Data tasks, `pack.num_workers` at a time. A single
-    item runs here, in the driver: the same function on the same input, without starting Ray for a small corpus
-    (the quickstart's is one group)."""
-    if len(items) == 1:
-        result = fn(items[0], **fn_kwargs)
-        return iter(result if flat else [result])
+    """Run `fn` over `items` (one JSON string column each) as Ray Data tasks, `pack.num_workers` at a time. A few
+    items (a statistics task covers 16 shards, a pack task ~4 M tokens: well under a second each) run here, in the
+    driver, one after the other: the same function on the same input, without a Ray Data start-up that would cost
+    more than the work (the quickstart's pack is one group; 10 M tokens are two)."""
+    if len(items) <= IN_DRIVER_ITEMS:
+        return (row for item in items for row in (fn(item, **fn_kwargs) if flat else [fn(item, **fn_kwargs)]))
     import ray.data
 
     init_ray(exp)
