@@ -169,19 +169,19 @@ class PackedWindows:
         inside = starts[np.searchsorted(starts, begin): np.searchsorted(starts, begin + self.context_len)] - begin
         return np.union1d([0], inside).astype(np.int64)
 
-    def positions(self, rows: np.ndarray) -> np.ndarray:
+    def positions(self, rows: np.ndarray, tokens: np.ndarray | None = None) -> np.ndarray:
         """Position ids `[len(rows), context_len]` that restart at 0 at every document start of each window (the
         padding after a shard's last utterance is a document of its own): what document masking feeds the
         model. transformers reads restarting position ids as packed sequences (block-diagonal causal attention
-        for sdpa/eager, varlen for flash_attention_2)."""
+        for sdpa/eager, varlen for flash_attention_2). `tokens`: the rows already read (`self[rows]`), if any."""
         rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        tokens = self[rows] if tokens is None else tokens
         columns = np.arange(self.context_len, dtype=np.int64)
         begins = np.zeros((len(rows), self.context_len), dtype=np.int64)
         for k, window in enumerate(rows.tolist()):
             marks = np.zeros(self.context_len, dtype=bool)
             marks[self.document_starts(window)] = True
-            tokens = self[window]
-            pad = np.flatnonzero(tokens == PAD_ID)
+            pad = np.flatnonzero(tokens[k] == PAD_ID)
             if len(pad):
                 marks[pad[0]] = True
             begins[k] = np.maximum.accumulate(np.where(marks, columns, 0))

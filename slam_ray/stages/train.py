@@ -10,6 +10,7 @@ trainer scaffold's, shared with `dpo` (`slam_ray/parallel/trainer.py`).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from typing import Any
@@ -75,11 +76,12 @@ def window_inputs(windows: PackedWindows | np.ndarray, rows: np.ndarray, documen
     ids restart at every document and a document's first token is not a target (no target crosses a boundary)."""
     import torch
 
-    x = torch.from_numpy(windows[rows].astype(np.int64))
+    tokens = windows[rows]
+    x = torch.from_numpy(tokens.astype(np.int64))
     labels = x.masked_fill(x == PAD_ID, -100)
     if not document_mask:
         return {"input_ids": x, "labels": labels}
-    positions = torch.from_numpy(windows.positions(rows))
+    positions = torch.from_numpy(windows.positions(rows, tokens))  # the rows read once
     # use_cache=False: transformers reads restarting position ids as packed documents only when there is no KV
     # cache, and it makes one whenever config.use_cache holds (the documents would then attend to each other).
     return {"input_ids": x, "labels": labels.masked_fill(positions == 0, -100), "position_ids": positions,
@@ -164,14 +166,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = flat_documents(batch)
         return net(**{k: v.to(w.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, **kwargs).loss
 
-    step_targets: dict[int, int] = {}
-
+    @functools.lru_cache(maxsize=1)  # the step's micro-batches all ask for the same count
     def targets_in_step(step: int) -> int:
-        if step not in step_targets:
-            step_targets.clear()
-            step_targets[step] = targets_in(train_windows, [data.global_rows(step * cfg.grad_accum + m)
-                                                            for m in range(cfg.grad_accum)], cfg.document_mask)
-        return step_targets[step]
+        return targets_in(train_windows, [data.global_rows(step * cfg.grad_accum + m) for m in range(cfg.grad_accum)],
+                          cfg.document_mask)
 
     def micro_loss(index: int) -> tuple[torch.Tensor, dict[str, float]]:
         if not cfg.document_mask:
