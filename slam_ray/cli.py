@@ -8,6 +8,7 @@ command has done everything else it can; running it again retries only what fail
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 
@@ -92,6 +93,19 @@ def _cmd_compare(args: argparse.Namespace) -> None:
             sweep=args.sweep, mode=mode)
 
 
+def _cmd_scaling(args: argparse.Namespace) -> None:
+    from slam_ray.sweeps import scaling
+
+    if args.action == "plan":
+        p = scaling.plan_budget(args.flops, args.gpu, args.hours, args.mfu)
+        print(json.dumps(p) if args.json else scaling.describe_plan(p))
+    elif args.action == "plot":
+        scaling.view(args.experiment, args.tracking_uri, args.out, args.sweep)
+    else:
+        s = scaling.fit_runs(args.experiment, args.tracking_uri, args.sweep, args.out, args.bootstrap)
+        print(json.dumps(s) if args.json else scaling.describe_fit(s))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slam-ray", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -128,6 +142,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["max", "min"], help="best is max or min (default: min for losses)")
     p.add_argument("--out", help="folder for compare.csv and compare.png")
     p.set_defaults(func=_cmd_compare)
+    p = sub.add_parser("scaling", help="scaling laws: plan a compute budget, place runs against Cuervo & Marxer's "
+                                       "law, fit your own (docs/scaling.md)")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("plan", help="compute-optimal parameters and tokens, predicted loss and accuracies")
+    q.add_argument("--flops", type=float, help="training compute in FLOPs (6 N D)")
+    q.add_argument("--gpu", help="or: a GPU name (H100, A5000, ...) ...")
+    q.add_argument("--hours", type=float, help="... for this many hours ...")
+    q.add_argument("--mfu", type=float, default=0.4, help="... at this model FLOPs utilisation (default 0.4)")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=_cmd_scaling)
+    for action, text in (("plot", "runs from MLflow against the law's compute-optimal frontier (PNG + CSV)"),
+                         ("fit", "fit the law's coefficients to runs' final validation losses")):
+        q = actions.add_parser(action, help=text)
+        q.add_argument("--experiment", action="append", help="MLflow experiment name (repeatable; default: all)")
+        q.add_argument("--sweep", help="only the trials of this sweep (name, space name for the latest, or run id)")
+        q.add_argument("--tracking-uri", help="MLflow URI (default: sqlite store of ./slam_runs/EXPERIMENT)")
+        q.add_argument("--out", required=action == "plot", help="folder for the CSV and PNG")
+        if action == "fit":
+            q.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+            q.add_argument("--json", action="store_true", help="print one JSON object")
+        q.set_defaults(func=_cmd_scaling)
     p = sub.add_parser("config", help="show or validate an experiment file")
     p.add_argument("action", choices=["show", "validate"])
     with_experiment(p)

@@ -44,6 +44,9 @@ def summary_metrics(exp: Experiment) -> dict[str, float]:
         out["val/loss"] = train["metrics"]["val/loss_final"]
         out["train/tokens"] = train["counts"]["tokens"]
         out["train/steps"] = train["counts"]["steps"]
+        for key in ("params", "flops_6nd", "flops"):  # compute accounting (`slam-ray scaling`); absent before 0.2
+            if key in train["counts"]:
+                out[f"train/{key}"] = train["counts"][key]
         out["train/seconds"] = train["metrics"]["train/seconds"]
     evaluation = stage_dir(exp, "eval").read_manifest() if "eval" in exp.stages else None
     if evaluation and evaluation.get("status") in finished:

@@ -24,7 +24,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         (["config", "validate", "quickstart", "--set", "train.batch_size"], "is not KEY=VALUE"),
         (["config", "validate", "quickstart", "--set", "train.optimizr.lr=1"], "train.optimizr: unknown key"),
         (["config", "show", "quickstart", "--set", "train.batch_size=abc"], "train.batch_size: Input should be a valid integer"),
-        (["train", "quickstart", "--set", "train.max_minutes=null", "--set", "train.max_steps=null"], "max_steps, max_tokens or max_minutes"),
+        (["train", "quickstart", "--set", "train.max_minutes=null", "--set", "train.max_steps=null"], "max_steps, max_tokens, max_flops or max_minutes"),
         (["dpo", "quickstart", "--set", "dpo.schedule=cosine", "--set", "dpo.max_steps=null", "--set", "dpo.max_minutes=1"], "cosine schedule needs a step count"),
         (["sweep", "quickstart", "--space", "x.yaml"], "neither a YAML file nor one of the shipped spaces"),
         (["sweep", "quickstart", "--space", "optimizer", "--set", "sweep.search=optuna"], "cannot sample grid axes"),

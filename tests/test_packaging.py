@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -65,3 +66,9 @@ def test_an_installed_wheel_finds_the_shipped_spaces_outside_a_checkout(wheel, t
     module, space, params = proc.stdout.splitlines()[:3]
     assert module.startswith(str(target)) and space.startswith(str(target / "slam_ray" / "search_spaces"))
     assert "train.optimizer.name" in params
+    # the scaling planner from the installed package (issue: `slam-ray scaling plan --flops 3e18 --json`)
+    proc = subprocess.run([sys.executable, "-S", "-m", "slam_ray.cli", "scaling", "plan", "--flops", "3e18", "--json"],
+                          capture_output=True, text=True, cwd=elsewhere, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert plan["flops"] == 3e18 and 59e6 < plan["n_opt"] < 60e6

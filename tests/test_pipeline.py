@@ -39,8 +39,7 @@ def test_reduced_quickstart_runs_every_stage_then_reuses_them(tmp_path, espeak, 
     import mlflow
     from transformers import AutoModelForCausalLM
 
-    # decode_cpus == actor_cpus: the remote args Ray Data would fuse decoding into the encoding actors on
-    exp = small_experiment(tmp_path / "work", extract={"decode_cpus": 0.5})
+    exp = small_experiment(tmp_path / "work")
     path = tmp_path / "tiny.yaml"
     path.write_text(to_yaml(exp))
     # A private Ray temp folder (short: Ray's socket paths are limited) whose logs this test reads; no log
@@ -122,6 +121,20 @@ def test_reduced_quickstart_runs_every_stage_then_reuses_them(tmp_path, espeak, 
     assert "eval/word_order/accuracy" in table.stdout
     assert len(pd.read_csv(tmp_path / "cmp" / "compare.csv")) == 2
 
+    # compute accounting: 6 N D of the run in its manifest and in MLflow (per report and at the end), and the
+    # scaling view drawn from the same store (log-mel units: flagged, not compared with the law)
+    counts = manifests["train"]["counts"]
+    assert counts["flops_6nd"] == 6 * counts["params"] * counts["tokens"] and counts["flops"] > counts["flops_6nd"]
+    assert (runs.loc[runs["tags.slam_ray.kind"] == "experiment", "metrics.train/flops_6nd"] == counts["flops_6nd"]).all()
+    reported = mlflow.MlflowClient().get_metric_history(train_run, "train/flops_6nd")
+    assert reported[-1].value == counts["flops_6nd"] and len(reported) > 1
+    assert all(m.value == 6 * counts["params"] * m.step * exp.train.batch_size * exp.pack.context_len for m in reported)
+    slam_ray("scaling", "plot", "--tracking-uri", tracking_uri(exp), "--experiment", "tiny", "--out",
+             str(tmp_path / "scaling"), cwd=tmp_path)
+    view = pd.read_csv(tmp_path / "scaling" / "scaling.csv")
+    assert len(view) == 2 and (view["flops"] == counts["flops_6nd"]).all() and not view["comparable"].any()
+    assert (tmp_path / "scaling" / "scaling.png").is_file()
+
 
 def check_terminal_output(run: subprocess.CompletedProcess, exp, data_logs: str) -> None:
     """What a user sees: stage progress and results, each worker line once, none of Ray's own INFO lines."""
@@ -142,5 +155,7 @@ def check_terminal_output(run: subprocess.CompletedProcess, exp, data_logs: str)
     worker_lines = Counter(re.sub(r"^.*?\) ", "", line) for line in shown.splitlines() if "[train]" in line)
     assert worker_lines and max(worker_lines.values()) == 1, worker_lines
 
-    # Ray Data's own log still has the plan: decoding tasks, then a separate pool of encoding actors (unfused)
-    assert "TaskPoolMapOperator[MapBatches(decode_rows)] -> ActorPoolMapOperator[MapBatches(EncodeActor)]" in data_logs
+    # Ray Data's own log still has the plan: on CPUs the encoding actors decode their own files (no pool of
+    # decoding tasks: each of its processes cost a torch import and a TTS engine start)
+    assert "ActorPoolMapOperator[MapBatches(EncodeActor)]" in data_logs
+    assert "MapBatches(decode_rows)" not in data_logs

@@ -175,8 +175,9 @@ class ExtractConfig(Section):
     num_actors: int = Field(2, ge=1, json_schema_extra={"operational": True})
     batch_size: int = Field(32, ge=1)
     num_gpus_per_actor: float = Field(0.0, json_schema_extra={"operational": True})
-    decode_cpus: float = Field(0.25, gt=0, description="CPUs per decoding task (decoding and resampling run as Ray "
-                                                        "tasks feeding the encoding actors; keep CPUs free for them)",
+    decode_cpus: float = Field(0.25, gt=0, description="CPUs per decoding task when the encoding actors have GPUs "
+                                                        "(decoding and resampling then run as Ray tasks feeding them; "
+                                                        "on CPUs each actor decodes its own files)",
                         json_schema_extra={"operational": True})
     gpu_batch_seconds: float = Field(
         200.0, gt=0, description="padded seconds of audio per forward pass on a GPU; larger needs more GPU memory "
@@ -267,6 +268,10 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="token budget (all workers); sets the step count")
     max_minutes: float | None = Field(3.0, gt=0, description="wall-clock training budget (excludes data prep)")
+    max_flops: float | None = Field(
+        None, gt=0, description="compute budget in training FLOPs, 6 N D with N the model's parameters: sets the "
+                                "step count (`slam-ray scaling plan` gives a budget's compute-optimal N and D)",
+        json_schema_extra={"since": "0.2"})
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more compute")
     compile: bool = Field(False, description="torch.compile the model (inductor; the first steps pay the compile time)")
@@ -303,8 +308,8 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _needs_budget(self) -> TrainConfig:
-        if self.max_steps is None and self.max_minutes is None and self.max_tokens is None:
-            raise ValueError("set a budget: max_steps, max_tokens or max_minutes (any combination)")
+        if self.max_steps is None and self.max_minutes is None and self.max_tokens is None and self.max_flops is None:
+            raise ValueError("set a budget: max_steps, max_tokens, max_flops or max_minutes (any combination)")
         return self
 
 

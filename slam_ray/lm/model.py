@@ -65,3 +65,11 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096):
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_embedding_parameters(model) -> int:
+    """Parameters of the token embeddings and, when untied, of the output head (Kaplan et al.'s non-embedding
+    count leaves these out; Chinchilla-style laws, and the paper's 358M, count every parameter)."""
+    inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings()
+    tied = outputs is None or outputs.weight is inputs or outputs.weight.data_ptr() == inputs.data_ptr()
+    return inputs.numel() + (0 if tied else outputs.weight.numel())

@@ -49,10 +49,15 @@ def decode_rows(batch, max_segment_seconds: float | None = None, segmenter: str 
 class EncodeActor:
     """Ray Data actor: decoded segment rows -> the same rows with `units`, `durations`, `n_frames` (audio dropped).
     Segments are encoded in batches of about `flush_seconds` of audio (the model sees padded batches whose
-    results equal each segment alone); a segment that fails is an error row and every other still comes through."""
+    results equal each segment alone); a segment that fails is an error row and every other still comes through.
+
+    With `decode` (the keyword arguments of `decode_rows`), the actor takes input rows and decodes (or speaks)
+    them itself, a group of segments at a time: on CPUs a separate pool of decoding tasks only adds processes,
+    each paying for torch's import and a TTS engine's start (measured: 30 s before the first of 400 spoken rows
+    came back with 4 decoding processes beside 2 actors on 2 cores)."""
 
     def __init__(self, tokenizer_dir: str, flush_seconds: float | None = None,
-                 gpu_batch_seconds: float | None = None) -> None:
+                 gpu_batch_seconds: float | None = None, decode: dict | None = None) -> None:
         from slam_ray.parallel.actors import limit_threads
 
         limit_threads()
@@ -63,6 +68,7 @@ class EncodeActor:
         if gpu_batch_seconds is not None and hasattr(features, "max_batch_samples"):  # HuBERT's padded batches
             features.max_batch_samples = int(gpu_batch_seconds * TARGET_SAMPLE_RATE)
         self.flush_samples = int(flush_seconds * TARGET_SAMPLE_RATE)
+        self.decode = decode
 
     def _encode(self, audios: list[np.ndarray]) -> list[dict | str]:
         try:
@@ -76,31 +82,46 @@ class EncodeActor:
                     out.append(str(e) or type(e).__name__)
             return out
 
+    def _segments(self, batch) -> Iterator[dict]:
+        if self.decode is None:
+            yield from batch.to_dict("records")
+            return
+        for df in decode_rows(batch, **self.decode):  # one segment at a time: a long file never sits whole here
+            yield from df.to_dict("records")
+
     def __call__(self, batch):  # pandas DataFrame in and out
         import pandas as pd
 
-        rows = batch.to_dict("records")
-        todo = [i for i, r in enumerate(rows) if not isinstance(r.get("error"), str)]
-        results: dict[int, dict | str] = {}
-        group: list[int] = []
+        out: dict[int, dict] = {}  # by position: rows come back in the order they came in
+        group: list[tuple[int, dict]] = []
         samples = 0
-        for n, i in enumerate(todo):
-            group.append(i)
-            samples += len(rows[i]["audio"]) // 4  # float32 bytes
-            if samples >= self.flush_samples or n == len(todo) - 1:
-                audios = [np.frombuffer(rows[j]["audio"], dtype=np.float32).copy() for j in group]  # writable for torch
-                results.update(zip(group, self._encode(audios), strict=True))
-                group, samples = [], 0
-        out = []
-        for i, row in enumerate(rows):
-            row = {k: v for k, v in row.items() if k != "audio"}
-            enc = results.get(i, row.get("error"))
-            if isinstance(enc, dict):
-                out.append({**row, "units": enc["units"].tolist(), "durations": enc["durations"].tolist(),
-                            "n_frames": enc["n_frames"], "error": None})
-            else:
-                out.append({**row, "units": [], "durations": [], "n_frames": 0, "error": enc})
-        return pd.DataFrame(out)
+
+        def flush() -> None:
+            audios = [np.frombuffer(r["audio"], dtype=np.float32).copy() for _, r in group]  # writable for torch
+            for (i, row), enc in zip(group, self._encode(audios), strict=True):
+                out[i] = _encoded_row(row, enc)
+            group.clear()
+
+        for i, row in enumerate(self._segments(batch)):
+            if isinstance(row.get("error"), str):
+                out[i] = _encoded_row(row, row["error"])
+                continue
+            group.append((i, row))
+            samples += len(row["audio"]) // 4  # float32 bytes
+            if samples >= self.flush_samples:
+                flush()
+                samples = 0
+        if group:
+            flush()
+        return pd.DataFrame([out[i] for i in sorted(out)])
+
+
+def _encoded_row(row: dict, enc: dict | str) -> dict:
+    row = {k: v for k, v in row.items() if k != "audio"}
+    if isinstance(enc, dict):
+        return {**row, "units": enc["units"].tolist(), "durations": enc["durations"].tolist(),
+                "n_frames": enc["n_frames"], "error": None}
+    return {**row, "units": [], "durations": [], "n_frames": 0, "error": enc}
 
 
 def iter_encoded(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: int, batch_size: int,
@@ -108,16 +129,19 @@ def iter_encoded(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: i
     """Stream encoded files as they complete: a file's rows (`id`, `path`, `text`, `speaker`, `dataset`,
     `input_id`, `seg_start`, `seg_end`, `audio_seconds`, `units`, `durations`, `n_frames`, `n_segments`,
     `error` None), one per segment — a file longer than `extract.max_segment_seconds` is `<id>@0000`, ... — or
-    one error row (`error`: the reason) when any part of it fails. Decoding runs as Ray tasks on CPUs, feeding
-    the encoding actors (on GPUs with `num_gpus`)."""
+    one error row (`error`: the reason) when any part of it fails. With `num_gpus`, decoding runs as Ray tasks
+    on CPUs feeding the encoding actors on GPUs; without, each actor decodes its own rows."""
     from slam_ray.parallel.actors import map_rows
 
     decode = {"max_segment_seconds": exp.extract.max_segment_seconds, "segmenter": exp.extract.segmenter}
     parts: dict[str, list[dict]] = {}
     expected: dict[str, int] = {}
     actor = {"tokenizer_dir": str(tokenizer_dir), "gpu_batch_seconds": exp.extract.gpu_batch_seconds}
-    for df in map_rows(exp, rows, EncodeActor, actor, num_actors, batch_size,
-                       num_gpus, prepare=(decode_rows, decode, exp.extract.decode_cpus)):
+    if num_gpus:  # CPU decoding overlaps the GPU's encoding
+        stages = {"prepare": (decode_rows, decode, exp.extract.decode_cpus)}
+    else:
+        stages, actor["decode"] = {}, decode
+    for df in map_rows(exp, rows, EncodeActor, actor, num_actors, batch_size, num_gpus, **stages):
         for rec in df.to_dict("records"):
             uid = rec["input_id"]
             parts.setdefault(uid, []).append(rec)

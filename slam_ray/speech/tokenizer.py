@@ -66,7 +66,7 @@ def _nearest(x, centroids, chunk: int = 65_536):
     c_sq = (centroids**2).sum(1)
     index, dist = [], []
     for part in x.split(chunk):
-        best = (c_sq[None, :] - 2.0 * part @ centroids.T).min(1)  # |x|^2 is constant per row: added after
+        best = torch.addmm(c_sq, part, centroids.T, alpha=-2.0).min(1)  # |x|^2 is constant per row: added after
         index.append(best.indices)
         dist.append((best.values + (part**2).sum(1)).clamp(min=0))
     return torch.cat(index), torch.cat(dist)

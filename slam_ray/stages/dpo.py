@@ -325,13 +325,15 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     margin_before = (ref_val[0] - ref_val[1]).mean().item()
     margin_after = (pol_val[0] - pol_val[1]).mean().item()
     rewards = (pol_val[0] - ref_val[0]) - (pol_val[1] - ref_val[1])
-    metrics = {"tokens": t.tokens, "train_seconds": t.train_seconds,
+    # Compute: the policy's training (6 N D) plus the frozen reference's forward passes (2 N D) on the same tokens.
+    metrics = {"tokens": t.tokens, "train_seconds": t.train_seconds, "params": n_params,
+               "dpo/flops_6nd": 6.0 * n_params * t.tokens, "dpo/flops": 8.0 * n_params * t.tokens,
                "val/logp_margin_before": margin_before, "val/logp_margin_after": margin_after,
                "val/reward_accuracy": (rewards > 0).float().mean().item(),
                "val/reward_margin": cfg.beta * rewards.mean().item(),
                "val/chosen_preferred_before": (ref_val[0] > ref_val[1]).float().mean().item(),
                "val/chosen_preferred_after": (pol_val[0] > pol_val[1]).float().mean().item()}
-    w.log.metrics({k: v for k, v in metrics.items() if k.startswith("val/")}, t.step)
+    w.log.metrics({k: v for k, v in metrics.items() if k.startswith(("val/", "dpo/"))}, t.step)
     w.log.print(f"[dpo] held-out: log-likelihood margin {margin_before:.3f} -> {margin_after:.3f}, chosen preferred "
                 f"{metrics['val/chosen_preferred_before']:.3f} -> {metrics['val/chosen_preferred_after']:.3f}, "
                 f"reward accuracy {metrics['val/reward_accuracy']:.3f}")
@@ -378,11 +380,13 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
         shutil.copytree(localize(untrained), out.path / "checkpoint_init")
     shutil.copy(localize(triples_path), out.path / TRIPLES)  # the stage output is self-contained
     return StageResult(
-        counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "train_triples": len(triples["train"]), "val_triples": len(triples["val"])},
+        counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"]),
+                "flops_6nd": float(final["dpo/flops_6nd"]), "flops": float(final["dpo/flops"]),
+                "train_triples": len(triples["train"]), "val_triples": len(triples["val"])},
         outputs={"checkpoint": "checkpoint", "checkpoint_before_dpo": "checkpoint_before_dpo",
                  **({"checkpoint_init": "checkpoint_init"} if untrained else {}), "triples": TRIPLES, "started_from": start},
         errors=triples["errors"],
-        metrics={k: float(v) for k, v in final.items() if k.startswith("val/")} | {"dpo/seconds": final["train_seconds"]},
+        metrics={k: float(v) for k, v in final.items() if k.startswith(("val/", "dpo/"))} | {"dpo/seconds": final["train_seconds"]},
     )
 
 

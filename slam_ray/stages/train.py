@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
 from typing import Any
 
 import numpy as np
 
-from slam_ray.config import Experiment
+from slam_ray.config import Experiment, TrainConfig
 from slam_ray.core.runner import StageResult, init_ray, run_stage
 from slam_ray.core.stage_io import StageDir, Timer, upstream_dir
 from slam_ray.core.storage import in_filesystem, localize, storage_root
@@ -88,6 +89,17 @@ def window_inputs(windows: PackedWindows | np.ndarray, rows: np.ndarray, documen
             "use_cache": False}
 
 
+def budget_steps(cfg: TrainConfig, tokens_per_step: int, n_params: int) -> int:
+    """The steps the step, token and FLOP budgets allow (the smallest; 10**12 when none is set). A FLOP budget is
+    6 N D: the run stops at the first step whose tokens reach max_flops / (6 N)."""
+    caps = [cfg.max_steps or 10**12]
+    if cfg.max_tokens:
+        caps.append(-(-cfg.max_tokens // tokens_per_step))
+    if cfg.max_flops:
+        caps.append(max(1, math.ceil(cfg.max_flops / (6 * n_params * tokens_per_step))))
+    return min(caps)
+
+
 def spread_sample(n: int, limit: int | None, seed: int) -> np.ndarray:
     """Row indices: all `n`, or a seeded sample of `limit` of them in file order (so reads stay sequential)."""
     if limit is None or n <= limit:
@@ -125,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from slam_ray.lm.model import build_model, count_parameters
+    from slam_ray.lm.model import build_model, count_embedding_parameters, count_parameters
 
     exp = Experiment.model_validate(config["experiment"])
     cfg = exp.train
@@ -139,6 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context_len = train_windows.context_len
     model = build_model(cfg.model, exp.vocab_size, max_positions=context_len)
     n_params = count_parameters(model)
+    n_non_embedding = n_params - count_embedding_parameters(model)
     resumed = resume_state(model)
     if resumed is None:
         report_checkpoint(model, w.rank, {"step": 0, "kind": "init", "params": n_params})
@@ -150,15 +163,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # 256 windows sampled over every shard), not the window's.
     attention_context = (effective_context(train_windows.positions(spread_sample(len(train_windows), 256, cfg.seed)))
                          if cfg.document_mask else context_len)
-    # Step and token budgets cap the step count; a time budget sizes it from measured throughput below.
-    step_cap = min(cfg.max_steps or 10**12, -(-cfg.max_tokens // tokens_per_step) if cfg.max_tokens else 10**12)
+    # Step, token and FLOP budgets cap the step count; a time budget sizes it from measured throughput below.
+    step_cap = budget_steps(cfg, tokens_per_step, n_params)
+    step_flops = flops_per_token(n_params, hf_config.num_hidden_layers, hf_config.hidden_size, attention_context)
     t = Trainer(w, settings, model, build_optimizer(cfg.optimizer, model.parameters()),
                 Plan(step_cap, warmup_steps(cfg.schedule, step_cap)),
                 lambda s, plan: lr_factor(s, plan.total, plan.warmup, cfg.schedule, cfg.optimizer.lr),
                 Budget(cfg.max_minutes, step_cap), cfg.grad_accum, cfg.max_grad_norm,
-                mfu=Mfu.of(w.device, flops_per_token(n_params, hf_config.num_hidden_layers, hf_config.hidden_size,
-                                                     attention_context), cfg.peak_tflops),
-                resumed=resumed, prefix="train")
+                mfu=Mfu.of(w.device, step_flops, cfg.peak_tflops), resumed=resumed, prefix="train")
+
+    def compute(tokens: int) -> dict[str, float]:
+        """The compute of `tokens` trained tokens: 6 N D (what scaling laws count) and with attention (what MFU
+        counts; under document masking over each document's own length)."""
+        return {"train/flops_6nd": 6.0 * n_params * tokens, "train/flops": step_flops * tokens}
 
     def loss_on(windows: PackedWindows, rows: np.ndarray, net: torch.nn.Module, **kwargs: Any) -> torch.Tensor:
         batch = window_inputs(windows, rows, cfg.document_mask)
@@ -209,7 +226,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t.plan.replans = replan_steps(t.plan.total, cfg.max_minutes)
         t.apply_plan()
         # on the log thread: a worker's first MLflow call takes seconds, inside the time budget
-        w.log.params({"model.params": n_params, "schedule.planned_steps": t.plan.total,
+        w.log.params({"model.params": n_params, "model.params_non_embedding": n_non_embedding,
+                      "schedule.planned_steps": t.plan.total,
                       "schedule.warmup_steps": t.plan.warmup})
         w.log.print(f"[train] {n_params / 1e6:.2f}M params, {w.world} worker(s), {t.plan.total} steps planned")
 
@@ -221,8 +239,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         reports_done = t.step * cfg.val_reports // t.plan.total
         progress = {"step": t.step, "progress": round(100 * t.step / t.plan.total, 2),
-                    "val/loss": validate(INTERMEDIATE_VAL_WINDOWS), "train/tokens": t.step * tokens_per_step}
-        w.log.metrics({"val/loss": progress["val/loss"]}, t.step)
+                    "val/loss": validate(INTERMEDIATE_VAL_WINDOWS), "train/tokens": t.step * tokens_per_step,
+                    **compute(t.step * tokens_per_step)}
+        w.log.metrics({k: progress[k] for k in ("val/loss", "train/flops_6nd", "train/flops")}, t.step)
         ray.train.report(progress)
 
     t.run(micro_loss, lambda step: tokens_per_step, log_every=cfg.log_every,
@@ -233,11 +252,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_loss = validate()
     metrics = {"progress": 100.0, "val/loss": val_loss, "tokens": t.step * tokens_per_step,
                "train_seconds": t.train_seconds, "tokens_per_s": t.tokens_per_s, "params": n_params,
-               "total_steps": t.plan.total}
+               "params_non_embedding": n_non_embedding, "total_steps": t.plan.total,
+               **compute(t.step * tokens_per_step)}
     if (mfu := t.mfu(t.tokens_per_s, w.world)) is not None:
         metrics["mfu"] = mfu
     w.log.metrics({"val/loss": val_loss, "train/tokens_per_s_mean": metrics["tokens_per_s"],
-                   **({"train/mfu_mean": mfu} if mfu is not None else {})}, t.step)
+                   **compute(t.step * tokens_per_step), **({"train/mfu_mean": mfu} if mfu is not None else {})}, t.step)
     t.finish(metrics)
 
 
@@ -264,9 +284,12 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
     (out.path / "checkpoints.json").write_text(json.dumps(listing, indent=1))
     final = checkpoints["final"][1]
     return StageResult(
-        counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"])},
+        counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"]),
+                "params_non_embedding": int(final["params_non_embedding"]),
+                "flops_6nd": float(final["train/flops_6nd"]), "flops": float(final["train/flops"])},
         outputs={"checkpoint": "checkpoint", "checkpoint_init": "checkpoint_init"},
         metrics={"val/loss_final": float(final["val/loss"]), "train/seconds": float(final["train_seconds"]),
+                 "train/flops_6nd": float(final["train/flops_6nd"]), "train/flops": float(final["train/flops"]),
                  "train/tokens_per_s_mean": float(final["tokens_per_s"]),
                  **({"train/mfu_mean": float(final["mfu"])} if "mfu" in final else {})},
     )

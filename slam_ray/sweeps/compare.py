@@ -39,7 +39,7 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def _search(uri: str, experiments: list[str] | None, filter_string: str) -> pd.DataFrame:
+def search_runs(uri: str, experiments: list[str] | None, filter_string: str) -> pd.DataFrame:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -51,9 +51,9 @@ def runs_table(uri: str, experiments: list[str] | None = None, sweep_run_id: str
                metric: str = "eval/word_order/accuracy", mode: str = "max") -> pd.DataFrame:
     """One row per experiment run or trial (only the trials of `sweep_run_id` when given), sorted by `metric`."""
     if sweep_run_id:
-        runs = _search(uri, experiments, f"tags.`mlflow.parentRunId` = '{sweep_run_id}' and tags.`slam_ray.kind` = 'trial'")
+        runs = search_runs(uri, experiments, f"tags.`mlflow.parentRunId` = '{sweep_run_id}' and tags.`slam_ray.kind` = 'trial'")
     else:
-        frames = [_search(uri, experiments, f"tags.`slam_ray.kind` = '{kind}'") for kind in ("experiment", "trial")]
+        frames = [search_runs(uri, experiments, f"tags.`slam_ray.kind` = '{kind}'") for kind in ("experiment", "trial")]
         frames = [f for f in frames if not f.empty]
         runs = pd.concat(frames) if frames else pd.DataFrame()
     if runs.empty:
@@ -190,9 +190,9 @@ def sweep_report(uri: str, experiment: str, parent: Any, metric: str, mode: str,
     return table
 
 
-def _find_sweep(uri: str, experiments: list[str] | None, sweep: str) -> str:
+def find_sweep(uri: str, experiments: list[str] | None, sweep: str) -> str:
     """The parent run id of a sweep given by run id, sweep name, or space name (the latest such sweep)."""
-    runs = _search(uri, experiments, "tags.`slam_ray.kind` = 'sweep'")
+    runs = search_runs(uri, experiments, "tags.`slam_ray.kind` = 'sweep'")
     if runs.empty:
         raise SlamError(f"no sweeps in {uri}; run `slam-ray sweep EXPERIMENT --space SPACE` first")
     names = runs["tags.slam_ray.sweep"].fillna("")
@@ -202,16 +202,22 @@ def _find_sweep(uri: str, experiments: list[str] | None, sweep: str) -> str:
     return match.sort_values("start_time").iloc[-1]["run_id"]
 
 
+def resolve_tracking_uri(experiments: list[str] | None, tracking_uri: str | None) -> str:
+    """The MLflow URI given, or the sqlite store of ./slam_runs/NAME (the default workdir) for one experiment."""
+    if tracking_uri is not None:
+        return tracking_uri
+    if not experiments or len(experiments) != 1:
+        raise SlamError("give --tracking-uri, or one --experiment NAME to read ./slam_runs/NAME/mlflow.db")
+    db = Path("slam_runs") / experiments[0] / "mlflow.db"
+    if not db.is_file():
+        raise SlamError(f"no MLflow store at {db}; pass --tracking-uri (e.g. sqlite:///path/mlflow.db)")
+    return f"sqlite:///{db.absolute()}"
+
+
 def compare(experiments: list[str] | None, tracking_uri: str | None, metric: str, out_dir: str | None,
             sweep: str | None = None, mode: str = "max") -> pd.DataFrame:
-    if tracking_uri is None:
-        if not experiments or len(experiments) != 1:
-            raise SlamError("give --tracking-uri, or one --experiment NAME to read ./slam_runs/NAME/mlflow.db")
-        db = Path("slam_runs") / experiments[0] / "mlflow.db"
-        if not db.is_file():
-            raise SlamError(f"no MLflow store at {db}; pass --tracking-uri (e.g. sqlite:///path/mlflow.db)")
-        tracking_uri = f"sqlite:///{db.absolute()}"
-    sweep_run_id = _find_sweep(tracking_uri, experiments, sweep) if sweep else None
+    tracking_uri = resolve_tracking_uri(experiments, tracking_uri)
+    sweep_run_id = find_sweep(tracking_uri, experiments, sweep) if sweep else None
     table = runs_table(tracking_uri, experiments, sweep_run_id, metric, mode)
     _show(table)
     if out_dir:

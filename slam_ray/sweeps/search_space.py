@@ -6,6 +6,7 @@ params:                                   # dotted experiment fields (see `slam-
   train.optimizer.name: {grid: [adamw, ademamix]}
   train.optimizer.lr: {loguniform: [3.0e-4, 1.0e-2]}
 sweep: {scheduler: asha}                  # optional: defaults for the experiment's `sweep` section
+fixed: {stages: [synth, extract, pack, train]}   # optional: fields every trial shares
 ```
 
 Distributions: `grid` (every value, crossed with the other grid axes), `choice` (one value per sample),
@@ -93,6 +94,8 @@ class SearchSpace(BaseModel):
     description: str = ""
     params: dict[str, Distribution] = Field(..., min_length=1)
     sweep: dict[str, Any] = Field(default_factory=dict, description="defaults for the experiment's sweep section")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="experiment fields every trial shares, as "
+                                  "`--set KEY=VALUE` before the user's own (e.g. the stages a sweep needs)")
 
     @model_validator(mode="after")
     def _sweep_fields(self) -> SearchSpace:
@@ -102,10 +105,11 @@ class SearchSpace(BaseModel):
         return self
 
     def overrides(self) -> list[str]:
-        """The `sweep:` block as `--set` overrides (YAML reads JSON), applied before the user's own."""
+        """The `sweep:` and `fixed:` blocks as `--set` overrides (YAML reads JSON), applied before the user's own."""
         import json
 
-        return [f"sweep.{k}={json.dumps(v)}" for k, v in self.sweep.items()]
+        return ([f"sweep.{k}={json.dumps(v)}" for k, v in self.sweep.items()]
+                + [f"{k}={json.dumps(v)}" for k, v in self.fixed.items()])
 
     def to_tune(self) -> dict[str, Any]:
         return {key: dist.to_tune() for key, dist in self.params.items()}

@@ -83,7 +83,7 @@ def test_missing_experiment_lists_recipes():
 
 
 def test_budget_required():
-    with pytest.raises(ConfigError, match="max_steps, max_tokens or max_minutes"):
+    with pytest.raises(ConfigError, match="max_steps, max_tokens, max_flops or max_minutes"):
         load_experiment("quickstart", ["train.max_minutes=null", "train.max_steps=null"])
 
 

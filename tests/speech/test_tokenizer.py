@@ -150,3 +150,6 @@ def test_decoding_tasks_feed_encoding_actors_one_row_per_segment(fixtures, tmp_p
         assert (row.seg_start, row.seg_end) == (start, end)
         assert list(row.units) == tok.encode(audio)["units"].tolist()  # batched == alone
     assert list(encoded.error.notna()) == list(decoded.error.notna())  # errors pass through, nothing else fails
+    # on CPUs the actor decodes its own rows: the same rows, units and errors as the two steps
+    itself = EncodeActor(str(tmp_path / "tok"), flush_seconds=30, decode={"max_segment_seconds": 20})(rows)
+    pd.testing.assert_frame_equal(itself, encoded)

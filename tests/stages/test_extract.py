@@ -252,21 +252,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from slam_ray.speech.audio import speech_probabilities
-from slam_ray.parallel.encode import EncodeActor, decode_rows
+from slam_ray.parallel.encode import EncodeActor
 
 def rss_mb(field):
     return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 tokenizer_dir, path, max_seconds = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-actor = EncodeActor(tokenizer_dir)
+actor = EncodeActor(tokenizer_dir, decode={"max_segment_seconds": max_seconds})
 speech_probabilities(np.zeros(16000, np.float32))  # silero-vad loaded before measuring, like the model
 Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak (VmHWM) to the current RSS
 before = rss_mb("VmRSS")
-rows = errors = frames = 0
-# the pipeline's two steps in one process: the decoding task's segments, each encoded as it comes
-for part in decode_rows(pd.DataFrame([{"id": "long", "path": path}]), max_segment_seconds=max_seconds):
-    out = actor(part)
-    rows, errors, frames = rows + len(out), errors + out.error.notna().sum().item(), frames + int(out.n_frames.sum())
+# the CPU path: the encoding actor decodes its own file, segment by segment, encoding ~200 s of audio at a time
+out = actor(pd.DataFrame([{"id": "long", "path": path}]))
+rows, errors, frames = len(out), out.error.notna().sum().item(), int(out.n_frames.sum())
 peak = rss_mb("VmHWM")
 print(json.dumps({"peak_growth_mb": peak - before, "peak_mb": peak, "rows": rows, "errors": errors, "frames": frames}))
 """

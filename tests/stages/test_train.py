@@ -364,3 +364,17 @@ def test_flash_attention_layout_flattens_a_micro_batch_into_one_row_of_documents
     assert list(spread_sample(5, None, 0)) == [0, 1, 2, 3, 4]
     sample = spread_sample(1000, 10, 0)
     assert len(set(sample)) == 10 and list(sample) == sorted(sample) and sample.max() > 500  # spread, in order
+
+
+def test_budget_steps_takes_the_tightest_budget_and_a_flop_budget_is_6nd():
+    from slam_ray.config import TrainConfig
+    from slam_ray.stages.train import budget_steps
+
+    cfg = TrainConfig(max_steps=None, max_minutes=None, max_flops=6 * 1000 * 4096 * 10)
+    assert budget_steps(cfg, 4096, 1000) == 10  # exactly 10 steps of 4096 tokens for a 1000-parameter model
+    assert budget_steps(cfg, 4096, 2000) == 5  # twice the parameters: half the tokens
+    assert budget_steps(cfg.model_copy(update={"max_flops": 6 * 1000 * 4096 * 10 + 1}), 4096, 1000) == 11
+    assert budget_steps(cfg.model_copy(update={"max_steps": 3}), 4096, 1000) == 3
+    assert budget_steps(cfg.model_copy(update={"max_tokens": 4096 * 7}), 4096, 1000) == 7
+    with pytest.raises(ValueError, match="max_flops"):
+        TrainConfig(max_steps=None, max_minutes=None)

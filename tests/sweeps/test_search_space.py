@@ -222,3 +222,28 @@ def test_the_quickstarts_first_sweep_fits_the_two_cores_it_targets(monkeypatch, 
                                          "sweep.max_concurrent_trials=2"])
     check_trial_fits(two, {"CPU": 4.0})
     assert "1 of sweep.max_concurrent_trials 2 fit" in capsys.readouterr().out
+
+
+def test_isoflop_trials_share_the_fixed_fields_and_each_has_its_own_budget_and_size():
+    """The `fixed:` block reaches every trial (stages without dpo/eval, no step cap) and the grid gives 3 budgets x 4
+    sizes; a trial's FLOP budget then sets its steps: the larger model reads fewer tokens for the same budget."""
+    from slam_ray.stages.train import budget_steps
+    from slam_ray.sweeps.search_space import trial_experiment
+
+    space = load_space("isoflop")
+    exp = load_experiment("quickstart", space.overrides())
+    validate_space(space, exp)
+    assert exp.stages == ["synth", "extract", "pack", "train"] and exp.train.max_steps is None
+    trials = [trial_experiment(exp, {"train.max_flops": c, "train.model.num_layers": n})
+              for c in space.params["train.max_flops"].grid for n in space.params["train.model.num_layers"].grid]
+    assert len({(t.train.max_flops, t.train.model.num_layers) for t in trials}) == 12
+    tokens_per_step = exp.train.batch_size * exp.pack.context_len
+    small, large = (budget_steps(t.train, tokens_per_step, n_params)
+                    for t, n_params in ((trials[0], 290_000), (trials[3], 1_080_000)))
+    assert small > 3 * large > 0
+
+
+def test_a_space_without_fixed_fields_overrides_only_the_sweep_section(tmp_path):
+    space = load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"grid": [1e-3]}},
+                                             "sweep": {"metric": "val/loss"}}))
+    assert space.overrides() == ['sweep.metric="val/loss"']
