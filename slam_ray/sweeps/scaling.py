@@ -222,6 +222,7 @@ def fit_runs(experiments: list[str] | None, tracking_uri: str | None, sweep: str
     fit = law_.fit_law(table["params"], table["tokens"], table["val_loss"], bootstrap=bootstrap, seed=seed)
     table["fitted_loss"] = fit.law.loss(table["params"].to_numpy(), table["tokens"].to_numpy())
     summary = {**fit.to_dict(), "runs": len(table), "comparable_with_cuervo_marxer": bool(table["comparable"].all()),
+               "unbracketed_budgets": unbracketed_budgets(table),
                "published": {k: getattr(law_.CUERVO_MARXER, k) for k in ("E", "A", "B", "alpha", "beta")},
                "rmse_log_loss": float(np.sqrt(np.mean(np.log(table["fitted_loss"] / table["val_loss"]) ** 2)))}
     if out_dir:
@@ -234,6 +235,27 @@ def fit_runs(experiments: list[str] | None, tracking_uri: str | None, sweep: str
     return summary
 
 
+def unbracketed_budgets(table: pd.DataFrame, tolerance: float = 0.1) -> list[dict[str, Any]]:
+    """isoFLOP groups (runs within `tolerance` of each other's compute, at least 3 sizes) whose lowest loss is at the
+    smallest or largest model: the grid does not bracket that budget's optimum, and the law's exponents are then
+    extrapolation (a fit to such a grid can give any alpha)."""
+    out = []
+    runs = table.sort_values("flops").reset_index(drop=True)
+    start = 0
+    for end in range(1, len(runs) + 1):
+        if end < len(runs) and runs["flops"][end] <= runs["flops"][start] * (1 + tolerance):
+            continue
+        group = runs.iloc[start:end].sort_values("params")
+        start = end
+        if len(group) < 3:
+            continue
+        best = int(np.argmin(group["val_loss"].to_numpy()))
+        if best in (0, len(group) - 1):
+            out.append({"flops": float(group["flops"].median()), "best_params": float(group["params"].iloc[best]),
+                        "edge": "smallest" if best == 0 else "largest"})
+    return out
+
+
 def describe_fit(s: dict[str, Any]) -> str:
     iv = s["intervals"]
     rows = [f"fitted on {s['runs']} runs (Huber on log-loss, L-BFGS from a grid of starts; 95% bootstrap intervals)"]
@@ -243,6 +265,10 @@ def describe_fit(s: dict[str, Any]) -> str:
             published = getattr(law_.CUERVO_MARXER, k)
         rows.append(f"  {k:<6} {s[k]:>10.4g}   [{iv[k][0]:.4g}, {iv[k][1]:.4g}]   Cuervo & Marxer: {published:.4g}")
     rows.append(f"  N_opt ∝ C^{s['a']:.3f}, D_opt ∝ C^{s['b']:.3f}; fit error {s['rmse_log_loss']:.2%} (RMS of log-loss)")
+    for u in s["unbracketed_budgets"]:
+        rows.append(f"  warning: at {u['flops']:.3g} FLOPs the {u['edge']} model ({u['best_params'] / 1e6:.3g}M) has the "
+                    f"lowest loss: the grid does not bracket that budget's optimum; add "
+                    f"{'smaller' if u['edge'] == 'smallest' else 'larger'} models")
     if not s["comparable_with_cuervo_marxer"]:
         rows.append("  (runs on other tokens than the law's: the coefficients describe this setup, not comparable)")
     return "\n".join(rows)

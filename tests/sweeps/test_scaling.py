@@ -88,6 +88,7 @@ def test_runs_view_and_fit_from_a_real_mlflow_store(tmp_path):
     assert fit["alpha"] == pytest.approx(TRUE.alpha, abs=0.05) and fit["beta"] == pytest.approx(TRUE.beta, abs=0.05)
     assert fit["E"] == pytest.approx(TRUE.E, rel=0.05)
     assert fit["rmse_log_loss"] < 0.01 and not fit["comparable_with_cuervo_marxer"]
+    assert fit["unbracketed_budgets"] == []  # sizes 0.2-5x the optimum: every budget's best size is inside
     assert json.loads((tmp_path / "fit" / "fit.json").read_text())["runs"] == 12
     assert (tmp_path / "fit" / "fit.png").stat().st_size > 20_000
 
@@ -111,3 +112,20 @@ def test_a_store_without_compute_accounting_says_so(tmp_path):
         mlflow.log_metrics({"val/loss": 2.0, "train/tokens": 1000})
     with pytest.raises(SlamError, match="train/params"):
         scaling.scaling_runs(uri, ["old"])
+
+
+def test_a_grid_whose_smallest_model_always_wins_is_flagged():
+    """Sizes 2-20x the law's optimum: each budget's lowest loss is its smallest model, so the grid cannot pin the
+    exponents; the fit says so, per budget, and which way to extend the grid."""
+    rows = []
+    for flops in (1e15, 1e17):
+        n_opt = TRUE.allocation(flops)[0]
+        for factor in (2, 5, 20):
+            n = n_opt * factor
+            rows.append({"params": n, "tokens": flops / (6 * n), "flops": flops, "val_loss": TRUE.loss(n, flops / (6 * n))})
+    flagged = scaling.unbracketed_budgets(pd.DataFrame(rows))
+    assert [u["edge"] for u in flagged] == ["smallest", "smallest"]
+    assert [u["flops"] for u in flagged] == [1e15, 1e17]
+    bracketed = pd.DataFrame([{**r, "params": r["params"] / 5, "tokens": r["tokens"] * 5,
+                               "val_loss": TRUE.loss(r["params"] / 5, r["tokens"] * 5)} for r in rows])
+    assert scaling.unbracketed_budgets(bracketed) == []

@@ -234,13 +234,14 @@ def test_isoflop_trials_share_the_fixed_fields_and_each_has_its_own_budget_and_s
     exp = load_experiment("quickstart", space.overrides())
     validate_space(space, exp)
     assert exp.stages == ["synth", "extract", "pack", "train"] and exp.train.max_steps is None
-    trials = [trial_experiment(exp, {"train.max_flops": c, "train.model.num_layers": n})
-              for c in space.params["train.max_flops"].grid for n in space.params["train.model.num_layers"].grid]
-    assert len({(t.train.max_flops, t.train.model.num_layers) for t in trials}) == 12
+    assert exp.train.model.num_layers == 2
+    trials = [trial_experiment(exp, {"train.max_flops": c, "train.model.hidden_size": h})
+              for c in space.params["train.max_flops"].grid for h in space.params["train.model.hidden_size"].grid]
+    assert len({(t.train.max_flops, t.train.model.hidden_size) for t in trials}) == 12
     tokens_per_step = exp.train.batch_size * exp.pack.context_len
     small, large = (budget_steps(t.train, tokens_per_step, n_params)
-                    for t, n_params in ((trials[0], 290_000), (trials[3], 1_080_000)))
-    assert small > 3 * large > 0
+                    for t, n_params in ((trials[0], 64_000), (trials[3], 627_000)))
+    assert small > 9 * large > 0
 
 
 def test_a_space_without_fixed_fields_overrides_only_the_sweep_section(tmp_path):
