@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from slam_ray.core.fingerprint import snapshot
+        from slam_ray.core.terminal import quiet_ray_noise
 
-        with snapshot():  # each input given by path is fingerprinted once per command
+        with quiet_ray_noise(), snapshot():  # each input given by path is fingerprinted once per command
             code = args.func(args) or 0  # commands with no failure of their own return None
     except SlamError as e:
         if args.debug:
