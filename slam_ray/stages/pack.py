@@ -290,18 +290,14 @@ def _pack_task(row: dict[str, Any]) -> dict[str, Any]:
 
 
 IN_DRIVER_ITEMS = 4  # up to this many tasks run in the driver: Ray Data's start-up (~2.5 s here) costs more
-# Statistics tasks are lighter (16 shards counted in ~0.3 s): up to 8 of them (128 shards, ~2.7 s on one core)
-# cost less in the driver than Ray Data's start-up plus the same work on two cores.
-IN_DRIVER_STATS_TASKS = 8
 
 
-def _map(items: list[dict[str, Any]], fn: Any, exp: Experiment, flat: bool = False,
-         in_driver: int = IN_DRIVER_ITEMS, **fn_kwargs: Any):
+def _map(items: list[dict[str, Any]], fn: Any, exp: Experiment, flat: bool = False, **fn_kwargs: Any):
     """Run `fn` over `items` (one JSON string column each) as Ray Data tasks, `pack.num_workers` at a time. A few
     items (a statistics task covers 16 shards, a pack task ~4 M tokens: well under a second each) run here, in the
     driver, one after the other: the same function on the same input, without a Ray Data start-up that would cost
     more than the work (the quickstart's pack is one group; 10 M tokens are two)."""
-    if len(items) <= in_driver:
+    if len(items) <= IN_DRIVER_ITEMS:
         return (row for item in items for row in (fn(item, **fn_kwargs) if flat else [fn(item, **fn_kwargs)]))
     import ray.data
 
@@ -327,7 +323,7 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
             per_task = 16  # counting runs at ~50M tokens/s: a task per shard would cost more than the counting
             stats = [json.loads(r["stats"]) for r in tqdm(
                 _map([{"shards": json.dumps(shards[i : i + per_task])} for i in range(0, len(shards), per_task)],
-                         _stats_task, exp, flat=True, in_driver=IN_DRIVER_STATS_TASKS, seed=cfg.seed,
+                         _stats_task, exp, flat=True, seed=cfg.seed,
                          val_fraction=cfg.val_fraction, piece_tokens=max(1, cfg.shard_tokens // 4)),
                 desc="[pack] count", unit="piece", mininterval=2)]
             stats.sort(key=lambda s: s["id"])
