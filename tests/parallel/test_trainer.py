@@ -38,8 +38,9 @@ def test_dpo_takes_trains_settings_unless_set_and_only_a_changed_dpo_changes_key
     # at format 1 what is left to compare is this change alone
     monkeypatch.setitem(stage_io.STAGE_FORMAT, "pack", 1)
     for name, keys in KEYS_BEFORE.items():
-        # the slam recipes as they were then (they have since taken the paper's tokens per step and document masks)
-        then = [] if name == "quickstart" else ["train.grad_accum=16", "train.document_mask=false"]
+        # the recipes as they were then (the slam recipes have since taken the paper's tokens per step and document
+        # masks, the quickstart document masks)
+        then = ["train.document_mask=false"] + ([] if name == "quickstart" else ["train.grad_accum=16"])
         exp = load_experiment(name, [f"workdir={tmp_path}", *then])
         now = {stage: stage_key(exp, stage) for stage in keys}
         # the quickstart's DPO still trains as before (fp32 DDP): every key kept; the slam recipes' DPO now runs
