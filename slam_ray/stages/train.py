@@ -283,13 +283,14 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
                       for ckpt, m in result.best_checkpoints), key=lambda c: c["step"])
     (out.path / "checkpoints.json").write_text(json.dumps(listing, indent=1))
     final = checkpoints["final"][1]
+    # FLOPs stay out of `metrics`: the workers logged them per report and at the last step, and the stage's metrics
+    # are logged at step 0, which would add a false first point to the FLOPs-by-step history.
     return StageResult(
         counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"]),
                 "params_non_embedding": int(final["params_non_embedding"]),
                 "flops_6nd": float(final["train/flops_6nd"]), "flops": float(final["train/flops"])},
         outputs={"checkpoint": "checkpoint", "checkpoint_init": "checkpoint_init"},
         metrics={"val/loss_final": float(final["val/loss"]), "train/seconds": float(final["train_seconds"]),
-                 "train/flops_6nd": float(final["train/flops_6nd"]), "train/flops": float(final["train/flops"]),
                  "train/tokens_per_s_mean": float(final["tokens_per_s"]),
                  **({"train/mfu_mean": float(final["mfu"])} if "mfu" in final else {})},
     )
