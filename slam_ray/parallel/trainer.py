@@ -12,6 +12,7 @@ sync on the last one only, clipping, re-plans of a time-budgeted schedule, loggi
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 TRAINER_STATE = "trainer_state.pt"
 PROBE_STEPS = 6  # timed steps (weights untouched) that size a time-budgeted schedule
 PRINT_SECONDS = 20  # a progress line at most this often (and at the end)
+TRAIN_POLL_INTERVAL_S = 0.25  # Ray Train controller's poll of its workers (Ray's default 2 s); see fit()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -558,6 +560,10 @@ def fit(exp: Experiment, out: Any, stage: str, loop: Callable[[dict[str, Any]], 
 
     cfg = exp.train
     resources = cfg.resources_per_worker or {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}
+    # Ray Train's controller takes one report off each worker's one-slot queue per poll, every 2 s by default, so a
+    # worker reporting more often than that waits out the rest (measured: ~1.9 s per validation report on runs of
+    # fast steps, half the wall time of a 30-step run). Train passes this variable from here to its controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
     trainer = TorchTrainer(
         loop,
         train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker), **loop_config},
