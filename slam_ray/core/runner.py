@@ -54,9 +54,6 @@ def init_ray(exp: Experiment) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # Train V2 workers hold one unconsumed report: a report blocks until the controller's next poll (every
-    # 2 s by default), which made back-to-back reports cost 2 s each. Poll faster (inherited by local Ray).
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     # Train V2 tees a worker's print() into its logger's console handler as well: every `[train]`/`[dpo]` line
     # reached the terminal twice. Plain prints reach the driver once; Ray Train propagates this to its workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

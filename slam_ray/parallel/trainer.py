@@ -550,6 +550,11 @@ def tune_callbacks() -> list:
         return []
 
 
+def poll_reports_fast() -> None:
+    """Ray Train's controller polls every TRAIN_POLL_INTERVAL_S in the runs this process starts (a set value wins)."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
+
+
 def fit(exp: Experiment, out: Any, stage: str, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
         tracker: Tracker, num_workers: int, callbacks: list | None = None) -> Any:
     """Run `loop` on `num_workers` Ray Train workers (each `train.resources_per_worker`, or `ray.worker_cpus` CPUs
@@ -562,8 +567,10 @@ def fit(exp: Experiment, out: Any, stage: str, loop: Callable[[dict[str, Any]], 
     resources = cfg.resources_per_worker or {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}
     # Ray Train's controller takes one report off each worker's one-slot queue per poll, every 2 s by default, so a
     # worker reporting more often than that waits out the rest (measured: ~1.9 s per validation report on runs of
-    # fast steps, half the wall time of a 30-step run). Train passes this variable from here to its controller.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
+    # fast steps, half the wall time of a 30-step run). Train passes this variable from the process that calls
+    # fit() to its controller: set here, not at Ray's start, it also reaches runs in a Ray started elsewhere (a
+    # notebook's, a cluster's Tune trials).
+    poll_reports_fast()
     trainer = TorchTrainer(
         loop,
         train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker), **loop_config},

@@ -191,3 +191,19 @@ def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tm
     assert weights["fsdp"].keys() == weights["ddp"].keys()
     for key, value in weights["ddp"].items():
         torch.testing.assert_close(weights["fsdp"][key], value, rtol=1e-3, atol=1e-4)
+
+
+def test_fit_sets_a_fast_controller_poll_that_ray_train_passes_on(monkeypatch):
+    """At Ray's 2-s poll a validation report of a fast run waited ~1.9 s (half a 30-step run's wall time): fit()
+    sets the poll interval in the calling process, a user's own value wins, and Ray Train passes the variable to
+    its controller (and from there to the workers) — checked against Ray's own list, which an upgrade could change."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from slam_ray.parallel.trainer import TRAIN_POLL_INTERVAL_S, poll_reports_fast
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    poll_reports_fast()
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == str(TRAIN_POLL_INTERVAL_S)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
+    poll_reports_fast()
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
