@@ -16,7 +16,7 @@ PYTEST = rc=0; $(BIN)/python -m pytest $(1) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
 test: $(VENV)/.installed-dev system-deps
-	@$(call PYTEST,tests)
+	@$(call PYTEST,--durations=25 tests)
 
 # The development loop: no Ray instance, no subprocess pipeline, no training run (markers `ray` and `slow`).
 test-fast: $(VENV)/.installed-dev system-deps
