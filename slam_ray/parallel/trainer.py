@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 TRAINER_STATE = "trainer_state.pt"
 PROBE_STEPS = 6  # timed steps (weights untouched) that size a time-budgeted schedule
 PRINT_SECONDS = 20  # a progress line at most this often (and at the end)
-TRAIN_POLL_INTERVAL_S = 0.25  # Ray Train controller's poll of its workers (Ray's default 2 s); see fit()
+TRAIN_POLL_INTERVAL_S = 0.25  # Ray Train controller's poll of its workers (Ray's default 2 s); see poll_reports_fast()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -551,7 +551,13 @@ def tune_callbacks() -> list:
 
 
 def poll_reports_fast() -> None:
-    """Ray Train's controller polls every TRAIN_POLL_INTERVAL_S in the runs this process starts (a set value wins)."""
+    """Ray Train's controller polls every TRAIN_POLL_INTERVAL_S in the runs this process starts (a set value wins).
+
+    The controller takes one report off each worker's one-slot queue per poll, every 2 s by default, so a worker
+    reporting more often than that waits out the rest (measured: ~1.9 s per validation report on runs of fast steps,
+    half the wall time of a 30-step run). Train passes this variable from the process that calls fit() to its
+    controller and workers: set there, not at Ray's start, it also reaches runs in a Ray started elsewhere (a
+    notebook's, a cluster's Tune trials)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
 
 
@@ -565,11 +571,6 @@ def fit(exp: Experiment, out: Any, stage: str, loop: Callable[[dict[str, Any]], 
 
     cfg = exp.train
     resources = cfg.resources_per_worker or {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}
-    # Ray Train's controller takes one report off each worker's one-slot queue per poll, every 2 s by default, so a
-    # worker reporting more often than that waits out the rest (measured: ~1.9 s per validation report on runs of
-    # fast steps, half the wall time of a 30-step run). Train passes this variable from the process that calls
-    # fit() to its controller: set here, not at Ray's start, it also reaches runs in a Ray started elsewhere (a
-    # notebook's, a cluster's Tune trials).
     poll_reports_fast()
     trainer = TorchTrainer(
         loop,

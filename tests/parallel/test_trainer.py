@@ -201,7 +201,9 @@ def test_fit_sets_a_fast_controller_poll_that_ray_train_passes_on(monkeypatch):
 
     from slam_ray.parallel.trainer import TRAIN_POLL_INTERVAL_S, poll_reports_fast
 
-    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    # set, then delete: monkeypatch records the variable only when it exists, and restores it afterwards
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "unset by this test")
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     poll_reports_fast()
     assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == str(TRAIN_POLL_INTERVAL_S)
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
