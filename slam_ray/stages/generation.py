@@ -141,14 +141,16 @@ class GenerateActor:
             out = {"key": row["key"], "id": row["id"], "sample": row["sample"], "seed": row["seed"],
                    "prompt_units": prompt, "units": units, "transcript": None, "audio": None,
                    "wer_edits": None, "wer_words": None}
-            if self.vocoder is not None:
-                wav = vocode(self.vocoder, units if self.s["drop_prompt"] else prompt + units)
+            spoken = units if self.s["drop_prompt"] else prompt + units
+            if self.vocoder is not None and not spoken:  # the model ended at once (EOS first): it said nothing
+                out.update(transcript="")
+            elif self.vocoder is not None:
+                wav = vocode(self.vocoder, spoken)
                 path = join(self.audio_dir, f"{row['key']}.wav")
                 buffer = io.BytesIO()
                 sf.write(buffer, wav, self.vocoder.sample_rate, format="WAV")
                 write_bytes(path, buffer.getvalue())
-                audio16k = decode_audio(buffer.getvalue())
-                out.update(audio=path, transcript=self.asr(audio16k) if audio16k.size else "")
+                out.update(audio=path, transcript=self.asr(decode_audio(buffer.getvalue())))
             if self.asr is not None and isinstance(row.get("text"), str) and isinstance(row.get("path"), str):
                 edits, n_words = word_error_rate(row["text"], self.asr(decode_audio(row["path"])))
                 out.update(wer_edits=edits, wer_words=n_words)

@@ -1,0 +1,39 @@
+"""Generation's actor without Ray: a model that ends its continuation at once (EOS first) said nothing — an empty
+transcript and no audio file, not a failed task (found by the miniature `slam` run: a freshly DPO-tuned model
+did it, and vocoding zero units raised "audio has no samples")."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from helpers import TINY_HIFIGAN, save_weight_normed
+
+from slam_ray.config import GenerationConfig
+
+
+def test_an_empty_continuation_is_an_empty_transcript_and_a_prompt_is_still_spoken(tmp_path):
+    from transformers import GenerationConfig as HFGenerationConfig
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.speech.vocoder import UnitHifiGan
+    from slam_ray.stages.generation import GenerateActor
+
+    n_units = 20
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=n_units + 2, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    # every id but EOS (1) suppressed: whatever it samples, the model ends at once
+    model.generation_config = HFGenerationConfig(suppress_tokens=[i for i in range(n_units + 2) if i != 1])
+    model.save_pretrained(tmp_path / "lm")
+    save_weight_normed(UnitHifiGan({**TINY_HIFIGAN, "num_embeddings": n_units}), tmp_path / "vocoder")
+    settings = {**GenerationConfig(vocoder=str(tmp_path / "vocoder"), max_new_tokens=5).model_dump(mode="json"),
+                "wer": False}
+    batch = pd.DataFrame([{"key": "p-0", "id": "p", "sample": 0, "seed": 1, "units": list(range(12))}])
+
+    row = GenerateActor(str(tmp_path / "lm"), settings, str(tmp_path / "audio"))(batch).iloc[0]
+    assert row["units"] == [] and row["transcript"] == "" and row["audio"] is None
+    assert not (tmp_path / "audio").exists()
+
+    # with the prompt kept (drop_prompt false) there is speech to vocode and transcribe, empty continuation or not
+    row = GenerateActor(str(tmp_path / "lm"), {**settings, "drop_prompt": False}, str(tmp_path / "audio"))(batch).iloc[0]
+    assert row["units"] == [] and isinstance(row["transcript"], str) and (tmp_path / "audio" / "p-0.wav").is_file()
