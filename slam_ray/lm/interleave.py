@@ -1,0 +1,167 @@
+"""Text–speech interleaving: which words of an aligned utterance are spoken (units) and which are written (text),
+and the units a spoken span keeps. The first building block of interleaved training (issue: text–speech
+interleaving); `pack`, the merged vocabulary and cross-modal evaluation build on it.
+
+An aligned utterance is its words with their times, `[(word, start_s, end_s), ...]` (slamkit's `aligned_text`;
+synth writes them for espeak and piper), and its de-duplicated units with their durations in frames.
+
+Two span samplers, both seeded:
+
+- `slamkit_spans` (slamkit's default): repeatedly pick a start word and a Poisson(λ) length for a speech span
+  until at least ⌈η n⌉ of the n words are speech. A new span may not start inside a speech span nor on the word
+  right after one; it is cut where a later speech span begins (so the two merge) and at the utterance's end, so
+  realised lengths are not exactly Poisson. The other words are text.
+- `alternating_spans` (SpiritLM): text spans of 10–30 words and speech spans of 5–15 words in turn, from a
+  random first modality.
+
+A speech span keeps the units from the first whose end time is at or after its first word's start to the last
+whose end time is at or before its last word's end (unit end time = cumulative duration × frame length): the
+pauses inside the span are kept, the ones around it are not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Word = tuple[str, float, float]  # (word, start_s, end_s)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Words [start, stop) of an utterance in one modality."""
+
+    modality: str  # "speech" or "text"
+    start: int
+    stop: int
+
+
+def spans_of(is_speech: np.ndarray) -> list[Span]:
+    """Maximal runs of one modality, in order."""
+    out: list[Span] = []
+    for i, flag in enumerate(is_speech.tolist()):
+        modality = "speech" if flag else "text"
+        if out and out[-1].modality == modality:
+            out[-1] = Span(modality, out[-1].start, i + 1)
+        else:
+            out.append(Span(modality, i, i + 1))
+    return out
+
+
+def slamkit_placements(n_words: int, rng: np.random.Generator, lam: float = 10.0, eta: float = 0.3
+                       ) -> list[tuple[int, int]]:
+    """The speech spans slamkit's sampler places, in placement order, as word ranges [start, stop) (module
+    docstring); adjacent ones read as one span."""
+    if not 0 < eta <= 1:
+        raise ValueError(f"eta (the least speech share of an utterance's words) must be in (0, 1], not {eta}")
+    if lam <= 0:
+        raise ValueError(f"lam (the mean speech span length in words) must be > 0, not {lam}")
+    speech = np.zeros(n_words, dtype=bool)
+    placed: list[tuple[int, int]] = []
+    target = math.ceil(eta * n_words)
+    while speech.sum() < target:
+        after_span = np.concatenate([[False], speech[:-1]])
+        starts = np.flatnonzero(~speech & ~after_span)
+        if starts.size == 0:  # every text word follows a span: extend one (the only way left to reach eta)
+            starts = np.flatnonzero(~speech)
+        start = int(rng.choice(starts))
+        length = max(1, int(rng.poisson(lam)))
+        later = np.flatnonzero(speech[start:])
+        stop = min(n_words, start + length, start + int(later[0]) if later.size else n_words)
+        speech[start:stop] = True
+        placed.append((start, stop))
+    return placed
+
+
+def slamkit_spans(n_words: int, rng: np.random.Generator, lam: float = 10.0, eta: float = 0.3) -> np.ndarray:
+    """Which of `n_words` words are speech (a boolean mask), by slamkit's sampler."""
+    speech = np.zeros(n_words, dtype=bool)
+    for start, stop in slamkit_placements(n_words, rng, lam, eta):
+        speech[start:stop] = True
+    return speech
+
+
+def alternating_spans(n_words: int, rng: np.random.Generator, text_words: tuple[int, int] = (10, 30),
+                      speech_words: tuple[int, int] = (5, 15)) -> np.ndarray:
+    """Which words are speech under SpiritLM's alternation of text and speech spans (lengths uniform, inclusive)."""
+    speech = np.zeros(n_words, dtype=bool)
+    spoken, i = bool(rng.integers(2)), 0
+    while i < n_words:
+        lo, hi = speech_words if spoken else text_words
+        length = int(rng.integers(lo, hi + 1))
+        speech[i : i + length] = spoken
+        i, spoken = i + length, not spoken
+    return speech
+
+
+def unit_end_times(durations: Sequence[int] | np.ndarray, frame_rate: float) -> np.ndarray:
+    """End time in seconds of each de-duplicated unit: its cumulative duration in frames over the frame rate."""
+    return np.cumsum(np.asarray(durations, dtype=np.float64)) / frame_rate
+
+
+def span_units(words: Sequence[Word], span: Span, ends: np.ndarray) -> tuple[int, int]:
+    """Unit index range [first, last + 1) of a speech span: from the first unit ending at or after its first word's
+    start to the last unit ending at or before its last word's end (empty when no unit fits)."""
+    first_start, last_end = words[span.start][1], words[span.stop - 1][2]
+    first = int(np.searchsorted(ends, first_start, side="left"))
+    stop = int(np.searchsorted(ends, last_end, side="right"))
+    return first, max(first, stop)
+
+
+@dataclass(frozen=True)
+class MergedVocabulary:
+    """A text LM's vocabulary with the speech units and two modality markers appended after it: unit u is
+    `text_size + u`, `<text>` and `<speech>` follow the units. `text_size` is the tokenizer's length with its
+    added special tokens (151,665 for Qwen2.5, below its 151,936 embedding rows), so no unit or marker id is a
+    text token's."""
+
+    text_size: int
+    n_units: int
+
+    @property
+    def unit_offset(self) -> int:
+        return self.text_size
+
+    @property
+    def text_marker(self) -> int:
+        return self.text_size + self.n_units
+
+    @property
+    def speech_marker(self) -> int:
+        return self.text_size + self.n_units + 1
+
+    @property
+    def size(self) -> int:
+        return self.text_size + self.n_units + 2
+
+    def unit_ids(self, units: Sequence[int] | np.ndarray) -> np.ndarray:
+        u = np.asarray(units, dtype=np.int64)
+        if u.size and (u.min() < 0 or u.max() >= self.n_units):
+            raise ValueError(f"units must be in [0, {self.n_units}); got {int(u.min())}..{int(u.max())}")
+        return u + self.unit_offset
+
+
+def interleaved_tokens(words: Sequence[Word], is_speech: np.ndarray, units: Sequence[int] | np.ndarray,
+                       ends: np.ndarray, tokenizer, vocab: MergedVocabulary) -> list[tuple[Span, np.ndarray]]:
+    """An aligned utterance as (span, token ids) pieces in order, each opened by its modality's marker: a text
+    span is its words as running text (a leading space after the first span, as inside a sentence), tokenised by
+    the text LM's tokenizer; a speech span is the units inside its words' times (`span_units`)."""
+    units = np.asarray(units, dtype=np.int64)
+    pieces = []
+    for span in spans_of(np.asarray(is_speech, dtype=bool)):
+        if span.modality == "speech":
+            first, stop = span_units(words, span, ends)
+            body = vocab.unit_ids(units[first:stop])
+            marker = vocab.speech_marker
+        else:
+            text = " ".join(w for w, _, _ in words[span.start : span.stop])
+            body = np.asarray(tokenizer.encode(text if span.start == 0 else " " + text, add_special_tokens=False),
+                              dtype=np.int64)
+            if body.size and body.max() >= vocab.text_size:
+                raise ValueError(f"the tokenizer gave id {int(body.max())} >= the vocabulary's text size {vocab.text_size}")
+            marker = vocab.text_marker
+        pieces.append((span, np.concatenate([[marker], body]).astype(np.int64)))
+    return pieces
