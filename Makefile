@@ -15,9 +15,8 @@ demo: $(VENV)/.installed system-deps
 PYTEST = rc=0; $(BIN)/python -m pytest $(1) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose"; exit 1; fi; exit $$rc
 
-# Two test processes (pytest-xdist, a test file each at a time): a Ray test leaves a core idle much of its time.
 test: $(VENV)/.installed-dev system-deps
-	@$(call PYTEST,--durations=25 -n 2 --dist loadfile tests)
+	@$(call PYTEST,--durations=25 tests)
 
 # The development loop: no Ray instance, no subprocess pipeline, no training run (markers `ray` and `slow`).
 test-fast: $(VENV)/.installed-dev system-deps

@@ -58,19 +58,12 @@ def espeak() -> str:
 @pytest.fixture(scope="session")
 def reduced_pipeline(tmp_path_factory, ray_local, espeak):
     """The reduced quickstart's synth, extract and pack (`small_experiment`'s defaults) built once per test run;
-    tests link them into their own workdirs with `helpers.link_upstream` and never write into them. Under
-    pytest-xdist the workers share it: the first to get here builds it, the others wait and reuse every stage."""
-    from filelock import FileLock
-
+    tests link them into their own workdirs with `helpers.link_upstream` and never write into them."""
     from slam_ray.pipeline import stage_function
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the workers' base folders sit side by side in this run's folder
-    exp = small_experiment(root / "reduced" / "work")
-    with FileLock(str(root / "reduced.lock")):
-        for stage in ("synth", "extract", "pack"):
-            stage_function(stage)(exp)  # a complete output is reused
+    exp = small_experiment(tmp_path_factory.mktemp("reduced") / "work")
+    for stage in ("synth", "extract", "pack"):
+        stage_function(stage)(exp)
     return exp
 
 
