@@ -7,8 +7,8 @@ process as the driver) and samples every 50 ms the anonymous memory (`RssAnon` o
 memory-mapped file are page cache, not a copy) of the driver and of every Ray worker process it started. Its
 time (`seconds`, the statistics and pack passes; `phases_s` splits them) includes Ray Data's first use in the
 process, as a stand-alone `slam-ray pack` pays it; the stage then runs once more on the same inputs, its output
-removed (`warm_seconds`: a pipeline's pack, whose driver already ran extract on Ray Data), and must write the same
-index.
+removed (`warm_seconds`: a pipeline's pack, whose driver already ran extract on Ray Data; its memory is not
+sampled), and must write the same index and shards, byte for byte.
 Then a training worker's data path runs in a fresh process: `PackedWindows` over the shards and the train stage's
 `WindowBatches` reading one whole epoch of batches (each converted to int64 as the worker's `loss_on` does), and
 its peak anonymous memory is sampled the same way. `--ray-data-reader` also streams the same windows through Ray
@@ -149,6 +149,14 @@ def reader_memory(script: str, pack_root: Path) -> tuple[int, int, dict]:
     return peak.driver, peak.workers, json.loads(out.strip().splitlines()[-1])
 
 
+def output_digest(folder: Path) -> dict[str, str]:
+    """SHA-256 of the index and of every training and validation shard."""
+    import hashlib
+
+    files = [folder / "index.json", *sorted((folder / "train").iterdir()), *sorted((folder / "val").iterdir())]
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
 def one_size(n_tokens: int, workers: int, shard_tokens: int, cores: int, ray_data_reader: bool) -> dict:
     from slam_ray.config import load_experiment
     from slam_ray.stages.pack import pack
@@ -165,13 +173,13 @@ def one_size(n_tokens: int, workers: int, shard_tokens: int, cores: int, ray_dat
         with PeakAnon() as peak:
             out = pack(exp)
         manifest = json.loads(out.manifest_path.read_text())
-        index = (out.path / "index.json").read_text()
+        written = output_digest(out.path)
         # Again in this process, the output removed: Ray Data now warm, as in a pipeline's pack (extract used it
         # in the same driver). The first run paid Ray Data's first use in a process (~3 s here).
         shutil.rmtree(out.path)
         again = json.loads(pack(exp).manifest_path.read_text())
-        if (out.path / "index.json").read_text() != index:
-            raise SystemExit("a second pack of the same inputs wrote another index: pack is not deterministic")
+        if output_digest(out.path) != written:
+            raise SystemExit("a second pack of the same inputs wrote other shards: pack is not deterministic")
         ray.shutdown()
         tokens = manifest["counts"]["train_tokens"] + manifest["counts"]["val_tokens"]
         seconds = manifest["timings"]["stats"] + manifest["timings"]["pack"]

@@ -30,6 +30,7 @@ from helpers import (
 
 from slam_ray.config import load_experiment
 from slam_ray.core.stage_io import stage_dir, stage_payload
+from slam_ray.core.storage import workdir_path
 from slam_ray.speech.audio import decode_audio
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -204,11 +205,13 @@ def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak):
     assert len(val) > 0
     losses, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker (one CPU): bf16 sums in the same order
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for start in range(0, len(val), exp.train.batch_size):
-            rows = np.arange(start, min(start + exp.train.batch_size, len(val)))
-            losses.append(trained(**window_inputs(val, rows, document_mask=True)).loss.item())
-    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for start in range(0, len(val), exp.train.batch_size):
+                rows = np.arange(start, min(start + exp.train.batch_size, len(val)))
+                losses.append(trained(**window_inputs(val, rows, document_mask=True)).loss.item())
+    finally:
+        torch.set_num_threads(threads)
     worker = stage_dir(exp, "train").read_manifest()["metrics"]["val/loss_final"]
     assert np.mean(losses) == pytest.approx(worker, rel=1e-4)
 
@@ -229,6 +232,11 @@ def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak):
         return mean_nll(final, units_cache[wav])
 
     expected = official_scores(data, score)
+    # first the units: the eval stage's (its cache) are the ones computed here, so a difference shows where it starts
+    cached = {}
+    for cache in (workdir_path(exp) / "eval_units").glob("*/units.json"):
+        cached.update(json.loads(cache.read_text())["units"])
+    assert units_cache and all(cached[str(wav)] == units for wav, units in units_cache.items())
     for task, accuracy in expected.items():
         assert results[task]["accuracy"] == pytest.approx(accuracy), (task, results[task], accuracy)
         assert results[task]["ci95_low"] <= results[task]["accuracy"] <= results[task]["ci95_high"]

@@ -7,16 +7,19 @@ synth writes them for espeak and piper), and its de-duplicated units with their 
 
 Two span samplers, both seeded:
 
-- `slamkit_spans` (slamkit's default): repeatedly pick a start word and a Poisson(λ) length for a speech span
-  until at least ⌈η n⌉ of the n words are speech. A new span may not start inside a speech span nor on the word
-  right after one; it is cut where a later speech span begins (so the two merge) and at the utterance's end, so
-  realised lengths are not exactly Poisson. The other words are text.
+- `slamkit_spans` (slamkit's default, its `select_spans_poisson`): repeatedly pick a start word and a Poisson(λ)
+  length for a speech span until at least ⌈η n⌉ of the n words are speech. A start must be a text word not right
+  after a speech span; a draw that would overlap a span placed before is thrown away (drawn again), one of length
+  0 removes its start from the candidates; a span may end against a later one (the two merge) and is cut at the
+  utterance's end, so realised lengths are not exactly Poisson. When no start is left the sampler stops, even
+  below η. The other words are text.
 - `alternating_spans` (SpiritLM): text spans of 10–30 words and speech spans of 5–15 words in turn, from a
   random first modality.
 
-A speech span keeps the units from the first whose end time is at or after its first word's start to the last
-whose end time is at or before its last word's end (unit end time = cumulative duration × frame length): the
-pauses inside the span are kept, the ones around it are not.
+A speech span keeps the units whose end time (cumulative duration × frame length) lies in [its first word's
+start, its last word's end] — slamkit's bisect convention: pauses inside the span are kept; a unit straddling the
+span's start (a de-duplicated pause unit often does) is kept whole, as is one ending exactly at that start, while
+a unit straddling the span's end is dropped.
 """
 
 from __future__ import annotations
@@ -60,17 +63,22 @@ def slamkit_placements(n_words: int, rng: np.random.Generator, lam: float = 10.0
     if lam <= 0:
         raise ValueError(f"lam (the mean speech span length in words) must be > 0, not {lam}")
     speech = np.zeros(n_words, dtype=bool)
+    excluded = np.zeros(n_words, dtype=bool)  # starts whose draw was 0
     placed: list[tuple[int, int]] = []
     target = math.ceil(eta * n_words)
     while speech.sum() < target:
         after_span = np.concatenate([[False], speech[:-1]])
-        starts = np.flatnonzero(~speech & ~after_span)
-        if starts.size == 0:  # every text word follows a span: extend one (the only way left to reach eta)
-            starts = np.flatnonzero(~speech)
+        starts = np.flatnonzero(~speech & ~after_span & ~excluded)
+        if starts.size == 0:  # nowhere left to start a span: stop, below eta if need be (as slamkit does)
+            break
         start = int(rng.choice(starts))
-        length = max(1, int(rng.poisson(lam)))
-        later = np.flatnonzero(speech[start:])
-        stop = min(n_words, start + length, start + int(later[0]) if later.size else n_words)
+        length = int(rng.poisson(lam))
+        if length == 0:
+            excluded[start] = True
+            continue
+        stop = min(n_words, start + length)
+        if speech[start:stop].any():  # would overlap a span placed before: draw again
+            continue
         speech[start:stop] = True
         placed.append((start, stop))
     return placed

@@ -18,32 +18,31 @@ from slam_ray.lm.interleave import (
 )
 
 
-def test_slamkit_spans_reach_the_speech_share_and_never_start_inside_or_right_after_a_span():
+def test_slamkit_spans_never_overlap_nor_start_inside_or_right_after_a_span_and_reach_the_share():
     rng = np.random.default_rng(0)
+    reached = {0.1: [], 0.3: [], 0.5: []}
     for n in rng.integers(1, 120, size=2000).tolist():
-        eta = float(rng.choice([0.1, 0.3, 0.5, 0.9]))
+        eta = float(rng.choice(list(reached)))
         placed = slamkit_placements(n, rng, lam=10.0, eta=eta)
         mask = np.zeros(n, dtype=bool)
         for start, stop in placed:
             assert 0 <= start < stop <= n
-            assert not mask[start:stop].any()  # no overlap with an earlier span
-            # not on the word right after a span, unless no other start was left
-            if start > 0 and mask[start - 1]:
-                assert all(mask[i] or (i > 0 and mask[i - 1]) for i in range(n)), (n, placed)
-            later = np.flatnonzero(mask[start:])
-            # cut only at the utterance's end or where a later-placed span begins (the two merge)
-            assert stop == n or stop - start >= 1 and (not later.size or stop <= start + later[0])
+            assert not mask[start:stop].any()  # a draw overlapping an earlier span is thrown away, not cut
+            assert not (start > 0 and mask[start - 1])  # never on the word right after a span
             mask[start:stop] = True
-        assert mask.sum() >= math.ceil(eta * n)
-        # the last span placed is what crossed the share: without it the share was not reached
-        assert mask.sum() - (placed[-1][1] - placed[-1][0]) < math.ceil(eta * n)
+        if mask.sum() >= math.ceil(eta * n):
+            # the last span placed is what crossed the share: without it the share was not reached
+            assert mask.sum() - (placed[-1][1] - placed[-1][0]) < math.ceil(eta * n)
+        reached[eta].append(mask.sum() >= math.ceil(eta * n))
         assert np.array_equal(slamkit_spans(n, np.random.default_rng(n), 10.0, eta),
                               slamkit_spans(n, np.random.default_rng(n), 10.0, eta))  # seeded
+    # it stops below the share only when no start is left (short utterances, large shares): rarely
+    assert all(np.mean(v) > 0.95 for v in reached.values()), {k: np.mean(v) for k, v in reached.items()}
 
 
 def test_slamkit_span_lengths_are_poisson_where_nothing_cuts_them():
-    """On a long utterance with a small share spans rarely meet, so the lengths placed are Poisson(lambda)
-    (mean and variance lambda; zero draws become 1)."""
+    """On a long utterance with a small share a draw rarely meets a span, so the lengths placed are Poisson(lambda)
+    (mean and variance lambda; a zero draw places nothing)."""
     lengths = []
     for seed in range(20):
         n = 20_000
@@ -54,8 +53,7 @@ def test_slamkit_span_lengths_are_poisson_where_nothing_cuts_them():
     assert len(lengths) > 1500
     assert lengths.mean() == pytest.approx(10.0, abs=0.3)
     assert lengths.var() == pytest.approx(10.0, rel=0.15)
-    # a few are cut where they meet a later span: shorter, never longer, than a draw
-    assert lengths.max() < 30
+    assert lengths.min() >= 1 and lengths.max() < 30
 
 
 def test_alternating_spans_take_turns_within_their_length_ranges():
@@ -83,6 +81,10 @@ def test_a_speech_span_keeps_exactly_the_units_inside_its_words_times():
     assert span_units(words, Span("speech", 0, 1), ends) == (0, 2)
     # "barks": [1.02, 1.20]: 1.20 only
     assert span_units(words, Span("speech", 3, 4), ends) == (6, 7)
+    # slamkit's convention at the edges: a unit ending exactly at the span's first word's start is kept (its end
+    # is inside), one straddling the last word's end is dropped ("dog" [0.55, 0.95] ends inside unit 5's 0.60-1.00)
+    assert span_units([("x", 0.16, 0.40)], Span("speech", 0, 1), ends) == (1, 3)
+    assert span_units([("dog", 0.55, 0.95)], Span("speech", 0, 1), ends) == (4, 5)
     # a word too short for any unit to end inside it keeps none
     assert span_units([("a", 0.41, 0.45)], Span("speech", 0, 1), ends) == (3, 3)
 
