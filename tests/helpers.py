@@ -140,6 +140,17 @@ def save_tiny_text_lm(folder: Path) -> Path:
     return folder
 
 
+def plain_nll(model, units: list[int]) -> float:
+    """slamkit's score by hand: mean NLL of every token after BOS (EOS included), one unpadded sequence, through a
+    plain forward pass (what the eval tests check slam_ray's scoring against)."""
+    import torch
+
+    ids = torch.tensor([[1, *(u + 2 for u in units), 1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return -logp.gather(-1, ids[0, 1:, None]).mean().item()
+
+
 def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool],
                          actor_class: str = "RayTrainWorker") -> tuple[int | None, list[BaseException]]:
     """Run `run` in a thread and SIGKILL one live actor of `actor_class` (a Ray Train worker by default) as soon

@@ -21,6 +21,7 @@ from helpers import (
     FIXTURES,
     TINY_HIFIGAN,
     make_benchmark_layouts,
+    plain_nll,
     save_tiny_hubert,
     save_tiny_text_lm,
     save_weight_normed,
@@ -31,6 +32,7 @@ from helpers import (
 from slam_ray.config import load_experiment
 from slam_ray.core.stage_io import stage_dir, stage_payload
 from slam_ray.core.storage import workdir_path
+from slam_ray.core.tracking import flatten
 from slam_ray.speech.audio import decode_audio
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -68,14 +70,6 @@ def hubert_layer(model, audio: np.ndarray) -> np.ndarray:
 
 def dedup(units: np.ndarray) -> list[int]:
     return [int(u) for i, u in enumerate(units) if i == 0 or u != units[i - 1]]
-
-
-def mean_nll(model, units: list[int]) -> float:
-    """slamkit's score by hand: mean NLL of every token after BOS (EOS included), one unpadded sequence."""
-    ids = torch.tensor([[1, *(u + 2 for u in units), 1]])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    return -logp.gather(-1, ids[0, 1:, None]).mean().item()
 
 
 def outcome(positive: float, negative: float) -> float:
@@ -170,11 +164,7 @@ def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak):
     exp = load_experiment("slam", overrides)
     recipe = load_experiment("slam")
 
-    def flat(d: dict, prefix: str = "") -> dict:
-        return {k2: v2 for k, v in d.items()
-                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
-
-    ran, shipped = flat(exp.model_dump(mode="json")), flat(recipe.model_dump(mode="json"))
+    ran, shipped = flatten(exp.model_dump(mode="json")), flatten(recipe.model_dump(mode="json"))
     changed = {k for k in ran.keys() | shipped.keys() if ran.get(k) != shipped.get(k)}
     overridden = {o.split("=", 1)[0] for o in overrides}
     assert changed and all(any(k == o or k.startswith(o + ".") for o in overridden) for k in changed), changed
@@ -229,7 +219,7 @@ def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak):
     def score(wav: Path) -> float:
         if wav not in units_cache:
             units_cache[wav] = dedup(kmeans.predict(hubert_layer(hubert, decode_audio(wav))))
-        return mean_nll(final, units_cache[wav])
+        return plain_nll(final, units_cache[wav])
 
     expected = official_scores(data, score)
     # first the units: the eval stage's (its cache) are the ones computed here, so a difference shows where it starts

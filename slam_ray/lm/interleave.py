@@ -63,24 +63,22 @@ def slamkit_placements(n_words: int, rng: np.random.Generator, lam: float = 10.0
     if lam <= 0:
         raise ValueError(f"lam (the mean speech span length in words) must be > 0, not {lam}")
     speech = np.zeros(n_words, dtype=bool)
-    excluded = np.zeros(n_words, dtype=bool)  # starts whose draw was 0
+    eligible = np.ones(n_words, dtype=bool)  # starts left: not in a span, not right after one, no 0 drawn there
     placed: list[tuple[int, int]] = []
-    target = math.ceil(eta * n_words)
-    while speech.sum() < target:
-        after_span = np.concatenate([[False], speech[:-1]])
-        starts = np.flatnonzero(~speech & ~after_span & ~excluded)
+    target, selected = math.ceil(eta * n_words), 0
+    while selected < target:
+        starts = np.flatnonzero(eligible)
         if starts.size == 0:  # nowhere left to start a span: stop, below eta if need be (as slamkit does)
             break
         start = int(rng.choice(starts))
-        length = int(rng.poisson(lam))
-        if length == 0:
-            excluded[start] = True
-            continue
-        stop = min(n_words, start + length)
+        stop = min(n_words, start + int(rng.poisson(lam)))
         if speech[start:stop].any():  # would overlap a span placed before: draw again
             continue
         speech[start:stop] = True
-        placed.append((start, stop))
+        eligible[start : stop + 1] = False  # the span and the word right after it (a 0 draw: its start alone)
+        if stop > start:
+            placed.append((start, stop))
+            selected += stop - start
     return placed
 
 

@@ -15,7 +15,14 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from helpers import link_upstream, make_benchmark_layouts, save_tiny_text_lm, small_experiment, speak_wav
+from helpers import (
+    link_upstream,
+    make_benchmark_layouts,
+    plain_nll,
+    save_tiny_text_lm,
+    small_experiment,
+    speak_wav,
+)
 
 from slam_ray.cli import EXIT_PARTIAL, EXIT_USAGE, main
 from slam_ray.config import to_yaml, with_values
@@ -36,14 +43,6 @@ def trained(tmp_path_factory, reduced_pipeline):
     link_upstream(exp, reduced_pipeline)
     stage_function("train")(exp)
     return exp, make_benchmark_layouts(root / "data")
-
-
-def plain_nll(model, units: list[int]) -> float:
-    """slamkit's convention by hand: mean NLL of every token after BOS, EOS included, one unpadded sequence."""
-    ids = torch.tensor([[1, *(u + 2 for u in units), 1]])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-    return -logp.gather(-1, ids[0, 1:, None]).mean().item()
 
 
 def test_every_task_and_checkpoint_with_a_missing_dataset(trained, tmp_path):
