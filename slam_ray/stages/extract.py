@@ -1,12 +1,16 @@
 """`slam-ray extract`: audio -> discrete units, in parallel on Ray Data.
 
 1. Resolve `extract.inputs` (folders, globs, JSONL/CSV manifests, '@synth'; local or s3:// / gs://) into rows
-   (id, path, text, speaker).
+   (id, path, text, speaker) and where each file's word alignment is, if it has one: synth's index, a manifest's
+   `aligned_text` column (or `alignment`, a JSON file's path), or a `<name>.json` beside the audio.
 2. Tokeniser: load centroids, or fit k-means on features of a seeded sample of files (saved to `tokenizer/`).
 3. Encode every file: Ray tasks decode it (mono, 16 kHz, long files cut into segments in pauses) and stream
    its segments to an actor pool (features -> units -> de-dup); a file that fails anywhere is one line of
    errors.jsonl and its neighbours still come through.
-4. Write Parquet shards `units/part-NNNNN.parquet`, sorted by id (the same inputs give the same shards).
+4. Write Parquet shards `units/part-NNNNN.parquet`, sorted by id (the same inputs give the same shards), each
+   row with its words (`aligned_text`, in its segment's time) where the file has an alignment: what interleaved
+   text-speech training needs (docs/interleaving.md). A malformed alignment is an error line (phase
+   `alignment`) and the file's units still come through, without words.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from slam_ray.core.tracking import Tracker
 from slam_ray.errors import SlamError
 from slam_ray.parallel.actors import map_rows
 from slam_ray.parallel.encode import iter_encoded
+from slam_ray.speech.alignment import alignment_json, parse_alignment, read_alignment, segment_alignment
 from slam_ray.speech.tokenizer import UnitTokenizer, fit_kmeans
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
@@ -40,6 +45,7 @@ UNITS_SCHEMA = pa.schema([
     ("durations", pa.list_(pa.uint16())), ("n_frames", pa.int64()), ("audio_seconds", pa.float64()),
     ("segment", pa.struct([("start", pa.float64()), ("end", pa.float64())])),
     ("text", pa.string()), ("speaker", pa.string()), ("dataset", pa.string()),
+    ("aligned_text", pa.string()),  # JSON [[word, start_s, end_s], ...] in the segment's time; null: no alignment
 ])
 
 
@@ -49,6 +55,22 @@ UNITS_SCHEMA = pa.schema([
 def _text_field(rec: dict, key: str) -> str:
     value = rec.get(key)
     return "" if value is None or (isinstance(value, float) and value != value) else str(value)  # NaN != NaN
+
+
+def _alignment_source(rec: dict, manifest: str) -> dict:
+    """Where a manifest row's alignment is: its `aligned_text` (JSON text, or a list in JSONL) or the JSON file
+    its `alignment` names (relative to the manifest)."""
+    value = rec.get("aligned_text")
+    if isinstance(value, (list, dict)):
+        return {"aligned_text": json.dumps(value)}
+    if isinstance(value, str) and value.strip():
+        return {"aligned_text": value}
+    file = _text_field(rec, "alignment")
+    if not file:
+        return {}
+    if is_remote(manifest):
+        return {"alignment_file": resolve_relative(manifest, file)}
+    return {"alignment_file": str(Path(file) if Path(file).is_absolute() else Path(manifest).parent / file)}
 
 
 def _manifest_rows(path: str) -> list[dict]:
@@ -67,21 +89,33 @@ def _manifest_rows(path: str) -> list[dict]:
             audio = Path(str(rec["path"]))
             audio = str(audio if audio.is_absolute() else (Path(path).parent / audio))
         rows.append({"id": _text_field(rec, "id") or f"{name.stem}-{i:07d}", "path": audio,
-                     "text": _text_field(rec, "text"), "speaker": _text_field(rec, "speaker")})
+                     "text": _text_field(rec, "text"), "speaker": _text_field(rec, "speaker"),
+                     **_alignment_source(rec, path)})
     return rows
 
 
 def _remote_rows(uri: str) -> list[dict]:
-    """Rows of the audio files under an s3:// / gs:// folder, glob or single object; ids relative to the folder."""
-    return [{"id": str(Path(relative).with_suffix("")), "path": file, "text": "", "speaker": ""}
-            for relative, file in list_files(uri) if Path(relative).suffix.lower() in AUDIO_SUFFIXES]
+    """Rows of the audio files under an s3:// / gs:// folder, glob or single object; ids relative to the folder;
+    a `<name>.json` beside an audio file is its alignment."""
+    listed = list_files(uri)
+    sidecars = {str(Path(relative).with_suffix("")): file for relative, file in listed if relative.endswith(".json")}
+    rows = []
+    for relative, file in listed:
+        if Path(relative).suffix.lower() in AUDIO_SUFFIXES:
+            stem = str(Path(relative).with_suffix(""))
+            rows.append({"id": stem, "path": file, "text": "", "speaker": "",
+                         **({"alignment_file": sidecars[stem]} if stem in sidecars else {})})
+    return rows
 
 
 def _file_rows(files: list[Path], root: Path | None) -> list[dict]:
+    """Rows of local audio files; a `<name>.json` beside one is its alignment."""
     rows = []
     for f in sorted(files):
         rel = f.relative_to(root) if root else Path(f.name)
-        rows.append({"id": str(rel.with_suffix("")), "path": str(f.absolute()), "text": "", "speaker": ""})
+        sidecar = f.with_suffix(".json")
+        rows.append({"id": str(rel.with_suffix("")), "path": str(f.absolute()), "text": "", "speaker": "",
+                     **({"alignment_file": str(sidecar.absolute())} if sidecar.is_file() else {})})
     return rows
 
 
@@ -101,7 +135,9 @@ def resolve_inputs(exp: Experiment) -> list[dict]:
         if entry == "@synth":
             index = pd.read_parquet(upstream_dir(exp, "synth").local("index.parquet"))
             found = [{"id": r["id"], "path": r["path"], "text": r["text"], "speaker": r["voice"],
-                      "duration": r["duration"], **_planned(exp, r)} for r in index.to_dict("records")]
+                      "duration": r["duration"], **_planned(exp, r),
+                      **({"aligned_text": r["aligned_text"]} if isinstance(r.get("aligned_text"), str) else {})}
+                     for r in index.to_dict("records")]
         elif is_remote(entry):
             base = entry.partition("?")[0]
             found = _manifest_rows(entry) if base.endswith((".jsonl", ".csv")) else _remote_rows(entry)
@@ -200,18 +236,61 @@ def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokeni
     return tokenizer
 
 
-def _write_chunk(out: StageDir, index: int, good: list[dict], bad: list[dict]) -> None:
+ALIGNMENT_FIELDS = ("aligned_text", "alignment_file")
+
+
+def _file_words(source: dict) -> list | None:
+    """A file's alignment from its source (the JSON text, or the file holding it); ValueError if malformed."""
+    if "aligned_text" in source:
+        return parse_alignment(source["aligned_text"])
+    file = source["alignment_file"]
+    try:
+        with (open_input(file) if is_remote(file) else open(file, "rb")) as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"alignment file {file} cannot be read ({e})") from None
+    try:
+        return read_alignment(bytes(text).decode("utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def _segment_words(good: list[dict], sources: dict[str, dict]) -> tuple[dict[str, str | None], list[dict]]:
+    """Each encoded segment's words (JSON, in its own time; None for a file without an alignment) and an error
+    line for each file whose alignment is malformed (its units still come through)."""
+    words: dict[str, str | None] = {}
+    errors: list[dict] = []
+    parsed: dict[str, list | None] = {}
+    for rec in good:
+        uid = rec["input_id"]
+        if uid not in parsed:
+            parsed[uid] = None
+            if uid in sources:
+                try:
+                    parsed[uid] = _file_words(sources[uid])
+                except ValueError as e:
+                    errors.append({"id": uid, "path": rec["path"], "phase": "alignment",
+                                   "error": f"{e}; the file's units are kept without words"})
+        file_words = parsed[uid]
+        words[rec["id"]] = None if file_words is None else alignment_json(
+            segment_alignment(file_words, rec["seg_start"], rec["seg_end"]))
+    return words, errors
+
+
+def _write_chunk(out: StageDir, index: int, good: list[dict], bad: list[dict], sources: dict[str, dict]) -> None:
     """One shard per fixed chunk of inputs (sorted by id); the Parquet file, renamed into place last, marks
     the chunk done, so a rerun after an interruption encodes only the chunks that are missing."""
     (out.path / "chunks").mkdir(parents=True, exist_ok=True)
     (out.path / "units").mkdir(parents=True, exist_ok=True)
+    words, alignment_errors = _segment_words(good, sources)
     with open(out.path / "chunks" / f"part-{index:05d}.errors.jsonl", "w") as f:
-        for rec in sorted(bad, key=lambda r: r["id"]):
-            f.write(json.dumps({"id": rec["id"], "path": rec["path"], "error": rec["error"], "phase": "encode"}) + "\n")
+        lines = [{"id": rec["id"], "path": rec["path"], "error": rec["error"], "phase": "encode"} for rec in bad]
+        for line in sorted(lines + alignment_errors, key=lambda r: r["id"]):
+            f.write(json.dumps(line) + "\n")
     rows = []
     for rec in sorted(good, key=lambda r: r["id"]):
-        rows.append({**{k: rec[k] for k in UNITS_SCHEMA.names if k != "segment"},
-                     "segment": {"start": rec["seg_start"], "end": rec["seg_end"]}})
+        rows.append({**{k: rec[k] for k in UNITS_SCHEMA.names if k not in ("segment", "aligned_text")},
+                     "segment": {"start": rec["seg_start"], "end": rec["seg_end"]}, "aligned_text": words[rec["id"]]})
     tmp = out.path / "units" / f".part-{index:05d}.parquet.tmp"
     pq.write_table(pa.Table.from_pylist(rows, schema=UNITS_SCHEMA), tmp)
     tmp.replace(out.path / "units" / f"part-{index:05d}.parquet")
@@ -224,6 +303,9 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
         rows = sorted(resolve_inputs(exp), key=lambda r: r["id"])
     if not rows:
         raise SlamError("extract.inputs resolved to no audio files")
+    # alignments stay here, on the driver: the encoding actors need none of them
+    sources = {r["id"]: {k: r.pop(k) for k in ALIGNMENT_FIELDS if k in r} for r in rows}
+    sources = {uid: source for uid, source in sources.items() if source}
     size = exp.extract.shard_files
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
     out.local("chunks"), out.local("units")  # with a workdir in a bucket: the shards a killed run finished there
@@ -257,17 +339,22 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
             bar.update()
             bar.set_postfix_str(f"{seconds / 3600:.2f} h audio, {errors_seen} errors", refresh=False)
             if files_done[index] == len(chunks[index]):
-                _write_chunk(out, index, good, bad)
+                _write_chunk(out, index, good, bad, sources)
                 del received[index]
     errors = [json.loads(line) for i in range(len(chunks))
               for line in (out.path / "chunks" / f"part-{i:05d}.errors.jsonl").read_text().splitlines()]
-    table = pa.concat_tables([pq.read_table(out.path / "units" / f"part-{i:05d}.parquet", columns=["audio_seconds", "units"])
+    table = pa.concat_tables([pq.read_table(out.path / "units" / f"part-{i:05d}.parquet",
+                                            columns=["audio_seconds", "units", "aligned_text"])
                               for i in range(len(chunks))])
     audio_s = float(pa.compute.sum(table["audio_seconds"]).as_py() or 0.0)
     n_units = int(pa.compute.sum(pa.compute.list_value_length(table["units"])).as_py() or 0)
+    failed = sum(e["phase"] == "encode" for e in errors)
     return StageResult(
-        counts={"files": len(rows), "encoded": len(rows) - len(errors), "segments": table.num_rows, "units": n_units, "audio_seconds": round(audio_s, 1),
-                "shards": len(chunks), "shards_resumed": len(chunks) - len(todo)},
+        counts={"files": len(rows), "encoded": len(rows) - failed, "segments": table.num_rows, "units": n_units,
+                "audio_seconds": round(audio_s, 1), "shards": len(chunks), "shards_resumed": len(chunks) - len(todo),
+                # files without an alignment are fine for speech-only training: counted, not errors
+                "segments_with_words": table.num_rows - table["aligned_text"].null_count,
+                "alignment_errors": len(errors) - failed},
         outputs={"units": [f"units/part-{i:05d}.parquet" for i in range(len(chunks))], "tokenizer": "tokenizer"},
         errors=errors,
         metrics={"throughput/audio_seconds_per_s": audio_s / max(timer.timings["encode"], 1e-9),
@@ -292,7 +379,9 @@ def export_slamkit(exp: Experiment, form: str, path: str | Path) -> int:
     out.local("units")
     table = read_unit_shards(out.path).sort_values("id")
     if form == "features":
-        rows = ({"units": [int(u) for u in r.units], "duration": [int(d) for d in r.durations], "file_name": r.path or r.id}
+        # slamkit's interleaving reads a file's words from `aligned_text` in this file
+        rows = ({"units": [int(u) for u in r.units], "duration": [int(d) for d in r.durations], "file_name": r.path or r.id,
+                 **({"aligned_text": json.loads(r.aligned_text)} if isinstance(r.aligned_text, str) else {})}
                 for r in table.itertuples())
     elif form == "tokens":
         rows = ({"file_name": r.path, "audio_repr": units_to_repr(r.units)} for r in table.itertuples())

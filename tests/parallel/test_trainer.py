@@ -34,9 +34,10 @@ def test_dpo_takes_trains_settings_unless_set_and_only_a_changed_dpo_changes_key
     from slam_ray.parallel.trainer import TrainerSettings
 
     assert set(recipe_names()) == set(KEYS_BEFORE)
-    # KEYS_BEFORE predate the sharded pack (format 2), which changed pack's key and everything after it on purpose;
-    # at format 1 what is left to compare is this change alone
+    # KEYS_BEFORE predate the sharded pack (format 2) and the unit shards with words (extract format 2), which
+    # changed their stage's key and everything after it on purpose; at format 1 what is left is this change alone
     monkeypatch.setitem(stage_io.STAGE_FORMAT, "pack", 1)
+    monkeypatch.setitem(stage_io.STAGE_FORMAT, "extract", 1)
     for name, keys in KEYS_BEFORE.items():
         # the recipes as they were then (the slam recipes have since taken the paper's tokens per step and document
         # masks, the quickstart document masks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -233,17 +234,88 @@ def test_interrupted_extraction_resumes_without_redoing_shards(fixtures, tmp_pat
     assert out.errors_path.read_text() == clean_errors  # the same error lines, none duplicated
 
 
-def test_named_inputs_tag_their_dataset(fixtures, tmp_path, ray_local):
-    """Each unit row records the dataset its input was named by, which pack.mix weights."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
+def test_named_inputs_tag_their_dataset_and_word_alignments_reach_the_units(fixtures, tmp_path, ray_local):
+    """Each unit row records the dataset its input was named by, which pack.mix weights, and its words where the
+    file has an alignment: a whisper JSON beside the audio, a manifest's `aligned_text` (a long file cut into
+    segments gets the words inside each segment, in the segment's time), a file named by a manifest's
+    `alignment`; a malformed alignment is an error line and its file's units still come through, without words."""
+    from helpers import long_speech
+
+    from slam_ray.speech.alignment import parse_alignment
+    from slam_ray.stages.extract import export_slamkit
+
+    for folder in ("a", "b", "c"):
+        (tmp_path / folder).mkdir()
     shutil.copy(fixtures / "audio1.flac", tmp_path / "a" / "one.flac")
+    whisper_words = [{"word": " hello", "start": 0.5, "end": 0.9, "probability": 0.8},
+                     {"word": " world", "start": 1.0, "end": 1.6, "probability": 0.9}]
+    (tmp_path / "a" / "one.json").write_text(json.dumps({"text": " hello world", "segments": [
+        {"id": 0, "start": 0.0, "end": 2.0, "words": whisper_words}]}))
     shutil.copy(fixtures / "audio2.flac", tmp_path / "b" / "two.flac")
+    (tmp_path / "b" / "two.json").write_text(json.dumps([[" late", 2.0, 1.0]]))  # ends before it starts
+    shutil.copy(fixtures / "audio2.flac", tmp_path / "c" / "three.flac")
+    (tmp_path / "c" / "three_words.json").write_text(json.dumps([[" three", 0.2, 0.6]]))
+    long_speech(fixtures, tmp_path / "c" / "long.flac", 45)
+    starts = np.arange(0.3, 44.0, 0.45)
+    long_words = [[f" w{i}", round(float(s), 3), round(float(s) + 0.3, 3)] for i, s in enumerate(starts)]
+    with open(tmp_path / "c" / "list.jsonl", "w") as f:
+        f.write(json.dumps({"id": "three", "path": "three.flac", "alignment": "three_words.json"}) + "\n")
+        f.write(json.dumps({"id": "long", "path": "long.flac", "aligned_text": long_words}) + "\n")
     exp = small_experiment(tmp_path / "w", stages=["extract"],
-                           extract={"inputs": [{"name": "books", "path": str(tmp_path / "a")}, str(tmp_path / "b")],
-                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
-    units = read_unit_shards(extract(exp).path)
-    assert dict(zip(units.id, units.dataset, strict=True)) == {"one": "books", "two": "b"}
+                           extract={"inputs": [{"name": "books", "path": str(tmp_path / "a")}, str(tmp_path / "b"),
+                                               str(tmp_path / "c" / "list.jsonl")],
+                                    "max_segment_seconds": 20, "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+    out = extract(exp)
+    units = read_unit_shards(out.path).set_index("id")
+    assert {i: units.dataset[i] for i in ("one", "two")} == {"one": "books", "two": "b"}
+
+    def words(uid):
+        value = units.aligned_text[uid]
+        return [tuple(w) for w in json.loads(value)] if isinstance(value, str) else None  # null reads as None or NaN
+
+    assert words("one") == [(" hello", 0.5, 0.9), (" world", 1.0, 1.6)]
+    assert words("three") == [(" three", 0.2, 0.6)]
+    assert words("two") is None and len(units.units["two"]) > 0  # kept, without words
+    errors = [json.loads(line) for line in out.errors_path.read_text().splitlines()]
+    assert [(e["id"], e["phase"]) for e in errors] == [("two", "alignment")]
+    assert "0 <= start <= end" in errors[0]["error"] and "two.json" in errors[0]["error"]
+
+    # the long file: cut in pauses into segments, each with the words inside it, shifted to its start
+    segments = units[units.index.str.startswith("long@")].sort_index()
+    assert len(segments) >= 3
+    placed: dict[str, int] = {}
+    for _, row in segments.iterrows():
+        start, end = row.segment["start"], row.segment["end"]
+        for w, s, e in parse_alignment(row.aligned_text):
+            original = next(x for x in long_words if x[0] == w)
+            assert s == pytest.approx(original[1] - start, abs=1e-6) and e <= end - start + 1e-6
+            placed[w] = placed.get(w, 0) + 1
+    assert set(placed.values()) == {1}  # no word twice
+    cuts = [row.segment["start"] for _, row in segments.iterrows()][1:]
+    lost = [w for w, s, e in long_words if w not in placed]
+    assert len(lost) <= len(cuts)  # only a word the cutter split (at most one per cut) has no segment
+    counts = json.loads(out.manifest_path.read_text())["counts"]
+    assert counts["encoded"] == counts["files"] == 4 and counts["alignment_errors"] == 1
+    assert counts["segments_with_words"] == 2 + len(segments)
+
+    # slamkit's features JSONL carries the words (its interleaving reads `aligned_text` there)
+    export_slamkit(exp, "features", tmp_path / "features.jsonl")
+    exported = {Path(r["file_name"]).stem: r for r in map(json.loads, (tmp_path / "features.jsonl").read_text().splitlines())}
+    assert exported["one"]["aligned_text"] == [[" hello", 0.5, 0.9], [" world", 1.0, 1.6]]
+    assert "aligned_text" not in exported["two"]
+
+
+def test_synth_alignments_reach_the_unit_shards(reduced_pipeline):
+    """`@synth`: espeak's word times from synth's index are in every unit row (short files: one segment each)."""
+    synth_index = pd.read_parquet(stage_dir(reduced_pipeline, "synth").path / "index.parquet").set_index("id")
+    extracted = stage_dir(reduced_pipeline, "extract")
+    units = read_unit_shards(extracted.path).set_index("id")
+    assert extracted.read_manifest()["counts"]["segments_with_words"] == len(units) > 0
+    for uid, row in units.iterrows():
+        spoken = json.loads(synth_index.aligned_text[uid])
+        got = json.loads(row.aligned_text)
+        assert [w[0] for w in got] == [w[0] for w in spoken] and len(got) > 0
+        np.testing.assert_allclose([w[1:] for w in got], [w[1:] for w in spoken], atol=1e-6)
 
 
 PEAK_MEMORY_SCRIPT = """
