@@ -124,6 +124,30 @@ def make_benchmark_layouts(root: Path) -> dict[str, Path]:
     return {"zerospeech": root / "zr2021", "ssc": ssc, "salmon": salmon, "manifest": manifest}
 
 
+def save_tiny_qwen25(folder: Path, texts: list[str], rows: int = 320) -> Path:
+    """A random Qwen2.5-shaped text LM (grouped-query attention, tied embeddings, RoPE theta 1e6) with a byte-level
+    BPE tokenizer trained here on `texts`, saved as a Hugging Face folder like `Qwen/Qwen2.5-0.5B`'s: more
+    embedding rows (`rows`) than tokenizer tokens, EOS `<|endoftext|>` also its pad, no BOS."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>").save_pretrained(folder)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 max_position_embeddings=512,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6})).save_pretrained(folder)
+    return folder
+
+
 def save_tiny_text_lm(folder: Path) -> Path:
     """A tiny random GPT-2 with a word-level tokenizer, saved like any HF text LM (for GenPPL)."""
     import torch
@@ -365,3 +389,52 @@ def external_start(tmp_path, n_triples: int, **dpo) -> object:
                                              for _ in range(n_triples)])
     return with_values(exp, {"dpo.init": str(tmp_path / "start"), "dpo.inputs": [str(tmp_path / "prefs.jsonl")],
                              "dpo.reference": "model", **{f"dpo.{k}": v for k, v in dpo.items()}}, "test")
+
+
+def aligned_features_jsonl(path: Path, n: int, n_units: int, seed: int, frame_rate: int = 25) -> list[dict]:
+    """A slamkit features JSONL of `n` utterances with words (`aligned_text`): words `u<i>w<j>` (unique, so a text
+    piece names its utterance) of 0.2-0.5 s with 0-0.3-s pauses, over de-duplicated random units of 1-4 frames
+    each. Returns the rows written."""
+    import numpy as np
+
+    from slam_ray.speech.units import write_jsonl
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        words, t = [], float(rng.uniform(0, 0.3))
+        for j in range(int(rng.integers(8, 30))):
+            length = float(rng.uniform(0.2, 0.5))
+            words.append([f" u{i}w{j}", round(t, 3), round(t + length, 3)])
+            t += length + float(rng.uniform(0, 0.3))
+        units, durations, frames = [], [], 0
+        while frames < (t + 0.2) * frame_rate:
+            unit = int(rng.integers(0, n_units - 1))
+            units.append(unit + 1 if units and unit >= units[-1] else unit)  # never the previous unit again
+            durations.append(int(rng.integers(1, 5)))
+            frames += durations[-1]
+        rows.append({"units": units, "duration": durations, "file_name": f"talk/{i:04d}.flac", "aligned_text": words})
+    write_jsonl(path, rows)
+    return rows
+
+
+def interleaved_experiment(tmp_path: Path, train: dict | None = None, **interleave):
+    """An experiment packing two slamkit features files: `talk` (words and units, interleaved) and `plain` (units
+    only), with a tiny Qwen2.5-shaped text LM as the TWIST base whose tokenizer makes the text ids."""
+    import numpy as np
+
+    from slam_ray.speech.units import write_jsonl
+
+    rng = np.random.default_rng(1)
+    plain = [rng.integers(0, 500, size=rng.integers(5, 30)).tolist() for _ in range(20)]
+    write_jsonl(tmp_path / "plain.jsonl", ({"units": u, "duration": [1] * len(u), "file_name": f"plain/{i:04d}.flac"}
+                                           for i, u in enumerate(plain)))
+    talk = aligned_features_jsonl(tmp_path / "talk.jsonl", 60, n_units=48, seed=0)
+    lm = save_tiny_qwen25(tmp_path / "lm", [" ".join(w for w, _, _ in r["aligned_text"]) for r in talk])
+    exp = small_experiment(
+        tmp_path / "w", stages=["pack", "train"], extract={"tokenizer": {"n_units": 500, "frame_rate": 25}},
+        pack={"inputs": [{"name": "talk", "path": str(tmp_path / "talk.jsonl")},
+                         {"name": "plain", "path": str(tmp_path / "plain.jsonl")}],
+              "context_len": 64, "val_fraction": 0.1, "interleave": {"datasets": ["talk"], **interleave}},
+        train={"model": {"init": "twist", "base": str(lm)}, **(train or {})})
+    return exp, talk, plain

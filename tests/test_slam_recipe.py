@@ -23,6 +23,7 @@ from helpers import (
     make_benchmark_layouts,
     plain_nll,
     save_tiny_hubert,
+    save_tiny_qwen25,
     save_tiny_text_lm,
     save_weight_normed,
     slamkit_jsonl,
@@ -39,27 +40,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 LAYER, N_UNITS = 2, 24  # the tiny HuBERT has 3 layers; the real recipe reads layer 11 of 12 with 500 units
 STAGES = ["extract", "pack", "train", "dpo", "eval"]
-
-
-def save_tiny_qwen25(folder: Path) -> Path:
-    """A random Qwen2.5-shaped text LM (grouped-query attention, tied embeddings, RoPE theta 1e6) with a BPE tokenizer
-    trained here, saved as a Hugging Face folder like `Qwen/Qwen2.5-0.5B`'s."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.train_from_iterator(["the dog runs", "a cat sat on the mat", "one two three four"],
-                                  trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                                                      "<|im_end|>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                            pad_token="<|endoftext|>").save_pretrained(folder)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                 max_position_embeddings=512,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6})).save_pretrained(folder)
-    return folder
 
 
 def hubert_layer(model, audio: np.ndarray) -> np.ndarray:
@@ -112,7 +92,7 @@ def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak):
     from slam_ray.stages.train import window_inputs
 
     # --- what a user of the recipe brings: models, centroids, speech, preferences, benchmarks ----------------------
-    text_lm = save_tiny_qwen25(tmp_path / "Qwen2.5-0.5B")
+    text_lm = save_tiny_qwen25(tmp_path / "Qwen2.5-0.5B", ["the dog runs", "a cat sat on the mat", "one two three four"])
     hubert_dir = save_tiny_hubert(tmp_path / "mhubert-base-25hz", rate=25)
     hubert = HubertModel.from_pretrained(hubert_dir).eval()
     synthetic = tmp_path / "sTinyStories"  # synthesized speech, as the recipe's sTinyStories is
@@ -193,17 +173,19 @@ def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak):
     trained = AutoModelForCausalLM.from_pretrained(train_out / "checkpoint").eval()
     val = PackedWindows(stage_dir(exp, "pack").path, "val")
     assert len(val) > 0
-    losses, threads = [], torch.get_num_threads()
+    losses, targets, threads = [], [], torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker (one CPU): bf16 sums in the same order
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             for start in range(0, len(val), exp.train.batch_size):
-                rows = np.arange(start, min(start + exp.train.batch_size, len(val)))
-                losses.append(trained(**window_inputs(val, rows, document_mask=True)).loss.item())
+                inputs = window_inputs(val, np.arange(start, min(start + exp.train.batch_size, len(val))),
+                                       document_mask=True)
+                losses.append(trained(**inputs).loss.item())
+                targets.append(int((inputs["labels"][:, 1:] != -100).sum()))  # the batch's share of the mean
     finally:
         torch.set_num_threads(threads)
     worker = stage_dir(exp, "train").read_manifest()["metrics"]["val/loss_final"]
-    assert np.mean(losses) == pytest.approx(worker, rel=1e-4)
+    assert np.average(losses, weights=targets) == pytest.approx(worker, rel=1e-4)
 
     # --- DPO trained on top of it, in the recipe's bf16 ----------------------------------------------------------
     dpo_out = stage_dir(exp, "dpo")

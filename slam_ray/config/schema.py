@@ -192,6 +192,23 @@ class ExtractConfig(Section):
                            "quietest 20 ms (energy)")
 
 
+class InterleaveConfig(Section):
+    """Text–speech interleaving (docs/interleaving.md): some words of an aligned utterance as text, the others as the
+    units spoken over them, a marker at every switch, in the text LM's vocabulary with the units appended."""
+
+    tokenizer: str | None = Field(None, description="the text LM's tokenizer: HF id in the local cache, or a folder; "
+                                                    "None = train.model.base")
+    datasets: list[str] | None = Field(None, description="datasets packed interleaved (utterances with words); the "
+                                                         "others stay speech-only, in the merged vocabulary; None = all")
+    method: Literal["slamkit", "spiritlm"] = Field(
+        "slamkit", description="slamkit: Poisson(lam) speech spans until eta of the words are speech; spiritlm: "
+                               "alternating 10-30-word text and 5-15-word speech spans")
+    lam: float = Field(10.0, gt=0, description="slamkit: mean speech span length in words")
+    eta: float = Field(0.3, gt=0, le=1, description="slamkit: least share of an utterance's words spoken")
+    unimodal_marker: bool = Field(False, description="a speech-only utterance opens with <speech> (SpiritLM); "
+                                                     "false: no marker (slamkit)")
+
+
 class PackConfig(Section):
     inputs: list[str | NamedInput] = Field(
         default_factory=lambda: ["@extract"],
@@ -209,6 +226,9 @@ class PackConfig(Section):
         json_schema_extra={"since": "0.2"})
     num_workers: int = Field(2, ge=1, description="pack tasks running at once (Ray Data); the output is the same for any",
                              json_schema_extra={"operational": True})
+    interleave: InterleaveConfig | None = Field(
+        None, description="text–speech interleaving (the merged vocabulary); None = speech-only units",
+        json_schema_extra={"since": "0.3"})
 
     @model_validator(mode="after")
     def _mix_weights(self) -> PackConfig:

@@ -138,6 +138,8 @@ def input_fingerprints(exp: Experiment, stage: str) -> dict[str, Any]:
     elif stage == "pack":
         if inputs := _paths(exp.pack.inputs, ("@extract",)):
             found["inputs"] = fingerprints(inputs)
+        if exp.pack.interleave is not None:  # the text tokenizer (its own, or the TWIST base's) makes the text ids
+            model("interleave.tokenizer", exp.pack.interleave.tokenizer or exp.train.model.base)
     elif stage == "train":
         model("model.base", exp.train.model.base)
     elif stage == "dpo":

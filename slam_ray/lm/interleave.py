@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from slam_ray.lm.vocabulary import MergedVocabulary
+
 Word = tuple[str, float, float]  # (word, start_s, end_s)
 
 
@@ -117,44 +119,13 @@ def span_units(words: Sequence[Word], span: Span, ends: np.ndarray) -> tuple[int
     return first, max(first, stop)
 
 
-@dataclass(frozen=True)
-class MergedVocabulary:
-    """A text LM's vocabulary with the speech units and two modality markers appended after it: unit u is
-    `text_size + u`, `<text>` and `<speech>` follow the units. `text_size` is the tokenizer's length with its
-    added special tokens (151,665 for Qwen2.5, below its 151,936 embedding rows), so no unit or marker id is a
-    text token's."""
-
-    text_size: int
-    n_units: int
-
-    @property
-    def unit_offset(self) -> int:
-        return self.text_size
-
-    @property
-    def text_marker(self) -> int:
-        return self.text_size + self.n_units
-
-    @property
-    def speech_marker(self) -> int:
-        return self.text_size + self.n_units + 1
-
-    @property
-    def size(self) -> int:
-        return self.text_size + self.n_units + 2
-
-    def unit_ids(self, units: Sequence[int] | np.ndarray) -> np.ndarray:
-        u = np.asarray(units, dtype=np.int64)
-        if u.size and (u.min() < 0 or u.max() >= self.n_units):
-            raise ValueError(f"units must be in [0, {self.n_units}); got {int(u.min())}..{int(u.max())}")
-        return u + self.unit_offset
-
-
 def interleaved_tokens(words: Sequence[Word], is_speech: np.ndarray, units: Sequence[int] | np.ndarray,
                        ends: np.ndarray, tokenizer, vocab: MergedVocabulary) -> list[tuple[Span, np.ndarray]]:
     """An aligned utterance as (span, token ids) pieces in order, each opened by its modality's marker: a text
     span is its words as running text (a leading space after the first span, as inside a sentence), tokenised by
-    the text LM's tokenizer; a speech span is the units inside its words' times (`span_units`)."""
+    the text LM's tokenizer; a speech span is the units inside its words' times (`span_units`). Words are taken
+    as given (slamkit's words carry their leading space, espeak's and whisper's too: strip them first for
+    this joining)."""
     units = np.asarray(units, dtype=np.int64)
     pieces = []
     for span in spans_of(np.asarray(is_speech, dtype=bool)):

@@ -8,16 +8,21 @@ from __future__ import annotations
 from slam_ray.config import ModelConfig
 from slam_ray.core.storage import model_source
 from slam_ray.errors import SlamError
-from slam_ray.speech.units import BOS_ID, EOS_ID, PAD_ID
+from slam_ray.lm.vocabulary import MergedVocabulary, SpeechVocabulary, Vocabulary
 
 
-def _set_overrides(config, cfg: ModelConfig, vocab_size: int | None) -> None:
+SPEECH_IDS = SpeechVocabulary(0)  # its pad/BOS/EOS ids (the same for any number of units)
+
+
+def _set_overrides(config, cfg: ModelConfig, vocab_size: int | None, vocabulary: Vocabulary | None = SPEECH_IDS
+                   ) -> None:
     """Apply the experiment's settings to a config *before* a model is built from it: rotary `inv_freq`,
     dropout modules and the embedding's padding row are fixed at construction, so a later config edit would
     only change what the checkpoint says, not the model that trains."""
     if vocab_size is not None:
         config.vocab_size = vocab_size
-    config.pad_token_id, config.bos_token_id, config.eos_token_id = PAD_ID, BOS_ID, EOS_ID
+    if vocabulary is not None:  # None: the text LM's own ids, until a merged vocabulary's rows exist
+        config.pad_token_id, config.bos_token_id, config.eos_token_id = vocabulary.pad_id, vocabulary.bos_id, vocabulary.eos_id
     for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(config, name):
             setattr(config, name, cfg.dropout)
@@ -26,10 +31,17 @@ def _set_overrides(config, cfg: ModelConfig, vocab_size: int | None) -> None:
         rope["rope_theta"] = cfg.rope_theta
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096):
-    """A causal LM over the unit vocabulary (`vocab_size` ids), in fp32 (bf16 is autocast's job)."""
+def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096, vocabulary: Vocabulary | None = None):
+    """A causal LM over the unit vocabulary (`vocab_size` ids), in fp32 (bf16 is autocast's job). With a merged
+    `vocabulary` (interleaving) its size is the model's, and TWIST keeps the text LM's rows: the embeddings (and
+    an untied head) grow to the merged size, the new rows initialised at the mean of the old (slamkit's
+    `mean_resizing`), so every text token keeps its trained row."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+
+    vocabulary = vocabulary or SpeechVocabulary(vocab_size - 2)
+    vocab_size = vocabulary.size
+    merged = isinstance(vocabulary, MergedVocabulary)
 
     if cfg.base:
         try:
@@ -48,15 +60,26 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096):
             # TWIST: the text LM's transformer, built with our overrides (its vocabulary size kept, so its
             # weights load), then its embeddings (and an untied head) cut to the unit ids. dtype fp32: transformers
             # 5 loads a checkpoint in its saved dtype (Qwen2.5's bf16) otherwise, and AdamW would update bf16 weights.
-            _set_overrides(config, cfg, None)
+            # a merged vocabulary's pad row is appended by the resize below, so its ids are set after it (the text
+            # LM's own pad id stays meanwhile: a pad id at a text token's row would freeze that row's embedding)
+            _set_overrides(config, cfg, None, None if merged else vocabulary)
             try:
                 model = AutoModelForCausalLM.from_pretrained(model_source(cfg.base), config=config, dtype=torch.float32,
                                                              attn_implementation=cfg.attn_implementation)
             except OSError as e:
                 raise SlamError(f"cannot load text LM {cfg.base!r} for TWIST init (HF id in the local cache, or a folder): {e}") from e
-            model.resize_token_embeddings(vocab_size, mean_resizing=False)  # sets config.vocab_size
+            rows = model.get_input_embeddings().weight.shape[0]
+            if merged and vocabulary.text_size > rows:
+                raise SlamError(f"the text LM {cfg.base!r} has {rows} embedding rows, fewer than the {vocabulary.text_size} "
+                                "tokens of the tokenizer interleaving uses: is pack.interleave.tokenizer another model's?")
+            # speech-only: cut to the unit ids (new rows none); merged: grow, new rows at the mean of the text rows
+            model.resize_token_embeddings(vocab_size, mean_resizing=merged)  # sets config.vocab_size
+            if merged:
+                for config_ in (model.config, model.generation_config):
+                    config_.pad_token_id, config_.bos_token_id = vocabulary.pad_id, vocabulary.bos_id
+                    config_.eos_token_id = vocabulary.eos_id
             return model.train()  # from_pretrained returns eval mode; the random init trains from the start too
-        _set_overrides(config, cfg, vocab_size)
+        _set_overrides(config, cfg, vocab_size, vocabulary)
         return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
     except (ImportError, ValueError) as e:
         raise SlamError(f"train.model.attn_implementation={cfg.attn_implementation!r} is not available here: {e}. "

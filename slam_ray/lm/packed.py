@@ -4,12 +4,16 @@ A pack output (format 2) is a folder of shards plus a small index, so neither th
 worker that reads it ever holds the corpus:
 
     index.json                    context_len; per split its shards (file, windows, tokens, pad); per dataset
-                                  the training tokens, share and epochs
+                                  the training tokens, share and epochs; `vocabulary` (kind, size, pad_id,
+                                  bos_id, eos_id) when it is not the speech-only one
     train/part-NNNNN.npy          uint16 [windows, context_len]: utterances `<s> u+2 ... <s>` concatenated and cut
                                   into windows; only a shard's last window is padded (<pad> = 0)
     train/part-NNNNN.starts.npy   int64: flat offsets (row * context_len + column) in that shard where an
                                   utterance begins (its <s>)
     val/part-NNNNN.npy, ...       the same for the held-out utterances
+
+Under text–speech interleaving (`pack.interleave`) the windows hold ids of the merged vocabulary
+(slam_ray/lm/vocabulary.py): uint32 when it has more than 65,536 ids, padded with its own `<pad>`.
 
 Documents: a window's documents begin at column 0 and at every utterance start inside it. An utterance cut by a
 window boundary is two documents; the later piece starts with the utterance's next unit (no repeated <s>), so
@@ -32,12 +36,21 @@ PACK_FORMAT = 2
 SPLITS = ("train", "val")
 
 
-def utterance_stream(values: np.ndarray, offsets: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def utterance_stream(values: np.ndarray, offsets: np.ndarray, order: np.ndarray, complete: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """The token stream of utterances `order` (indices into a ragged array: utterance i's units are
     `values[offsets[i]:offsets[i + 1]]`), each as `<s> u+2 ... <s>`, in that order; an index may repeat.
     Returns (tokens uint16, starts int64: where each utterance's <s> is). One slice copy per utterance (a loop
-    per utterance, not per token: ~190M tokens/s on this 2-core machine; index arrays per token ran at ~17M)."""
+    per utterance, not per token: ~190M tokens/s on this 2-core machine; index arrays per token ran at ~17M).
+    `complete`: the values already are whole token sequences (BOS to EOS, any vocabulary): copied as they are."""
     order = np.asarray(order, dtype=np.int64)
+    if complete:
+        lengths = (offsets[order + 1] - offsets[order]).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(order) else np.zeros(0, np.int64)
+        tokens = np.empty(int(lengths.sum()), dtype=values.dtype)
+        for begin, length, source in zip(starts.tolist(), lengths.tolist(), offsets[order].tolist(), strict=True):
+            tokens[begin : begin + length] = values[source : source + length]
+        return tokens, starts
     lengths = (offsets[order + 1] - offsets[order]).astype(np.int64)
     ends = np.cumsum(lengths + 2)
     starts = ends - (lengths + 2)
@@ -57,26 +70,30 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def write_shard(folder: Path, split: str, index: int, tokens: np.ndarray, starts: np.ndarray, context_len: int
-                ) -> dict[str, Any]:
+def write_shard(folder: Path, split: str, index: int, tokens: np.ndarray, starts: np.ndarray, context_len: int,
+                pad_id: int = PAD_ID, dtype: type = np.uint16) -> dict[str, Any]:
     """Cut `tokens` into windows (the last one padded) and write shard `index` of `split`; returns its index row."""
     n_windows = -(-len(tokens) // context_len)
     pad = n_windows * context_len - len(tokens)
-    windows = np.concatenate([tokens, np.full(pad, PAD_ID, dtype=np.uint16)]).reshape(n_windows, context_len)
+    windows = np.concatenate([tokens.astype(dtype, copy=False), np.full(pad, pad_id, dtype=dtype)]
+                             ).reshape(n_windows, context_len)
     (folder / split).mkdir(parents=True, exist_ok=True)
     name = f"part-{index:05d}"
     _atomic_save(folder / split / f"{name}.starts.npy", np.asarray(starts, dtype=np.int64))
-    _atomic_save(folder / split / f"{name}.npy", windows.astype(np.uint16, copy=False))
+    _atomic_save(folder / split / f"{name}.npy", windows)
     return {"file": f"{name}.npy", "windows": n_windows, "tokens": int(len(tokens)), "pad": int(pad)}
 
 
 def write_index(folder: Path, context_len: int, shards: dict[str, list[dict[str, Any]]],
-                datasets: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+                datasets: dict[str, dict[str, float]] | None = None, vocabulary: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
     index = {"format": PACK_FORMAT, "context_len": context_len,
              "splits": {split: {"windows": sum(s["windows"] for s in rows), "tokens": sum(s["tokens"] for s in rows),
                                 "pad": sum(s["pad"] for s in rows), "shards": rows}
                         for split, rows in shards.items()},
              "datasets": datasets or {}}
+    if vocabulary is not None:  # absent: the speech-only vocabulary (outputs from before interleaving stay as they were)
+        index["vocabulary"] = vocabulary
     tmp = folder / ".index.json.tmp"
     tmp.write_text(json.dumps(index, indent=1))
     tmp.replace(folder / "index.json")
@@ -123,6 +140,10 @@ class PackedWindows:
             raise SlamError(f"{index_file}: pack format {index.get('format')}, this slam_ray reads {PACK_FORMAT}")
         self.folder, self.split = folder / split, split
         self.context_len = int(index["context_len"])
+        vocabulary = index.get("vocabulary") or {}
+        self.vocabulary = vocabulary  # {} = the speech-only vocabulary
+        self.pad_id = int(vocabulary.get("pad_id", PAD_ID))
+        self.dtype = np.dtype(vocabulary.get("dtype", "uint16"))
         rows = [s for s in index["splits"][split]["shards"] if s["windows"] > 0]
         self._files = [r["file"] for r in rows]
         self._shards: list[np.ndarray | None] = [None] * len(rows)
@@ -143,13 +164,14 @@ class PackedWindows:
         return self._shards[s]
 
     def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray:
-        """Rows as an in-memory uint16 array: `windows[i]`, `windows[a:b]` or `windows[[i, j, ...]]` (any order)."""
+        """Rows as an in-memory array (uint16, or uint32 for a merged vocabulary): `windows[i]`, `windows[a:b]` or
+        `windows[[i, j, ...]]` (any order)."""
         if isinstance(index, slice):
             index = np.arange(*index.indices(len(self)))
         rows = np.atleast_1d(np.asarray(index, dtype=np.int64))
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"window index out of range 0..{len(self) - 1}")
-        out = np.empty((len(rows), self.context_len), dtype=np.uint16)
+        out = np.empty((len(rows), self.context_len), dtype=self.dtype)
         shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
         for s in np.unique(shard_of):
             mask = shard_of == s
@@ -181,7 +203,7 @@ class PackedWindows:
         for k, window in enumerate(rows.tolist()):
             marks = np.zeros(self.context_len, dtype=bool)
             marks[self.document_starts(window)] = True
-            pad = np.flatnonzero(tokens[k] == PAD_ID)
+            pad = np.flatnonzero(tokens[k] == self.pad_id)
             if len(pad):
                 marks[pad[0]] = True
             begins[k] = np.maximum.accumulate(np.where(marks, columns, 0))

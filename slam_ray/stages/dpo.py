@@ -391,4 +391,7 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
 
 
 def dpo(exp: Experiment) -> StageDir:
+    if exp.pack.interleave is not None:
+        raise SlamError("dpo cannot take an interleaved model yet (DPO of interleaved models is outside the interleaving work; docs/interleaving.md): "
+                        "drop 'dpo' from `stages`, or pack.interleave")
     return run_stage(exp, "dpo", _dpo)

@@ -381,4 +381,7 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
 
 
 def evaluate(exp: Experiment) -> StageDir:
+    if exp.pack.interleave is not None:
+        raise SlamError("eval cannot take an interleaved model yet (cross-modal tasks and speech-only tasks in the merged vocabulary are the next step; docs/interleaving.md): "
+                        "drop 'eval' from `stages`, or pack.interleave")
     return run_stage(exp, "eval", _evaluate)

@@ -16,6 +16,12 @@ process ever holds more than one output shard's inputs. Read top to bottom:
    about `pack.shard_tokens` training tokens; each group's utterances (with their repeats) are shuffled
    within it -- the group is the shuffle buffer -- and written as one output shard. Training then draws
    windows in a fresh seeded order every epoch across all shards.
+With `pack.interleave` (docs/interleaving.md), each utterance is read as a whole token sequence of the merged
+vocabulary instead: the words of its alignment split into text and speech spans by a seeded sampler (seeded by
+the utterance, so both passes and every rerun see the same spans), text spans tokenised by the text LM's
+tokenizer, speech spans the units spoken over their words, a marker at every switch; an utterance without words
+(or of a dataset not interleaved) is its units alone. Counting and packing then work on those sequences.
+
 5. **Pack pass** (Ray Data, one task per group): writes `train/part-N.npy`, `val/part-N.npy` (+ `.starts.npy`
    document starts) and, last, `parts/part-N.json`, the group's done mark: a killed run redoes only missing
    groups. A group's output depends on the seed and its inputs only, so it is the same for any number of
@@ -39,23 +45,30 @@ from slam_ray.core.stage_io import StageDir, Timer, upstream_dir
 from slam_ray.core.storage import local_path, localize
 from slam_ray.core.tracking import Tracker
 from slam_ray.errors import SlamError
+from slam_ray.lm.interleave import alternating_spans, interleaved_tokens, slamkit_spans
 from slam_ray.lm.packed import utterance_stream, write_index, write_shard
+from slam_ray.lm.vocabulary import MergedVocabulary, load_text_tokenizer, tokenizer_source, vocabulary_of
 from slam_ray.parallel.actors import quiet_ray_data
+from slam_ray.speech.alignment import parse_alignment
 from slam_ray.speech.units import repr_to_units
 
 # --- reading input shards ----------------------------------------------------------------------------------------
 
 
 class Utterances:
-    """A shard's utterances as a ragged array: utterance i's units are `values[offsets[i]:offsets[i + 1]]`."""
+    """A shard's utterances as a ragged array: utterance i's units are `values[offsets[i]:offsets[i + 1]]` — or,
+    `complete`, its whole token sequence (merged vocabulary, BOS to EOS). `aligned_text` and `durations` (per
+    utterance: its words' JSON and its units' durations in frames) are read only for interleaving."""
 
-    def __init__(self, ids: list[str], datasets: list[str], values: np.ndarray, offsets: np.ndarray) -> None:
+    def __init__(self, ids: list[str], datasets: list[str], values: np.ndarray, offsets: np.ndarray,
+                 complete: bool = False, aligned_text: list | None = None, durations: list | None = None) -> None:
         self.ids, self.datasets, self.values, self.offsets = ids, np.asarray(datasets, dtype=object), values, offsets
+        self.complete, self.aligned_text, self.durations = complete, aligned_text, durations
 
     @property
     def tokens(self) -> np.ndarray:
-        """Tokens per utterance once packed: its units, BOS and EOS."""
-        return np.diff(self.offsets) + 2
+        """Tokens per utterance once packed: its units, BOS and EOS (a complete sequence: its length)."""
+        return np.diff(self.offsets) + (0 if self.complete else 2)
 
     def take(self, keep: np.ndarray) -> Utterances:
         """Only utterances `keep` (sorted indices), in a compact copy: a group holds what it packs, not all it read."""
@@ -63,26 +76,32 @@ class Utterances:
         values = (np.concatenate([self.values[self.offsets[i] : self.offsets[i + 1]] for i in keep.tolist()])
                   if len(keep) else self.values[:0])
         return Utterances([self.ids[i] for i in keep.tolist()], list(self.datasets[keep]), values,
-                          np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+                          np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), self.complete)
 
 
-def _read_parquet(shard: dict[str, Any]) -> Utterances:
+def _read_parquet(shard: dict[str, Any], words: bool = False) -> Utterances:
     import pyarrow.parquet as pq
 
     path = localize(shard["location"])
-    table = pq.read_table(path, columns=["id", "units", "dataset"] if "dataset" in pq.read_schema(path).names
-                          else ["id", "units"])
+    names = pq.read_schema(path).names
+    wanted = ["id", "units", "dataset"] + (["durations", "aligned_text"] if words else [])
+    table = pq.read_table(path, columns=[c for c in wanted if c in names])
     units = table.column("units").combine_chunks()
     datasets = (table.column("dataset").fill_null("").to_pylist() if "dataset" in table.column_names
                 else [""] * table.num_rows)
     offsets = units.offsets.to_numpy().astype(np.int64)
     values = units.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]  # `.values` ignores a slice
-    return Utterances(table.column("id").to_pylist(), datasets, values, offsets - offsets[0])
+    u = Utterances(table.column("id").to_pylist(), datasets, values, offsets - offsets[0])
+    if words:
+        u.durations = table.column("durations").to_pylist()
+        u.aligned_text = (table.column("aligned_text").to_pylist() if "aligned_text" in table.column_names
+                          else [None] * table.num_rows)  # an extract output from before words were kept
+    return u
 
 
-def _read_jsonl(shard: dict[str, Any]) -> Utterances:
+def _read_jsonl(shard: dict[str, Any], words: bool = False) -> Utterances:
     """The lines of a slamkit features (`units`) or tokens (`audio_repr`) JSONL in bytes [start, stop)."""
-    ids, arrays = [], []
+    ids, arrays, aligned, durations = [], [], [], []
     with open(localize(shard["location"]), "rb") as f:
         f.seek(shard["start"])
         line_no = shard["first_line"]
@@ -101,14 +120,82 @@ def _read_jsonl(shard: dict[str, Any]) -> Utterances:
                                 "tokens row (`audio_repr`)")
             ids.append(str(rec.get("file_name") or f"{shard['location']}:{line_no}"))  # unique across files
             arrays.append(np.asarray(units, dtype=np.uint16))
+            aligned.append(rec.get("aligned_text"))  # slamkit's features rows carry words for its interleaving
+            durations.append(rec.get("duration"))
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.uint16)
-    return Utterances(ids, [shard["dataset"]] * len(ids), values, offsets)
+    return Utterances(ids, [shard["dataset"]] * len(ids), values, offsets,
+                      aligned_text=aligned if words else None, durations=durations if words else None)
 
 
-def read_shard(shard: dict[str, Any]) -> Utterances:
-    return _read_parquet(shard) if shard["kind"] == "parquet" else _read_jsonl(shard)
+def read_shard(shard: dict[str, Any], interleave: dict[str, Any] | None = None) -> Utterances:
+    """An input shard's utterances: units, or with `interleave` (`interleave_settings`) whole sequences of the
+    merged vocabulary."""
+    words = interleave is not None
+    u = _read_parquet(shard, words) if shard["kind"] == "parquet" else _read_jsonl(shard, words)
+    return u if interleave is None else merged_sequences(u, interleave, shard["location"])
+
+
+# --- interleaving --------------------------------------------------------------------------------------------------
+
+
+def interleave_settings(exp: Experiment) -> dict[str, Any] | None:
+    """What a task needs to build merged sequences (JSON-able: it travels with the task)."""
+    cfg = exp.pack.interleave
+    if cfg is None:
+        return None
+    vocab = vocabulary_of(exp)  # loads the tokenizer here first: a bad path fails before any task starts
+    return {"tokenizer": tokenizer_source(exp), "n_units": vocab.n_units, "datasets": cfg.datasets,
+            "method": cfg.method, "lam": cfg.lam, "eta": cfg.eta, "unimodal_marker": cfg.unimodal_marker,
+            "frame_rate": exp.extract.tokenizer.frame_rate, "seed": exp.pack.seed}
+
+
+def _utterance_rng(seed: int, dataset: str, uid: str) -> np.random.Generator:
+    digest = hashlib.blake2b(f"spans\0{seed}\0{dataset}\0{uid}".encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
+
+
+def merged_sequences(u: Utterances, settings: dict[str, Any], location: str) -> Utterances:
+    """Each utterance as `BOS pieces... EOS` in the merged vocabulary: interleaved when its dataset is and it has
+    words, else its units (after `<speech>` with `unimodal_marker`)."""
+    tokenizer = load_text_tokenizer(settings["tokenizer"])
+    vocab = MergedVocabulary.of(tokenizer, settings["n_units"])
+    chosen = settings["datasets"]
+    sequences = []
+    for i, uid in enumerate(u.ids):
+        units = u.values[u.offsets[i] : u.offsets[i + 1]]
+        dataset = str(u.datasets[i])
+        try:
+            words = parse_alignment(u.aligned_text[i]) if chosen is None or dataset in chosen else None
+        except ValueError as e:
+            raise SlamError(f"{location}: utterance {uid}: {e}") from None
+        words = [(w.strip(), s, e) for w, s, e in words or [] if w.strip()]  # joined with spaces by the tokenizer step
+        if words and u.durations[i] is not None:
+            rng = _utterance_rng(settings["seed"], dataset, uid)
+            is_speech = (slamkit_spans(len(words), rng, settings["lam"], settings["eta"]) if settings["method"] == "slamkit"
+                         else alternating_spans(len(words), rng))
+            ends = np.cumsum(np.asarray(u.durations[i], dtype=np.float64)) / settings["frame_rate"]
+            body = np.concatenate([ids for _, ids in interleaved_tokens(words, is_speech, units, ends, tokenizer, vocab)])
+        else:
+            body = vocab.unit_ids(units)
+            if settings["unimodal_marker"]:
+                body = np.concatenate([[vocab.speech_marker], body])
+        sequences.append(np.concatenate([[vocab.bos_id], body, [vocab.eos_id]]).astype(vocab.dtype))
+    lengths = np.array([len(q) for q in sequences], dtype=np.int64)
+    values = np.concatenate(sequences) if sequences else np.zeros(0, dtype=vocab.dtype)
+    return Utterances(u.ids, list(u.datasets), values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                      complete=True)
+
+
+def modality_counts(tokens: np.ndarray, settings: dict[str, Any] | None) -> dict[str, int]:
+    """Unit, text and marker tokens of a merged stream (BOS/EOS count as text: they are the tokenizer's)."""
+    if settings is None:
+        return {}
+    vocab = MergedVocabulary.of(load_text_tokenizer(settings["tokenizer"]), settings["n_units"])
+    units = int(((tokens >= vocab.unit_offset) & (tokens < vocab.text_marker)).sum())
+    markers = int(((tokens == vocab.text_marker) | (tokens == vocab.speech_marker)).sum())
+    return {"unit_tokens": units, "marker_tokens": markers, "text_tokens": int(len(tokens)) - units - markers}
 
 
 def held_out(u: Utterances, seed: int, fraction: float) -> np.ndarray:
@@ -142,9 +229,10 @@ def _jsonl_pieces(location: str, dataset: str, piece_tokens: int) -> list[dict[s
             for p in pieces]
 
 
-def shard_stats(shard: dict[str, Any], seed: int, val_fraction: float) -> dict[str, Any]:
+def shard_stats(shard: dict[str, Any], seed: int, val_fraction: float, interleave: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
     """Per dataset of one input shard: utterances and tokens of its training and held-out parts."""
-    u = read_shard(shard)
+    u = read_shard(shard, interleave)
     val, tokens = held_out(u, seed, val_fraction), u.tokens
     per: dict[str, dict[str, int]] = {}
     for d in sorted(set(u.datasets)):
@@ -154,13 +242,14 @@ def shard_stats(shard: dict[str, Any], seed: int, val_fraction: float) -> dict[s
     return {**shard, "datasets": per}
 
 
-def _stats_task(row: dict[str, Any], seed: int, val_fraction: float, piece_tokens: int) -> list[dict[str, Any]]:
+def _stats_task(row: dict[str, Any], seed: int, val_fraction: float, piece_tokens: int,
+                interleave: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Statistics of a few input shards (several per task: a Ray task costs more than counting a small shard)."""
     rows = []
     for shard in json.loads(row["shards"]):
         pieces = (_jsonl_pieces(shard["location"], shard["dataset"], piece_tokens) if shard["kind"] == "jsonl"
                   else [shard])
-        rows += [{"stats": json.dumps(shard_stats(p, seed, val_fraction))} for p in pieces]
+        rows += [{"stats": json.dumps(shard_stats(p, seed, val_fraction, interleave))} for p in pieces]
     return rows
 
 
@@ -241,7 +330,7 @@ def pack_group(group: dict[str, Any]) -> dict[str, Any]:
     parts: dict[str, list[tuple[Utterances, np.ndarray]]] = {"train": [], "val": []}
     datasets: dict[str, int] = {}
     for shard in group["shards"]:
-        u = read_shard(shard)
+        u = read_shard(shard, group.get("interleave"))
         val = held_out(u, group["seed"], group["val_fraction"])
         chosen = choose_training(u, ~val, group["rates"], rng)
         names, tokens = u.datasets[chosen], u.tokens[chosen]
@@ -265,10 +354,14 @@ def pack_group(group: dict[str, Any]) -> dict[str, Any]:
         merged_offsets = np.concatenate(offsets).astype(np.int64)
         order_all = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
         order_all = order_all[rng.permutation(len(order_all))]  # the group is the shuffle buffer
+        complete = group.get("interleave") is not None
         tokens, starts = utterance_stream(np.concatenate(values) if values else np.zeros(0, np.uint16),
-                                          merged_offsets, order_all)
-        rows[split] = write_shard(folder, split, group["index"], tokens, starts, group["context_len"])
-    done = {"index": group["index"], "shards": rows, "datasets": datasets,
+                                          merged_offsets, order_all, complete)
+        rows[split] = write_shard(folder, split, group["index"], tokens, starts, group["context_len"],
+                                  **group.get("window", {}))
+        if split == "train":
+            modalities = modality_counts(tokens, group.get("interleave"))
+    done = {"index": group["index"], "shards": rows, "datasets": datasets, "modalities": modalities,
             "utterances": {split: int(sum(len(picked) for _, picked in selections)) for split, selections in parts.items()}}
     (folder / "parts").mkdir(parents=True, exist_ok=True)
     tmp = folder / "parts" / f".part-{group['index']:05d}.json.{os.getpid()}.tmp"
@@ -314,6 +407,8 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
     shards = input_shards(exp)
     if not shards:
         raise SlamError("pack.inputs hold no unit shards to pack")
+    interleave = interleave_settings(exp)
+    vocab = vocabulary_of(exp)
     out.local("parts")  # with a workdir in a bucket: the groups a killed run finished there
     stats_file = out.path / "stats.json"
     with timer.phase("stats"):
@@ -324,7 +419,8 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
             stats = [json.loads(r["stats"]) for r in tqdm(
                 _map([{"shards": json.dumps(shards[i : i + per_task])} for i in range(0, len(shards), per_task)],
                          _stats_task, exp, flat=True, seed=cfg.seed,
-                         val_fraction=cfg.val_fraction, piece_tokens=max(1, cfg.shard_tokens // 4)),
+                         val_fraction=cfg.val_fraction, piece_tokens=max(1, cfg.shard_tokens // 4),
+                         interleave=interleave),
                 desc="[pack] count", unit="piece", mininterval=2)]
             stats.sort(key=lambda s: s["id"])
             tmp = out.path / f".stats.json.{os.getpid()}.tmp"
@@ -339,7 +435,8 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
         raise SlamError("pack.inputs hold no utterances to pack")
     rates = mix_rates(train_tokens, cfg.mix, cfg.epochs)
     groups = [{"index": i, "shards": g, "rates": rates, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-               "context_len": cfg.context_len, "root": out.root}
+               "context_len": cfg.context_len, "root": out.root, "interleave": interleave,
+               "window": {"pad_id": vocab.pad_id, "dtype": np.dtype(vocab.dtype).name}}
               for i, g in enumerate(plan_groups(stats, rates, cfg.shard_tokens, cfg.seed))]
     todo = [g for g in groups if not (out.path / "parts" / f"part-{g['index']:05d}.json").is_file()]
     if len(todo) < len(groups):
@@ -356,8 +453,12 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
     total = sum(taken.values()) or 1
     report = {d: {"tokens": taken.get(d, 0), "share": taken.get(d, 0) / total,
                   "epochs": taken.get(d, 0) / max(train_tokens[d], 1)} for d in sorted(rates) if rates[d] > 0}
+    merged = None if interleave is None else {
+        "kind": "merged", "size": vocab.size, "pad_id": vocab.pad_id, "bos_id": vocab.bos_id, "eos_id": vocab.eos_id,
+        "text_size": vocab.text_size, "n_units": vocab.n_units, "text_marker": vocab.text_marker,
+        "speech_marker": vocab.speech_marker, "dtype": np.dtype(vocab.dtype).name}
     index = write_index(out.path, cfg.context_len, {split: [p["shards"][split] for p in done] for split in ("train", "val")},
-                        report)
+                        report, merged)
     counts: dict[str, int | float] = {"utterances": sum(c["train_utterances"] + c["val_utterances"] for s in stats
                                                         for c in s["datasets"].values()),
                                       "shards": len(groups), "shards_resumed": len(groups) - len(todo)}
@@ -368,6 +469,10 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
     for dataset, r in report.items():
         counts[f"mix.{dataset or 'default'}.share"] = round(r["share"], 4)
         counts[f"mix.{dataset or 'default'}.epochs"] = round(r["epochs"], 3)
+    if interleave is not None:  # what share of the training tokens is speech (the paper's ~40% at its settings)
+        for kind in ("unit", "text", "marker"):
+            n = sum(p.get("modalities", {}).get(f"{kind}_tokens", 0) for p in done)
+            counts[f"train_{kind}_token_share"] = round(n / max(counts["train_tokens"], 1), 4)
     if counts["train_windows"] == 0:
         raise SlamError("no training windows; lower pack.val_fraction or give more audio")
     seconds = max(timer.timings.get("pack", 0.0), 1e-9)

@@ -79,7 +79,7 @@ def window_inputs(windows: PackedWindows | np.ndarray, rows: np.ndarray, documen
 
     tokens = windows[rows]
     x = torch.from_numpy(tokens.astype(np.int64))
-    labels = x.masked_fill(x == PAD_ID, -100)
+    labels = x.masked_fill(x == getattr(windows, "pad_id", PAD_ID), -100)
     if not document_mask:
         return {"input_ids": x, "labels": labels}
     positions = torch.from_numpy(windows.positions(rows, tokens))  # the rows read once
@@ -138,6 +138,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from slam_ray.lm.model import build_model, count_embedding_parameters, count_parameters
+    from slam_ray.lm.vocabulary import vocabulary_of_pack
 
     exp = Experiment.model_validate(config["experiment"])
     cfg = exp.train
@@ -149,7 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     packed = localize(config["pack_root"])
     train_windows, val_windows = PackedWindows(packed, "train"), PackedWindows(packed, "val")
     context_len = train_windows.context_len
-    model = build_model(cfg.model, exp.vocab_size, max_positions=context_len)
+    vocabulary = vocabulary_of_pack(train_windows.vocabulary, exp.extract.tokenizer.n_units)
+    model = build_model(cfg.model, vocabulary.size, max_positions=context_len, vocabulary=vocabulary)
     n_params = count_parameters(model)
     n_non_embedding = n_params - count_embedding_parameters(model)
     resumed = resume_state(model)
@@ -197,7 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return loss_on(train_windows, data.rows(index), t.model, num_items_in_batch=scale), {}
 
     def validate(limit: int | None = None) -> float:
-        """Mean loss over the validation windows (a fixed seeded sample of `limit` of them, spread over every
+        """Mean loss over the targets of the validation windows (each batch weighted by its targets: a mean of
+        batch means would weigh a short last batch's tokens more) (a fixed seeded sample of `limit` of them, spread over every
         shard — the first ones would be one group's few input shards), all ranks sharing the work. Under DDP
         it runs on the unwrapped module: ranks may see unequal numbers of batches, and a DDP forward would wait
         for the other ranks (a deadlock). A sharded model's every forward is collective, so under FSDP every
@@ -207,16 +210,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         n = len(chosen)
         stride = cfg.batch_size * w.world
         end = -(-n // stride) * stride if settings.fsdp else n
-        losses = []
+        nll, targets = 0.0, 0
         with torch.no_grad(), t.autocast():
             for i in range(w.rank * cfg.batch_size, end, stride):
                 rows = chosen[i : i + cfg.batch_size] if i < n else chosen[:1]
                 loss = loss_on(val_windows, rows, plain).item()
                 if i < n:
-                    losses.append(loss)
+                    count = targets_in(val_windows, [rows], cfg.document_mask)
+                    nll, targets = nll + loss * count, targets + count
         plain.train()
-        count = all_ranks(len(losses), "sum")
-        return all_ranks(sum(losses), "sum") / count if count else float("nan")  # no split: not a perfect 0
+        targets = all_ranks(targets, "sum")
+        return all_ranks(nll, "sum") / targets if targets else float("nan")  # no split: not a perfect 0
 
     reports_done = resumed.get("reports_done", 0) if resumed else 0
     if resumed is None:

@@ -129,9 +129,9 @@ def test_interleaved_tokens_round_trip_to_their_words_and_units_and_ids_never_co
 
     tokenizer = tiny_tokenizer()
     vocab = MergedVocabulary(text_size=len(tokenizer), n_units=50)
-    assert vocab.unit_offset == len(tokenizer) and vocab.size == len(tokenizer) + 52
-    assert len({vocab.text_marker, vocab.speech_marker, vocab.unit_offset, vocab.unit_offset + 49}) == 4
-    assert vocab.speech_marker == vocab.size - 1 and vocab.text_marker > vocab.unit_offset + 49
+    assert vocab.unit_offset == len(tokenizer) and vocab.size == len(tokenizer) + 53
+    assert len({vocab.text_marker, vocab.speech_marker, vocab.pad_id, vocab.unit_offset, vocab.unit_offset + 49}) == 5
+    assert vocab.pad_id == vocab.size - 1 and vocab.text_marker > vocab.unit_offset + 49
 
     rng = np.random.default_rng(3)
     durations = rng.integers(1, 6, size=80)

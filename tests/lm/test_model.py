@@ -32,6 +32,29 @@ def save_pythia_lm(path):
 
 
 @pytest.mark.parametrize("tie", [True, False])
+def test_twist_with_a_merged_vocabulary_keeps_every_text_row_and_appends_unit_marker_and_pad_rows(tmp_path, tie):
+    """Interleaving: the text LM's rows all stay (text tokens keep their meaning), the model grows to the merged
+    size with new rows near the old rows' mean (mean resizing), and the config carries the merged special ids."""
+    from slam_ray.lm.vocabulary import MergedVocabulary
+
+    text_lm = save_text_lm(tmp_path / "lm", tie)  # 300 rows
+    vocab = MergedVocabulary(text_size=290, n_units=20, bos_id=5, eos_id=5)  # a tokenizer of 290 < 300 rows
+    model = build_model(ModelConfig(init="twist", base=str(tmp_path / "lm")), vocab.size, vocabulary=vocab)
+    emb, old = model.get_input_embeddings().weight, text_lm.get_input_embeddings().weight
+    assert emb.shape == (vocab.size, 32) and vocab.size == 313
+    assert torch.equal(emb[:300], old)  # every row the text LM had, the tokenizer's 290 included
+    new = emb[300:]
+    assert not torch.equal(new, torch.zeros_like(new))
+    assert torch.allclose(new.mean(0), old.mean(0), atol=0.5 * old.std().item())  # drawn around the old mean
+    assert (model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id) == (vocab.pad_id, 5, 5)
+    if not tie:
+        assert torch.equal(model.get_output_embeddings().weight[:300], text_lm.get_output_embeddings().weight)
+    small = MergedVocabulary(text_size=400, n_units=20, bos_id=5, eos_id=5)  # a tokenizer bigger than the model
+    with pytest.raises(SlamError, match="fewer than the 400 tokens"):
+        build_model(ModelConfig(init="twist", base=str(tmp_path / "lm")), small.size, vocabulary=small)
+
+
+@pytest.mark.parametrize("tie", [True, False])
 def test_twist_init_keeps_the_text_lm_and_cuts_the_vocabulary(tmp_path, tie):
     text_lm = save_text_lm(tmp_path / "lm", tie)
     speech_lm = build_model(ModelConfig(init="twist", base=str(tmp_path / "lm"), rope_theta=10_000), vocab_size=52)

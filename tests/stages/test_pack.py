@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import interleaved_experiment
 
 from slam_ray.lm.packed import PackedWindows, save_windows, utterance_stream, write_index, write_shard
 from slam_ray.speech.units import units_to_tokens
@@ -30,17 +31,17 @@ def features_jsonl(path: Path, dataset: str, n: int, lengths: tuple[int, int], s
     return utterances
 
 
-def documents(windows: PackedWindows) -> list[tuple[int, ...]]:
+def documents(windows: PackedWindows, bos: int = 1, eos: int = 1) -> list[tuple[int, ...]]:
     """The utterances of a split as token tuples `<s> ... <s>`, rebuilt from the windows and their document
     starts (a piece that continues an utterance from the previous window is joined back to it)."""
     utterances: list[list[int]] = []
     for w in range(len(windows)):
         row, cuts = windows[w], list(windows.document_starts(w)) + [windows.context_len]
         for a, b in zip(cuts, cuts[1:], strict=False):
-            piece = [int(t) for t in row[a:b] if t != 0]
+            piece = [int(t) for t in row[a:b] if t != windows.pad_id]
             if not piece:
                 continue
-            if a == 0 and utterances and (len(utterances[-1]) < 2 or utterances[-1][-1] != 1 or piece[0] != 1):
+            if a == 0 and utterances and (len(utterances[-1]) < 2 or utterances[-1][-1] != eos or piece[0] != bos):
                 utterances[-1].extend(piece)  # the rest of an utterance the window boundary cut
             else:
                 utterances.append(piece)
@@ -253,3 +254,124 @@ def test_jsonl_pieces_and_unnamed_rows_are_told_apart_across_files_of_one_datase
     assert len({p["id"] for p in pieces}) == len(pieces) == 2
     ids = [read_shard(p).ids for p in pieces]
     assert not set(ids[0]) & set(ids[1])
+
+
+# --- text–speech interleaving (pack.interleave) --------------------------------------------------------------------
+
+
+def split_pieces(sequence: tuple[int, ...], vocab) -> list[tuple[str, list[int]]]:  # noqa: ANN001
+    """(modality, ids) pieces of a merged sequence `BOS marker ids marker ids ... EOS`."""
+    assert sequence[0] == vocab.bos_id and sequence[-1] == vocab.eos_id
+    pieces: list[tuple[str, list[int]]] = []
+    for token in sequence[1:-1]:
+        if token in (vocab.text_marker, vocab.speech_marker):
+            pieces.append(("text" if token == vocab.text_marker else "speech", []))
+        else:
+            assert pieces, "an interleaved utterance opens with a marker"
+            pieces[-1][1].append(token)
+    return pieces
+
+
+def units_inside(row: dict, first: int, last: int) -> list[int]:
+    """The units whose end time (cumulative durations at 25 Hz) lies in [word `first`'s start, word `last`'s end]."""
+    start, end = row["aligned_text"][first][1], row["aligned_text"][last][2]
+    ends = np.cumsum(row["duration"]) / 25
+    return [u for u, t in zip(row["units"], ends, strict=True) if start <= t <= end]
+
+
+def test_interleaved_pack_writes_text_spans_and_the_units_spoken_under_the_other_words(tmp_path):
+    """pack.interleave: every `talk` utterance is one merged sequence (BOS, pieces each opened by its marker, EOS)
+    whose text pieces decode to consecutive runs of its words and whose speech pieces are exactly the units whose
+    end times fall inside the spoken words' times (checked with a plain scan here); at least 30% of the words are
+    spoken in nearly every utterance (slamkit's eta); `plain` utterances are their units in the merged vocabulary,
+    without markers; the index names the vocabulary and the manifest the token shares."""
+    from transformers import AutoTokenizer
+
+    from slam_ray.lm.vocabulary import MergedVocabulary
+    from slam_ray.stages.pack import pack
+
+    exp, talk, plain = interleaved_experiment(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lm")
+    vocab = MergedVocabulary.of(tokenizer, 500)
+    assert vocab.bos_id == vocab.eos_id == tokenizer.eos_token_id  # Qwen2.5-like: no BOS, its EOS opens too
+    out = pack(exp)  # a few groups: runs in the driver, no Ray
+    index = json.loads((out.path / "index.json").read_text())
+    assert index["vocabulary"] == {"kind": "merged", "size": len(tokenizer) + 503, "pad_id": len(tokenizer) + 502,
+                                   "bos_id": vocab.bos_id, "eos_id": vocab.eos_id, "text_size": len(tokenizer),
+                                   "n_units": 500, "text_marker": vocab.text_marker,
+                                   "speech_marker": vocab.speech_marker, "dtype": "uint16"}
+    windows = {split: PackedWindows(out.path, split) for split in ("train", "val")}
+    sequences = [d for w in windows.values() for d in documents(w, vocab.bos_id, vocab.eos_id)]
+
+    expected_plain = Counter(tuple([vocab.bos_id, *(np.asarray(u) + len(tokenizer)).tolist(), vocab.eos_id])
+                             for u in plain)
+    assert Counter(q for q in sequences if vocab.text_marker not in q and vocab.speech_marker not in q) == expected_plain
+    by_name = {row["aligned_text"][0][0].strip().split("w")[0]: row for row in talk}  # "u<i>"
+    seen, reached = Counter(), 0
+    assert len(sequences) == len(talk) + len(plain)
+    for sequence in (q for q in sequences if vocab.text_marker in q or vocab.speech_marker in q):
+        pieces = split_pieces(sequence, vocab)
+        assert all(a[0] != b[0] for a, b in zip(pieces, pieces[1:], strict=False))  # markers only at switches
+        texts = [tokenizer.decode(ids).split() for kind, ids in pieces if kind == "text"]
+        if texts:
+            row = by_name[texts[0][0].split("w")[0]]
+        else:  # one span over every word (a short utterance and a long Poisson draw): found by its units
+            row = next(r for r in talk if [t - vocab.unit_offset for t in pieces[0][1]] == units_inside(r, 0, -1))
+        seen[row["file_name"]] += 1
+        words = [w.strip() for w, _, _ in row["aligned_text"]]
+        # walk the words: a text piece is the next words verbatim, a speech piece the words up to the next text
+        at, spoken = 0, 0
+        for k, (kind, ids) in enumerate(pieces):
+            if kind == "text":
+                text = tokenizer.decode(ids)
+                got = text.split()
+                assert "  " not in text and (text.startswith(" ") == (k > 0))  # running text: one space between words
+                assert got == words[at : at + len(got)], (got, words[at : at + len(got)])
+                at += len(got)
+                continue
+            following = next((tokenizer.decode(i).split() for m, i in pieces[k + 1 :] if m == "text"), None)
+            stop = words.index(following[0], at) if following else len(words)
+            assert stop > at
+            assert [t - vocab.unit_offset for t in ids] == units_inside(row, at, stop - 1)
+            spoken += stop - at
+            at = stop
+        assert at == len(words)
+        reached += spoken >= np.ceil(0.3 * len(words))
+    assert set(seen) == {row["file_name"] for row in talk} and set(seen.values()) == {1}  # each once, train or val
+    assert reached >= 0.9 * len(talk)
+    counts = json.loads(out.manifest_path.read_text())["counts"]
+    assert 0.2 < counts["train_unit_token_share"] < 0.9 and counts["train_text_token_share"] > 0.05
+    assert counts["train_marker_token_share"] > 0
+
+
+def test_interleaving_is_seeded_by_the_utterance_and_spiritlm_alternates(tmp_path):
+    """The same settings give the same spans on a rerun in a fresh workdir (seeded per utterance); the spiritlm
+    method gives other spans; an unreadable tokenizer names the setting to fix."""
+    from slam_ray.config import with_values
+    from slam_ray.errors import SlamError
+    from slam_ray.stages.pack import pack
+
+    exp, _, _ = interleaved_experiment(tmp_path)
+    first = PackedWindows(pack(exp).path, "train")[:]
+    again = PackedWindows(pack(with_values(exp, {"workdir": str(tmp_path / "again")}, "test")).path, "train")[:]
+    np.testing.assert_array_equal(first, again)
+    spiritlm = PackedWindows(pack(with_values(exp, {"pack.interleave.method": "spiritlm"}, "test")).path, "train")[:]
+    assert spiritlm.shape != first.shape or not np.array_equal(spiritlm, first)
+    with pytest.raises(SlamError, match="pack.interleave.tokenizer"):
+        pack(with_values(exp, {"pack.interleave.tokenizer": str(tmp_path / "nowhere")}, "test"))
+
+
+def test_a_merged_vocabulary_beyond_uint16_is_written_and_read_as_uint32(tmp_path):
+    from slam_ray.lm.vocabulary import MergedVocabulary
+
+    vocab = MergedVocabulary(text_size=151_665, n_units=500, bos_id=151_643, eos_id=151_643)  # Qwen2.5's sizes
+    assert vocab.size == 152_168 and vocab.dtype == np.uint32
+    tokens = np.array([vocab.bos_id, vocab.speech_marker, 151_665 + 499, 17, vocab.eos_id] * 5)
+    rows = {split: [write_shard(tmp_path, split, 0, tokens, np.arange(0, 25, 5), 8, vocab.pad_id, vocab.dtype)]
+            for split in ("train", "val")}
+    write_index(tmp_path, 8, rows, vocabulary={"kind": "merged", "pad_id": vocab.pad_id, "dtype": "uint32"})
+    windows = PackedWindows(tmp_path, "train")
+    assert windows[:].dtype == np.uint32 and windows[:].reshape(-1)[:25].tolist() == tokens.tolist()
+    assert windows[3].tolist()[1:] == [vocab.pad_id] * 7  # the last window's padding is the merged <pad>
+    assert windows.positions(np.array([3]))[0].tolist() == [0, 0, 1, 2, 3, 4, 5, 6]  # padding: its own document
+

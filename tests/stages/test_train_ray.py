@@ -210,3 +210,39 @@ def utterance_pack_output(exp, n_utterances: int = 300) -> None:
         rows[split] = [write_shard(out.path, split, 0, tokens, starts, exp.pack.context_len)]
     write_index(out.path, exp.pack.context_len, rows)
     out.write_manifest({"status": "complete", "stage": "pack", "key": out.key})
+
+
+def test_training_on_an_interleaved_pack_starts_from_every_text_row_and_masks_the_merged_pad(tmp_path, ray_local):
+    """pack.interleave through Ray Train: the model is the TWIST base grown to the merged vocabulary (its step-0
+    checkpoint holds every text row of the base), and the validation loss the worker reports is the reloaded
+    checkpoint's with the merged `<pad>` masked — not with slam_ray's speech-only pad id 0, which is a text token
+    here (the tokenizer's `<|endoftext|>`, its EOS)."""
+    import torch
+    from helpers import interleaved_experiment
+    from transformers import AutoModelForCausalLM
+
+    from slam_ray.stages.pack import pack
+    from slam_ray.stages.train import window_inputs
+
+    exp, _, _ = interleaved_experiment(tmp_path, train={"max_steps": 10, "log_every": 5, "val_reports": 0,
+                                                        "document_mask": True})
+    pack(exp)
+    out = train(exp)
+    manifest = json.loads(out.manifest_path.read_text())
+    assert manifest["counts"]["steps"] == 10
+    index = json.loads((stage_dir(exp, "pack").path / "index.json").read_text())["vocabulary"]
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").get_input_embeddings().weight
+    listing = json.loads((out.path / "checkpoints.json").read_text())
+    init = AutoModelForCausalLM.from_pretrained(next(c["path"] for c in listing if c["step"] == 0))
+    assert init.config.vocab_size == index["size"] and init.config.pad_token_id == index["pad_id"]
+    torch.testing.assert_close(init.get_input_embeddings().weight[: base.shape[0]], base, rtol=0, atol=0)
+
+    model = AutoModelForCausalLM.from_pretrained(out.path / "checkpoint").eval()
+    val = PackedWindows(stage_dir(exp, "pack").path, "val")
+    assert val.pad_id == index["pad_id"] and (val[:] == val.pad_id).any()  # the split ends in padding
+    inputs = window_inputs(val, np.arange(len(val)), document_mask=True)
+    with torch.no_grad():
+        masked = model(**inputs).loss.item()
+        wrong = model(**{**inputs, "labels": inputs["labels"].masked_fill(inputs["input_ids"] == 0, -100)}).loss.item()
+    assert masked == pytest.approx(manifest["metrics"]["val/loss_final"], rel=1e-5)
+    assert abs(wrong - masked) > 1e-4
