@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from slam_ray.config import STAGES, TRAINER_FIELDS, Experiment, models_in
+from slam_ray.config.tasks import load_task
 from slam_ray.core.fingerprint import fingerprint, fingerprints
 from slam_ray.core.storage import is_remote, join, local_path, localize, publish, read_text, workdir_location
 from slam_ray.errors import SlamError
@@ -39,6 +40,7 @@ STAGE_FORMAT: dict[str, int] = {"synth": 1, "extract": 2, "pack": 2, "train": 1,
 SENTENCES_VERSION = 2  # evals/grammar.py: the built-in corpus sentences (synth with corpus.source grammar)
 PAIRS_VERSION = 3  # evals/grammar.py: the held-out minimal pairs (eval)
 PREFERENCES_VERSION = 1  # lm/preferences.py: the grammar preference triples (dpo with @grammar inputs)
+CROSS_MODAL_VERSION = 1  # evals/cross_modal.py + lm/preferences.py held-out triples as cross-modal items (eval)
 READERS_VERSION = 2  # evals/readers.py: a reader's output, or the eval unit cache's format (eval; eval_units)
 
 
@@ -223,6 +225,8 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
     if stage == "eval":
         payload = {"eval": section("eval"), **_spoken_grammar(exp), "pairs_version": PAIRS_VERSION,
                    "readers_version": READERS_VERSION}
+        if any(load_task(e.task).reader == "cross_modal" for e in exp.eval.task_entries()):  # else absent: keys stay
+            payload["cross_modal_version"] = CROSS_MODAL_VERSION
         if evaluates_trained_stage(exp):  # not when every checkpoint is a folder given by path
             trained_by = trained_stage(exp)
             payload[trained_by] = stage_key(exp, trained_by)

@@ -10,7 +10,6 @@ from slam_ray.core.storage import model_source
 from slam_ray.errors import SlamError
 from slam_ray.lm.vocabulary import MergedVocabulary, SpeechVocabulary, Vocabulary
 
-
 SPEECH_IDS = SpeechVocabulary(0)  # its pad/BOS/EOS ids (the same for any number of units)
 
 

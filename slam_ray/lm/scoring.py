@@ -1,7 +1,9 @@
 """Likelihood scoring shared by every evaluation task.
 
 A sequence is `<s> u+2 ... <s>`; its score is the NLL of every token after BOS (EOS included), averaged per
-token (`mean`, slamkit's convention) or summed (`sum`, older papers). Lower NLL = the model prefers it.
+token (`mean`, slamkit's convention) or summed (`sum`, older papers). Lower NLL = the model prefers it. In a
+merged vocabulary (interleaving) a sequence is any token ids with the index of its first scored token: a
+cross-modal comparison scores the continuation only, given its context (`token_nll`).
 A comparison (a pair, or a group of one positive and several negatives) scores 1 when the positive is strictly
 the most likely, 0 when a negative is more likely, and 1/k when it ties k-1 negatives (0.5 for a pair).
 `slam_ray.parallel.nll.score_sequences` spreads the NLLs over a pool of Ray Data actors (no Ray here).
@@ -21,26 +23,38 @@ from slam_ray.speech.units import PAD_ID, units_to_tokens
 
 def sequence_nll(model, unit_seqs: Sequence[Sequence[int]], convention: str = "mean", batch_size: int = 32,
                  device: str = "cpu") -> np.ndarray:
-    """NLL per sequence under a causal LM; batches sorted by length, right-padded with an attention mask."""
+    """NLL per unit sequence (as `<s> u+2 ... <s>`, every token after BOS scored) under a causal LM."""
+    return token_nll(model, [(units_to_tokens(u), 1) for u in unit_seqs], convention, batch_size, device)
+
+
+def token_nll(model, sequences: Sequence[tuple[Sequence[int], int]], convention: str = "mean", batch_size: int = 32,
+              device: str = "cpu", pad_id: int = PAD_ID) -> np.ndarray:
+    """NLL per `(token ids, first scored index >= 1)` under a causal LM: the tokens from that index on are the
+    targets; batches sorted by length, right-padded with an attention mask."""
     import torch
 
-    token_seqs = [units_to_tokens(u) for u in unit_seqs]
+    token_seqs = [np.asarray(t, dtype=np.int64) for t, _ in sequences]
+    firsts = [int(first) for _, first in sequences]
+    if any(not 1 <= f < len(t) for f, t in zip(firsts, token_seqs, strict=True)):
+        raise ValueError("each sequence needs a first scored index in [1, its length)")
     order = np.argsort([len(t) for t in token_seqs])
     scores = np.zeros(len(token_seqs), dtype=np.float64)
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         longest = max(len(token_seqs[i]) for i in idx)
-        ids = torch.full((len(idx), longest), PAD_ID, dtype=torch.long)
+        ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        scored = torch.zeros((len(idx), longest), dtype=torch.float32)
         for row, i in enumerate(idx):
             ids[row, : len(token_seqs[i])] = torch.from_numpy(token_seqs[i])
             mask[row, : len(token_seqs[i])] = 1
+            scored[row, firsts[i] : len(token_seqs[i])] = 1
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-        target_mask = mask[:, 1:].float()
+        target_mask = scored[:, 1:].to(logp.device)
         nll = -(logp * target_mask).sum(1)
         if convention == "mean":
             nll = nll / target_mask.sum(1)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from slam_ray.errors import SlamError
-from slam_ray.speech.units import BOS_ID, EOS_ID, PAD_ID, UNIT_OFFSET
+from slam_ray.speech.units import BOS_ID, EOS_ID, PAD_ID, UNIT_OFFSET, units_to_tokens
 
 
 @dataclass(frozen=True)
@@ -130,3 +130,12 @@ def vocabulary_of_pack(index_vocabulary: dict[str, Any], n_units: int) -> Vocabu
         raise SlamError(f"unknown vocabulary kind {index_vocabulary.get('kind')!r} in a pack index")
     return MergedVocabulary(text_size=int(index_vocabulary["text_size"]), n_units=int(index_vocabulary["n_units"]),
                             bos_id=int(index_vocabulary["bos_id"]), eos_id=int(index_vocabulary["eos_id"]))
+
+
+def speech_sequence(vocab: Vocabulary, units: Sequence[int]) -> tuple[list[int], int]:
+    """A spoken utterance as the model reads it, with the index of its first scored token: speech-only
+    `<s> u+2 ... <s>` scored after BOS; merged `BOS <speech> units EOS` scored after the marker (the marker
+    every speech span opens with in interleaved training; it is the same for every utterance, so not scored)."""
+    if isinstance(vocab, SpeechVocabulary):
+        return units_to_tokens(units).tolist(), 1
+    return [vocab.bos_id, vocab.speech_marker, *vocab.unit_ids(units).tolist(), vocab.eos_id], 2

@@ -30,6 +30,7 @@ from slam_ray.config import EvalTask, Experiment, with_values
 from slam_ray.config.tasks import TaskSpec, load_task
 from slam_ray.core.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.core.stage_io import (
+    CROSS_MODAL_VERSION,
     StageDir,
     Timer,
     evaluates_trained_stage,
@@ -53,6 +54,14 @@ from slam_ray.errors import SlamError
 from slam_ray.evals import grammar
 from slam_ray.evals.readers import read_comparisons
 from slam_ray.lm.scoring import aggregate, group_outcome
+from slam_ray.lm.vocabulary import (
+    MergedVocabulary,
+    Vocabulary,
+    load_text_tokenizer,
+    speech_sequence,
+    tokenizer_source,
+    vocabulary_of,
+)
 from slam_ray.parallel.audio_units import audio_units, tokenizer_dir
 from slam_ray.parallel.encode import encode_spoken
 from slam_ray.parallel.nll import score_sequences
@@ -111,13 +120,15 @@ def resolve_checkpoints(exp: Experiment) -> list[tuple[str, str, int | None]]:
     return out
 
 
-def _check_vocabulary(exp: Experiment, folder: str) -> None:
+def _check_vocabulary(exp: Experiment, folder: str, vocab: Vocabulary) -> None:
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(model_source(folder)).vocab_size
-    if vocab < exp.vocab_size:
-        raise SlamError(f"checkpoint {folder} has a vocabulary of {vocab} ids but this experiment's tokenizer needs "
-                        f"{exp.vocab_size} ({exp.extract.tokenizer.n_units} units + 2): was it trained on other units?")
+    size = AutoConfig.from_pretrained(model_source(folder)).vocab_size
+    if size < vocab.size:
+        what = ("the merged vocabulary (pack.interleave)" if isinstance(vocab, MergedVocabulary)
+                else f"this experiment's tokenizer ({exp.extract.tokenizer.n_units} units + 2)")
+        raise SlamError(f"checkpoint {folder} has a vocabulary of {size} ids but {what} needs {vocab.size}: "
+                        "was it trained on other units?")
 
 
 # --- comparisons and their units ---------------------------------------------------------------------------------
@@ -167,9 +178,52 @@ def _grammar_comparisons(exp: Experiment, kind: str, pairs: list[grammar.Minimal
     return pd.DataFrame(rows)
 
 
-def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec,
-                     grammar_pairs: list[grammar.MinimalPair]) -> tuple[pd.DataFrame, dict[str, list[int]], list[dict]]:
-    """(comparisons whose audio all has units, units by audio key, errors)."""
+def _cross_modal_units(exp: Experiment) -> tuple[list, dict[str, list[int]], list[dict]]:
+    """The held-out grammar preference triples of the cross-modal tasks, each part (prompt, chosen, rejected)
+    spoken by one voice per triple and tokenised, once for all four directions and every checkpoint:
+    (triples, units by `<triple id>-<part>`, errors), cached under WORKDIR/eval_pairs/<key>/."""
+    from slam_ray.lm.preferences import grammar_preference_triples
+
+    triples = grammar_preference_triples(exp.eval.n_pairs, exp.eval.seed, exp.synth.corpus.held_out_percent, "held_out")
+    payload = stage_payload(exp, "eval")
+    payload.pop(trained_stage(exp), None)
+    payload.pop("readers_version")
+    payload["eval"] = {"cross_modal": CROSS_MODAL_VERSION, "n_pairs": exp.eval.n_pairs, "seed": exp.eval.seed}
+
+    def speak_and_tokenise(cache: StageDir) -> dict:
+        rng = random.Random(exp.eval.seed)
+        low, high = exp.synth.speed
+        items = []
+        for t in triples:  # one voice and speed per triple: the two continuations differ in their words only
+            voice, speed = rng.choice(exp.synth.voices), round(rng.uniform(low, high), 2)
+            items += [{"id": f"{t.id}-{part}", "text": getattr(t, part), "voice": voice, "speed": speed,
+                       "speaker": voice, "path": cache.location("audio", f"{t.id}-{part}.flac")}
+                      for part in ("prompt", "chosen", "rejected")]
+        init_ray(exp)
+        encoded, bad = encode_spoken(exp, items, tokenizer_dir(exp))
+        return {"units": {r["id"]: [int(u) for u in r["units"]] for r in encoded},
+                "errors": [{k: e.get(k) for k in ("id", "path", "error")} for e in bad]}
+
+    _, cached = cached_json(exp, "eval_pairs", payload, "units.json", speak_and_tokenise)
+    return triples, cached["units"], cached["errors"]
+
+
+def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, grammar_pairs: list[grammar.MinimalPair],
+                     vocab: Vocabulary) -> tuple[pd.DataFrame, dict[str, tuple[list[int], int]], list[dict]]:
+    """(comparisons whose audio all has units, scored sequences by key, errors)."""
+    if spec.reader == "cross_modal":
+        if not isinstance(vocab, MergedVocabulary):
+            raise SlamError(f"{entry.key} compares text and speech: it needs an interleaved model (pack.interleave)")
+        from slam_ray.evals.cross_modal import cross_modal_comparisons
+
+        triples, units, errors = _cross_modal_units(exp)
+        comparisons, sequences = cross_modal_comparisons(
+            triples, units, spec.reader_args["context"], spec.reader_args["continuation"],
+            load_text_tokenizer(tokenizer_source(exp)), vocab)
+        if len(comparisons) < len(triples):
+            errors.append({"error": f"{len(triples) - len(comparisons)} comparisons dropped: a part of theirs could "
+                                    "not be spoken and tokenised (see the file errors)"})
+        return comparisons, sequences, [{**e, "task": entry.key} for e in errors]
     if spec.reader == "grammar":
         comparisons = _grammar_comparisons(exp, spec.reader_args["kind"], grammar_pairs)
         units, errors = _grammar_units(exp)
@@ -183,7 +237,7 @@ def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec,
     if not all(complete):
         errors.append({"task": entry.key, "error": f"{len(complete) - sum(complete)} comparisons dropped: an audio "
                        "file of theirs could not be tokenised (see the file errors)"})
-    return comparisons[complete].reset_index(drop=True), units, errors
+    return comparisons[complete].reset_index(drop=True), {k: speech_sequence(vocab, u) for k, u in units.items()}, errors
 
 
 # --- the stage ---------------------------------------------------------------------------------------------------
@@ -266,8 +320,9 @@ def _finished_task(store: StageDir) -> dict[str, Any] | None:
 
 def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     checkpoints = resolve_checkpoints(exp)
+    vocab = vocabulary_of(exp)
     for _, folder, _ in checkpoints:
-        _check_vocabulary(exp, folder)
+        _check_vocabulary(exp, folder, vocab)
     entries = exp.eval.task_entries()
     stores = {entry.key: task_store(exp, out, i) for i, entry in enumerate(entries)}
     done: dict[str, dict[str, Any]] = {}  # task -> what _save_task kept
@@ -278,7 +333,7 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
     pending = [entry for entry in entries if entry.key not in done]
     failed: dict[str, str] = {}
     tasks: dict[str, tuple[TaskSpec, pd.DataFrame, list[dict]]] = {}
-    units: dict[str, list[int]] = {}
+    sequences: dict[str, tuple[list[int], int]] = {}
     generate: list[EvalTask] = []
 
     with timer.phase("load"):
@@ -289,21 +344,22 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
                 generate.append(entry)
                 continue
             try:
-                comparisons, task_units, task_errors = load_comparisons(exp, entry, spec, grammar_pairs)
+                comparisons, task_sequences, task_errors = load_comparisons(exp, entry, spec, grammar_pairs, vocab)
             except Exception as e:  # this task cannot run (dataset missing, say); the others still do
                 failed[entry.key] = _failure(entry.key, e)
                 continue
             tasks[entry.key] = (spec, comparisons, task_errors)
-            units.update(task_units)
+            sequences.update(task_sequences)
     if not tasks and not generate and not done:
         raise SlamError("no eval task could be loaded:\n" + "\n".join(f"  {k}: {e}" for k, e in failed.items()))
 
     scored: dict[str, list[pd.DataFrame]] = {key: [] for key in tasks}
     task_results: dict[str, dict[str, Any]] = {key: {} for key in tasks}
-    needed = {k: units[k] for _, c, _ in tasks.values() for k in [*c["positive"], *(n for ns in c["negatives"] for n in ns)]}
+    needed = {k: sequences[k] for _, c, _ in tasks.values()
+              for k in [*c["positive"], *(n for ns in c["negatives"] for n in ns)]}
     with timer.phase("score"):
         init_ray(exp)
-        nlls = score_sequences(exp, [folder for _, folder, _ in checkpoints], needed) if tasks else {}
+        nlls = score_sequences(exp, [folder for _, folder, _ in checkpoints], needed, vocab.pad_id) if tasks else {}
         for suffix, folder, step in checkpoints if tasks else []:
             nll = nlls[str(folder)]
             for key, (spec, comparisons, _) in tasks.items():
@@ -328,6 +384,9 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
             final = next((folder for suffix, folder, _ in checkpoints if suffix == ""), checkpoints[0][1])
             for entry in generate:
                 try:
+                    if isinstance(vocab, MergedVocabulary):
+                        raise SlamError("generate continues speech in the speech-only vocabulary; generation from "
+                                        "an interleaved model is not built yet (docs/interleaving.md)")
                     result = run_generation(exp, entry, final, out, entry.key)
                 except Exception as e:
                     failed[entry.key] = _failure(entry.key, e)
@@ -381,7 +440,4 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
 
 
 def evaluate(exp: Experiment) -> StageDir:
-    if exp.pack.interleave is not None:
-        raise SlamError("eval cannot take an interleaved model yet (cross-modal tasks and speech-only tasks in the merged vocabulary are the next step; docs/interleaving.md): "
-                        "drop 'eval' from `stages`, or pack.interleave")
     return run_stage(exp, "eval", _evaluate)

@@ -234,3 +234,71 @@ def test_no_checkpoint_to_score_is_a_config_error(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "eval.checkpoints: none of ['before_dpo'] exists" in err and "add `final`" in err
     assert _manifest(exp)["status"] == "failed" and not stage_dir(exp, "eval").is_complete()
+
+
+def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_rescoring_by_hand(tmp_path,
+                                                                                            reduced_pipeline):
+    """The reduced pipeline's espeak speech with its words, packed interleaved, trained from a tiny Qwen2.5-shaped
+    TWIST base, evaluated on a speech-only task (in the merged vocabulary) and the cross-modal grammar task in all
+    four directions: each result has its n and 95% interval and equals a rescoring here with plain transformers —
+    the sequences built by hand from the tokenizer and the cached units, the continuation's mean NLL compared."""
+    from helpers import save_tiny_qwen25
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slam_ray.evals import grammar
+    from slam_ray.lm.preferences import grammar_preference_triples
+    from slam_ray.lm.vocabulary import MergedVocabulary
+
+    lm = save_tiny_qwen25(tmp_path / "lm", grammar.generate_sentences(300, 0, 10))  # a tokenizer of the grammar's words
+    directions = ["cm_grammar_t2t", "cm_grammar_t2s", "cm_grammar_s2t", "cm_grammar_s2s"]
+    exp = small_experiment(tmp_path / "work", stages=["synth", "extract", "pack", "train", "eval"], pack={"context_len": 128, "val_fraction": 0.05, "interleave": {}},
+                           train={"max_steps": 20, "model": {"init": "twist", "base": str(lm)}},
+                           eval={"tasks": ["word_order", *directions], "n_pairs": 12, "batch_size": 16})
+    link_upstream(exp, reduced_pipeline, ("synth", "extract"))
+    for stage in ("pack", "train", "eval"):
+        stage_function(stage)(exp)
+    results = json.loads((stage_dir(exp, "eval").path / "results.json").read_text())
+    for task in ["word_order", *directions]:
+        assert results[task]["n"] > 0 and results[task]["ci95_low"] <= results[task]["accuracy"] <= results[task]["ci95_high"]
+    assert set(results["cm_grammar_t2s"]["by_kind"]) == {"lexical", "word_order", "agreement"}
+
+    tokenizer = AutoTokenizer.from_pretrained(lm)
+    vocab = MergedVocabulary.of(tokenizer, exp.extract.tokenizer.n_units)
+    model = AutoModelForCausalLM.from_pretrained(stage_dir(exp, "train").path / "checkpoint").eval()
+    assert model.config.vocab_size == vocab.size
+
+    def mean_nll(tokens: list[int], first: int) -> float:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([tokens])).logits[0, :-1].float(), -1)
+        picked = logp[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+        return float(-picked[first - 1 :].mean())
+
+    caches = {p.parent.name: json.loads(p.read_text())["units"] for p in (workdir_path(exp) / "eval_pairs").glob("*/units.json")}
+    spoken = next(u for u in caches.values() if any(k.startswith("pref-") for k in u))
+    pairs = next(u for u in caches.values() if not any(k.startswith("pref-") for k in u))
+    triples = grammar_preference_triples(exp.eval.n_pairs, exp.eval.seed, exp.synth.corpus.held_out_percent, "held_out")
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    unit_ids = lambda u: [vocab.unit_offset + x for x in u]  # noqa: E731
+    marker = {"t": vocab.text_marker, "s": vocab.speech_marker}
+    for task in directions:
+        c, k = task[-3], task[-1]
+        outcomes = []
+        for t in triples:
+            prompt = enc(t.prompt) if c == "t" else unit_ids(spoken[f"{t.id}-prompt"])
+            head = [vocab.bos_id, marker[c], *prompt] + ([marker[k]] if k != c else [])
+            nll = {}
+            for side in ("chosen", "rejected"):
+                body = enc(" " + getattr(t, side)) if k == "t" else unit_ids(spoken[f"{t.id}-{side}"])
+                nll[side] = mean_nll(head + body + [vocab.eos_id], len(head))
+            outcomes.append(1.0 if nll["chosen"] < nll["rejected"] else 0.0 if nll["chosen"] > nll["rejected"] else 0.5)
+        assert results[task]["n"] == len(triples)
+        assert results[task]["accuracy"] == pytest.approx(np.mean(outcomes), abs=1e-9), task
+    # the speech-only task reads speech as interleaved training does: <speech>, then the units (scored after it)
+    word_order = [p for p in grammar.make_minimal_pairs("word_order", exp.eval.n_pairs, exp.eval.seed,
+                                                        exp.synth.corpus.held_out_percent)]
+    outcomes = []
+    for p in word_order:
+        nll = [mean_nll([vocab.bos_id, vocab.speech_marker, *unit_ids(pairs[f"{p.id}-{side}"]), vocab.eos_id], 2)
+               for side in ("pos", "neg")]
+        outcomes.append(1.0 if nll[0] < nll[1] else 0.0 if nll[0] > nll[1] else 0.5)
+    assert results["word_order"]["accuracy"] == pytest.approx(np.mean(outcomes), abs=1e-9)
