@@ -141,7 +141,11 @@ def input_fingerprints(exp: Experiment, stage: str) -> dict[str, Any]:
         if inputs := _paths(exp.pack.inputs, ("@extract",)):
             found["inputs"] = fingerprints(inputs)
         if exp.pack.interleave is not None:  # the text tokenizer (its own, or the TWIST base's) makes the text ids
-            model("interleave.tokenizer", exp.pack.interleave.tokenizer or exp.train.model.base)
+            source = exp.pack.interleave.tokenizer or exp.train.model.base
+            if source == "@grammar":  # built from the grammar's sentences: their generator's version keys it
+                found["interleave.tokenizer"] = f"@grammar/sentences_v{SENTENCES_VERSION}"
+            else:
+                model("interleave.tokenizer", source)
     elif stage == "train":
         model("model.base", exp.train.model.base)
     elif stage == "dpo":

@@ -91,10 +91,37 @@ class MergedVocabulary:
 Vocabulary = SpeechVocabulary | MergedVocabulary
 
 
+GRAMMAR_TOKENIZER = "@grammar"
+GRAMMAR_TOKENIZER_SIZE = 512
+
+
+def grammar_tokenizer() -> Any:
+    """A byte-level BPE tokenizer of GRAMMAR_TOKENIZER_SIZE tokens trained here on the built-in grammar's training
+    sentences (offline, under a second, the same every time): what `pack.interleave.tokenizer: "@grammar"` uses
+    where no text LM is at hand (the quickstart). `<|endoftext|>` is its EOS and opens an utterance too."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slam_ray.evals import grammar
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # the corpus as running text: words after the first carry their leading space, as they do in an utterance
+    tokenizer.train_from_iterator(grammar.generate_sentences(5000, 0, 10), trainers.BpeTrainer(
+        vocab_size=GRAMMAR_TOKENIZER_SIZE, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
 @functools.lru_cache(maxsize=4)
 def load_text_tokenizer(source: str) -> Any:
-    """The text LM's tokenizer (HF id in the local cache, or a folder; a bucket folder is fetched)."""
+    """The text LM's tokenizer (HF id in the local cache, or a folder; a bucket folder is fetched), or the
+    grammar's own (`@grammar`)."""
     from transformers import AutoTokenizer
+
+    if source == GRAMMAR_TOKENIZER:
+        return grammar_tokenizer()
 
     from slam_ray.core.storage import model_source
 
@@ -108,8 +135,9 @@ def load_text_tokenizer(source: str) -> Any:
 def tokenizer_source(exp: Any) -> str:
     source = exp.pack.interleave.tokenizer or exp.train.model.base
     if not source:
-        raise SlamError("pack.interleave needs a text tokenizer: set pack.interleave.tokenizer, or train.model.base "
-                        "(the TWIST text LM, whose tokenizer it then uses)")
+        raise SlamError("pack.interleave needs a text tokenizer: set pack.interleave.tokenizer (a folder, an HF id, "
+                        "or '@grammar' for one trained on the built-in grammar), or train.model.base (the TWIST "
+                        "text LM, whose tokenizer it then uses)")
     return source
 
 

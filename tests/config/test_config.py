@@ -24,6 +24,22 @@ def test_shipped_recipes_validate():
         assert exp.name == name
 
 
+def test_quickstart_interleaved_differs_from_the_quickstart_in_its_data_only_and_has_its_vocabulary():
+    """The interleaving ablation at equal tokens: the same speech, tokenizer, model and step budget as the quickstart
+    (so the same tokens per step and in all), only the pack (interleaved, the grammar's BPE) and the eval tasks
+    (cross-modal ones added; no DPO) differ; its merged vocabulary is the grammar BPE's 512 + 200 units + 3."""
+    from slam_ray.core.tracking import flatten
+    from slam_ray.lm.vocabulary import GRAMMAR_TOKENIZER_SIZE, grammar_tokenizer, vocabulary_of
+
+    speech, mixed = load_experiment("quickstart"), load_experiment("quickstart_interleaved")
+    a, b = flatten(speech.model_dump(mode="json")), flatten(mixed.model_dump(mode="json"))
+    differ = {k.split(".")[0] + "." + k.split(".")[1] if "." in k else k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert {k for k in differ if not k.startswith(("dpo.", "name"))} == {"stages", "pack.interleave", "eval.tasks"}
+    vocab = vocabulary_of(mixed)
+    assert vocab.size == GRAMMAR_TOKENIZER_SIZE + 200 + 3 and vocab.text_size == len(grammar_tokenizer())
+    assert grammar_tokenizer().get_vocab() == grammar_tokenizer().get_vocab()  # trained the same every time
+
+
 def test_defaults_and_derived_locations(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exp = Experiment(name="demo")

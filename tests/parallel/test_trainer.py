@@ -33,7 +33,7 @@ def test_dpo_takes_trains_settings_unless_set_and_only_a_changed_dpo_changes_key
     from slam_ray.core import stage_io
     from slam_ray.parallel.trainer import TrainerSettings
 
-    assert set(recipe_names()) == set(KEYS_BEFORE)
+    assert set(KEYS_BEFORE) <= set(recipe_names())  # the recipes of then (quickstart_interleaved came after)
     # KEYS_BEFORE predate the sharded pack (format 2) and the unit shards with words (extract format 2), which
     # changed their stage's key and everything after it on purpose; at format 1 what is left is this change alone
     monkeypatch.setitem(stage_io.STAGE_FORMAT, "pack", 1)

@@ -238,21 +238,22 @@ def test_no_checkpoint_to_score_is_a_config_error(trained, tmp_path, capsys):
 
 def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_rescoring_by_hand(tmp_path,
                                                                                             reduced_pipeline):
-    """The reduced pipeline's espeak speech with its words, packed interleaved, trained from a tiny Qwen2.5-shaped
-    TWIST base, evaluated on a speech-only task (in the merged vocabulary) and the cross-modal grammar task in all
-    four directions: each result has its n and 95% interval and equals a rescoring here with plain transformers —
-    the sequences built by hand from the tokenizer and the cached units, the continuation's mean NLL compared."""
-    from helpers import save_tiny_qwen25
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """quickstart_interleaved's path on the reduced pipeline: espeak speech with its words, packed interleaved in
+    the vocabulary of the grammar's own BPE (`@grammar`), a random model trained on it, evaluated on a speech-only
+    task (in the merged vocabulary) and the cross-modal grammar task in all four directions: each result has its n
+    and 95% interval and equals a rescoring here with plain transformers — the sequences built by hand from the
+    tokenizer and the cached units, the continuation's mean NLL compared. (TWIST on a merged vocabulary:
+    tests/stages/test_train_ray.py.)"""
+    from transformers import AutoModelForCausalLM
 
     from slam_ray.evals import grammar
     from slam_ray.lm.preferences import grammar_preference_triples
-    from slam_ray.lm.vocabulary import MergedVocabulary
+    from slam_ray.lm.vocabulary import MergedVocabulary, grammar_tokenizer
 
-    lm = save_tiny_qwen25(tmp_path / "lm", grammar.generate_sentences(300, 0, 10))  # a tokenizer of the grammar's words
     directions = ["cm_grammar_t2t", "cm_grammar_t2s", "cm_grammar_s2t", "cm_grammar_s2s"]
-    exp = small_experiment(tmp_path / "work", stages=["synth", "extract", "pack", "train", "eval"], pack={"context_len": 128, "val_fraction": 0.05, "interleave": {}},
-                           train={"max_steps": 20, "model": {"init": "twist", "base": str(lm)}},
+    exp = small_experiment(tmp_path / "work", stages=["synth", "extract", "pack", "train", "eval"],
+                           pack={"context_len": 128, "val_fraction": 0.05, "interleave": {"tokenizer": "@grammar"}},
+                           train={"max_steps": 20},
                            eval={"tasks": ["word_order", *directions], "n_pairs": 12, "batch_size": 16})
     link_upstream(exp, reduced_pipeline, ("synth", "extract"))
     for stage in ("pack", "train", "eval"):
@@ -262,7 +263,7 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
         assert results[task]["n"] > 0 and results[task]["ci95_low"] <= results[task]["accuracy"] <= results[task]["ci95_high"]
     assert set(results["cm_grammar_t2s"]["by_kind"]) == {"lexical", "word_order", "agreement"}
 
-    tokenizer = AutoTokenizer.from_pretrained(lm)
+    tokenizer = grammar_tokenizer()
     vocab = MergedVocabulary.of(tokenizer, exp.extract.tokenizer.n_units)
     model = AutoModelForCausalLM.from_pretrained(stage_dir(exp, "train").path / "checkpoint").eval()
     assert model.config.vocab_size == vocab.size
