@@ -40,6 +40,7 @@ STAGE_FORMAT: dict[str, int] = {"synth": 1, "extract": 2, "pack": 2, "train": 1,
 SENTENCES_VERSION = 2  # evals/grammar.py: the built-in corpus sentences (synth with corpus.source grammar)
 PAIRS_VERSION = 3  # evals/grammar.py: the held-out minimal pairs (eval)
 PREFERENCES_VERSION = 1  # lm/preferences.py: the grammar preference triples (dpo with @grammar inputs)
+INTERLEAVE_VERSION = 2  # lm/interleave.py + stages/pack.py: the spans and sequences of pack.interleave (pack)
 CROSS_MODAL_VERSION = 1  # evals/cross_modal.py + lm/preferences.py held-out triples as cross-modal items (eval)
 READERS_VERSION = 2  # evals/readers.py: a reader's output, or the eval unit cache's format (eval; eval_units)
 
@@ -206,6 +207,8 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
         return payload
     if stage == "pack":
         payload = {"pack": section("pack")}
+        if exp.pack.interleave is not None:  # absent otherwise: speech-only keys stay
+            payload["interleave_version"] = INTERLEAVE_VERSION
         if "@extract" in exp.pack.inputs:
             payload["extract"] = stage_key(exp, "extract")
         return payload

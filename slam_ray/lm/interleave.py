@@ -24,6 +24,7 @@ a unit straddling the span's end is dropped.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,26 +57,53 @@ def spans_of(is_speech: np.ndarray) -> list[Span]:
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _poisson_cdf(lam: float, upto: int) -> np.ndarray:
+    """P(X <= k) for k = 0..upto, X ~ Poisson(lam)."""
+    pmf = np.empty(upto + 1)
+    pmf[0] = math.exp(-lam)
+    for k in range(1, upto + 1):
+        pmf[k] = pmf[k - 1] * lam / k
+    return np.minimum(np.cumsum(pmf), 1.0)
+
+
 def slamkit_placements(n_words: int, rng: np.random.Generator, lam: float = 10.0, eta: float = 0.3
                        ) -> list[tuple[int, int]]:
     """The speech spans slamkit's sampler places, in placement order, as word ranges [start, stop) (module
-    docstring); adjacent ones read as one span."""
+    docstring); adjacent ones read as one span.
+
+    slamkit draws a start and a length and throws the pair away when the span would overlap one placed before,
+    until a pair fits; on a short utterance that can take thousands of draws (a Poisson(10) length rarely fits a
+    gap of 2 words). This draws the pair that would first fit directly, with the same distribution: a start s
+    with probability proportional to P(length <= gap(s)) (gap = words to the next span after s; unbounded when
+    none follows, the span is then cut at the end), then the length from the Poisson truncated to the gap."""
     if not 0 < eta <= 1:
         raise ValueError(f"eta (the least speech share of an utterance's words) must be in (0, 1], not {eta}")
     if lam <= 0:
         raise ValueError(f"lam (the mean speech span length in words) must be > 0, not {lam}")
     speech = np.zeros(n_words, dtype=bool)
     eligible = np.ones(n_words, dtype=bool)  # starts left: not in a span, not right after one, no 0 drawn there
+    cdf = _poisson_cdf(float(lam), n_words)
     placed: list[tuple[int, int]] = []
     target, selected = math.ceil(eta * n_words), 0
     while selected < target:
         starts = np.flatnonzero(eligible)
         if starts.size == 0:  # nowhere left to start a span: stop, below eta if need be (as slamkit does)
             break
-        start = int(rng.choice(starts))
-        stop = min(n_words, start + int(rng.poisson(lam)))
-        if speech[start:stop].any():  # would overlap a span placed before: draw again
-            continue
+        spoken = np.flatnonzero(speech)
+        gaps = np.full(len(starts), -1)  # words to the first span word after each start; -1: no span follows
+        if len(spoken):
+            following = np.searchsorted(spoken, starts)
+            gaps = np.where(following < len(spoken), spoken[np.minimum(following, len(spoken) - 1)] - starts, -1)
+        fits = np.where(gaps >= 0, cdf[np.maximum(gaps, 0)], 1.0)  # P(a length drawn at s fits)
+        cumulative = np.cumsum(fits)
+        pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+        start, gap = int(starts[pick]), int(gaps[pick])
+        if gap >= 0:  # the length given that it fits the gap: the Poisson's inverse CDF below the gap
+            length = int(np.searchsorted(cdf[: gap + 1], rng.random() * cdf[gap], side="right"))
+        else:
+            length = int(rng.poisson(lam))
+        stop = min(n_words, start + length)
         speech[start:stop] = True
         eligible[start : stop + 1] = False  # the span and the word right after it (a 0 draw: its start alone)
         if stop > start:
