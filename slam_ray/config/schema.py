@@ -209,6 +209,14 @@ class InterleaveConfig(Section):
                                                      "false: no marker (slamkit)")
 
 
+class TextDataset(Section):
+    """A text-only dataset packed beside the speech (interleaving's third kind of data): its texts, read and cut
+    as `synth.corpus` reads them, tokenised by the text LM's tokenizer."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="the dataset's name in pack.mix")
+    corpus: CorpusConfig
+
+
 class PackConfig(Section):
     inputs: list[str | NamedInput] = Field(
         default_factory=lambda: ["@extract"],
@@ -229,6 +237,9 @@ class PackConfig(Section):
     interleave: InterleaveConfig | None = Field(
         None, description="text–speech interleaving (the merged vocabulary); None = speech-only units",
         json_schema_extra={"since": "0.3"})
+    text: list[TextDataset] = Field(
+        default_factory=list, description="text-only datasets (needs pack.interleave: text ids are the text LM's)",
+        json_schema_extra={"since": "0.3"})
 
     @model_validator(mode="after")
     def _mix_weights(self) -> PackConfig:
@@ -236,6 +247,9 @@ class PackConfig(Section):
             raise ValueError("mix weights must be >= 0 with a positive sum, e.g. {librispeech: 0.3, stories: 0.7}")
         if any(e <= 0 for e in self.epochs.values()):
             raise ValueError("epochs must be > 0 per dataset")
+        if self.text and self.interleave is None:
+            raise ValueError("text: text-only datasets need pack.interleave (the merged vocabulary holds their ids); "
+                             "set pack.interleave: {} (with a tokenizer), or remove pack.text")
         return self
 
 

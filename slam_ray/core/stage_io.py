@@ -141,6 +141,9 @@ def input_fingerprints(exp: Experiment, stage: str) -> dict[str, Any]:
     elif stage == "pack":
         if inputs := _paths(exp.pack.inputs, ("@extract",)):
             found["inputs"] = fingerprints(inputs)
+        for dataset in exp.pack.text:  # a text-only dataset's corpus file or folder
+            if dataset.corpus.source != "grammar" and dataset.corpus.path:
+                found[f"text.{dataset.name}"] = fingerprint(dataset.corpus.path)
         if exp.pack.interleave is not None:  # the text tokenizer (its own, or the TWIST base's) makes the text ids
             source = exp.pack.interleave.tokenizer or exp.train.model.base
             if source == "@grammar":  # built from the grammar's sentences: their generator's version keys it

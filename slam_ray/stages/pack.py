@@ -131,7 +131,9 @@ def _read_jsonl(shard: dict[str, Any], words: bool = False) -> Utterances:
 
 def read_shard(shard: dict[str, Any], interleave: dict[str, Any] | None = None) -> Utterances:
     """An input shard's utterances: units, or with `interleave` (`interleave_settings`) whole sequences of the
-    merged vocabulary."""
+    merged vocabulary (a text shard's texts too)."""
+    if shard["kind"] == "text":
+        return text_sequences(shard, interleave)
     words = interleave is not None
     u = _read_parquet(shard, words) if shard["kind"] == "parquet" else _read_jsonl(shard, words)
     return u if interleave is None else merged_sequences(u, interleave, shard["location"])
@@ -186,6 +188,64 @@ def merged_sequences(u: Utterances, settings: dict[str, Any], location: str) -> 
     values = np.concatenate(sequences) if sequences else np.zeros(0, dtype=vocab.dtype)
     return Utterances(u.ids, list(u.datasets), values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                       complete=True)
+
+
+def write_text_shards(exp: Experiment, out: StageDir) -> list[dict[str, Any]]:
+    """Each `pack.text` dataset's texts (read and cut as `synth.corpus` reads them, at most its `n_sentences`) as
+    Parquet shards of about `pack.shard_tokens` characters under `text/<name>/` in the stage folder: input shards
+    like extract's, written once (a rerun after a kill reads them back)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from slam_ray.speech.text_sources import load_texts
+
+    shards = []
+    for dataset in exp.pack.text:
+        folder = out.path / "text" / dataset.name
+        done = folder / "shards.json"
+        if not done.is_file():
+            texts, _ = load_texts(dataset.corpus)
+            if not texts:
+                raise SlamError(f"pack.text {dataset.name!r}: its corpus gave no text ({dataset.corpus.path})")
+            folder.mkdir(parents=True, exist_ok=True)
+            names, start, size = [], 0, 0
+            for i, text in enumerate(texts):
+                size += len(text)
+                if size >= exp.pack.shard_tokens or i == len(texts) - 1:
+                    name = f"part-{len(names):05d}.parquet"
+                    ids = [f"{dataset.name}/{k:09d}" for k in range(start, i + 1)]
+                    pq.write_table(pa.table({"id": ids, "text": texts[start : i + 1]}), folder / name)
+                    names.append(name)
+                    start, size = i + 1, 0
+            tmp = folder / ".shards.json.tmp"
+            tmp.write_text(json.dumps(names))
+            tmp.replace(done)  # last: the dataset's shards are all there
+        for name in json.loads(done.read_text()):
+            out.publish("text", dataset.name, name)
+            shards.append({"kind": "text", "location": out.location("text", dataset.name, name),
+                           "dataset": dataset.name, "id": f"@text/{dataset.name}/{name}"})
+        out.publish("text", dataset.name, "shards.json")
+    return shards
+
+
+def text_sequences(shard: dict[str, Any], settings: dict[str, Any] | None) -> Utterances:
+    """A text shard's texts as `BOS [<text>] tokens EOS` in the merged vocabulary (the marker with
+    `unimodal_marker`, as a speech-only utterance's)."""
+    import pyarrow.parquet as pq
+
+    if settings is None:
+        raise SlamError("pack.text needs pack.interleave: text ids live in the merged vocabulary")
+    tokenizer = load_text_tokenizer(settings["tokenizer"])
+    vocab = MergedVocabulary.of(tokenizer, settings["n_units"])
+    table = pq.read_table(localize(shard["location"]))
+    texts = table.column("text").to_pylist()
+    lead = [vocab.text_marker] if settings["unimodal_marker"] else []
+    sequences = [np.asarray([vocab.bos_id, *lead, *ids, vocab.eos_id], dtype=vocab.dtype)
+                 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # one batched call
+    lengths = np.array([len(q) for q in sequences], dtype=np.int64)
+    values = np.concatenate(sequences) if sequences else np.zeros(0, dtype=vocab.dtype)
+    return Utterances(table.column("id").to_pylist(), [shard["dataset"]] * len(texts), values,
+                      np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), complete=True)
 
 
 def modality_counts(tokens: np.ndarray, settings: dict[str, Any] | None) -> dict[str, int]:
@@ -404,7 +464,7 @@ def _map(items: list[dict[str, Any]], fn: Any, exp: Experiment, flat: bool = Fal
 
 def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> StageResult:
     cfg = exp.pack
-    shards = input_shards(exp)
+    shards = input_shards(exp) + write_text_shards(exp, out)
     if not shards:
         raise SlamError("pack.inputs hold no unit shards to pack")
     interleave = interleave_settings(exp)

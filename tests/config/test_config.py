@@ -40,6 +40,25 @@ def test_quickstart_interleaved_differs_from_the_quickstart_in_its_data_only_and
     assert grammar_tokenizer().get_vocab() == grammar_tokenizer().get_vocab()  # trained the same every time
 
 
+def test_slam_interleaved_is_slam_with_interleaved_data_at_the_same_tokens_per_step_and_budget():
+    """Slamming §4.3: the `slam` model, budget and tokens per step; interleaved data (slamkit's sampler), a text-only
+    dataset and about equal shares of interleaved / speech-only / text tokens; slamkit's inter-scale lr."""
+    from slam_ray.core.tracking import flatten
+
+    slam, mixed = load_experiment("slam"), load_experiment("slam_interleaved")
+    tokens = lambda e: e.train.batch_size * e.train.grad_accum * e.pack.context_len * e.train.num_workers  # noqa: E731
+    assert tokens(mixed) == tokens(slam) == 81_920
+    assert (mixed.train.max_minutes, mixed.train.max_steps, mixed.train.model) == (
+        slam.train.max_minutes, slam.train.max_steps, slam.train.model)
+    a, b = flatten(slam.model_dump(mode="json")), flatten(mixed.model_dump(mode="json"))
+    differ = {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    allowed = ("name", "stages", "extract.inputs", "pack.", "train.optimizer.lr", "train.batch_size",
+               "train.grad_accum", "eval.tasks", "eval.generation", "dpo.")  # no generate: not built for interleaved
+    assert all(k.startswith(allowed) for k in differ), sorted(k for k in differ if not k.startswith(allowed))
+    interleaved = sum(mixed.pack.mix[d] for d in mixed.pack.interleave.datasets)
+    assert all(abs(share - 1 / 3) < 0.01 for share in (interleaved, mixed.pack.mix["librilight"], mixed.pack.mix["text"]))
+
+
 def test_defaults_and_derived_locations(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exp = Experiment(name="demo")

@@ -375,3 +375,35 @@ def test_a_merged_vocabulary_beyond_uint16_is_written_and_read_as_uint32(tmp_pat
     assert windows[3].tolist()[1:] == [vocab.pad_id] * 7  # the last window's padding is the merged <pad>
     assert windows.positions(np.array([3]))[0].tolist() == [0, 0, 1, 2, 3, 4, 5, 6]  # padding: its own document
 
+
+
+def test_text_only_datasets_are_packed_as_text_in_the_merged_vocabulary_at_their_share(tmp_path):
+    """pack.text: a text corpus (here a plain file, cut per line as synth.corpus cuts it) is a third dataset: every
+    text comes out once as `BOS tokens EOS` in the merged vocabulary (slamkit's unimodal streams carry no marker),
+    the mix gives it its share of the training tokens, and pack.text without pack.interleave is refused, naming
+    the fix."""
+    from transformers import AutoTokenizer
+
+    from slam_ray.config import with_values
+    from slam_ray.errors import ConfigError
+    from slam_ray.lm.vocabulary import MergedVocabulary
+    from slam_ray.stages.pack import pack
+
+    texts = [f"the dog number {i} runs home" for i in range(300)]
+    (tmp_path / "wiki.txt").write_text("\n".join(texts) + "\n")
+    exp, talk, plain = interleaved_experiment(tmp_path)
+    exp = with_values(exp, {"pack.text": [{"name": "wiki", "corpus": {"source": "text", "path": str(tmp_path / "wiki.txt")}}],
+                            "pack.val_fraction": 0.0}, "test")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lm")
+    vocab = MergedVocabulary.of(tokenizer, 500)
+    sequences = documents(PackedWindows(pack(exp).path, "train"), vocab.bos_id, vocab.eos_id)  # no mix: all once
+    as_text = Counter(tokenizer.decode(q[1:-1]) for q in sequences
+                      if max(q[1:-1]) < vocab.text_size and vocab.text_marker not in q)
+    assert as_text == Counter(texts)  # every text once, as itself
+    mixed = pack(with_values(exp, {"pack.mix": {"talk": 0.5, "plain": 0.1, "wiki": 0.4},
+                                   "pack.epochs": {"talk": 2, "plain": 9, "wiki": 9}}, "test"))
+    counts = json.loads(mixed.manifest_path.read_text())["counts"]
+    assert counts["mix.wiki.share"] == pytest.approx(0.4, abs=0.03)
+    assert counts["mix.talk.share"] == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(ConfigError, match="text-only datasets need pack.interleave"):
+        with_values(exp, {"pack.interleave": None}, "test")
