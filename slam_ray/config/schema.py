@@ -203,7 +203,7 @@ class InterleaveConfig(Section):
     method: Literal["slamkit", "spiritlm"] = Field(
         "slamkit", description="slamkit: Poisson(lam) speech spans until eta of the words are speech; spiritlm: "
                                "alternating 10-30-word text and 5-15-word speech spans")
-    lam: float = Field(10.0, gt=0, description="slamkit: mean speech span length in words")
+    lam: float = Field(10.0, gt=0, le=200, description="slamkit: mean speech span length in words")
     eta: float = Field(0.3, gt=0, le=1, description="slamkit: least share of an utterance's words spoken")
     unimodal_marker: bool = Field(False, description="a speech-only utterance opens with <speech> (SpiritLM); "
                                                      "false: no marker (slamkit)")

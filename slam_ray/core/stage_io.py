@@ -212,6 +212,11 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
         payload = {"pack": section("pack")}
         if exp.pack.interleave is not None:  # absent otherwise: speech-only keys stay
             payload["interleave_version"] = INTERLEAVE_VERSION
+            # where spans are cut (frame rate) and where units and markers sit (unit count): keyed through
+            # extract's key when it is an input, directly when the units come from slamkit files
+            payload["units"] = {"frame_rate": exp.extract.tokenizer.frame_rate, "n_units": exp.extract.tokenizer.n_units}
+        if any(d.corpus.source == "grammar" for d in exp.pack.text):
+            payload["grammar_version"] = SENTENCES_VERSION
         if "@extract" in exp.pack.inputs:
             payload["extract"] = stage_key(exp, "extract")
         return payload

@@ -33,8 +33,9 @@ def _set_overrides(config, cfg: ModelConfig, vocab_size: int | None, vocabulary:
 def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096, vocabulary: Vocabulary | None = None):
     """A causal LM over the unit vocabulary (`vocab_size` ids), in fp32 (bf16 is autocast's job). With a merged
     `vocabulary` (interleaving) its size is the model's, and TWIST keeps the text LM's rows: the embeddings (and
-    an untied head) grow to the merged size, the new rows initialised at the mean of the old (slamkit's
-    `mean_resizing`), so every text token keeps its trained row."""
+    an untied head) grow to the merged size, rows beyond the text LM's own drawn around the mean of the old
+    (slamkit's `mean_resizing`), so every text token keeps its trained row. As in slamkit, units whose ids fall
+    on a text LM's spare rows (Qwen2.5: 151,665 tokens, 151,936 rows) start from those rows as they are."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 

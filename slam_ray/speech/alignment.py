@@ -76,6 +76,17 @@ def parse_alignment(value: Any) -> list[Word] | None:
     return words
 
 
+def holds_words(text: str | bytes) -> bool:
+    """Whether a JSON file's text looks like an alignment at all (a list, or an object with `words`,
+    `aligned_text` or whisper's `segments`): a `<name>.json` beside an audio file may be another tool's metadata
+    (Libri-Light writes one beside every file), which is no alignment rather than a malformed one."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return True  # broken JSON where an alignment was expected: report it
+    return isinstance(value, list) or (isinstance(value, dict) and bool({"words", "aligned_text", "segments"} & set(value)))
+
+
 def read_alignment(text: str) -> list[Word] | None:
     """An alignment file's contents (JSON)."""
     return parse_alignment(text if text.strip() else None)

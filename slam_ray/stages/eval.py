@@ -160,6 +160,7 @@ def _grammar_units(exp: Experiment) -> tuple[dict[str, list[int]], list[dict]]:
     payload = stage_payload(exp, "eval")
     payload.pop(trained_stage(exp), None)
     payload.pop("readers_version")
+    payload.pop("cross_modal_version", None)  # adding a cross-modal task does not change these pairs
     payload["eval"] = {"tasks": exp.eval.grammar_tasks, "n_pairs": exp.eval.n_pairs, "seed": exp.eval.seed}
 
     def speak_and_tokenise(cache: StageDir) -> dict:

@@ -35,7 +35,13 @@ from slam_ray.core.tracking import Tracker
 from slam_ray.errors import SlamError
 from slam_ray.parallel.actors import map_rows
 from slam_ray.parallel.encode import iter_encoded
-from slam_ray.speech.alignment import alignment_json, parse_alignment, read_alignment, segment_alignment
+from slam_ray.speech.alignment import (
+    alignment_json,
+    holds_words,
+    parse_alignment,
+    read_alignment,
+    segment_alignment,
+)
 from slam_ray.speech.tokenizer import UnitTokenizer, fit_kmeans
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
@@ -104,7 +110,7 @@ def _remote_rows(uri: str) -> list[dict]:
         if Path(relative).suffix.lower() in AUDIO_SUFFIXES:
             stem = str(Path(relative).with_suffix(""))
             rows.append({"id": stem, "path": file, "text": "", "speaker": "",
-                         **({"alignment_file": sidecars[stem]} if stem in sidecars else {})})
+                         **({"alignment_file": sidecars[stem], "sidecar": True} if stem in sidecars else {})})
     return rows
 
 
@@ -115,7 +121,7 @@ def _file_rows(files: list[Path], root: Path | None) -> list[dict]:
         rel = f.relative_to(root) if root else Path(f.name)
         sidecar = f.with_suffix(".json")
         rows.append({"id": str(rel.with_suffix("")), "path": str(f.absolute()), "text": "", "speaker": "",
-                     **({"alignment_file": str(sidecar.absolute())} if sidecar.is_file() else {})})
+                     **({"alignment_file": str(sidecar.absolute()), "sidecar": True} if sidecar.is_file() else {})})
     return rows
 
 
@@ -236,7 +242,7 @@ def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokeni
     return tokenizer
 
 
-ALIGNMENT_FIELDS = ("aligned_text", "alignment_file")
+ALIGNMENT_FIELDS = ("aligned_text", "alignment_file", "sidecar")
 
 
 def _file_words(source: dict) -> list | None:
@@ -252,6 +258,8 @@ def _file_words(source: dict) -> list | None:
     try:
         return read_alignment(bytes(text).decode("utf-8"))
     except ValueError as e:
+        if source.get("sidecar") and not holds_words(text):  # another tool's metadata (Libri-Light's beside
+            return None                                     # every file): no alignment, not a bad one
         raise ValueError(f"{file}: {e}") from None
 
 

@@ -173,16 +173,21 @@ def merged_sequences(u: Utterances, settings: dict[str, Any], location: str) -> 
         except ValueError as e:
             raise SlamError(f"{location}: utterance {uid}: {e}") from None
         words = [(w.strip(), s, e) for w, s, e in words or [] if w.strip()]  # joined with spaces by the tokenizer step
-        if words and u.durations[i] is not None:
-            rng = _utterance_rng(settings["seed"], dataset, uid)
-            is_speech = (slamkit_spans(len(words), rng, settings["lam"], settings["eta"]) if settings["method"] == "slamkit"
-                         else alternating_spans(len(words), rng))
-            ends = np.cumsum(np.asarray(u.durations[i], dtype=np.float64)) / settings["frame_rate"]
-            body = np.concatenate([ids for _, ids in interleaved_tokens(words, is_speech, units, ends, tokenizer, vocab)])
-        else:
-            body = vocab.unit_ids(units)
-            if settings["unimodal_marker"]:
-                body = np.concatenate([[vocab.speech_marker], body])
+        try:
+            if words and u.durations[i] is not None:
+                rng = _utterance_rng(settings["seed"], dataset, uid)
+                is_speech = (slamkit_spans(len(words), rng, settings["lam"], settings["eta"])
+                             if settings["method"] == "slamkit" else alternating_spans(len(words), rng))
+                ends = np.cumsum(np.asarray(u.durations[i], dtype=np.float64)) / settings["frame_rate"]
+                body = np.concatenate([ids for _, ids in interleaved_tokens(words, is_speech, units, ends, tokenizer,
+                                                                            vocab)])
+            else:
+                body = vocab.unit_ids(units)
+                if settings["unimodal_marker"]:
+                    body = np.concatenate([[vocab.speech_marker], body])
+        except ValueError as e:  # units beyond extract.tokenizer.n_units, say
+            raise SlamError(f"{location}: utterance {uid}: {e} (extract.tokenizer.n_units is {settings['n_units']}: "
+                            "set it to the k-means size these units came from)") from None
         sequences.append(np.concatenate([[vocab.bos_id], body, [vocab.eos_id]]).astype(vocab.dtype))
     lengths = np.array([len(q) for q in sequences], dtype=np.int64)
     values = np.concatenate(sequences) if sequences else np.zeros(0, dtype=vocab.dtype)

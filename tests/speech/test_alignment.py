@@ -69,3 +69,21 @@ def test_segments_get_the_words_inside_them_in_their_own_time():
         crossed = any(s + 0.02 < c < e - 0.02 for c in cuts)
         assert seen.get(w, 0) == (0 if crossed else 1), (w, s, e)
     assert 0 < sum(seen.values()) < len(words)  # the cuts did split some words
+
+
+def test_a_sidecar_of_another_tools_metadata_is_no_alignment_but_a_broken_one_is_reported(tmp_path):
+    """Libri-Light keeps a metadata `<name>.json` beside every file: that is no alignment (no error line), while a
+    sidecar that tries to be one and fails, or a file a manifest names, is reported."""
+    from slam_ray.speech.alignment import holds_words
+    from slam_ray.stages.extract import _file_words
+
+    metadata = tmp_path / "librilight.json"
+    metadata.write_text(json.dumps({"speaker": "100", "book_meta": {"title": "x"}, "snr": 12.1, "voice_activity": [[0.1, 2.3]]}))
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"words": [{"word": " a", "start": 2.0, "end": 1.0}]}))
+    assert not holds_words(metadata.read_text()) and holds_words(broken.read_text()) and holds_words("[")
+    assert _file_words({"alignment_file": str(metadata), "sidecar": True}) is None
+    with pytest.raises(ValueError, match="0 <= start <= end"):
+        _file_words({"alignment_file": str(broken), "sidecar": True})
+    with pytest.raises(ValueError, match="needs `words`"):  # named by a manifest: it must be an alignment
+        _file_words({"alignment_file": str(metadata)})

@@ -407,3 +407,22 @@ def test_text_only_datasets_are_packed_as_text_in_the_merged_vocabulary_at_their
     assert counts["mix.talk.share"] == pytest.approx(0.5, abs=0.03)
     with pytest.raises(ConfigError, match="text-only datasets need pack.interleave"):
         with_values(exp, {"pack.interleave": None}, "test")
+
+
+def test_the_interleaved_pack_key_covers_units_and_frame_rate_and_bad_units_name_the_setting(tmp_path):
+    """Without '@extract' among the inputs (slamkit files), the unit count and frame rate that place markers and
+    cut spans are keyed directly; units beyond extract.tokenizer.n_units stop pack with an error naming it; an
+    out-of-range lam is refused at load."""
+    from slam_ray.config import with_values
+    from slam_ray.core.stage_io import stage_key
+    from slam_ray.errors import ConfigError, SlamError
+    from slam_ray.stages.pack import pack
+
+    exp, _, _ = interleaved_experiment(tmp_path)
+    key = stage_key(exp, "pack")
+    assert stage_key(with_values(exp, {"extract.tokenizer.frame_rate": 50}, "test"), "pack") != key
+    assert stage_key(with_values(exp, {"extract.tokenizer.n_units": 600}, "test"), "pack") != key
+    with pytest.raises(SlamError, match=r"plain\.jsonl.*extract\.tokenizer\.n_units is 100"):
+        pack(with_values(exp, {"extract.tokenizer.n_units": 100}, "test"))  # plain.jsonl holds units up to 499
+    with pytest.raises(ConfigError, match="lam"):
+        with_values(exp, {"pack.interleave.lam": 1000}, "test")
