@@ -107,6 +107,21 @@ def _paths(entries: list[Any], stage_refs: tuple[str, ...]) -> list[str]:
     return [p for p in paths if p not in stage_refs]
 
 
+def _alignment_sidecars(inputs: list[str]) -> list[str]:
+    """The `<name>.json` files beside local audio inputs given as single files or globs."""
+    import glob
+
+    found = []
+    for entry in inputs:
+        if is_remote(entry) or Path(entry).is_dir() or entry.endswith((".jsonl", ".csv")):
+            continue
+        for match in ([entry] if Path(entry).is_file() else sorted(glob.glob(entry, recursive=True))):
+            sidecar = Path(match).with_suffix(".json")
+            if sidecar.is_file() and Path(match).suffix != ".json":
+                found.append(str(sidecar))
+    return found
+
+
 def _voice_files(exp: Experiment) -> list[dict[str, Any]]:
     """Fingerprints of voices given as files (piper .onnx, hf VITS folders); voice names are config."""
     if exp.synth.backend == "espeak":
@@ -136,6 +151,10 @@ def input_fingerprints(exp: Experiment, stage: str) -> dict[str, Any]:
     elif stage == "extract":
         if inputs := _paths(exp.extract.inputs, ("@synth",)):
             found["inputs"] = fingerprints(inputs)
+            # a word alignment `<name>.json` beside an audio file given alone or by a glob (a folder's listing
+            # already holds its own); absent when there is none, so keys without alignments stay as they were
+            if sidecars := _alignment_sidecars(inputs):
+                found["alignment_sidecars"] = fingerprints(sidecars)
         model("tokenizer.centroids", exp.extract.tokenizer.centroids)
         model("tokenizer.model", exp.extract.tokenizer.model)
     elif stage == "pack":

@@ -193,3 +193,24 @@ def test_pack_runs_again_after_its_jsonl_is_edited_in_place(tmp_path):
     assert second.read_manifest()["counts"]["utterances"] == 80 and first.read_manifest()["counts"]["utterances"] == 40
     windows = lambda out: sum(len(PackedWindows(out.path, s)) for s in ("train", "val"))  # noqa: E731
     assert windows(second) > windows(first)
+
+
+def test_an_alignment_beside_a_single_audio_file_or_glob_match_is_keyed(tmp_path):
+    """A `<name>.json` added (or edited) beside an audio file given alone or through a glob makes a new extract key
+    (a folder's listing already covers its files); inputs without one keep their keys."""
+    import json
+    import shutil
+
+    from helpers import FIXTURES, small_experiment
+
+    from slam_ray.core.stage_io import stage_key
+
+    shutil.copy(FIXTURES / "audio1.flac", tmp_path / "one.flac")
+    single = small_experiment(tmp_path / "w", stages=["extract"], extract={"inputs": [str(tmp_path / "one.flac")]})
+    globbed = small_experiment(tmp_path / "w", stages=["extract"], extract={"inputs": [str(tmp_path / "*.flac")]})
+    before = stage_key(single, "extract"), stage_key(globbed, "extract")
+    (tmp_path / "one.json").write_text(json.dumps([[" one", 0.1, 0.4]]))
+    with_words = stage_key(single, "extract"), stage_key(globbed, "extract")
+    assert with_words[0] != before[0] and with_words[1] != before[1]
+    (tmp_path / "one.json").write_text(json.dumps([[" one", 0.1, 0.5]]))
+    assert (stage_key(single, "extract"), stage_key(globbed, "extract")) != with_words
