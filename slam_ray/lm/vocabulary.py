@@ -79,6 +79,13 @@ class MergedVocabulary:
             raise ValueError(f"units must be in [0, {self.n_units}); got {int(u.min())}..{int(u.max())}")
         return u + self.unit_offset
 
+    def index_entry(self) -> dict[str, Any]:
+        """What a pack output's index.json says of it (read back by `vocabulary_of_pack`)."""
+        return {"kind": "merged", "size": self.size, "pad_id": self.pad_id, "bos_id": self.bos_id,
+                "eos_id": self.eos_id, "text_size": self.text_size, "n_units": self.n_units,
+                "text_marker": self.text_marker, "speech_marker": self.speech_marker,
+                "dtype": np.dtype(self.dtype).name}
+
     @classmethod
     def of(cls, tokenizer: Any, n_units: int) -> MergedVocabulary:
         eos = tokenizer.eos_token_id

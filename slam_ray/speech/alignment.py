@@ -87,11 +87,6 @@ def holds_words(text: str | bytes) -> bool:
     return isinstance(value, list) or (isinstance(value, dict) and bool({"words", "aligned_text", "segments"} & set(value)))
 
 
-def read_alignment(text: str) -> list[Word] | None:
-    """An alignment file's contents (JSON)."""
-    return parse_alignment(text if text.strip() else None)
-
-
 def segment_alignment(words: list[Word], start: float, end: float) -> list[Word]:
     """The words inside [start, end] (to `EDGE_TOLERANCE_S`), in the segment's own time (shifted by `start`,
     clipped to it). A word across a cut belongs to neither segment: extract cuts long files in pauses, so that is

@@ -140,37 +140,46 @@ def build_pairs(exp: Experiment) -> list[grammar.MinimalPair]:
             for p in grammar.make_minimal_pairs(task, exp.eval.n_pairs, exp.eval.seed, held_out)]
 
 
-def _speech_items(exp: Experiment, pairs: list[grammar.MinimalPair], out: StageDir) -> list[dict]:
+def _voiced_items(exp: Experiment, groups: list[tuple[str, list[tuple[str, str]]]], cache: StageDir) -> list[dict]:
+    """Texts to speak, one voice and speed per group (a pair's or a triple's sides then differ in their words
+    only): `groups` = (audio subfolder, [(item id, text), ...])."""
     rng = random.Random(exp.eval.seed)
     low, high = exp.synth.speed
     items = []
-    for pair in pairs:
+    for folder, parts in groups:
         voice, speed = rng.choice(exp.synth.voices), round(rng.uniform(low, high), 2)
-        for side, text in (("pos", pair.positive), ("neg", pair.negative)):
-            uid = f"{pair.id}-{side}"
-            items.append({"id": uid, "text": text, "voice": voice, "speed": speed, "speaker": voice,
-                          "path": out.location("audio", pair.task, f"{uid}.flac")})
+        items += [{"id": uid, "text": text, "voice": voice, "speed": speed, "speaker": voice,
+                   "path": cache.location("audio", *([folder] if folder else []), f"{uid}.flac")}
+                  for uid, text in parts]
     return items
 
 
-def _grammar_units(exp: Experiment) -> tuple[dict[str, list[int]], list[dict]]:
-    """The grammar pairs spoken and tokenised: (units by item id, errors). They depend on the pairs, the voices
-    and the tokenizer but not on the model, so they are made once under WORKDIR/eval_pairs/<key>/ and shared
-    by every checkpoint evaluated on them (each trial of a sweep)."""
+def _spoken_units(exp: Experiment, what: dict[str, Any], groups: Any) -> tuple[dict[str, list[int]], list[dict]]:
+    """Built-in texts spoken by the synth voices and tokenised: (units by item id, errors). They depend on the
+    texts (`what` keys them), the voices and the tokenizer but not on the model, so they are made once under
+    WORKDIR/eval_pairs/<key>/ and shared by every checkpoint evaluated on them (each trial of a sweep).
+    `groups()` gives `_voiced_items`' groups, called only when the cache is made."""
     payload = stage_payload(exp, "eval")
     payload.pop(trained_stage(exp), None)
     payload.pop("readers_version")
-    payload.pop("cross_modal_version", None)  # adding a cross-modal task does not change these pairs
-    payload["eval"] = {"tasks": exp.eval.grammar_tasks, "n_pairs": exp.eval.n_pairs, "seed": exp.eval.seed}
+    payload.pop("cross_modal_version", None)  # adding a cross-modal task does not change the grammar pairs
+    payload["eval"] = what
 
     def speak_and_tokenise(cache: StageDir) -> dict:
         init_ray(exp)
-        encoded, bad = encode_spoken(exp, _speech_items(exp, build_pairs(exp), cache), tokenizer_dir(exp))
+        encoded, bad = encode_spoken(exp, _voiced_items(exp, groups(), cache), tokenizer_dir(exp))
         return {"units": {r["id"]: [int(u) for u in r["units"]] for r in encoded},
                 "errors": [{k: e.get(k) for k in ("id", "path", "error")} for e in bad]}
 
     _, cached = cached_json(exp, "eval_pairs", payload, "units.json", speak_and_tokenise)
     return cached["units"], cached["errors"]
+
+
+def _grammar_units(exp: Experiment) -> tuple[dict[str, list[int]], list[dict]]:
+    """The grammar pairs spoken and tokenised: (units by item id, errors)."""
+    return _spoken_units(exp, {"tasks": exp.eval.grammar_tasks, "n_pairs": exp.eval.n_pairs, "seed": exp.eval.seed},
+                         lambda: [(p.task, [(f"{p.id}-pos", p.positive), (f"{p.id}-neg", p.negative)])
+                                  for p in build_pairs(exp)])
 
 
 def _grammar_comparisons(exp: Experiment, kind: str, pairs: list[grammar.MinimalPair]) -> pd.DataFrame:
@@ -182,31 +191,15 @@ def _grammar_comparisons(exp: Experiment, kind: str, pairs: list[grammar.Minimal
 def _cross_modal_units(exp: Experiment) -> tuple[list, dict[str, list[int]], list[dict]]:
     """The held-out grammar preference triples of the cross-modal tasks, each part (prompt, chosen, rejected)
     spoken by one voice per triple and tokenised, once for all four directions and every checkpoint:
-    (triples, units by `<triple id>-<part>`, errors), cached under WORKDIR/eval_pairs/<key>/."""
+    (triples, units by `<triple id>-<part>`, errors)."""
     from slam_ray.lm.preferences import grammar_preference_triples
 
     triples = grammar_preference_triples(exp.eval.n_pairs, exp.eval.seed, exp.synth.corpus.held_out_percent, "held_out")
-    payload = stage_payload(exp, "eval")
-    payload.pop(trained_stage(exp), None)
-    payload.pop("readers_version")
-    payload["eval"] = {"cross_modal": CROSS_MODAL_VERSION, "n_pairs": exp.eval.n_pairs, "seed": exp.eval.seed}
-
-    def speak_and_tokenise(cache: StageDir) -> dict:
-        rng = random.Random(exp.eval.seed)
-        low, high = exp.synth.speed
-        items = []
-        for t in triples:  # one voice and speed per triple: the two continuations differ in their words only
-            voice, speed = rng.choice(exp.synth.voices), round(rng.uniform(low, high), 2)
-            items += [{"id": f"{t.id}-{part}", "text": getattr(t, part), "voice": voice, "speed": speed,
-                       "speaker": voice, "path": cache.location("audio", f"{t.id}-{part}.flac")}
-                      for part in ("prompt", "chosen", "rejected")]
-        init_ray(exp)
-        encoded, bad = encode_spoken(exp, items, tokenizer_dir(exp))
-        return {"units": {r["id"]: [int(u) for u in r["units"]] for r in encoded},
-                "errors": [{k: e.get(k) for k in ("id", "path", "error")} for e in bad]}
-
-    _, cached = cached_json(exp, "eval_pairs", payload, "units.json", speak_and_tokenise)
-    return triples, cached["units"], cached["errors"]
+    units, errors = _spoken_units(
+        exp, {"cross_modal": CROSS_MODAL_VERSION, "n_pairs": exp.eval.n_pairs, "seed": exp.eval.seed},
+        lambda: [("", [(f"{t.id}-{part}", getattr(t, part)) for part in ("prompt", "chosen", "rejected")])
+                 for t in triples])
+    return triples, units, errors
 
 
 def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, grammar_pairs: list[grammar.MinimalPair],

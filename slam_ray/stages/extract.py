@@ -39,7 +39,6 @@ from slam_ray.speech.alignment import (
     alignment_json,
     holds_words,
     parse_alignment,
-    read_alignment,
     segment_alignment,
 )
 from slam_ray.speech.tokenizer import UnitTokenizer, fit_kmeans
@@ -72,11 +71,14 @@ def _alignment_source(rec: dict, manifest: str) -> dict:
     if isinstance(value, str) and value.strip():
         return {"aligned_text": value}
     file = _text_field(rec, "alignment")
-    if not file:
-        return {}
+    return {"alignment_file": _beside(manifest, file)} if file else {}
+
+
+def _beside(manifest: str, relative: str) -> str:
+    """A path a manifest names: absolute (or a URI) as given, otherwise relative to the manifest's folder."""
     if is_remote(manifest):
-        return {"alignment_file": resolve_relative(manifest, file)}
-    return {"alignment_file": str(Path(file) if Path(file).is_absolute() else Path(manifest).parent / file)}
+        return resolve_relative(manifest, relative)
+    return str(Path(relative) if Path(relative).is_absolute() else Path(manifest).parent / relative)
 
 
 def _manifest_rows(path: str) -> list[dict]:
@@ -89,12 +91,7 @@ def _manifest_rows(path: str) -> list[dict]:
         raise SlamError(f"manifest {path} has no `path` column (columns: {', '.join(map(str, df.columns))})")
     rows = []
     for i, rec in enumerate(df.to_dict("records")):
-        if remote:
-            audio = resolve_relative(path, str(rec["path"]))
-        else:
-            audio = Path(str(rec["path"]))
-            audio = str(audio if audio.is_absolute() else (Path(path).parent / audio))
-        rows.append({"id": _text_field(rec, "id") or f"{name.stem}-{i:07d}", "path": audio,
+        rows.append({"id": _text_field(rec, "id") or f"{name.stem}-{i:07d}", "path": _beside(path, str(rec["path"])),
                      "text": _text_field(rec, "text"), "speaker": _text_field(rec, "speaker"),
                      **_alignment_source(rec, path)})
     return rows
@@ -256,7 +253,7 @@ def _file_words(source: dict) -> list | None:
     except OSError as e:
         raise ValueError(f"alignment file {file} cannot be read ({e})") from None
     try:
-        return read_alignment(bytes(text).decode("utf-8"))
+        return parse_alignment(bytes(text).decode("utf-8"))
     except ValueError as e:
         if source.get("sidecar") and not holds_words(text):  # another tool's metadata (Libri-Light's beside
             return None                                     # every file): no alignment, not a bad one

@@ -158,11 +158,17 @@ def _utterance_rng(seed: int, dataset: str, uid: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
+def merged_vocabulary(settings: dict[str, Any]) -> tuple[Any, MergedVocabulary]:
+    """(the text tokenizer, the merged vocabulary) of `interleave_settings` (the tokenizer is loaded once per
+    process)."""
+    tokenizer = load_text_tokenizer(settings["tokenizer"])
+    return tokenizer, MergedVocabulary.of(tokenizer, settings["n_units"])
+
+
 def merged_sequences(u: Utterances, settings: dict[str, Any], location: str) -> Utterances:
     """Each utterance as `BOS pieces... EOS` in the merged vocabulary: interleaved when its dataset is and it has
     words, else its units (after `<speech>` with `unimodal_marker`)."""
-    tokenizer = load_text_tokenizer(settings["tokenizer"])
-    vocab = MergedVocabulary.of(tokenizer, settings["n_units"])
+    tokenizer, vocab = merged_vocabulary(settings)
     chosen = settings["datasets"]
     sequences = []
     for i, uid in enumerate(u.ids):
@@ -240,8 +246,7 @@ def text_sequences(shard: dict[str, Any], settings: dict[str, Any] | None) -> Ut
 
     if settings is None:
         raise SlamError("pack.text needs pack.interleave: text ids live in the merged vocabulary")
-    tokenizer = load_text_tokenizer(settings["tokenizer"])
-    vocab = MergedVocabulary.of(tokenizer, settings["n_units"])
+    tokenizer, vocab = merged_vocabulary(settings)
     table = pq.read_table(localize(shard["location"]))
     texts = table.column("text").to_pylist()
     lead = [vocab.text_marker] if settings["unimodal_marker"] else []
@@ -257,7 +262,7 @@ def modality_counts(tokens: np.ndarray, settings: dict[str, Any] | None) -> dict
     """Unit, text and marker tokens of a merged stream (BOS/EOS count as text: they are the tokenizer's)."""
     if settings is None:
         return {}
-    vocab = MergedVocabulary.of(load_text_tokenizer(settings["tokenizer"]), settings["n_units"])
+    _, vocab = merged_vocabulary(settings)
     units = int(((tokens >= vocab.unit_offset) & (tokens < vocab.text_marker)).sum())
     markers = int(((tokens == vocab.text_marker) | (tokens == vocab.speech_marker)).sum())
     return {"unit_tokens": units, "marker_tokens": markers, "text_tokens": int(len(tokens)) - units - markers}
@@ -392,6 +397,7 @@ def pack_group(group: dict[str, Any]) -> dict[str, Any]:
     """Read one group's input shards, choose and shuffle its utterances, write its train and val shards, then
     its done mark. Returns the group's index rows and per-dataset training tokens."""
     rng = np.random.default_rng([group["seed"], group["index"]])
+    merged = merged_vocabulary(group["interleave"])[1] if group.get("interleave") else None
     parts: dict[str, list[tuple[Utterances, np.ndarray]]] = {"train": [], "val": []}
     datasets: dict[str, int] = {}
     for shard in group["shards"]:
@@ -419,11 +425,10 @@ def pack_group(group: dict[str, Any]) -> dict[str, Any]:
         merged_offsets = np.concatenate(offsets).astype(np.int64)
         order_all = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
         order_all = order_all[rng.permutation(len(order_all))]  # the group is the shuffle buffer
-        complete = group.get("interleave") is not None
         tokens, starts = utterance_stream(np.concatenate(values) if values else np.zeros(0, np.uint16),
-                                          merged_offsets, order_all, complete)
+                                          merged_offsets, order_all, complete=merged is not None)
         rows[split] = write_shard(folder, split, group["index"], tokens, starts, group["context_len"],
-                                  **group.get("window", {}))
+                                  **({"pad_id": merged.pad_id, "dtype": merged.dtype} if merged else {}))
         if split == "train":
             modalities = modality_counts(tokens, group.get("interleave"))
     done = {"index": group["index"], "shards": rows, "datasets": datasets, "modalities": modalities,
@@ -473,7 +478,6 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
     if not shards:
         raise SlamError("pack.inputs hold no unit shards to pack")
     interleave = interleave_settings(exp)
-    vocab = vocabulary_of(exp)
     out.local("parts")  # with a workdir in a bucket: the groups a killed run finished there
     stats_file = out.path / "stats.json"
     with timer.phase("stats"):
@@ -500,8 +504,7 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
         raise SlamError("pack.inputs hold no utterances to pack")
     rates = mix_rates(train_tokens, cfg.mix, cfg.epochs)
     groups = [{"index": i, "shards": g, "rates": rates, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-               "context_len": cfg.context_len, "root": out.root, "interleave": interleave,
-               "window": {"pad_id": vocab.pad_id, "dtype": np.dtype(vocab.dtype).name}}
+               "context_len": cfg.context_len, "root": out.root, "interleave": interleave}
               for i, g in enumerate(plan_groups(stats, rates, cfg.shard_tokens, cfg.seed))]
     todo = [g for g in groups if not (out.path / "parts" / f"part-{g['index']:05d}.json").is_file()]
     if len(todo) < len(groups):
@@ -518,12 +521,8 @@ def _pack(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Sta
     total = sum(taken.values()) or 1
     report = {d: {"tokens": taken.get(d, 0), "share": taken.get(d, 0) / total,
                   "epochs": taken.get(d, 0) / max(train_tokens[d], 1)} for d in sorted(rates) if rates[d] > 0}
-    merged = None if interleave is None else {
-        "kind": "merged", "size": vocab.size, "pad_id": vocab.pad_id, "bos_id": vocab.bos_id, "eos_id": vocab.eos_id,
-        "text_size": vocab.text_size, "n_units": vocab.n_units, "text_marker": vocab.text_marker,
-        "speech_marker": vocab.speech_marker, "dtype": np.dtype(vocab.dtype).name}
     index = write_index(out.path, cfg.context_len, {split: [p["shards"][split] for p in done] for split in ("train", "val")},
-                        report, merged)
+                        report, None if interleave is None else merged_vocabulary(interleave)[1].index_entry())
     counts: dict[str, int | float] = {"utterances": sum(c["train_utterances"] + c["val_utterances"] for s in stats
                                                         for c in s["datasets"].values()),
                                       "shards": len(groups), "shards_resumed": len(groups) - len(todo)}
