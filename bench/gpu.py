@@ -76,20 +76,25 @@ def bf16_matmul_tflops(n: int = 8192, repeats: int = 20) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def document_windows(n_windows: int, folder: Path) -> tuple[np.ndarray, np.ndarray, float]:
+def document_windows(n_windows: int, folder: Path, context: int = CONTEXT, vocab: int = VOCAB, n_val: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, float]:
     """Windows packed by the pack stage's own writer from utterances of 40-600 units (LibriSpeech-like after
     de-duplication at 25 Hz), with the position ids document masking feeds the model, and the effective attention
-    context the MFU then counts (sum of squared document lengths over the window length)."""
+    context the MFU then counts (sum of squared document lengths over the window length). `n_val` validation
+    windows more (other utterances) make `folder` a pack output the train stage reads."""
     from slam_ray.lm.packed import PackedWindows, utterance_stream, write_index, write_shard
     from slam_ray.stages.train import effective_context
 
     rng = np.random.default_rng(0)
-    lengths = rng.integers(40, 601, size=n_windows * CONTEXT // 300 + 8)
-    values = rng.integers(0, VOCAB - 2, size=int(lengths.sum())).astype(np.uint16)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens, starts = utterance_stream(values, offsets, np.arange(len(lengths)))
-    row = write_shard(folder, "train", 0, tokens[: n_windows * CONTEXT], starts[starts < n_windows * CONTEXT], CONTEXT)
-    write_index(folder, CONTEXT, {"train": [row], "val": []})
+    rows = {}
+    for split, count in (("train", n_windows), ("val", n_val)):
+        lengths = rng.integers(40, 601, size=count * context // 300 + 8)
+        values = rng.integers(0, vocab - 2, size=int(lengths.sum())).astype(np.uint16)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        tokens, starts = utterance_stream(values, offsets, np.arange(len(lengths)))
+        end = count * context
+        rows[split] = [write_shard(folder, split, 0, tokens[:end], starts[starts < end], context)] if count else []
+    write_index(folder, context, rows)
     windows = PackedWindows(folder, "train")
     rows = np.arange(len(windows))
     positions = windows.positions(rows)

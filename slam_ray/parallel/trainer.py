@@ -97,6 +97,16 @@ class MetricsLog:
             self._pool = None
 
 
+def peak_memory(device: Any, prefix: str) -> dict[str, float]:
+    """`<prefix>/peak_mem_gib`: the most GPU memory this rank's tensors have held so far (torch's allocator; what
+    decides whether a micro-batch fits a smaller card). Nothing on a CPU."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return {}
+    return {f"{prefix}/peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 @dataclass
 class Worker:
     rank: int
@@ -501,7 +511,8 @@ class Trainer:
                 w.log.metrics({**{f"{self.prefix}/{k}": v for k, v in means.items()}, f"{self.prefix}/lr": lr,
                                f"{self.prefix}/grad_norm": grad_norm, f"{self.prefix}/tokens": self.tokens,
                                f"{self.prefix}/tokens_per_s": tokens_per_s,
-                               **({f"{self.prefix}/mfu": mfu} if mfu is not None else {})}, self.step)
+                               **({f"{self.prefix}/mfu": mfu} if mfu is not None else {}),
+                               **peak_memory(w.device, self.prefix)}, self.step)
                 if now - last_print > PRINT_SECONDS or self.step == plan.total or stop:
                     total = f"/{plan.total}" if plan.total < 10**9 else ""  # a time budget alone has no planned end
                     w.log.print(f"[{self.prefix}] step {self.step}{total}  {describe({**means, 'lr': lr})}  "

@@ -298,6 +298,43 @@ def test_document_mask_gives_an_utterance_in_a_packed_window_its_logits_alone(tm
     assert (batch["labels"][batch["input_ids"] == 0] == -100).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["sdpa", "flash_attention_2"])
+def test_document_mask_on_a_gpu_kernel_gives_an_utterance_its_logits_alone(tmp_path, attention):
+    """The same on CUDA in bf16 with the kernels the recipe trains with: SDPA (transformers turns restarting position
+    ids into a block mask) and FlashAttention-2's varlen path on the flattened micro-batch the worker feeds it
+    (skipped when flash-attn is not installed). bf16 tolerances; the unmasked model must differ by more."""
+    import torch
+    from helpers import small_experiment
+
+    from slam_ray.lm.model import build_model
+    from slam_ray.stages.train import flat_documents, window_inputs
+
+    if attention == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    exp = small_experiment(tmp_path / "w")
+    windows = packed_utterances(tmp_path, [10, 25, 40, 3, 50, 7], 32, exp.vocab_size)
+    torch.manual_seed(0)
+    model = build_model(exp.train.model.model_copy(update={"attn_implementation": attention}), exp.vocab_size,
+                        max_positions=32).to("cuda", torch.bfloat16).eval()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v
+             for k, v in window_inputs(windows, np.arange(len(windows)), document_mask=True).items()}
+    inputs = flat_documents(batch) if attention == "flash_attention_2" else batch
+    with torch.no_grad():
+        packed = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                       use_cache=False).logits.reshape(*batch["input_ids"].shape, -1)
+        checked = 0
+        for k in range(len(windows)):
+            cuts = list(torch.nonzero(batch["position_ids"][k] == 0).flatten().tolist()) + [32]
+            for a, b in zip(cuts, cuts[1:], strict=False):
+                alone = model(input_ids=batch["input_ids"][k : k + 1, a:b]).logits[0]
+                torch.testing.assert_close(packed[k, a:b].float(), alone.float(), atol=3e-2, rtol=3e-2)
+                checked += 1
+        unmasked = model(input_ids=batch["input_ids"]).logits
+    assert checked >= 8
+    assert (unmasked[0, 12:32].float() - packed[0, 12:32].float()).abs().max() > 0.1  # the 2nd sees the 1st
+
+
 def test_document_mask_loss_is_the_mean_over_the_targets_of_the_whole_step(tmp_path):
     """Two micro-batches of 4 windows, each loss scaled by the step's target count as the worker does, give the
     gradients of one batch of 8 (per-micro-batch means would weight their targets unequally)."""
