@@ -1,5 +1,7 @@
 """The DPO stage on a real local Ray: grammar preference triples spoken by espeak-ng and tokenised, 2 CPU
-workers, the held-out margin it should raise, evaluation before/after, and a killed worker that resumes."""
+workers, the held-out margin it should raise, evaluation before/after. A killed DPO worker that resumes to the
+uninterrupted curve is tested under FSDP in tests/parallel/test_trainer.py (the checkpoint/resume code is the
+trainer scaffold's, which tests/stages/test_train_ray.py also kills under DDP and FSDP)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import pytest
 from helpers import (
     dpo_curve,
     external_start,
-    kill_a_worker_during,
     link_upstream,
     slamkit_jsonl,
     small_experiment,
@@ -83,25 +84,6 @@ def test_dpo_raises_the_held_out_margin_and_eval_compares_before_and_after(pretr
     for task in pretrained.eval.tasks:
         assert {task, f"{task}@before_dpo", f"{task}@init"} <= set(results)
         assert results[f"{task}@before_dpo"]["checkpoint"].endswith("checkpoint_before_dpo")
-
-
-def test_killed_dpo_worker_resumes_from_its_checkpoint(pretrained, tmp_path):
-    """Kill a DPO worker mid-run: Ray Train restarts the group, it resumes from the last checkpoint and ends
-    with the same loss curve as the uninterrupted run of the test above."""
-    clean = with_values(pretrained, {"dpo.checkpoint_every": 5}, "test")  # checkpointing changes no result
-    expected = dpo_curve(clean)
-    if not expected:  # run alone: make the clean curve first
-        stage_function("dpo")(clean)
-        expected = dpo_curve(clean)
-    killed = linked(clean, {"train.max_failures": 2, "workdir": str(tmp_path / "w")})
-    victim, errors = kill_a_worker_during(lambda: stage_function("dpo")(killed),
-                                          lambda: 10 <= max(dpo_curve(killed), default=0) < 35)
-    assert victim is not None, "the run finished before a worker could be killed"
-    assert not errors, errors
-    assert stage_dir(killed, "dpo").read_manifest()["counts"]["steps"] == 40
-    got = dpo_curve(killed)
-    assert sorted(got) == sorted(expected)
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)], rtol=1e-4)
 
 
 def test_dpo_starts_from_any_compatible_hf_checkpoint(pretrained, tmp_path):
