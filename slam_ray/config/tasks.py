@@ -17,7 +17,7 @@ from slam_ray.errors import SlamError
 # The readers of datasets (slam_ray.evals.readers.READERS: tests/evals/test_readers.py checks they agree) and the
 # task types the eval stage handles itself: spoken grammar pairs, generation.
 DATASET_READERS = ("zerospeech", "storycloze", "salmon", "manifest")
-SPECIAL_READERS = ("grammar", "cross_modal", "generate")
+SPECIAL_READERS = ("grammar", "cross_modal", "cross_modal_storycloze", "generate")
 
 
 class TaskSpec(BaseModel):
@@ -26,7 +26,8 @@ class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
-    reader: str = Field(..., description="zerospeech | storycloze | salmon | manifest | grammar | cross_modal | generate")
+    reader: str = Field(..., description="zerospeech | storycloze | salmon | manifest | grammar | cross_modal | "
+                                       "cross_modal_storycloze | generate")
     reader_args: dict[str, Any] = Field(default_factory=dict)
     needs_path: bool = True
     aggregate_by: str | None = Field(None, description="column averaged first (ZeroSpeech: an item over its voices)")

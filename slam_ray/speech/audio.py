@@ -167,6 +167,12 @@ def decode_segments(path: str | Path, max_seconds: float | None, sample_rate: in
             yield held[0] / sr, held[1] / sr, resample(held[2], sr, sample_rate)
 
 
+def write_float_wav(path: str | Path, audio: np.ndarray, sample_rate: int = TARGET_SAMPLE_RATE) -> None:
+    """32-bit float WAV (folders created): the samples exactly, for audio this package made and reads back."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), audio.astype(np.float32, copy=False), sample_rate, format="WAV", subtype="FLOAT")
+
+
 def write_flac(path: str | Path | io.BytesIO, audio: np.ndarray, sample_rate: int = TARGET_SAMPLE_RATE) -> None:
     """16-bit FLAC to a path (folders created) or an in-memory buffer."""
     if not isinstance(path, io.BytesIO):

@@ -202,6 +202,37 @@ def _cross_modal_units(exp: Experiment) -> tuple[list, dict[str, list[int]], lis
     return triples, units, errors
 
 
+def _storycloze_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, vocab: Vocabulary
+                            ) -> tuple[pd.DataFrame, dict[str, tuple[list[int], int]], list[dict]]:
+    """The cross-modal StoryCloze folder (`evals/cross_modal.py`): its speech tokenised like any task's audio (for
+    speech to speech, each context joined with each ending first, in a cache beside SALMon's)."""
+    from slam_ray.evals.cross_modal import join_story_audio, read_story_parts, storycloze_comparisons
+
+    if not isinstance(vocab, MergedVocabulary):
+        raise SlamError(f"{entry.key} compares text and speech: it needs an interleaved model (pack.interleave)")
+    context, continuation = spec.reader_args["context"], spec.reader_args["continuation"]
+    stories, incomplete = read_story_parts(Path(entry.path).expanduser(), context, continuation)
+    if entry.limit is not None:
+        stories = dict(list(stories.items())[: entry.limit])
+    if context == continuation == "speech":
+        audio = join_story_audio(stories, Path.home() / ".cache" / "slam_ray" / "cm_sc")
+    else:
+        audio = {f"{story}/{part}": f for story, parts in stories.items() for part, f in parts.items()
+                 if f.suffix.lower() != ".txt"}
+    by_path, _, errors = audio_units(exp, [str(f) for f in audio.values()])
+    units = {key: by_path[str(f)] for key, f in audio.items() if str(f) in by_path}
+    comparisons, sequences = storycloze_comparisons(stories, context, continuation, units,
+                                                    load_text_tokenizer(tokenizer_source(exp)), vocab)
+    errors = [{**e, "task": entry.key} for e in errors]
+    if incomplete:
+        errors.append({"task": entry.key, "error": f"{len(incomplete)} stories lack a {context} context or a "
+                       f"{continuation} ending: {', '.join(incomplete[:10])}"})
+    if len(comparisons) < len(stories):
+        errors.append({"task": entry.key, "error": f"{len(stories) - len(comparisons)} stories dropped: an audio "
+                       "file of theirs could not be tokenised (see the file errors)"})
+    return comparisons, sequences, errors
+
+
 def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, grammar_pairs: list[grammar.MinimalPair],
                      vocab: Vocabulary) -> tuple[pd.DataFrame, dict[str, tuple[list[int], int]], list[dict]]:
     """(comparisons whose audio all has units, scored sequences by key, errors)."""
@@ -218,6 +249,8 @@ def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, grammar_p
             errors.append({"error": f"{len(triples) - len(comparisons)} comparisons dropped: a part of theirs could "
                                     "not be spoken and tokenised (see the file errors)"})
         return comparisons, sequences, [{**e, "task": entry.key} for e in errors]
+    if spec.reader == "cross_modal_storycloze":
+        return _storycloze_comparisons(exp, entry, spec, vocab)
     if spec.reader == "grammar":
         comparisons = _grammar_comparisons(exp, spec.reader_args["kind"], grammar_pairs)
         units, errors = _grammar_units(exp)

@@ -52,3 +52,91 @@ def test_comparisons_pair_the_grammatical_rest_against_the_corrupted_one_and_dro
     assert list(text_only["item"]) == ["a", "b"]  # text needs no speech
     with pytest.raises(ValueError, match="one of"):
         cross_modal_comparisons(triples, units, "audio", "text", tokenizer, vocab)
+
+
+def _story_folder(root, parts_of: dict[str, dict[str, str]]):
+    """A cross-modal StoryCloze folder: `parts_of[story][part]` = the text; a `.flac` (real speech from the
+    fixtures) beside every part but story 2's endings."""
+    import shutil
+
+    from helpers import FIXTURES
+
+    root.mkdir(parents=True, exist_ok=True)
+
+    audio = sorted(FIXTURES.glob("*.flac"))
+    for story, parts in parts_of.items():
+        for i, (part, text) in enumerate(parts.items()):
+            (root / f"{story}_{part}.txt").write_text(text + "\n")
+            if story != "2" or part == "mutual":
+                shutil.copy(audio[i % len(audio)], root / f"{story}_{part}.flac")
+    (root / "notes.txt").write_text("not a story")  # ignored
+    return root
+
+
+STORIES = {"1": {"mutual": "the dog sees a ball", "correct": "the dog runs", "incorrect": "the dogs run fast"},
+           "2": {"mutual": "the dogs run", "correct": "the dog runs fast", "incorrect": "dog the runs"}}
+
+
+def test_storycloze_folder_reads_each_direction_and_scores_whole_sequences(tokenizer, tmp_path):
+    from slam_ray.errors import SlamError
+    from slam_ray.evals.cross_modal import read_story_parts, storycloze_comparisons
+
+    folder = _story_folder(tmp_path / "cm_sc", STORIES)
+    vocab = MergedVocabulary.of(tokenizer, 10)
+    stories, incomplete = read_story_parts(folder, "text", "text")
+    assert list(stories) == ["1", "2"] and incomplete == []
+    comparisons, sequences = storycloze_comparisons(stories, "text", "text", {}, tokenizer, vocab)
+    assert list(comparisons["item"]) == ["1", "2"]
+    tokens, first = sequences[comparisons["positive"][0]]
+    assert first == 1  # the whole sequence after BOS is scored, as slamkit scores it
+    assert tokens[:2] == [vocab.bos_id, vocab.text_marker] and tokens[-1] == vocab.eos_id
+    assert tokenizer.decode(tokens[2:-1]) == "the dog sees a ball the dog runs"
+
+    stories, incomplete = read_story_parts(folder, "text", "speech")
+    assert list(stories) == ["1"] and incomplete == ["2"]  # story 2 has no spoken endings
+    units = {"1/correct": [3, 4], "1/incorrect": [5]}
+    comparisons, sequences = storycloze_comparisons(stories, "text", "speech", units, tokenizer, vocab)
+    tokens, first = sequences[comparisons["negatives"][0][0]]
+    enc = tokenizer.encode("the dog sees a ball", add_special_tokens=False)
+    assert (tokens, first) == ([vocab.bos_id, vocab.text_marker, *enc, vocab.speech_marker,
+                                vocab.unit_offset + 5, vocab.eos_id], 1)
+    assert storycloze_comparisons(stories, "text", "speech", {"1/correct": [3]}, tokenizer, vocab)[0].empty  # untokenised
+
+    with pytest.raises(SlamError, match="does not exist"):
+        read_story_parts(tmp_path / "nowhere", "text", "text")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SlamError, match="no <n>_mutual"):
+        read_story_parts(tmp_path / "empty", "text", "text")
+    with pytest.raises(SlamError, match=r"no story .* has <n>_mutual.wav"):
+        read_story_parts(_text_only(tmp_path), "speech", "speech")
+
+
+def _text_only(tmp_path):
+    folder = tmp_path / "text_only"
+    folder.mkdir()
+    for part, text in STORIES["1"].items():
+        (folder / f"1_{part}.txt").write_text(text)
+    return folder
+
+
+def test_speech_to_speech_joins_the_context_audio_to_each_ending_first(tokenizer, tmp_path):
+    import numpy as np
+
+    from slam_ray.evals.cross_modal import join_story_audio, read_story_parts, storycloze_comparisons
+    from slam_ray.speech.audio import decode_audio
+
+    folder = _story_folder(tmp_path / "cm_sc", STORIES)
+    stories, incomplete = read_story_parts(folder, "speech", "speech")
+    assert list(stories) == ["1"] and incomplete == ["2"]
+    joined = join_story_audio(stories, tmp_path / "cache")
+    assert sorted(joined) == ["1/correct", "1/incorrect"]
+    for ending in ("correct", "incorrect"):
+        expected = np.concatenate([decode_audio(folder / "1_mutual.flac"), decode_audio(folder / f"1_{ending}.flac")])
+        np.testing.assert_array_equal(decode_audio(joined[f"1/{ending}"]), expected)  # the samples exactly
+    stamp = joined["1/correct"].stat().st_mtime_ns
+    assert join_story_audio(stories, tmp_path / "cache")["1/correct"].stat().st_mtime_ns == stamp  # made once
+    vocab = MergedVocabulary.of(tokenizer, 10)
+    comparisons, sequences = storycloze_comparisons(stories, "speech", "speech", {"1/correct": [1, 2], "1/incorrect": [3]},
+                                                    tokenizer, vocab)
+    assert sequences[comparisons["positive"][0]] == ([vocab.bos_id, vocab.speech_marker, vocab.unit_offset + 1,
+                                                      vocab.unit_offset + 2, vocab.eos_id], 1)

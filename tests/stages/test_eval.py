@@ -240,21 +240,36 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
                                                                                             reduced_pipeline):
     """quickstart_interleaved's path on the reduced pipeline: espeak speech with its words, packed interleaved in
     the vocabulary of the grammar's own BPE (`@grammar`), a random model trained on it, evaluated on a speech-only
-    task (in the merged vocabulary) and the cross-modal grammar task in all four directions: each result has its n
-    and 95% interval and equals a rescoring here with plain transformers — the sequences built by hand from the
-    tokenizer and the cached units, the continuation's mean NLL compared. (TWIST on a merged vocabulary:
+    task (in the merged vocabulary), the cross-modal grammar task in all four directions and the cross-modal
+    StoryCloze (`cm_sc_*`) on a folder in its layout spoken by espeak-ng: each result has its n and 95% interval and
+    equals a rescoring here with plain transformers — the sequences built by hand from the tokenizers (the grammar's
+    cached units; the StoryCloze's speech tokenised here), the continuation's (grammar) or the whole sequence's
+    (StoryCloze) mean NLL compared. (TWIST on a merged vocabulary:
     tests/stages/test_train_ray.py.)"""
+    from helpers import speak_wav
     from transformers import AutoModelForCausalLM
 
     from slam_ray.evals import grammar
     from slam_ray.lm.preferences import grammar_preference_triples
     from slam_ray.lm.vocabulary import MergedVocabulary, grammar_tokenizer
+    from slam_ray.speech.audio import decode_audio
+    from slam_ray.speech.tokenizer import UnitTokenizer
 
     directions = ["cm_grammar_t2t", "cm_grammar_t2s", "cm_grammar_s2t", "cm_grammar_s2s"]
+    # a cross-modal StoryCloze folder in its layout: every part as text and as espeak speech
+    stories = tmp_path / "cm_sc"
+    for n, (mutual, correct, incorrect) in enumerate([("the dog sees the ball", "the dog runs", "dog the runs"),
+                                                      ("a cat finds some bread", "the cat eats", "the cats eats"),
+                                                      ("my friend likes the tree", "she sits there", "sits she there")]):
+        for part, text in (("mutual", mutual), ("correct", correct), ("incorrect", incorrect)):
+            (stories / f"{n}_{part}.txt").parent.mkdir(exist_ok=True)
+            (stories / f"{n}_{part}.txt").write_text(text)
+            speak_wav(stories / f"{n}_{part}.wav", text)
+    sc_tasks = [{"task": f"cm_sc_{d}", "path": str(stories)} for d in ("t2t", "t2s", "s2t", "s2s")]
     exp = small_experiment(tmp_path / "work", stages=["synth", "extract", "pack", "train", "eval"],
                            pack={"context_len": 128, "val_fraction": 0.05, "interleave": {"tokenizer": "@grammar"}},
                            train={"max_steps": 20},
-                           eval={"tasks": ["word_order", *directions], "n_pairs": 12, "batch_size": 16})
+                           eval={"tasks": ["word_order", *directions, *sc_tasks], "n_pairs": 12, "batch_size": 16})
     link_upstream(exp, reduced_pipeline, ("synth", "extract"))
     for stage in ("pack", "train", "eval"):
         stage_function(stage)(exp)
@@ -294,6 +309,31 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
             outcomes.append(1.0 if nll["chosen"] < nll["rejected"] else 0.0 if nll["chosen"] > nll["rejected"] else 0.5)
         assert results[task]["n"] == len(triples)
         assert results[task]["accuracy"] == pytest.approx(np.mean(outcomes), abs=1e-9), task
+    # the cross-modal StoryCloze: whole sequences scored from after BOS; speech tokenised here with the extract
+    # tokenizer (speech to speech: the context's samples joined to the ending's first)
+    unit_tokenizer = UnitTokenizer.load(stage_dir(exp, "extract").path / "tokenizer")
+    spoken_units = lambda *files: unit_ids(  # noqa: E731
+        unit_tokenizer.encode(np.concatenate([decode_audio(f) for f in files]))["units"].tolist())
+    for direction in ("t2t", "t2s", "s2t", "s2s"):
+        c, k = direction[0], direction[-1]
+        outcomes = []
+        for n in range(3):
+            nll = {}
+            for ending in ("correct", "incorrect"):
+                if c == k == "s":
+                    tokens = [vocab.bos_id, marker["s"], *spoken_units(stories / f"{n}_mutual.wav",
+                                                                         stories / f"{n}_{ending}.wav"), vocab.eos_id]
+                else:
+                    context = (enc((stories / f"{n}_mutual.txt").read_text()) if c == "t"
+                               else spoken_units(stories / f"{n}_mutual.wav"))
+                    body = (enc(" " + (stories / f"{n}_{ending}.txt").read_text()) if k == "t"
+                            else spoken_units(stories / f"{n}_{ending}.wav"))
+                    tokens = [vocab.bos_id, marker[c], *context, *([marker[k]] if k != c else []), *body, vocab.eos_id]
+                nll[ending] = mean_nll(tokens, 1)
+            outcomes.append(1.0 if nll["correct"] < nll["incorrect"] else 0.0 if nll["correct"] > nll["incorrect"] else 0.5)
+        result = results[f"cm_sc_{direction}"]
+        assert result["n"] == 3 and result["ci95_low"] <= result["accuracy"] <= result["ci95_high"]
+        assert result["accuracy"] == pytest.approx(np.mean(outcomes), abs=1e-9), direction
     # the speech-only task reads speech as interleaved training does: <speech>, then the units (scored after it)
     word_order = [p for p in grammar.make_minimal_pairs("word_order", exp.eval.n_pairs, exp.eval.seed,
                                                         exp.synth.corpus.held_out_percent)]
