@@ -71,12 +71,24 @@ class Utterances:
         return np.diff(self.offsets) + (0 if self.complete else 2)
 
     def take(self, keep: np.ndarray) -> Utterances:
-        """Only utterances `keep` (sorted indices), in a compact copy: a group holds what it packs, not all it read."""
+        """Only utterances `keep` (indices), in a compact copy: a group holds what it packs, not all it read."""
         lengths = np.diff(self.offsets)[keep]
         values = (np.concatenate([self.values[self.offsets[i] : self.offsets[i + 1]] for i in keep.tolist()])
                   if len(keep) else self.values[:0])
+        pick = lambda column: None if column is None else [column[i] for i in keep.tolist()]  # noqa: E731
         return Utterances([self.ids[i] for i in keep.tolist()], list(self.datasets[keep]), values,
-                          np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), self.complete)
+                          np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), self.complete,
+                          pick(self.aligned_text), pick(self.durations))
+
+    @staticmethod
+    def join(parts: list[Utterances]) -> Utterances:
+        """The utterances of `parts`, in order (complete sequences, as merged_sequences makes them)."""
+        offsets = [parts[0].offsets]
+        for part in parts[1:]:
+            offsets.append(part.offsets[1:] + offsets[-1][-1])
+        return Utterances([i for p in parts for i in p.ids], [d for p in parts for d in p.datasets],
+                          np.concatenate([p.values for p in parts]), np.concatenate(offsets).astype(np.int64),
+                          all(p.complete for p in parts))
 
 
 def _read_parquet(shard: dict[str, Any], words: bool = False) -> Utterances:
@@ -134,9 +146,40 @@ def read_shard(shard: dict[str, Any], interleave: dict[str, Any] | None = None) 
     merged vocabulary (a text shard's texts too)."""
     if shard["kind"] == "text":
         return text_sequences(shard, interleave)
-    words = interleave is not None
-    u = _read_parquet(shard, words) if shard["kind"] == "parquet" else _read_jsonl(shard, words)
+    u = _read_units(shard, words=interleave is not None)
     return u if interleave is None else merged_sequences(u, interleave, shard["location"])
+
+
+def _read_units(shard: dict[str, Any], words: bool) -> Utterances:
+    return _read_parquet(shard, words) if shard["kind"] == "parquet" else _read_jsonl(shard, words)
+
+
+def pass_numbers(chosen: np.ndarray) -> np.ndarray:
+    """For each entry of `chosen` (utterance indices with repeats), how many times the same utterance came
+    before it: 0 on its first pass, 1 on its second..."""
+    order = np.argsort(chosen, kind="stable")
+    ranked = chosen[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    passes = np.empty(len(chosen), dtype=np.int64)
+    passes[order] = np.arange(len(chosen)) - np.repeat(starts, np.diff(np.r_[starts, len(chosen)]))
+    return passes
+
+
+def redraw_repeats(u: Utterances, chosen: np.ndarray, shard: dict[str, Any], interleave: dict[str, Any]
+                   ) -> tuple[Utterances, np.ndarray]:
+    """`resample: epoch`: the k-th repeat of an utterance in `chosen` gets its spans from draw k — its sequences
+    are appended to `u` and `chosen` points at them. The first pass keeps draw 0 (as `once`)."""
+    passes = pass_numbers(chosen)
+    if shard["kind"] == "text" or not (passes > 0).any():
+        return u, chosen
+    raw = _read_units(shard, words=True)  # read again only when a shard's utterances repeat
+    chosen, pieces, base = chosen.copy(), [u], len(u.ids)
+    for k in range(1, int(passes.max()) + 1):
+        picked = chosen[passes == k]
+        pieces.append(merged_sequences(raw.take(picked), interleave, shard["location"], draw=k))
+        chosen[passes == k] = base + np.arange(len(picked))
+        base += len(picked)
+    return Utterances.join(pieces), chosen
 
 
 # --- interleaving --------------------------------------------------------------------------------------------------
@@ -150,11 +193,13 @@ def interleave_settings(exp: Experiment) -> dict[str, Any] | None:
     vocab = vocabulary_of(exp)  # loads the tokenizer here first: a bad path fails before any task starts
     return {"tokenizer": tokenizer_source(exp), "n_units": vocab.n_units, "datasets": cfg.datasets,
             "method": cfg.method, "lam": cfg.lam, "eta": cfg.eta, "unimodal_marker": cfg.unimodal_marker,
-            "frame_rate": exp.extract.tokenizer.frame_rate, "seed": exp.pack.seed}
+            "frame_rate": exp.extract.tokenizer.frame_rate, "seed": exp.pack.seed, "resample": cfg.resample}
 
 
-def _utterance_rng(seed: int, dataset: str, uid: str) -> np.random.Generator:
-    digest = hashlib.blake2b(f"spans\0{seed}\0{dataset}\0{uid}".encode(), digest_size=8).digest()
+def _utterance_rng(seed: int, dataset: str, uid: str, draw: int = 0) -> np.random.Generator:
+    """The span sampler's generator for one utterance's `draw` (0: its only draw under `resample: once`)."""
+    digest = hashlib.blake2b(f"spans\0{seed}\0{dataset}\0{uid}{f'{chr(0)}{draw}' if draw else ''}".encode(),
+                             digest_size=8).digest()
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
@@ -165,9 +210,9 @@ def merged_vocabulary(settings: dict[str, Any]) -> tuple[Any, MergedVocabulary]:
     return tokenizer, MergedVocabulary.of(tokenizer, settings["n_units"])
 
 
-def merged_sequences(u: Utterances, settings: dict[str, Any], location: str) -> Utterances:
+def merged_sequences(u: Utterances, settings: dict[str, Any], location: str, draw: int = 0) -> Utterances:
     """Each utterance as `BOS pieces... EOS` in the merged vocabulary: interleaved when its dataset is and it has
-    words, else its units (after `<speech>` with `unimodal_marker`)."""
+    words (its spans from draw `draw`), else its units (after `<speech>` with `unimodal_marker`)."""
     tokenizer, vocab = merged_vocabulary(settings)
     chosen = settings["datasets"]
     sequences = []
@@ -181,7 +226,7 @@ def merged_sequences(u: Utterances, settings: dict[str, Any], location: str) -> 
         words = [(w.strip(), s, e) for w, s, e in words or [] if w.strip()]  # joined with spaces by the tokenizer step
         try:
             if words and u.durations[i] is not None:
-                rng = _utterance_rng(settings["seed"], dataset, uid)
+                rng = _utterance_rng(settings["seed"], dataset, uid, draw)
                 is_speech = (slamkit_spans(len(words), rng, settings["lam"], settings["eta"])
                              if settings["method"] == "slamkit" else alternating_spans(len(words), rng))
                 ends = np.cumsum(np.asarray(u.durations[i], dtype=np.float64)) / settings["frame_rate"]
@@ -404,6 +449,8 @@ def pack_group(group: dict[str, Any]) -> dict[str, Any]:
         u = read_shard(shard, group.get("interleave"))
         val = held_out(u, group["seed"], group["val_fraction"])
         chosen = choose_training(u, ~val, group["rates"], rng)
+        if (group.get("interleave") or {}).get("resample") == "epoch":
+            u, chosen = redraw_repeats(u, chosen, shard, group["interleave"])
         names, tokens = u.datasets[chosen], u.tokens[chosen]
         for d in set(names):
             datasets[d] = datasets.get(d, 0) + int(tokens[names == d].sum())

@@ -279,6 +279,37 @@ def units_inside(row: dict, first: int, last: int) -> list[int]:
     return [u for u, t in zip(row["units"], ends, strict=True) if start <= t <= end]
 
 
+def walk_interleaved(sequence: tuple[int, ...], talk: list[dict], vocab, tokenizer) -> tuple[dict, int]:  # noqa: ANN001
+    """Check one interleaved sequence against its utterance, found among `talk` (words `u<i>w<j>`): a text piece is
+    the next words verbatim (running text), a speech piece exactly the units under the words up to the next text
+    piece, every word covered once, markers only at switches. Returns (the utterance's row, words spoken)."""
+    pieces = split_pieces(sequence, vocab)
+    assert all(a[0] != b[0] for a, b in zip(pieces, pieces[1:], strict=False))  # markers only at switches
+    texts = [tokenizer.decode(ids).split() for kind, ids in pieces if kind == "text"]
+    if texts:
+        row = next(r for r in talk if r["aligned_text"][0][0].strip().split("w")[0] == texts[0][0].split("w")[0])
+    else:  # one span over every word (a short utterance and a long Poisson draw): found by its units
+        row = next(r for r in talk if [t - vocab.unit_offset for t in pieces[0][1]] == units_inside(r, 0, -1))
+    words = [w.strip() for w, _, _ in row["aligned_text"]]
+    at, spoken = 0, 0
+    for k, (kind, ids) in enumerate(pieces):
+        if kind == "text":
+            text = tokenizer.decode(ids)
+            got = text.split()
+            assert "  " not in text and (text.startswith(" ") == (k > 0))  # running text: one space between words
+            assert got == words[at : at + len(got)], (got, words[at : at + len(got)])
+            at += len(got)
+            continue
+        following = next((tokenizer.decode(i).split() for m, i in pieces[k + 1 :] if m == "text"), None)
+        stop = words.index(following[0], at) if following else len(words)
+        assert stop > at
+        assert [t - vocab.unit_offset for t in ids] == units_inside(row, at, stop - 1)
+        spoken += stop - at
+        at = stop
+    assert at == len(words)
+    return row, spoken
+
+
 def test_interleaved_pack_writes_text_spans_and_the_units_spoken_under_the_other_words(tmp_path):
     """pack.interleave: every `talk` utterance is one merged sequence (BOS, pieces each opened by its marker, EOS)
     whose text pieces decode to consecutive runs of its words and whose speech pieces are exactly the units whose
@@ -306,37 +337,12 @@ def test_interleaved_pack_writes_text_spans_and_the_units_spoken_under_the_other
     expected_plain = Counter(tuple([vocab.bos_id, *(np.asarray(u) + len(tokenizer)).tolist(), vocab.eos_id])
                              for u in plain)
     assert Counter(q for q in sequences if vocab.text_marker not in q and vocab.speech_marker not in q) == expected_plain
-    by_name = {row["aligned_text"][0][0].strip().split("w")[0]: row for row in talk}  # "u<i>"
     seen, reached = Counter(), 0
     assert len(sequences) == len(talk) + len(plain)
     for sequence in (q for q in sequences if vocab.text_marker in q or vocab.speech_marker in q):
-        pieces = split_pieces(sequence, vocab)
-        assert all(a[0] != b[0] for a, b in zip(pieces, pieces[1:], strict=False))  # markers only at switches
-        texts = [tokenizer.decode(ids).split() for kind, ids in pieces if kind == "text"]
-        if texts:
-            row = by_name[texts[0][0].split("w")[0]]
-        else:  # one span over every word (a short utterance and a long Poisson draw): found by its units
-            row = next(r for r in talk if [t - vocab.unit_offset for t in pieces[0][1]] == units_inside(r, 0, -1))
+        row, spoken = walk_interleaved(sequence, talk, vocab, tokenizer)
         seen[row["file_name"]] += 1
-        words = [w.strip() for w, _, _ in row["aligned_text"]]
-        # walk the words: a text piece is the next words verbatim, a speech piece the words up to the next text
-        at, spoken = 0, 0
-        for k, (kind, ids) in enumerate(pieces):
-            if kind == "text":
-                text = tokenizer.decode(ids)
-                got = text.split()
-                assert "  " not in text and (text.startswith(" ") == (k > 0))  # running text: one space between words
-                assert got == words[at : at + len(got)], (got, words[at : at + len(got)])
-                at += len(got)
-                continue
-            following = next((tokenizer.decode(i).split() for m, i in pieces[k + 1 :] if m == "text"), None)
-            stop = words.index(following[0], at) if following else len(words)
-            assert stop > at
-            assert [t - vocab.unit_offset for t in ids] == units_inside(row, at, stop - 1)
-            spoken += stop - at
-            at = stop
-        assert at == len(words)
-        reached += spoken >= np.ceil(0.3 * len(words))
+        reached += spoken >= np.ceil(0.3 * len(row["aligned_text"]))
     assert set(seen) == {row["file_name"] for row in talk} and set(seen.values()) == {1}  # each once, train or val
     assert reached >= 0.9 * len(talk)
     counts = json.loads(out.manifest_path.read_text())["counts"]
@@ -359,6 +365,44 @@ def test_interleaving_is_seeded_by_the_utterance_and_spiritlm_alternates(tmp_pat
     assert spiritlm.shape != first.shape or not np.array_equal(spiritlm, first)
     with pytest.raises(SlamError, match="pack.interleave.tokenizer"):
         pack(with_values(exp, {"pack.interleave.tokenizer": str(tmp_path / "nowhere")}, "test"))
+
+
+def test_resample_epoch_draws_every_pass_of_an_utterance_anew(tmp_path):
+    """pack.interleave.resample with `talk` packed about twice (pack.mix, an epoch cap of 2): `once` repeats an
+    utterance's sequence exactly; `epoch` gives its second pass spans of their own — every sequence still a valid
+    interleaving of its utterance — and keeps the first pass as `once` draws it. `once` is the key without the
+    setting (existing keys stay); `epoch` is another key."""
+    from transformers import AutoTokenizer
+
+    from slam_ray.config import with_values
+    from slam_ray.core.stage_io import stage_key
+    from slam_ray.lm.vocabulary import MergedVocabulary
+    from slam_ray.stages.pack import pack
+
+    exp, talk, _ = interleaved_experiment(tmp_path)
+    exp = with_values(exp, {"pack.mix": {"talk": 0.97, "plain": 0.03}, "pack.epochs": {"talk": 2}, "pack.val_fraction": 0},
+                      "test")
+    epoch = with_values(exp, {"pack.interleave.resample": "epoch", "workdir": str(tmp_path / "epoch")}, "test")
+    assert stage_key(with_values(exp, {"pack.interleave.resample": "once"}, "test"), "pack") == stage_key(exp, "pack")
+    assert stage_key(epoch, "pack") != stage_key(exp, "pack")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lm")
+    vocab = MergedVocabulary.of(tokenizer, 500)
+
+    def passes(e) -> dict[str, list[tuple[int, ...]]]:  # noqa: ANN001
+        by_utterance: dict[str, list[tuple[int, ...]]] = {}
+        for q in documents(PackedWindows(pack(e).path, "train"), vocab.bos_id, vocab.eos_id):
+            if vocab.text_marker in q or vocab.speech_marker in q:
+                by_utterance.setdefault(walk_interleaved(q, talk, vocab, tokenizer)[0]["file_name"], []).append(q)
+        return by_utterance
+
+    once, redrawn = passes(exp), passes(epoch)
+    twice = [name for name, seqs in once.items() if len(seqs) == 2]
+    assert len(twice) >= 0.5 * len(talk) and all(len(s) <= 2 for s in once.values())
+    assert all(once[name][0] == once[name][1] for name in twice)  # once: the same spans every pass
+    assert {name: len(s) for name, s in redrawn.items()} == {name: len(s) for name, s in once.items()}
+    assert all(once[name][0] in redrawn[name] for name in once)  # the first pass is once's draw
+    differ = sum(redrawn[name][0] != redrawn[name][1] for name in twice)
+    assert differ >= 0.7 * len(twice), (differ, len(twice))
 
 
 def test_a_merged_vocabulary_beyond_uint16_is_written_and_read_as_uint32(tmp_path):
