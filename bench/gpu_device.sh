@@ -6,7 +6,8 @@
 #   2. bench/slam_gpu.py: the full-size `slam` model trained through `slam-ray train`'s stage (Ray Train, bf16,
 #      document masks) at the recipe's 8 x 10, beside the bare step in the same run, and DPO in bf16; then the same
 #      with compile (no DPO). Other shapes: --batch 16x5, 32x3 (see bench/slam_gpu.py).
-# Sized for ~8 of the 15 device minutes (a machine's start is extra).
+# Sized for ~8 of the 15 device minutes (a machine's start is extra); each part prints its figures as it ends, so a
+# part cut by its timeout loses only itself.
 #
 #     run(command="bash bench/gpu_device.sh", carry=[".whl"], timeout_s=600)
 set -uo pipefail
@@ -19,11 +20,11 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 TO
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, ray, mlflow; print('torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__, 'mlflow', mlflow.__version__)" | tee -a "$OUT/gpu.txt"
 
-timeout 90 python3 -m pytest -q -p no:cacheprovider -m "not ray and not slow" -k "not lomo" \
+timeout 80 python3 -m pytest -q -p no:cacheprovider -m "not ray and not slow" -k "not lomo" \
   tests/stages/test_train.py tests/lm/test_model.py tests/speech/test_features.py tests/speech/test_tokenizer.py \
   2>&1 | tail -40 > "$OUT/gpu_tests.log"
 tail -3 "$OUT/gpu_tests.log"
 
-timeout 230 python3 bench/slam_gpu.py --steps 60 --dpo-steps 10 2>&1 | tee "$OUT/slam_gpu.log" | grep "^\[slam_gpu\]\|^{"
-timeout 260 python3 bench/slam_gpu.py --steps 80 --dpo-steps 0 --compile 2>&1 | tee "$OUT/slam_gpu_compile.log" \
+timeout 200 python3 bench/slam_gpu.py --steps 60 --dpo-steps 12 2>&1 | tee "$OUT/slam_gpu.log" | grep "^\[slam_gpu\]\|^{"
+timeout 200 python3 bench/slam_gpu.py --steps 60 --dpo-steps 0 --compile 2>&1 | tee "$OUT/slam_gpu_compile.log" \
   | grep "^\[slam_gpu\]\|^{"

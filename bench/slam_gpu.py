@@ -46,7 +46,7 @@ def overrides(workdir: Path, args: argparse.Namespace, prefs: Path) -> list[str]
         f"train.batch_size={batch}", f"train.grad_accum={accum}", f"train.compile={str(args.compile).lower()}",
         f"train.max_steps={args.steps}", "train.max_minutes=null", f"train.log_every={args.log_every}",
         f"dpo.inputs={json.dumps([str(prefs)])}", f"dpo.max_steps={max(1, args.dpo_steps)}", "dpo.max_minutes=null",
-        f"dpo.log_every={args.log_every}",
+        f"dpo.log_every={max(1, args.dpo_steps // 4)}",  # several intervals: the first (warm-up) is left out
     ]
     if args.tiny:  # a CPU: no GPU requests, a short context, the recipe's precision and masking kept
         values += ["pack.context_len=128", "train.use_gpu=false", "ray.worker_cpus=1", "dpo.batch_size=2",
@@ -128,6 +128,15 @@ def main() -> None:
     peaks = history(exp, "train", "train/peak_mem_gib") if not args.tiny else []
     result["stage_peak_mem_gib"] = max(peaks) if peaks else None
     print(f"[slam_gpu] train through Ray: {result}", flush=True)
+    if not args.tiny:  # the bare step after Ray has let go of the GPU, same shapes, same process
+        from gpu import train_throughput
+
+        batch, accum = (int(x) for x in args.batch.split("x"))
+        bare = train_throughput(batch, accum, exp.train.optimizer.name, args.compile, args.bare_steps, document_mask=True)
+        result["bare"] = bare
+        result["ratio"] = round(result["stage_tokens_per_s"] / bare["tokens_per_s"], 3)
+        print(f"[slam_gpu] bare step {bare['tokens_per_s']:,} tokens/s, MFU {bare['mfu']}; stage/bare {result['ratio']}",
+              flush=True)
 
     if args.dpo_steps:
         start = time.perf_counter()
@@ -139,13 +148,6 @@ def main() -> None:
         print(f"[slam_gpu] dpo through Ray: tokens/s {result['dpo_tokens_per_s']}, peak {result['dpo_peak_mem_gib']} GiB",
               flush=True)
 
-    if not args.tiny:  # the bare step after Ray has let go of the GPU, same shapes, same process
-        from gpu import train_throughput
-
-        batch, accum = (int(x) for x in args.batch.split("x"))
-        bare = train_throughput(batch, accum, exp.train.optimizer.name, args.compile, args.bare_steps, document_mask=True)
-        result["bare"] = bare
-        result["ratio"] = round(result["stage_tokens_per_s"] / bare["tokens_per_s"], 3)
     print(json.dumps(result), flush=True)
 
 

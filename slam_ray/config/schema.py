@@ -208,7 +208,7 @@ class InterleaveConfig(Section):
     unimodal_marker: bool = Field(False, description="a speech-only utterance opens with <speech> (SpiritLM); "
                                                      "false: no marker (slamkit)")
     resample: Literal["once", "epoch"] = Field(
-        "once", description="once: an utterance's spans are drawn once (slamkit); epoch: every pass over it in the "
+        "once", description="once: an utterance's spans are drawn once (slamkit); epoch: every copy of it in the "
                             "packed stream (its repeats under pack.mix / pack.epochs) draws its spans anew (SpiritLM "
                             "redraws every step): pack the passes you will train", json_schema_extra={"since": "0.4"})
 

@@ -259,7 +259,8 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
     if stage == "eval":
         payload = {"eval": section("eval"), **_spoken_grammar(exp), "pairs_version": PAIRS_VERSION,
                    "readers_version": READERS_VERSION}
-        if any(load_task(e.task).reader == "cross_modal" for e in exp.eval.task_entries()):  # else absent: keys stay
+        if any(load_task(e.task).reader in ("cross_modal", "cross_modal_storycloze")  # else absent: keys stay
+               for e in exp.eval.task_entries()):
             payload["cross_modal_version"] = CROSS_MODAL_VERSION
         if evaluates_trained_stage(exp):  # not when every checkpoint is a folder given by path
             trained_by = trained_stage(exp)

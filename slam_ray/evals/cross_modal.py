@@ -11,8 +11,9 @@ No Ray here: the eval stage speaks the parts and scores the sequences.
 
 The cross-modal StoryCloze (`cm_sc_*` tasks) reads a folder of stories instead: `<n>_mutual` (the first four
 sentences), `<n>_correct` and `<n>_incorrect` (the endings), each as `.txt` and/or `.wav`/`.flac`. Scored as slamkit
-scores it: the mean NLL of the whole sequence after BOS (context, markers and ending); for speech to speech the
-context's and the ending's audio are joined first and tokenised as one file.
+scores it: the NLL of the whole sequence after BOS (context, markers and ending; a mean per token under the default
+`eval.convention`); for speech to speech the context's and the ending's audio are joined first and tokenised as one
+file.
 """
 
 from __future__ import annotations
@@ -102,43 +103,54 @@ def read_story_parts(path: Path, context: str, continuation: str) -> tuple[dict[
         else:
             stories[story] = parts
     if not stories:
-        wanted = ", ".join(f"<n>_{part}.{'txt' if m == 'text' else 'wav'}" for part, m in need.items())
+        wanted = ", ".join(f"<n>_{part}.{'txt' if m == 'text' else 'wav/.flac'}" for part, m in need.items())
         raise SlamError(f"cross-modal StoryCloze ({context} -> {continuation}): no story in {path} has {wanted}")
     return stories, incomplete
 
 
-def join_story_audio(stories: dict[str, dict[str, Path]], cache: Path) -> dict[str, Path]:
+JOIN_VERSION = 1  # how join_story_audio joins: part of its cache's name
+
+
+def join_story_audio(stories: dict[str, dict[str, Path]], cache: Path) -> tuple[dict[str, Path], list[dict]]:
     """Speech to speech: each story's context audio joined with each ending's, as one file per ending under
-    `cache` (float WAV: the decoded samples exactly; made once per set of files). Keys `<story>/<ending>`."""
-    from slam_ray.speech.audio import decode_audio, write_float_wav
+    `cache` (float WAV: the decoded samples exactly; made once per set of files). ({`<story>/<ending>`: file},
+    errors: a story whose audio cannot be decoded is left out, with a line saying why)."""
+    import os
+
+    from slam_ray.speech.audio import AudioError, decode_audio, write_float_wav
 
     files = sorted(str(p) for parts in stories.values() for p in parts.values())
-    digest = hashlib.sha1("\n".join(f"{f}:{Path(f).stat().st_size}:{Path(f).stat().st_mtime_ns}"
-                                     for f in files).encode()).hexdigest()[:12]
+    digest = hashlib.sha1("\n".join([f"join{JOIN_VERSION}"] + [
+        f"{f}:{Path(f).stat().st_size}:{Path(f).stat().st_mtime_ns}" for f in files]).encode()).hexdigest()[:12]
     folder = cache / digest
-    joined = {}
+    joined, errors = {}, []
     for story, parts in stories.items():
         context = None
-        for ending in ("correct", "incorrect"):
-            target = joined[f"{story}/{ending}"] = folder / f"{story}_{ending}.wav"
-            if not target.is_file():
-                context = decode_audio(parts["mutual"]) if context is None else context
-                tmp = target.with_name(target.stem + ".tmp.wav")
-                write_float_wav(tmp, np.concatenate([context, decode_audio(parts[ending])]))
-                tmp.replace(target)
-    return joined
+        try:
+            for ending in ("correct", "incorrect"):
+                target = folder / f"{story}_{ending}.wav"
+                if not target.is_file():
+                    context = decode_audio(parts["mutual"]) if context is None else context
+                    tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.wav")  # concurrent evals
+                    write_float_wav(tmp, np.concatenate([context, decode_audio(parts[ending])]))
+                    tmp.replace(target)
+                joined[f"{story}/{ending}"] = target
+        except AudioError as e:
+            joined.pop(f"{story}/correct", None)
+            errors.append({"path": str(parts["mutual"].parent / f"{story}_*"), "error": f"story {story}: {e}"})
+    return joined, errors
 
 
 def storycloze_comparisons(stories: dict[str, dict[str, Path]], context: str, continuation: str,
-                           units: dict[str, list[int]], tokenizer: Any, vocab: MergedVocabulary
+                           units: dict[str, list[int]], tokenizer: Any, vocab: MergedVocabulary, name: str
                            ) -> tuple[pd.DataFrame, dict[str, tuple[list[int], int]]]:
     """(comparisons, sequences by key) of the stories whose speech was tokenised. `units` by `<story>/<part>` (for
-    speech to speech `<story>/<ending>`: the joined audio's units). Every sequence is scored from index 1."""
-    direction = f"{context[0]}2{continuation[0]}"
+    speech to speech `<story>/<ending>`: the joined audio's units). Every sequence is scored from index 1. `name`
+    (the task's name in results) prefixes the keys: two tasks on two folders never share one."""
     rows, sequences = [], {}
     for story, parts in stories.items():
         text = {part: f.read_text().strip() for part, f in parts.items() if f.suffix.lower() == ".txt"}
-        keys = {ending: f"cm_sc_{direction}:{story}:{ending}" for ending in ("correct", "incorrect")}
+        keys = {ending: f"{name}:{story}:{ending}" for ending in ("correct", "incorrect")}
         if context == continuation == "speech":
             if not all(f"{story}/{e}" in units for e in keys):
                 continue

@@ -41,6 +41,7 @@ from slam_ray.core.stage_io import (
     upstream_dir,
 )
 from slam_ray.core.storage import (
+    cache_root,
     exists,
     in_filesystem,
     is_remote,
@@ -205,7 +206,7 @@ def _cross_modal_units(exp: Experiment) -> tuple[list, dict[str, list[int]], lis
 def _storycloze_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, vocab: Vocabulary
                             ) -> tuple[pd.DataFrame, dict[str, tuple[list[int], int]], list[dict]]:
     """The cross-modal StoryCloze folder (`evals/cross_modal.py`): its speech tokenised like any task's audio (for
-    speech to speech, each context joined with each ending first, in a cache beside SALMon's)."""
+    speech to speech, each context joined with each ending first, under the cache root's cm_sc/)."""
     from slam_ray.evals.cross_modal import join_story_audio, read_story_parts, storycloze_comparisons
 
     if not isinstance(vocab, MergedVocabulary):
@@ -214,16 +215,17 @@ def _storycloze_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, vo
     stories, incomplete = read_story_parts(Path(entry.path).expanduser(), context, continuation)
     if entry.limit is not None:
         stories = dict(list(stories.items())[: entry.limit])
+    join_errors: list[dict] = []
     if context == continuation == "speech":
-        audio = join_story_audio(stories, Path.home() / ".cache" / "slam_ray" / "cm_sc")
+        audio, join_errors = join_story_audio(stories, cache_root() / "cm_sc")
     else:
         audio = {f"{story}/{part}": f for story, parts in stories.items() for part, f in parts.items()
                  if f.suffix.lower() != ".txt"}
     by_path, _, errors = audio_units(exp, [str(f) for f in audio.values()])
     units = {key: by_path[str(f)] for key, f in audio.items() if str(f) in by_path}
     comparisons, sequences = storycloze_comparisons(stories, context, continuation, units,
-                                                    load_text_tokenizer(tokenizer_source(exp)), vocab)
-    errors = [{**e, "task": entry.key} for e in errors]
+                                                    load_text_tokenizer(tokenizer_source(exp)), vocab, entry.key)
+    errors = [{**e, "task": entry.key} for e in join_errors + errors]
     if incomplete:
         errors.append({"task": entry.key, "error": f"{len(incomplete)} stories lack a {context} context or a "
                        f"{continuation} ending: {', '.join(incomplete[:10])}"})

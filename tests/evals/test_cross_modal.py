@@ -85,8 +85,8 @@ def test_storycloze_folder_reads_each_direction_and_scores_whole_sequences(token
     vocab = MergedVocabulary.of(tokenizer, 10)
     stories, incomplete = read_story_parts(folder, "text", "text")
     assert list(stories) == ["1", "2"] and incomplete == []
-    comparisons, sequences = storycloze_comparisons(stories, "text", "text", {}, tokenizer, vocab)
-    assert list(comparisons["item"]) == ["1", "2"]
+    comparisons, sequences = storycloze_comparisons(stories, "text", "text", {}, tokenizer, vocab, "cm_sc_t2t")
+    assert list(comparisons["item"]) == ["1", "2"] and comparisons["positive"][0] == "cm_sc_t2t:1:correct"
     tokens, first = sequences[comparisons["positive"][0]]
     assert first == 1  # the whole sequence after BOS is scored, as slamkit scores it
     assert tokens[:2] == [vocab.bos_id, vocab.text_marker] and tokens[-1] == vocab.eos_id
@@ -95,12 +95,12 @@ def test_storycloze_folder_reads_each_direction_and_scores_whole_sequences(token
     stories, incomplete = read_story_parts(folder, "text", "speech")
     assert list(stories) == ["1"] and incomplete == ["2"]  # story 2 has no spoken endings
     units = {"1/correct": [3, 4], "1/incorrect": [5]}
-    comparisons, sequences = storycloze_comparisons(stories, "text", "speech", units, tokenizer, vocab)
+    comparisons, sequences = storycloze_comparisons(stories, "text", "speech", units, tokenizer, vocab, "t2s")
     tokens, first = sequences[comparisons["negatives"][0][0]]
     enc = tokenizer.encode("the dog sees a ball", add_special_tokens=False)
     assert (tokens, first) == ([vocab.bos_id, vocab.text_marker, *enc, vocab.speech_marker,
                                 vocab.unit_offset + 5, vocab.eos_id], 1)
-    assert storycloze_comparisons(stories, "text", "speech", {"1/correct": [3]}, tokenizer, vocab)[0].empty  # untokenised
+    assert storycloze_comparisons(stories, "text", "speech", {"1/correct": [3]}, tokenizer, vocab, "t2s")[0].empty  # untokenised
 
     with pytest.raises(SlamError, match="does not exist"):
         read_story_parts(tmp_path / "nowhere", "text", "text")
@@ -128,15 +128,21 @@ def test_speech_to_speech_joins_the_context_audio_to_each_ending_first(tokenizer
     folder = _story_folder(tmp_path / "cm_sc", STORIES)
     stories, incomplete = read_story_parts(folder, "speech", "speech")
     assert list(stories) == ["1"] and incomplete == ["2"]
-    joined = join_story_audio(stories, tmp_path / "cache")
-    assert sorted(joined) == ["1/correct", "1/incorrect"]
+    joined, errors = join_story_audio(stories, tmp_path / "cache")
+    assert sorted(joined) == ["1/correct", "1/incorrect"] and errors == []
     for ending in ("correct", "incorrect"):
         expected = np.concatenate([decode_audio(folder / "1_mutual.flac"), decode_audio(folder / f"1_{ending}.flac")])
         np.testing.assert_array_equal(decode_audio(joined[f"1/{ending}"]), expected)  # the samples exactly
     stamp = joined["1/correct"].stat().st_mtime_ns
-    assert join_story_audio(stories, tmp_path / "cache")["1/correct"].stat().st_mtime_ns == stamp  # made once
+    assert join_story_audio(stories, tmp_path / "cache")[0]["1/correct"].stat().st_mtime_ns == stamp  # made once
+    # a story whose audio cannot be decoded is left out with a line saying so; the others come through
+    broken = _story_folder(tmp_path / "broken", {"1": STORIES["1"], "3": STORIES["2"]})
+    (broken / "3_incorrect.flac").write_bytes(b"not audio")
+    joined, errors = join_story_audio(read_story_parts(broken, "speech", "speech")[0], tmp_path / "cache")
+    assert sorted(joined) == ["1/correct", "1/incorrect"]
+    assert len(errors) == 1 and errors[0]["error"].startswith("story 3: cannot decode audio")
     vocab = MergedVocabulary.of(tokenizer, 10)
     comparisons, sequences = storycloze_comparisons(stories, "speech", "speech", {"1/correct": [1, 2], "1/incorrect": [3]},
-                                                    tokenizer, vocab)
+                                                    tokenizer, vocab, "cm_sc_s2s")
     assert sequences[comparisons["positive"][0]] == ([vocab.bos_id, vocab.speech_marker, vocab.unit_offset + 1,
                                                       vocab.unit_offset + 2, vocab.eos_id], 1)

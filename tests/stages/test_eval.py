@@ -312,6 +312,8 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
     # the cross-modal StoryCloze: whole sequences scored from after BOS; speech tokenised here with the extract
     # tokenizer (speech to speech: the context's samples joined to the ending's first)
     unit_tokenizer = UnitTokenizer.load(stage_dir(exp, "extract").path / "tokenizer")
+    scores = pd.read_csv(stage_dir(exp, "eval").path / "scores.csv", dtype={"item": str})
+    scores = scores[scores["checkpoint"] == "final"]
     spoken_units = lambda *files: unit_ids(  # noqa: E731
         unit_tokenizer.encode(np.concatenate([decode_audio(f) for f in files]))["units"].tolist())
     for direction in ("t2t", "t2s", "s2t", "s2s"):
@@ -330,6 +332,10 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
                             else spoken_units(stories / f"{n}_{ending}.wav"))
                     tokens = [vocab.bos_id, marker[c], *context, *([marker[k]] if k != c else []), *body, vocab.eos_id]
                 nll[ending] = mean_nll(tokens, 1)
+            # each sequence's NLL as the stage scored it, not only the outcome (3 stories: 4 possible accuracies)
+            row = scores[(scores["task"] == f"cm_sc_{direction}") & (scores["item"] == str(n))].iloc[0]
+            assert row["nll_positive"] == pytest.approx(nll["correct"], rel=1e-4), (direction, n)
+            assert json.loads(row["nll_negatives"])[0] == pytest.approx(nll["incorrect"], rel=1e-4), (direction, n)
             outcomes.append(1.0 if nll["correct"] < nll["incorrect"] else 0.0 if nll["correct"] > nll["incorrect"] else 0.5)
         result = results[f"cm_sc_{direction}"]
         assert result["n"] == 3 and result["ci95_low"] <= result["accuracy"] <= result["ci95_high"]
