@@ -50,7 +50,7 @@ def snapshot() -> Iterator[None]:
 
 def fingerprint(location: str) -> dict[str, Any]:
     """The fingerprint of a file, folder, glob or bucket location (see the module docstring)."""
-    memo_key = location if is_remote(location) else os.path.abspath(location)
+    memo_key = location if is_remote(location) else os.path.abspath(os.path.expanduser(location))
     if _memo is not None and memo_key in _memo:
         return dict(_memo[memo_key])
     found = {"path": location, **_measure(location)}
@@ -63,6 +63,7 @@ def _measure(location: str) -> dict[str, Any]:
     if is_remote(location):
         found = listing(location)
         return {"absent": True} if found is None else _digest(found)
+    location = os.path.expanduser(location)  # `~/data` is read as the readers read it, not taken as absent
     path = Path(location)
     if path.is_file():
         st = path.stat()

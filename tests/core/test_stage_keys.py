@@ -214,3 +214,16 @@ def test_an_alignment_beside_a_single_audio_file_or_glob_match_is_keyed(tmp_path
     assert with_words[0] != before[0] and with_words[1] != before[1]
     (tmp_path / "one.json").write_text(json.dumps([[" one", 0.1, 0.5]]))
     assert (stage_key(single, "extract"), stage_key(globbed, "extract")) != with_words
+
+
+def test_a_home_relative_input_is_fingerprinted_not_taken_as_absent(tmp_path, monkeypatch):
+    """An eval dataset at `~/data/...` (the eval readers expand `~`) keys the eval stage by its files: an edit
+    changes the key (it used to be fingerprinted as absent, so edits went unseen)."""
+    from slam_ray.core.fingerprint import fingerprint
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folder = _folder(tmp_path / "home" / "data" / "ssc", {"1_correct.wav": b"a", "1_incorrect.wav": b"b"})
+    got = fingerprint("~/data/ssc")
+    assert "absent" not in got and got["path"] == "~/data/ssc"  # the path as written, the content measured
+    exp = small_experiment(tmp_path / "w", eval={"tasks": [{"task": "ssc", "path": "~/data/ssc"}]})
+    _assert_edit_changes(exp, ("eval",), lambda: (folder / "1_correct.wav").write_bytes(b"another"))
