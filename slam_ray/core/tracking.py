@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from slam_ray.config import Experiment
-from slam_ray.core.storage import workdir_path
+from slam_ray.core.storage import cache_root, workdir_path
 
 # The parent run that new runs nest under (set by `experiment_run` / a sweep trial), the tags every new run
 # gets (a sweep trial tags its stage runs with its trial id), and the writer actor in use (a sweep's).
@@ -29,11 +30,50 @@ _TRUNCATED = "...[truncated]"
 WRITER_NAMESPACE = "slam_ray"
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An MlflowClient for `uri`; a new SQLite store starts as a copy of an empty one (`seed_sqlite_store`)."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///"):
+        try:
+            seed_sqlite_store(Path(uri.removeprefix("sqlite:///")))
+        except (OSError, sqlite3.Error):  # a read-only cache, say: MLflow then makes the store itself, only slower
+            pass
     return MlflowClient(tracking_uri=uri)
+
+
+def seed_sqlite_store(path: Path) -> None:
+    """Create the SQLite store `path`, if it does not exist, as a copy of an empty store that MLflow itself made
+    once per MLflow version (under the cache root). MLflow builds a new store by running its ~80 schema migrations,
+    3.7 s on a 2-core machine for every new workdir (every test, sweep trial and experiment); the copy opens at the
+    schema's head revision, so MLflow only checks it. The copy's Default experiment (id 0, which slam_ray does not
+    use) gets the artifact location MLflow would have given it here."""
+    if path.exists():
+        return
+    import mlflow
+
+    template = cache_root() / "mlflow" / f"empty-{mlflow.__version__}.db"
+    if not template.is_file():
+        template.parent.mkdir(parents=True, exist_ok=True)
+        building = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments()  # MLflow creates the schema
+        os.replace(building, template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    copy = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with contextlib.closing(sqlite3.connect(template)) as source, contextlib.closing(sqlite3.connect(copy)) as target:
+            source.backup(target)  # a consistent copy, even of a template another process is reading
+            target.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                           (str(Path.cwd() / "mlruns" / "0"),))
+            target.commit()
+        os.link(copy, path)  # only if absent: another process may have created the store meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        copy.unlink(missing_ok=True)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -67,7 +107,7 @@ class MlflowStore:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         found = self.client.get_experiment_by_name(name)

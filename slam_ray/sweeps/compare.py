@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from slam_ray.core.tracking import mlflow_client
 from slam_ray.errors import SlamError
 
 SUMMARY = ("val/loss", "val/loss_best", "train/tokens", "train/steps", "train/seconds", "wall_s")
@@ -31,12 +32,6 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return "" if pd.isna(v) else f"{v:.4g}"
     return "" if v is None else str(v)
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def search_runs(uri: str, experiments: list[str] | None, filter_string: str) -> pd.DataFrame:
@@ -69,7 +64,7 @@ def runs_table(uri: str, experiments: list[str] | None = None, sweep_run_id: str
         # missing from older runs, which alone does not make it an ablation axis).
         param_cols = [c for c in runs.columns if c.startswith("params.") and not c.startswith("params.swept.")
                       and runs[c].replace("None", None).dropna().nunique() > 1]
-    client = _client(uri)
+    client = mlflow_client(uri)
     runs["metrics.val/loss_best"] = [_best(client, run_id, "val/loss") for run_id in runs["run_id"]]
     runs["metrics.wall_s"] = (pd.to_datetime(runs["end_time"]) - pd.to_datetime(runs["start_time"])).dt.total_seconds()
     metric_cols = [f"metrics.{m}" for m in SUMMARY if f"metrics.{m}" in runs.columns]
@@ -94,7 +89,7 @@ def _best(client: Any, run_id: str, key: str) -> float | None:
 
 def _curves(uri: str, run_ids: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Per row: train/loss and val/loss by step, from its `train` stage run(s) (a resumed trial has two)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     out: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for run_id in run_ids:
         found = client.search_runs(

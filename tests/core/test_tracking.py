@@ -29,3 +29,58 @@ def test_a_list_param_longer_than_mlflows_limit_is_logged_truncated_and_the_run_
     # short values are untouched
     assert logged.data.params["extract.frame_rate"] == "25"
     assert json.loads(logged.data.params["eval.tasks"]) == ["lexical"]
+
+
+def test_a_new_sqlite_store_is_a_copy_of_the_empty_store_mlflow_makes(tmp_path, monkeypatch):
+    """A new workdir's SQLite store is seeded from an empty store MLflow made once per version (its schema
+    migrations cost seconds per store): same tables, indexes and schema revision as one MLflow creates, the same
+    Default experiment, runs log and read back, and an existing store is never replaced."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    from slam_ray.core.tracking import mlflow_client, seed_sqlite_store
+
+    monkeypatch.setenv("SLAM_RAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+    def read(db, sql):
+        with sqlite3.connect(db) as con:
+            return con.execute(sql).fetchall()
+
+    fresh = tmp_path / "fresh.db"
+    MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments()  # what MLflow makes by itself
+    seeded = tmp_path / "w" / "mlflow.db"
+    client = mlflow_client(f"sqlite:///{seeded}")
+    templates = list((tmp_path / "cache" / "mlflow").glob("empty-*.db"))
+    assert len(templates) == 1
+    # MLflow's own migrations write a table's constraints in varying order (two fresh stores differ so): compare
+    # each statement's clauses as a set
+    schema = "select type, name, tbl_name, sql from sqlite_master order by name"
+    clauses = lambda db: [(t, n, tb, sorted(x.strip().rstrip(",") for x in (sql or "").splitlines()))  # noqa: E731
+                          for t, n, tb, sql in read(db, schema)]
+    assert clauses(seeded) == clauses(fresh)
+    assert read(seeded, "select * from alembic_version") == read(fresh, "select * from alembic_version")
+    default = "select experiment_id, name, artifact_location, lifecycle_stage from experiments"
+    assert read(seeded, default) == read(fresh, default)
+
+    run = client.create_run(client.create_experiment("tiny", artifact_location=(tmp_path / "art").as_uri()))
+    client.log_metric(run.info.run_id, "loss", 1.5, step=3)
+    stamp = templates[0].stat().st_mtime_ns
+    seed_sqlite_store(seeded)  # exists: left alone
+    again = mlflow_client(f"sqlite:///{seeded}")
+    assert [m.value for m in again.get_metric_history(run.info.run_id, "loss")] == [1.5]
+    mlflow_client(f"sqlite:///{tmp_path / 'w2' / 'mlflow.db'}")  # another store: the template is reused
+    assert templates[0].stat().st_mtime_ns == stamp
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_without_a_usable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypatch):
+    from slam_ray.core.tracking import mlflow_client
+
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("SLAM_RAY_CACHE", str(tmp_path / "not_a_folder"))  # the template cannot be made there
+    client = mlflow_client(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("tiny"))
+    client.log_metric(run.info.run_id, "loss", 2.0)
+    assert client.get_run(run.info.run_id).data.metrics == {"loss": 2.0}
