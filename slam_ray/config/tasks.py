@@ -18,6 +18,7 @@ from slam_ray.errors import SlamError
 # task types the eval stage handles itself: spoken grammar pairs, generation.
 DATASET_READERS = ("zerospeech", "storycloze", "salmon", "manifest")
 SPECIAL_READERS = ("grammar", "cross_modal", "cross_modal_storycloze", "generate")
+CROSS_MODAL_READERS = ("cross_modal", "cross_modal_storycloze")  # text and speech: interleaved models only
 
 
 class TaskSpec(BaseModel):

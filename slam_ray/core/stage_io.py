@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from slam_ray.config import STAGES, TRAINER_FIELDS, Experiment, models_in
-from slam_ray.config.tasks import load_task
+from slam_ray.config.tasks import CROSS_MODAL_READERS, load_task
 from slam_ray.core.fingerprint import fingerprint, fingerprints
 from slam_ray.core.storage import is_remote, join, local_path, localize, publish, read_text, workdir_location
 from slam_ray.errors import SlamError
@@ -259,8 +259,7 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
     if stage == "eval":
         payload = {"eval": section("eval"), **_spoken_grammar(exp), "pairs_version": PAIRS_VERSION,
                    "readers_version": READERS_VERSION}
-        if any(load_task(e.task).reader in ("cross_modal", "cross_modal_storycloze")  # else absent: keys stay
-               for e in exp.eval.task_entries()):
+        if any(load_task(e.task).reader in CROSS_MODAL_READERS for e in exp.eval.task_entries()):  # else absent: keys stay
             payload["cross_modal_version"] = CROSS_MODAL_VERSION
         if evaluates_trained_stage(exp):  # not when every checkpoint is a folder given by path
             trained_by = trained_stage(exp)

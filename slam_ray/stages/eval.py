@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from slam_ray.config import EvalTask, Experiment, with_values
-from slam_ray.config.tasks import TaskSpec, load_task
+from slam_ray.config.tasks import CROSS_MODAL_READERS, TaskSpec, load_task
 from slam_ray.core.runner import StageResult, cached_json, init_ray, run_stage
 from slam_ray.core.stage_io import (
     CROSS_MODAL_VERSION,
@@ -209,8 +209,6 @@ def _storycloze_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, vo
     speech to speech, each context joined with each ending first, under the cache root's cm_sc/)."""
     from slam_ray.evals.cross_modal import join_story_audio, read_story_parts, storycloze_comparisons
 
-    if not isinstance(vocab, MergedVocabulary):
-        raise SlamError(f"{entry.key} compares text and speech: it needs an interleaved model (pack.interleave)")
     context, continuation = spec.reader_args["context"], spec.reader_args["continuation"]
     stories, incomplete = read_story_parts(Path(entry.path).expanduser(), context, continuation)
     if entry.limit is not None:
@@ -238,9 +236,9 @@ def _storycloze_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, vo
 def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, grammar_pairs: list[grammar.MinimalPair],
                      vocab: Vocabulary) -> tuple[pd.DataFrame, dict[str, tuple[list[int], int]], list[dict]]:
     """(comparisons whose audio all has units, scored sequences by key, errors)."""
+    if spec.reader in CROSS_MODAL_READERS and not isinstance(vocab, MergedVocabulary):
+        raise SlamError(f"{entry.key} compares text and speech: it needs an interleaved model (pack.interleave)")
     if spec.reader == "cross_modal":
-        if not isinstance(vocab, MergedVocabulary):
-            raise SlamError(f"{entry.key} compares text and speech: it needs an interleaved model (pack.interleave)")
         from slam_ray.evals.cross_modal import cross_modal_comparisons
 
         triples, units, errors = _cross_modal_units(exp)
