@@ -5,7 +5,9 @@
 #      tokenizer, model);
 #   2. bench/slam_gpu.py: the full-size `slam` model trained through `slam-ray train`'s stage (Ray Train, bf16,
 #      document masks) at the recipe's 8 x 10, beside the bare step in the same run, and DPO in bf16; then the same
-#      with compile (no DPO). Other shapes: --batch 16x5, 32x3 (see bench/slam_gpu.py).
+#      with compile (no DPO). Other shapes: --batch 16x5, 32x3 (see bench/slam_gpu.py);
+#   3. bench/linear_ce.py: the interleaved head (896 x 151,667) on 16,384 tokens (slam_interleaved's micro-batch at
+#      8 x 2048), the model's own head + loss against the fused linear cross-entropy (train.loss_chunk_tokens).
 # Sized for ~8 of the 15 device minutes (a machine's start is extra); each part prints its figures as it ends, so a
 # part cut by its timeout loses only itself.
 #
@@ -28,3 +30,6 @@ tail -3 "$OUT/gpu_tests.log"
 timeout 200 python3 bench/slam_gpu.py --steps 60 --dpo-steps 12 2>&1 | tee "$OUT/slam_gpu.log" | grep "^\[slam_gpu\]\|^{"
 timeout 200 python3 bench/slam_gpu.py --steps 60 --dpo-steps 0 --compile 2>&1 | tee "$OUT/slam_gpu_compile.log" \
   | grep "^\[slam_gpu\]\|^{"
+
+timeout 60 python3 bench/linear_ce.py --device cuda --bf16 --tokens 16384 --chunks 2048,4096,8192 --repeats 5 2>&1 \
+  | tee "$OUT/linear_ce.log" | tail -5

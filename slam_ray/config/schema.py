@@ -318,6 +318,11 @@ class TrainConfig(Section):
                            "packing with flash_attention_2: positions restart at 0, attention stays inside the "
                            "document, its first token is not a target, and the loss is the mean over the targets "
                            "of the whole accumulated step (all workers)", json_schema_extra={"since": "0.2"})
+    loss_chunk_tokens: int | None = Field(
+        None, ge=1, description="compute the output head and the cross-entropy this many tokens at a time, gradients "
+                                "made in the forward (a fused linear cross-entropy): the whole logits never exist, "
+                                "for a ~152k-row interleaved head; None = the model's own head and loss "
+                                "(docs/performance.md has both measured)", json_schema_extra={"since": "0.4"})
     peak_tflops: float | None = Field(None, gt=0, description="per-GPU peak for MFU; None = looked up by GPU name (bf16 dense)",
                                       json_schema_extra={"operational": True})
     num_workers: int = Field(1, ge=1)

@@ -137,6 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from slam_ray.lm.linear_ce import use_linear_cross_entropy
     from slam_ray.lm.model import build_model, count_embedding_parameters, count_parameters
     from slam_ray.lm.vocabulary import vocabulary_of_pack
 
@@ -158,6 +159,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resumed is None:
         report_checkpoint(model, w.rank, {"step": 0, "kind": "init", "params": n_params})
     hf_config = model.config
+    if cfg.loss_chunk_tokens:
+        use_linear_cross_entropy(model, cfg.loss_chunk_tokens)  # before DDP/FSDP/compile wrap it
     model = prepare_model(model, settings, w.device)
     data = WindowBatches(train_windows, cfg.batch_size, w.rank, w.world, cfg.seed)
     tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * w.world

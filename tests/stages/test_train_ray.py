@@ -198,7 +198,8 @@ def test_training_on_an_interleaved_pack_starts_from_every_text_row_and_masks_th
     """pack.interleave through Ray Train: the model is the TWIST base grown to the merged vocabulary (its step-0
     checkpoint holds every text row of the base), and the validation loss the worker reports is the reloaded
     checkpoint's with the merged `<pad>` masked — not with slam_ray's speech-only pad id 0, which is a text token
-    here (the tokenizer's `<|endoftext|>`, its EOS)."""
+    here (the tokenizer's `<|endoftext|>`, its EOS). The worker computes its losses with the fused linear
+    cross-entropy (`loss_chunk_tokens`): the reloaded model's own head and loss give the same validation loss."""
     import torch
     from helpers import interleaved_experiment
     from transformers import AutoModelForCausalLM
@@ -207,7 +208,7 @@ def test_training_on_an_interleaved_pack_starts_from_every_text_row_and_masks_th
     from slam_ray.stages.train import window_inputs
 
     exp, _, _ = interleaved_experiment(tmp_path, train={"max_steps": 10, "log_every": 5, "val_reports": 0,
-                                                        "document_mask": True})
+                                                        "document_mask": True, "loss_chunk_tokens": 7})
     pack(exp)
     out = train(exp)
     manifest = json.loads(out.manifest_path.read_text())
