@@ -411,10 +411,7 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
             final = next((folder for suffix, folder, _ in checkpoints if suffix == ""), checkpoints[0][1])
             for entry in generate:
                 try:
-                    if isinstance(vocab, MergedVocabulary):
-                        raise SlamError("generate continues speech in the speech-only vocabulary; generation from "
-                                        "an interleaved model is not built yet (docs/interleaving.md)")
-                    result = run_generation(exp, entry, final, out, entry.key)
+                    result = run_generation(exp, entry, final, out, entry.key, vocab)
                 except Exception as e:
                     failed[entry.key] = _failure(entry.key, e)
                     continue

@@ -11,6 +11,9 @@ With `eval.generation.vocoder` set, each continuation (alone with `drop_prompt`,
 becomes audio, then text (`asr`), and `text_lm` gives GenPPL; Auto-BLEU needs only the transcripts. Prompt
 files whose manifest line has a `text` are also transcribed whole: `asr_wer` says how far to trust the ASR.
 Outputs in the eval folder, `<task>/`: `generated.jsonl` (units, transcripts), `audio/*.wav`.
+
+An interleaved model (merged vocabulary) reads each prompt as its training read speech, `BOS <speech> units`, and
+samples only units or EOS (text ids masked): a spoken continuation in one modality.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from slam_ray.core.stage_io import StageDir
 from slam_ray.core.storage import join, model_source, write_bytes
 from slam_ray.errors import SlamError
 from slam_ray.lm.textmetrics import generative_summary, text_nll, word_error_rate
+from slam_ray.lm.vocabulary import MergedVocabulary, Vocabulary, speech_sequence, vocabulary_of_pack
 from slam_ray.parallel.audio_units import audio_units
 from slam_ray.speech.units import EOS_ID, PAD_ID, tokens_to_units, units_to_tokens
 
@@ -93,10 +97,29 @@ def prompts(exp: Experiment, entry: EvalTask) -> tuple[list[dict[str, Any]], lis
     return out, errors
 
 
-class GenerateActor:
-    """Ray Data actor: prompt rows -> sampled continuations (+ audio, transcript when a vocoder is given)."""
+class SpeechOnly:
+    """A logits processor confining sampling to a merged vocabulary's speech: every id but the units and EOS is
+    -inf (an interleaved model would otherwise wander into text, which no vocoder speaks)."""
 
-    def __init__(self, checkpoint: str, settings: dict[str, Any], audio_dir: str, threads: int = 1) -> None:
+    def __init__(self, vocab: MergedVocabulary) -> None:
+        self.vocab = vocab
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        allowed[self.vocab.unit_offset : self.vocab.unit_offset + self.vocab.n_units] = True
+        allowed[self.vocab.eos_id] = True
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+class GenerateActor:
+    """Ray Data actor: prompt rows -> sampled continuations (+ audio, transcript when a vocoder is given).
+    `vocabulary`: a merged vocabulary's pack-index entry for an interleaved model (the prompt is read as interleaved
+    training reads speech, `BOS <speech> units`, and sampling stays in the units); None = speech-only ids."""
+
+    def __init__(self, checkpoint: str, settings: dict[str, Any], audio_dir: str, threads: int = 1,
+                 vocabulary: dict[str, Any] | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -111,20 +134,31 @@ class GenerateActor:
         self.vocoder = load_vocoder(settings["vocoder"]) if settings["vocoder"] else None
         self.asr = Transcriber(settings["asr"], self.device) if self.vocoder or settings["wer"] else None
         self.audio_dir = audio_dir  # a folder or a URI: written through the storage layer
+        self.merged = vocabulary_of_pack(vocabulary, 0) if vocabulary else None
 
     def _continue(self, prompt: list[int], seed: int) -> list[int]:
         import torch
+        from transformers import LogitsProcessorList
 
-        ids = torch.from_numpy(units_to_tokens(prompt, add_eos=False))[None].to(self.device)
+        vocab = self.merged
+        if vocab is None:
+            prompt_ids, eos, pad, processors = units_to_tokens(prompt, add_eos=False).tolist(), EOS_ID, PAD_ID, None
+        else:
+            prompt_ids = speech_sequence(vocab, prompt)[0][:-1]  # BOS <speech> units, without the EOS
+            eos, pad, processors = vocab.eos_id, vocab.pad_id, LogitsProcessorList([SpeechOnly(vocab)])
+        ids = torch.tensor([prompt_ids], device=self.device)
         torch.manual_seed(seed)
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                       temperature=self.s["temperature"], top_k=self.s["top_k"],
                                       max_new_tokens=self.s["max_new_tokens"],
                                       repetition_penalty=self.s["repetition_penalty"],
-                                      eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+                                      eos_token_id=eos, pad_token_id=pad, logits_processor=processors)
         new = out[0, ids.shape[1]:].tolist()
-        return tokens_to_units(new[: new.index(EOS_ID)] if EOS_ID in new else new).tolist()
+        new = new[: new.index(eos)] if eos in new else new
+        if vocab is None:
+            return tokens_to_units(new).tolist()
+        return [i - vocab.unit_offset for i in new]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import io
@@ -158,9 +192,11 @@ class GenerateActor:
         return pd.DataFrame(rows)
 
 
-def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: StageDir, name: str) -> dict[str, Any]:
+def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: StageDir, name: str,
+                   vocab: Vocabulary | None = None) -> dict[str, Any]:
     """Generate from every prompt into the folder `name` of the eval output: `generated.jsonl` and the audio;
-    return the task's results (figures + settings)."""
+    return the task's results (figures + settings). `vocab`: the checkpoint's (a merged one for an interleaved
+    model, whose continuations are confined to speech); None = speech-only."""
     from slam_ray.parallel.actors import map_rows
 
     cfg = exp.eval.generation
@@ -180,7 +216,8 @@ def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: Stage
              "units": r["units"], "path": r.get("path"), "text": r.get("text")}
             for i, r in enumerate(rows) for k in range(cfg.samples_per_prompt)]
     ctor = {"checkpoint": checkpoint, "settings": settings, "audio_dir": out.location(name, "audio"),
-            "threads": max(1, int(exp.ray.actor_cpus))}
+            "threads": max(1, int(exp.ray.actor_cpus)),
+            "vocabulary": vocab.index_entry() if isinstance(vocab, MergedVocabulary) else None}
     done = [df for df in map_rows(exp, work, GenerateActor, ctor, exp.eval.num_actors, 4, exp.eval.num_gpus_per_actor)]
     generated = pd.concat(done, ignore_index=True).sort_values("key").reset_index(drop=True)
 

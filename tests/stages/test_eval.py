@@ -241,7 +241,8 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
     """quickstart_interleaved's path on the reduced pipeline: espeak speech with its words, packed interleaved in
     the vocabulary of the grammar's own BPE (`@grammar`), a random model trained on it, evaluated on a speech-only
     task (in the merged vocabulary), the cross-modal grammar task in all four directions and the cross-modal
-    StoryCloze (`cm_sc_*`) on a folder in its layout spoken by espeak-ng: each result has its n and 95% interval and
+    StoryCloze (`cm_sc_*`) on a folder in its layout spoken by espeak-ng, and `generate` from its spoken contexts
+    (continued in units alone): each scored result has its n and 95% interval and
     equals a rescoring here with plain transformers — the sequences built by hand from the tokenizers (the grammar's
     cached units; the StoryCloze's speech tokenised here), the continuation's (grammar) or the whole sequence's
     (StoryCloze) mean NLL compared. (TWIST on a merged vocabulary:
@@ -269,7 +270,10 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
     exp = small_experiment(tmp_path / "work", stages=["synth", "extract", "pack", "train", "eval"],
                            pack={"context_len": 128, "val_fraction": 0.05, "interleave": {"tokenizer": "@grammar"}},
                            train={"max_steps": 20},
-                           eval={"tasks": ["word_order", *directions, *sc_tasks], "n_pairs": 12, "batch_size": 16})
+                           eval={"tasks": ["word_order", *directions, *sc_tasks,
+                                           {"task": "generate", "path": str(stories / "*_mutual.wav")}],
+                                 "n_pairs": 12, "batch_size": 16,
+                                 "generation": {"max_new_tokens": 30, "samples_per_prompt": 2}})
     link_upstream(exp, reduced_pipeline, ("synth", "extract"))
     for stage in ("pack", "train", "eval"):
         stage_function(stage)(exp)
@@ -277,6 +281,12 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
     for task in ["word_order", *directions]:
         assert results[task]["n"] > 0 and results[task]["ci95_low"] <= results[task]["accuracy"] <= results[task]["ci95_high"]
     assert set(results["cm_grammar_t2s"]["by_kind"]) == {"lexical", "word_order", "agreement"}
+    # generation from the interleaved model: each spoken prompt continued in units alone (text ids masked)
+    generated = [json.loads(line) for line in
+                 (stage_dir(exp, "eval").path / "generate" / "generated.jsonl").read_text().splitlines()]
+    assert results["generate"]["prompts"] == 3 and len(generated) == 6
+    assert sum(len(g["units"]) for g in generated) > 0
+    assert all(0 <= u < exp.extract.tokenizer.n_units for g in generated for u in g["units"] + g["prompt_units"])
 
     tokenizer = grammar_tokenizer()
     vocab = MergedVocabulary.of(tokenizer, exp.extract.tokenizer.n_units)

@@ -37,3 +37,33 @@ def test_an_empty_continuation_is_an_empty_transcript_and_a_prompt_is_still_spok
     # with the prompt kept (drop_prompt false) there is speech to vocode and transcribe, empty continuation or not
     row = GenerateActor(str(tmp_path / "lm"), {**settings, "drop_prompt": False}, str(tmp_path / "audio"))(batch).iloc[0]
     assert row["units"] == [] and isinstance(row["transcript"], str) and (tmp_path / "audio" / "p-0.wav").is_file()
+
+
+def test_an_interleaved_model_continues_a_spoken_prompt_in_units_only(tmp_path):
+    """A merged vocabulary (64 text ids, 20 units, markers, pad): the same random model samples text ids when
+    unconstrained, but the actor's continuations are units alone (text ids masked), ending at the vocabulary's EOS."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.lm.vocabulary import MergedVocabulary
+    from slam_ray.stages.generation import GenerateActor
+
+    vocab = MergedVocabulary(text_size=64, n_units=20, bos_id=3, eos_id=2)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab.size, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "lm")
+    settings = {**GenerationConfig(max_new_tokens=40, top_k=vocab.size).model_dump(mode="json"), "wer": False}
+    prompt = list(range(12))
+    batch = pd.DataFrame([{"key": f"p-{k}", "id": "p", "sample": k, "seed": k, "units": prompt} for k in range(4)])
+
+    rows = GenerateActor(str(tmp_path / "lm"), settings, str(tmp_path / "audio"),
+                         vocabulary=vocab.index_entry())(batch)
+    continuations = rows["units"].tolist()
+    assert sum(map(len, continuations)) > 20
+    assert all(0 <= u < vocab.n_units for units in continuations for u in units)
+
+    ids = torch.tensor([[vocab.bos_id, vocab.speech_marker, *vocab.unit_ids(prompt).tolist()]])
+    torch.manual_seed(0)
+    free = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=vocab.size,
+                          max_new_tokens=40, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id)[0, ids.shape[1]:]
+    assert (free < vocab.unit_offset).any()  # unconstrained, the model wanders into text
