@@ -23,6 +23,17 @@ import torch
 from torch import nn
 
 
+def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> tuple:
+    """A chunk's fp32 logits (autocast's dtype for the matmul, as the model's own head), their log-partition, the
+    targets (ignored ones clamped to 0), each target's weight (0 when ignored: masked, not indexed, so no device
+    sync) and the chunk's weighted NLL."""
+    weights = (y != -100).float() * scale
+    y = y.clamp_min(0)
+    logits = (h @ weight.T).float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    return logits, log_z, y, weights, ((log_z - logits.gather(1, y[:, None]).squeeze(1)) * weights).sum()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """`scale` x the sum over targets of -log softmax(hidden @ weight.T)[target]; gradients made in the forward."""
 
@@ -33,12 +44,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
-            h, y = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-            weights = (y != -100).float() * scale  # ignored targets count nothing (masked, not indexed: no sync)
-            y = y.clamp_min(0)
-            logits = (h @ weight.T).float()  # autocast's dtype for the matmul, as the model's own head; fp32 loss
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += ((log_z - logits.gather(1, y[:, None]).squeeze(1)) * weights).sum()
+            h = hidden[start : start + chunk_tokens]
+            logits, log_z, y, weights, nll = _chunk_nll(h, weight, targets[start : start + chunk_tokens], scale)
+            total += nll
             grad_logits = logits.sub_(log_z[:, None]).exp_()  # the softmax, in the logits' memory
             grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
             grad_logits *= weights[:, None]
@@ -57,13 +65,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
                          num_items_in_batch: float | torch.Tensor | None = None) -> torch.Tensor:
     """`ForCausalLMLoss(hidden @ weight.T, labels)` without the whole logits: targets are `labels` shifted left
-    (-100 ignored); the mean over targets, or the sum over `num_items_in_batch` when that is given."""
+    (-100 ignored); the mean over targets, or the sum over `num_items_in_batch` when that is given. Without
+    gradients to make (validation, under no_grad) only the loss is computed, chunk by chunk."""
     targets = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     # a tensor, not a Python number: no device sync, and no graph break under torch.compile
     count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
     scale = 1.0 / torch.as_tensor(count, dtype=torch.float32, device=hidden.device).clamp_min(1)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, scale)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, scale)
+    return sum(_chunk_nll(hidden[start : start + chunk_tokens], weight, targets[start : start + chunk_tokens], scale)[-1]
+               for start in range(0, hidden.shape[0], chunk_tokens))
 
 
 class _PassThroughHead(nn.Linear):

@@ -160,3 +160,35 @@ def test_fused_loss_compiles_into_one_graph_with_the_model():
     assert loss_fused == pytest.approx(loss, rel=1e-6)
     for name, g in grads.items():
         torch.testing.assert_close(grads_fused["_orig_mod." + name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_without_gradients_only_the_loss_is_computed():
+    """Validation runs under no_grad: the same loss as the model's own, and no gradient work — the forward makes
+    no (V x H) weight-gradient buffer (counted by the fp32 allocations of that shape it makes)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from slam_ray.lm.linear_ce import use_linear_cross_entropy
+
+    own = tiny_lm(True)
+    fused = use_linear_cross_entropy(copy.deepcopy(own), 7)
+    x, labels = batch()
+    head_shape = tuple(own.lm_head.weight.shape)
+
+    class CountHeadSized(TorchDispatchMode):
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.startswith("zeros") and isinstance(out, torch.Tensor) and tuple(out.shape) == head_shape:
+                CountHeadSized.made += 1
+            return out
+
+    with torch.no_grad():
+        expected = own(input_ids=x, labels=labels).loss.item()
+        with CountHeadSized():
+            got = fused(input_ids=x, labels=labels).loss.item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert CountHeadSized.made == 0
+    with CountHeadSized():  # with gradients it makes one: the check can see it
+        fused(input_ids=x, labels=labels).loss.backward()
+    assert CountHeadSized.made >= 1
