@@ -3,12 +3,12 @@
 # beside the image's torch/transformers, then the GPU checks in one go, each log copied to $OUT:
 #   1. the gpu-marked tests and the CUDA-aware unit tests (document mask on SDPA / FlashAttention-2 kernels, features,
 #      tokenizer, model);
-#   2. bench/slam_gpu.py: the full-size `slam` model trained through `slam-ray train`'s stage (Ray Train, bf16,
+#   2. bench/linear_ce.py: the interleaved head (896 x 152,168) on 16,384 tokens (slam_interleaved's micro-batch at
+#      8 x 2048), the model's own head + loss against the fused linear cross-entropy (train.loss_chunk_tokens);
+#   3. bench/slam_gpu.py: the full-size `slam` model trained through `slam-ray train`'s stage (Ray Train, bf16,
 #      document masks) at the recipe's 8 x 10, beside the bare step in the same run, and DPO in bf16; then the same
-#      with compile (no DPO). Other shapes: --batch 16x5, 32x3 (see bench/slam_gpu.py);
-#   3. bench/linear_ce.py: the interleaved head (896 x 151,667) on 16,384 tokens (slam_interleaved's micro-batch at
-#      8 x 2048), the model's own head + loss against the fused linear cross-entropy (train.loss_chunk_tokens).
-# Sized for ~8 of the 15 device minutes (a machine's start is extra); each part prints its figures as it ends, so a
+#      with compile (no DPO), last because the 600-s call may cut it. Other shapes: --batch 16x5, 32x3.
+# Sized for ~9 of the 15 device minutes (a machine's start is extra); each part prints its figures as it ends, so a
 # part cut by its timeout loses only itself.
 #
 #     run(command="bash bench/gpu_device.sh", carry=[".whl"], timeout_s=600)
@@ -27,9 +27,9 @@ timeout 80 python3 -m pytest -q -p no:cacheprovider -m "not ray and not slow" -k
   2>&1 | tail -40 > "$OUT/gpu_tests.log"
 tail -3 "$OUT/gpu_tests.log"
 
-timeout 200 python3 bench/slam_gpu.py --steps 60 --dpo-steps 12 2>&1 | tee "$OUT/slam_gpu.log" | grep "^\[slam_gpu\]\|^{"
-timeout 200 python3 bench/slam_gpu.py --steps 60 --dpo-steps 0 --compile 2>&1 | tee "$OUT/slam_gpu_compile.log" \
-  | grep "^\[slam_gpu\]\|^{"
-
-timeout 60 python3 bench/linear_ce.py --device cuda --bf16 --tokens 16384 --chunks 2048,4096,8192 --repeats 5 2>&1 \
+timeout 120 python3 bench/linear_ce.py --device cuda --bf16 --tokens 16384 --chunks 2048,4096,8192 --repeats 3 2>&1 \
   | tee "$OUT/linear_ce.log" | tail -5
+
+timeout 200 python3 bench/slam_gpu.py --steps 60 --dpo-steps 12 2>&1 | tee "$OUT/slam_gpu.log" | grep "^\[slam_gpu\]\|^{"
+timeout 170 python3 bench/slam_gpu.py --steps 60 --dpo-steps 0 --compile 2>&1 | tee "$OUT/slam_gpu_compile.log" \
+  | grep "^\[slam_gpu\]\|^{"

@@ -2,12 +2,12 @@
 `ForCausalLMLoss`) against slam_ray's fused linear cross-entropy (`train.loss_chunk_tokens`: a chunk of tokens at
 a time, gradients made in the forward), on the device here: forward + backward time and peak memory.
 
-The shape is the interleaved `slam` model's head: hidden 896 (Qwen2.5-0.5B), 151,667 rows (its 151,665 text tokens +
-500 units + 2 markers; `--vocab 502` is the speech-only head), `--tokens` per micro-batch. Each variant runs in a
+The shape is the interleaved `slam` model's head: hidden 896 (Qwen2.5-0.5B), 152,168 rows (its 151,665 text tokens +
+500 units + 2 markers + `<pad>`; `--vocab 502` is the speech-only head), `--tokens` per micro-batch. Each variant runs in a
 fresh process, so the peak resident memory (CPU: ru_maxrss; GPU: torch.cuda.max_memory_allocated) is its own.
 The weight and hidden states are made before the clock and the peak's baseline.
 
-    python bench/linear_ce.py [--tokens 4096] [--vocab 151667] [--hidden 896] [--chunks 1024,4096] [--bf16]
+    python bench/linear_ce.py [--tokens 4096] [--vocab 152168] [--hidden 896] [--chunks 1024,4096] [--bf16]
                               [--device cpu|cuda] [--repeats 3]
     (last line: one JSON object)
 """
@@ -73,7 +73,7 @@ def measure(args: argparse.Namespace, chunk: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=151_667)
+    parser.add_argument("--vocab", type=int, default=152_168)
     parser.add_argument("--hidden", type=int, default=896)
     parser.add_argument("--chunks", default="1024,4096", help="fused variants' chunk sizes (tokens)")
     parser.add_argument("--bf16", action="store_true", help="under bf16 autocast, as train.precision: bf16")
@@ -88,15 +88,19 @@ def main() -> None:
     results = {}
     for chunk in [0] + [int(c) for c in args.chunks.split(",")]:
         child = [a for a in sys.argv[1:]] + ["--one", str(chunk)]
-        out = subprocess.run([sys.executable, __file__, *child], capture_output=True, text=True, check=True)
-        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        out = subprocess.run([sys.executable, __file__, *child], capture_output=True, text=True)
         name = f"fused/{chunk}" if chunk else "full"
+        if out.returncode != 0:  # e.g. out of memory: the other variants still run
+            print(f"{name:>12}: failed ({out.stderr.strip().splitlines()[-1:]})", flush=True)
+            results[name] = {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+            continue
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
         results[name] = figures
         print(f"{name:>12}: {figures['seconds'] * 1e3:8.1f} ms fwd+bwd, peak {figures['peak_gib']:6.2f} GiB above inputs, "
               f"loss {figures['loss']:.4f}", flush=True)
     full = results["full"]
     for name, figures in results.items():
-        if name != "full":
+        if name != "full" and "error" not in figures and "error" not in full:
             figures["speedup"] = full["seconds"] / figures["seconds"]
             figures["memory_ratio"] = figures["peak_gib"] / full["peak_gib"] if full["peak_gib"] > 0 else None
     print(json.dumps({"tokens": args.tokens, "vocab": args.vocab, "hidden": args.hidden, "bf16": args.bf16,

@@ -16,6 +16,7 @@ training loss reads it.
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any
 
@@ -70,8 +71,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     targets = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1).to(hidden.device)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     # a tensor, not a Python number: no device sync, and no graph break under torch.compile
-    count = (targets != -100).sum() if num_items_in_batch is None else num_items_in_batch
-    scale = 1.0 / torch.as_tensor(count, dtype=torch.float32, device=hidden.device).clamp_min(1)
+    if num_items_in_batch is None:  # the mean over targets (none at all: a loss of 0, not NaN)
+        scale = 1.0 / (targets != -100).sum().float().clamp_min(1)
+    else:  # a step-wide count, divided by as given (it may be below 1 per micro-batch and rank)
+        scale = 1.0 / torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, scale)
     return sum(_chunk_nll(hidden[start : start + chunk_tokens], weight, targets[start : start + chunk_tokens], scale)[-1]
@@ -79,27 +82,37 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 
 class _PassThroughHead(nn.Linear):
-    """The head with its matmul deferred to the loss: the same weight parameter, returning its input."""
+    """The head with its matmul deferred to the loss: the same weight parameter, returning its input; it carries
+    the loss's chunk size."""
+
+    chunk_tokens: int
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
+
+
+def _fused_loss(self: Any, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                num_items_in_batch: float | torch.Tensor | None = None, ignore_index: int = -100,
+                shift_labels: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+    """The model's `loss_function`, bound to it (a deep copy of the model rebinds it to the copy's head). `logits`
+    are the last hidden states here; the head's weight is read at call time: under FSDP the gathered weight of
+    the running forward."""
+    if ignore_index != -100 or shift_labels is not None:
+        raise ValueError("the fused cross-entropy shifts labels itself and ignores -100 only")
+    head = self.get_output_embeddings()
+    return linear_cross_entropy(logits, head.weight, labels, head.chunk_tokens, num_items_in_batch)
 
 
 def use_linear_cross_entropy(model: Any, chunk_tokens: int) -> Any:
     """Switch `model` (a transformers causal LM, before DDP/FSDP/compile wrap it) to the fused loss, `chunk_tokens`
     tokens at a time. Its head's weight (tied to the embeddings or not) is the same parameter afterwards."""
     head = model.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__}: the fused cross-entropy needs a bias-free linear output head")
+    if type(head) is not nn.Linear or head.bias is not None:
+        raise ValueError(f"{type(model).__name__}: the fused cross-entropy needs a bias-free nn.Linear output head, "
+                         f"not {type(head).__name__}{' with a bias' if type(head) is nn.Linear else ''}")
     head.__class__ = _PassThroughHead  # the module keeps its weight, hooks and state-dict key (lm_head.weight)
-
-    def loss_function(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                      num_items_in_batch: float | torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        # `logits` are the last hidden states here; the head's weight is read at call time: under FSDP that is the
-        # gathered weight of the running forward
-        return linear_cross_entropy(logits, head.weight, labels, chunk_tokens, num_items_in_batch)
-
-    model.loss_function = loss_function
+    head.chunk_tokens = chunk_tokens
+    model.loss_function = types.MethodType(_fused_loss, model)
     # FSDP2 warns of a view among a wrapped model's outputs: that view is these hidden states (the `logits` output),
     # which nothing edits in place
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")

@@ -103,14 +103,16 @@ class SpeechOnly:
 
     def __init__(self, vocab: MergedVocabulary) -> None:
         self.vocab = vocab
+        self.blocked = None  # made at the first call, on the scores' device and for their width
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-        allowed[self.vocab.unit_offset : self.vocab.unit_offset + self.vocab.n_units] = True
-        allowed[self.vocab.eos_id] = True
-        return scores.masked_fill(~allowed, float("-inf"))
+        if self.blocked is None or self.blocked.shape[-1] != scores.shape[-1] or self.blocked.device != scores.device:
+            self.blocked = torch.ones(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            self.blocked[self.vocab.unit_offset : self.vocab.unit_offset + self.vocab.n_units] = False
+            self.blocked[self.vocab.eos_id] = False
+        return scores.masked_fill(self.blocked, float("-inf"))
 
 
 class GenerateActor:

@@ -50,7 +50,7 @@ def test_fused_loss_and_gradients_equal_the_models_own_head_and_loss(tied, num_i
     loss, grads = loss_and_grads(own, x, labels, **kwargs)
     loss_fused, grads_fused = loss_and_grads(fused, x, labels, **kwargs)
     assert loss_fused == pytest.approx(loss, rel=1e-6)
-    assert grads.keys() == grads_fused.keys() and "lm_head.weight" in grads or tied
+    assert grads.keys() == grads_fused.keys() and ("lm_head.weight" in grads or tied)
     for name, g in grads.items():
         torch.testing.assert_close(grads_fused[name], g, rtol=1e-5, atol=1e-7, msg=name)
     assert (fused.lm_head.weight is fused.model.embed_tokens.weight) == tied  # the head's parameter, unchanged
@@ -106,6 +106,22 @@ def test_a_head_with_a_bias_is_refused():
     model.lm_head = torch.nn.Linear(32, 300, bias=True)
     with pytest.raises(ValueError, match="bias-free"):
         use_linear_cross_entropy(model, 8)
+
+
+def test_a_deep_copy_of_a_fused_model_trains_its_own_head():
+    """The loss is bound to its model: a copy's loss reads the copy's head weight, and its gradient lands there."""
+    from slam_ray.lm.linear_ce import use_linear_cross_entropy
+
+    fused = use_linear_cross_entropy(tiny_lm(True), 7)
+    twin = copy.deepcopy(fused)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2.0)
+    x, labels = batch()
+    twin(input_ids=x, labels=labels).loss.backward()
+    assert twin.lm_head.weight.grad is not None and fused.lm_head.weight.grad is None
+    assert twin(input_ids=x, labels=labels).loss.item() != pytest.approx(fused(input_ids=x, labels=labels).loss.item())
+    with pytest.raises(ValueError, match="shifts labels itself"):
+        fused.loss_function(torch.zeros(1, 3, 32), labels[:1, :3], 300, shift_labels=labels[:1, :3])
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ def test_an_empty_continuation_is_an_empty_transcript_and_a_prompt_is_still_spok
 
 def test_an_interleaved_model_continues_a_spoken_prompt_in_units_only(tmp_path):
     """A merged vocabulary (64 text ids, 20 units, markers, pad): the same random model samples text ids when
-    unconstrained, but the actor's continuations are units alone (text ids masked), ending at the vocabulary's EOS."""
+    unconstrained, but the actor's continuations are units alone (text ids masked), its prompt `BOS <speech> units`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from slam_ray.lm.vocabulary import MergedVocabulary
@@ -56,8 +56,13 @@ def test_an_interleaved_model_continues_a_spoken_prompt_in_units_only(tmp_path):
     prompt = list(range(12))
     batch = pd.DataFrame([{"key": f"p-{k}", "id": "p", "sample": k, "seed": k, "units": prompt} for k in range(4)])
 
-    rows = GenerateActor(str(tmp_path / "lm"), settings, str(tmp_path / "audio"),
-                         vocabulary=vocab.index_entry())(batch)
+    actor = GenerateActor(str(tmp_path / "lm"), settings, str(tmp_path / "audio"), vocabulary=vocab.index_entry())
+    prompts_seen = []
+    generate = actor.model.generate
+    actor.model.generate = lambda **kw: prompts_seen.append(kw["input_ids"][0].tolist()) or generate(**kw)
+    rows = actor(batch)
+    # the prompt as interleaved training reads speech: BOS <speech>, then the units in the merged ids
+    assert prompts_seen[0] == [vocab.bos_id, vocab.speech_marker, *vocab.unit_ids(prompt).tolist()]
     continuations = rows["units"].tolist()
     assert sum(map(len, continuations)) > 20
     assert all(0 <= u < vocab.n_units for units in continuations for u in units)
@@ -67,3 +72,14 @@ def test_an_interleaved_model_continues_a_spoken_prompt_in_units_only(tmp_path):
     free = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=vocab.size,
                           max_new_tokens=40, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id)[0, ids.shape[1]:]
     assert (free < vocab.unit_offset).any()  # unconstrained, the model wanders into text
+
+
+def test_speech_only_sampling_leaves_exactly_the_units_and_eos():
+    from slam_ray.lm.vocabulary import MergedVocabulary
+    from slam_ray.stages.generation import SpeechOnly
+
+    vocab = MergedVocabulary(text_size=64, n_units=20, bos_id=3, eos_id=2)
+    scores = SpeechOnly(vocab)(None, torch.zeros(2, vocab.size))
+    finite = {int(i) for i in torch.isfinite(scores[1]).nonzero().flatten()}
+    assert finite == {vocab.eos_id, *range(vocab.unit_offset, vocab.unit_offset + vocab.n_units)}
+    assert torch.equal(torch.isfinite(scores[0]), torch.isfinite(scores[1]))
