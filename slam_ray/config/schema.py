@@ -451,6 +451,10 @@ class EvalConfig(Section):
     )
     n_pairs: int = Field(200, ge=1, description="minimal pairs per built-in grammar task")
     convention: Literal["mean", "sum"] = Field("mean", description="score by mean (slamkit) or summed token NLL")
+    speech_logits_only: bool = Field(
+        False, description="interleaved models: score the speech-only tasks over the unit ids and EOS alone (text "
+                           "logits masked, the rest renormalised) instead of the whole merged vocabulary; cross-modal "
+                           "tasks always use the whole; no effect on speech-only models", json_schema_extra={"since": "0.4"})
     batch_size: int = Field(32, ge=1)
     num_actors: int = Field(1, ge=1, description="Ray Data scoring actors (one per GPU on a cluster); 1 without GPUs "
                             "scores in the eval process itself", json_schema_extra={"operational": True})

@@ -3,7 +3,8 @@
 A sequence is `<s> u+2 ... <s>`; its score is the NLL of every token after BOS (EOS included), averaged per
 token (`mean`, slamkit's convention) or summed (`sum`, older papers). Lower NLL = the model prefers it. In a
 merged vocabulary (interleaving) a sequence is any token ids with the index of its first scored token: a
-cross-modal comparison scores the continuation only, given its context (`token_nll`).
+cross-modal comparison scores the continuation only, given its context (`token_nll`); a speech-only sequence may
+be scored over the speech ids alone (`eval.speech_logits_only`: text logits masked, the rest renormalised).
 A comparison (a pair, or a group of one positive and several negatives) scores 1 when the positive is strictly
 the most likely, 0 when a negative is more likely, and 1/k when it ties k-1 negatives (0.5 for a pair).
 `slam_ray.parallel.nll.score_sequences` spreads the NLLs over a pool of Ray Data actors (no Ray here).
@@ -27,14 +28,20 @@ def sequence_nll(model, unit_seqs: Sequence[Sequence[int]], convention: str = "m
     return token_nll(model, [(units_to_tokens(u), 1) for u in unit_seqs], convention, batch_size, device)
 
 
-def token_nll(model, sequences: Sequence[tuple[Sequence[int], int]], convention: str = "mean", batch_size: int = 32,
-              device: str = "cpu", pad_id: int = PAD_ID) -> np.ndarray:
-    """NLL per `(token ids, first scored index >= 1)` under a causal LM: the tokens from that index on are the
-    targets; batches sorted by length, right-padded with an attention mask."""
+def token_nll(model, sequences: Sequence[tuple[Sequence[int], int] | tuple[Sequence[int], int, bool]],
+              convention: str = "mean", batch_size: int = 32, device: str = "cpu", pad_id: int = PAD_ID,
+              speech_ids: tuple[int, int, int] | None = None) -> np.ndarray:
+    """NLL per `(token ids, first scored index >= 1[, speech only])` under a causal LM: the tokens from that index
+    on are the targets; batches sorted by length, right-padded with an attention mask. A sequence marked speech
+    only is scored over `speech_ids` = (first unit id, number of units, EOS id) alone: every other logit masked
+    before the softmax."""
     import torch
 
-    token_seqs = [np.asarray(t, dtype=np.int64) for t, _ in sequences]
-    firsts = [int(first) for _, first in sequences]
+    token_seqs = [np.asarray(s[0], dtype=np.int64) for s in sequences]
+    firsts = [int(s[1]) for s in sequences]
+    speech_only = [bool(s[2]) if len(s) > 2 else False for s in sequences]
+    if any(speech_only) and speech_ids is None:
+        raise ValueError("sequences marked speech only need speech_ids (first unit id, number of units, EOS id)")
     if any(not 1 <= f < len(t) for f, t in zip(firsts, token_seqs, strict=True)):
         raise ValueError("each sequence needs a first scored index in [1, its length)")
     order = np.argsort([len(t) for t in token_seqs])
@@ -53,9 +60,16 @@ def token_nll(model, sequences: Sequence[tuple[Sequence[int], int]], convention:
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        rows = [row for row, i in enumerate(idx) if speech_only[i]]
+        if rows:
+            offset, n_units, eos = speech_ids
+            blocked = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            blocked[offset : offset + n_units] = False
+            blocked[eos] = False
+            logits[rows] = logits[rows].masked_fill(blocked, float("-inf"))
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         target_mask = scored[:, 1:].to(logp.device)
-        nll = -(logp * target_mask).sum(1)
+        nll = -logp.masked_fill(target_mask == 0, 0.0).sum(1)  # not times the mask: a masked logit's -inf x 0 is NaN
         if convention == "mean":
             nll = nll / target_mask.sum(1)
         scores[idx] = nll.cpu().numpy()

@@ -16,12 +16,14 @@ class NllActor:
     checkpoint, so the actor keeps one model and loads the next when its rows begin: one pool scores every
     checkpoint (a pool per checkpoint paid the actors' start-up, and on a cluster their scheduling, each time)."""
 
-    def __init__(self, convention: str, batch_size: int, threads: int = 1, pad_id: int = PAD_ID) -> None:
+    def __init__(self, convention: str, batch_size: int, threads: int = 1, pad_id: int = PAD_ID,
+                 speech_ids: tuple[int, int, int] | None = None) -> None:
         import torch
 
         limit_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU only when the actor was given one
         self.convention, self.batch_size, self.pad_id = convention, batch_size, pad_id
+        self.speech_ids = tuple(speech_ids) if speech_ids is not None else None
         self.checkpoint: str | None = None
         self.model = None
 
@@ -37,15 +39,17 @@ class NllActor:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         parts = []
         for checkpoint, part in batch.groupby("checkpoint", sort=False):
-            nll = token_nll(self._model(checkpoint), list(zip(part["tokens"], part["first"], strict=True)),
-                            self.convention, self.batch_size, self.device, self.pad_id)
+            nll = token_nll(self._model(checkpoint),
+                            list(zip(part["tokens"], part["first"], part["speech_only"], strict=True)),
+                            self.convention, self.batch_size, self.device, self.pad_id, self.speech_ids)
             parts.append(pd.DataFrame({"checkpoint": checkpoint, "key": part["key"].to_numpy(), "nll": nll}))
         return pd.concat(parts, ignore_index=True)
 
 
-def score_sequences(exp, checkpoints: list[str], sequences: dict[str, tuple[list[int], int]], pad_id: int = PAD_ID
-                    ) -> dict[str, dict[str, float]]:
-    """NLL of every `(token ids, first scored index)` sequence under every checkpoint (checkpoint -> key -> NLL): on one pool of
+def score_sequences(exp, checkpoints: list[str], sequences: dict[str, tuple], pad_id: int = PAD_ID,
+                    speech_ids: tuple[int, int, int] | None = None) -> dict[str, dict[str, float]]:
+    """NLL of every `(token ids, first scored index[, speech only])` sequence under every checkpoint (checkpoint -> key
+    -> NLL; `speech_ids` as `token_nll` reads them): on one pool of
     `eval.num_actors` Ray Data actors (one model at a time each; a GPU each with `eval.num_gpus_per_actor`), or in
     this process when one CPU actor is asked for (an actor would only add its start-up). Rows go out grouped by
     checkpoint and sorted by length within it, so each batch pads little."""
@@ -58,13 +62,14 @@ def score_sequences(exp, checkpoints: list[str], sequences: dict[str, tuple[list
         for checkpoint in checkpoints:
             model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint))
             nll = token_nll(model, [item for _, item in ordered], exp.eval.convention, exp.eval.batch_size,
-                            pad_id=pad_id)
+                            pad_id=pad_id, speech_ids=speech_ids)
             out[checkpoint] = {k: float(v) for (k, _), v in zip(ordered, nll, strict=True)}
         return out
-    rows = [{"checkpoint": c, "key": k, "tokens": [int(t) for t in tokens], "first": first}
-            for c in checkpoints for k, (tokens, first) in ordered]
+    rows = [{"checkpoint": c, "key": k, "tokens": [int(t) for t in item[0]], "first": item[1],
+             "speech_only": bool(item[2]) if len(item) > 2 else False}
+            for c in checkpoints for k, item in ordered]
     ctor = {"convention": exp.eval.convention, "batch_size": exp.eval.batch_size,
-            "threads": max(1, int(exp.ray.actor_cpus)), "pad_id": pad_id}
+            "threads": max(1, int(exp.ray.actor_cpus)), "pad_id": pad_id, "speech_ids": speech_ids}
     out: dict[str, dict[str, float]] = {c: {} for c in checkpoints}
     for df in map_rows(exp, rows, NllActor, ctor, exp.eval.num_actors, exp.eval.batch_size,
                        exp.eval.num_gpus_per_actor):

@@ -234,7 +234,7 @@ def _storycloze_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, vo
 
 
 def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, grammar_pairs: list[grammar.MinimalPair],
-                     vocab: Vocabulary) -> tuple[pd.DataFrame, dict[str, tuple[list[int], int]], list[dict]]:
+                     vocab: Vocabulary) -> tuple[pd.DataFrame, dict[str, tuple], list[dict]]:
     """(comparisons whose audio all has units, scored sequences by key, errors)."""
     if spec.reader in CROSS_MODAL_READERS and not isinstance(vocab, MergedVocabulary):
         raise SlamError(f"{entry.key} compares text and speech: it needs an interleaved model (pack.interleave)")
@@ -264,7 +264,10 @@ def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, grammar_p
     if not all(complete):
         errors.append({"task": entry.key, "error": f"{len(complete) - sum(complete)} comparisons dropped: an audio "
                        "file of theirs could not be tokenised (see the file errors)"})
-    return comparisons[complete].reset_index(drop=True), {k: speech_sequence(vocab, u) for k, u in units.items()}, errors
+    # an interleaved model may score speech-only tasks over its speech ids alone (text logits masked)
+    speech_only = exp.eval.speech_logits_only and isinstance(vocab, MergedVocabulary)
+    sequences = {k: (*speech_sequence(vocab, u), speech_only) for k, u in units.items()}
+    return comparisons[complete].reset_index(drop=True), sequences, errors
 
 
 # --- the stage ---------------------------------------------------------------------------------------------------
@@ -360,7 +363,7 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
     pending = [entry for entry in entries if entry.key not in done]
     failed: dict[str, str] = {}
     tasks: dict[str, tuple[TaskSpec, pd.DataFrame, list[dict]]] = {}
-    sequences: dict[str, tuple[list[int], int]] = {}
+    sequences: dict[str, tuple] = {}
     generate: list[EvalTask] = []
 
     with timer.phase("load"):
@@ -386,7 +389,10 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
               for k in [*c["positive"], *(n for ns in c["negatives"] for n in ns)]}
     with timer.phase("score"):
         init_ray(exp)
-        nlls = score_sequences(exp, [folder for _, folder, _ in checkpoints], needed, vocab.pad_id) if tasks else {}
+        speech_ids = ((vocab.unit_offset, vocab.n_units, vocab.eos_id) if isinstance(vocab, MergedVocabulary)
+                      else None)
+        nlls = (score_sequences(exp, [folder for _, folder, _ in checkpoints], needed, vocab.pad_id, speech_ids)
+                if tasks else {})
         for suffix, folder, step in checkpoints if tasks else []:
             nll = nlls[str(folder)]
             for key, (spec, comparisons, _) in tasks.items():

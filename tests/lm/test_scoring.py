@@ -78,3 +78,28 @@ def test_ci_shrinks_with_n_and_is_the_binomial_one_for_0_1_outcomes():
     assert small["ci95_high"] - small["ci95_low"] > large["ci95_high"] - large["ci95_low"]
     half = 1.96 * np.sqrt(0.25 / 20)
     assert small["ci95_low"] == pytest.approx(0.5 - half) and small["ci95_high"] == pytest.approx(0.5 + half)
+
+
+def test_a_speech_only_sequence_is_scored_over_the_speech_ids_alone(tiny_lm):
+    """A sequence marked speech only: its targets' log-probs renormalised over the unit ids and EOS (every other
+    logit masked), so its NLL is the masked softmax's and below the whole vocabulary's; unmarked ones unchanged."""
+    import torch
+
+    from slam_ray.lm.scoring import token_nll
+
+    vocab_size = tiny_lm.config.vocab_size
+    offset, n_units, eos = 4, vocab_size - 6, 2  # ids 0, 1, 3 and the last two play text
+    tokens = [1, 3, *range(offset, offset + 9), eos]
+    both = token_nll(tiny_lm, [(tokens, 2), (tokens, 2, True)], speech_ids=(offset, n_units, eos))
+    with torch.no_grad():
+        logits = tiny_lm(torch.tensor([tokens])).logits[0, :-1].float()
+    blocked = torch.ones(vocab_size, dtype=torch.bool)
+    blocked[offset : offset + n_units] = False
+    blocked[eos] = False
+    for masked, row in ((False, 0), (True, 1)):
+        scores = logits.masked_fill(blocked, float("-inf")) if masked else logits
+        picked = torch.log_softmax(scores, -1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+        assert both[row] == pytest.approx(float(-picked[1:].mean()), rel=1e-5)
+    assert both[1] < both[0]
+    with pytest.raises(ValueError, match="speech_ids"):
+        token_nll(tiny_lm, [(tokens, 2, True)])

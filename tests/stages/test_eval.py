@@ -242,7 +242,7 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
     the vocabulary of the grammar's own BPE (`@grammar`), a random model trained on it, evaluated on a speech-only
     task (in the merged vocabulary), the cross-modal grammar task in all four directions and the cross-modal
     StoryCloze (`cm_sc_*`) on a folder in its layout spoken by espeak-ng, and `generate` from its spoken contexts
-    (continued in units alone): each scored result has its n and 95% interval and
+    (continued in units alone); then the speech-only task again with `speech_logits_only`: each scored result has its n and 95% interval and
     equals a rescoring here with plain transformers — the sequences built by hand from the tokenizers (the grammar's
     cached units; the StoryCloze's speech tokenised here), the continuation's (grammar) or the whole sequence's
     (StoryCloze) mean NLL compared. (TWIST on a merged vocabulary:
@@ -359,3 +359,22 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
                for side in ("pos", "neg")]
         outcomes.append(1.0 if nll[0] < nll[1] else 0.0 if nll[0] > nll[1] else 0.5)
     assert results["word_order"]["accuracy"] == pytest.approx(np.mean(outcomes), abs=1e-9)
+
+    # eval.speech_logits_only: the speech-only task scored over the unit ids and EOS alone (text logits masked,
+    # the rest renormalised): every NLL as a masked rescoring gives it, each below the unmasked one
+    masked_exp = with_values(exp, {"eval.speech_logits_only": True, "eval.tasks": ["word_order"]}, "test")
+    stage_function("eval")(masked_exp)
+    masked = pd.read_csv(stage_dir(masked_exp, "eval").path / "scores.csv")
+    masked = masked[masked["checkpoint"] == "final"].set_index("item")
+    text_ids = torch.ones(vocab.size, dtype=torch.bool)
+    text_ids[vocab.unit_offset : vocab.unit_offset + vocab.n_units] = False
+    text_ids[vocab.eos_id] = False
+    assert len(masked) == len(word_order)
+    for p in word_order:
+        tokens = [vocab.bos_id, vocab.speech_marker, *unit_ids(pairs[f"{p.id}-pos"]), vocab.eos_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens])).logits[0, :-1].float().masked_fill(text_ids, float("-inf"))
+        picked = torch.log_softmax(logits, -1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+        expected = float(-picked[1:].mean())
+        assert masked.loc[p.id, "nll_positive"] == pytest.approx(expected, rel=1e-4)
+        assert expected < mean_nll(tokens, 2)
