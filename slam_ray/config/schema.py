@@ -416,6 +416,11 @@ class GenerationConfig(Section):
     text_lm: str | None = Field(None, description="HF id/path of the text LM for GenPPL (paper: meta-llama/Llama-3.2-1B)")
     drop_prompt: bool = Field(True, description="score only the continuation's transcript, not the prompt's")
     auto_bleu_n: int = Field(2, ge=1, description="n-gram order of Auto-BLEU (the paper: bigrams)")
+    modality: Literal["speech", "text"] = Field(
+        "speech", description="what an interleaved model continues a spoken prompt in: speech (units; vocoded and "
+                              "transcribed with a vocoder) or text (after a <text> marker, text tokens only, decoded "
+                              "by its tokenizer and scored as the transcript: GenPPL, Auto-BLEU); speech-only models: "
+                              "speech", json_schema_extra={"since": "0.4"})
 
 
 BUILTIN_TASKS = ("lexical", "word_order", "agreement")

@@ -13,7 +13,8 @@ files whose manifest line has a `text` are also transcribed whole: `asr_wer` say
 Outputs in the eval folder, `<task>/`: `generated.jsonl` (units, transcripts), `audio/*.wav`.
 
 An interleaved model (merged vocabulary) reads each prompt as its training read speech, `BOS <speech> units`, and
-samples only units or EOS (text ids masked): a spoken continuation in one modality.
+samples in one modality (`eval.generation.modality`): speech, only units or EOS (text ids masked); or text, after a
+`<text>` marker only text ids, decoded by the experiment's text tokenizer and scored as the transcript.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from slam_ray.core.stage_io import StageDir
 from slam_ray.core.storage import join, model_source, write_bytes
 from slam_ray.errors import SlamError
 from slam_ray.lm.textmetrics import generative_summary, text_nll, word_error_rate
-from slam_ray.lm.vocabulary import MergedVocabulary, Vocabulary, speech_sequence, vocabulary_of_pack
+from slam_ray.lm.vocabulary import (
+    MergedVocabulary,
+    Vocabulary,
+    load_text_tokenizer,
+    speech_sequence,
+    tokenizer_source,
+    vocabulary_of_pack,
+)
 from slam_ray.parallel.audio_units import audio_units
 from slam_ray.speech.units import EOS_ID, PAD_ID, tokens_to_units, units_to_tokens
 
@@ -97,12 +105,13 @@ def prompts(exp: Experiment, entry: EvalTask) -> tuple[list[dict[str, Any]], lis
     return out, errors
 
 
-class SpeechOnly:
-    """A logits processor confining sampling to a merged vocabulary's speech: every id but the units and EOS is
-    -inf (an interleaved model would otherwise wander into text, which no vocoder speaks)."""
+class OneModality:
+    """A logits processor confining sampling to one modality of a merged vocabulary: `speech` leaves the units and
+    EOS, `text` the text tokenizer's ids (EOS among them); every other id is -inf (an interleaved model would
+    otherwise wander between modalities, and no vocoder speaks text)."""
 
-    def __init__(self, vocab: MergedVocabulary) -> None:
-        self.vocab = vocab
+    def __init__(self, vocab: MergedVocabulary, modality: str = "speech") -> None:
+        self.vocab, self.modality = vocab, modality
         self.blocked = None  # made at the first call, on the scores' device and for their width
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -110,7 +119,10 @@ class SpeechOnly:
 
         if self.blocked is None or self.blocked.shape[-1] != scores.shape[-1] or self.blocked.device != scores.device:
             self.blocked = torch.ones(scores.shape[-1], dtype=torch.bool, device=scores.device)
-            self.blocked[self.vocab.unit_offset : self.vocab.unit_offset + self.vocab.n_units] = False
+            if self.modality == "text":
+                self.blocked[: self.vocab.text_size] = False
+            else:
+                self.blocked[self.vocab.unit_offset : self.vocab.unit_offset + self.vocab.n_units] = False
             self.blocked[self.vocab.eos_id] = False
         return scores.masked_fill(self.blocked, float("-inf"))
 
@@ -118,10 +130,12 @@ class SpeechOnly:
 class GenerateActor:
     """Ray Data actor: prompt rows -> sampled continuations (+ audio, transcript when a vocoder is given).
     `vocabulary`: a merged vocabulary's pack-index entry for an interleaved model (the prompt is read as interleaved
-    training reads speech, `BOS <speech> units`, and sampling stays in the units); None = speech-only ids."""
+    training reads speech, `BOS <speech> units`, and sampling stays in one modality: the units, or with
+    `settings["modality"] == "text"` text tokens after a `<text>` marker, decoded by `text_tokenizer`); None =
+    speech-only ids."""
 
     def __init__(self, checkpoint: str, settings: dict[str, Any], audio_dir: str, threads: int = 1,
-                 vocabulary: dict[str, Any] | None = None) -> None:
+                 vocabulary: dict[str, Any] | None = None, text_tokenizer: str | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -133,12 +147,15 @@ class GenerateActor:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint)).to(self.device).eval()
         self.s = settings
-        self.vocoder = load_vocoder(settings["vocoder"]) if settings["vocoder"] else None
+        self.text = settings.get("modality") == "text"
+        self.vocoder = load_vocoder(settings["vocoder"]) if settings["vocoder"] and not self.text else None
         self.asr = Transcriber(settings["asr"], self.device) if self.vocoder or settings["wer"] else None
         self.audio_dir = audio_dir  # a folder or a URI: written through the storage layer
         self.merged = vocabulary_of_pack(vocabulary, 0) if vocabulary else None
+        self.tokenizer = load_text_tokenizer(text_tokenizer) if self.text else None
 
     def _continue(self, prompt: list[int], seed: int) -> list[int]:
+        """The sampled continuation: units, or (text modality) text token ids."""
         import torch
         from transformers import LogitsProcessorList
 
@@ -147,7 +164,10 @@ class GenerateActor:
             prompt_ids, eos, pad, processors = units_to_tokens(prompt, add_eos=False).tolist(), EOS_ID, PAD_ID, None
         else:
             prompt_ids = speech_sequence(vocab, prompt)[0][:-1]  # BOS <speech> units, without the EOS
-            eos, pad, processors = vocab.eos_id, vocab.pad_id, LogitsProcessorList([SpeechOnly(vocab)])
+            if self.text:
+                prompt_ids.append(vocab.text_marker)  # a modality switch opens with its marker, as in training
+            eos, pad = vocab.eos_id, vocab.pad_id
+            processors = LogitsProcessorList([OneModality(vocab, "text" if self.text else "speech")])
         ids = torch.tensor([prompt_ids], device=self.device)
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -160,7 +180,7 @@ class GenerateActor:
         new = new[: new.index(eos)] if eos in new else new
         if vocab is None:
             return tokens_to_units(new).tolist()
-        return [i - vocab.unit_offset for i in new]
+        return new if self.text else [i - vocab.unit_offset for i in new]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import io
@@ -173,12 +193,18 @@ class GenerateActor:
         rows = []
         for row in batch.to_dict("records"):
             prompt = [int(u) for u in row["units"]]
-            units = self._continue(prompt, int(row["seed"]))
+            new = self._continue(prompt, int(row["seed"]))
+            units = [] if self.text else new
             out = {"key": row["key"], "id": row["id"], "sample": row["sample"], "seed": row["seed"],
-                   "prompt_units": prompt, "units": units, "transcript": None, "audio": None,
-                   "wer_edits": None, "wer_words": None}
+                   "prompt_units": prompt, "units": units, "text_ids": new if self.text else [], "text": None,
+                   "transcript": None, "audio": None, "wer_edits": None, "wer_words": None}
+            if self.text:  # the continuation is text: scored as the transcript, nothing to vocode
+                text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+                out.update(text=text, transcript=text)
             spoken = units if self.s["drop_prompt"] else prompt + units
-            if self.vocoder is not None and not spoken:  # the model ended at once (EOS first): it said nothing
+            if self.text:
+                pass
+            elif self.vocoder is not None and not spoken:  # the model ended at once (EOS first): it said nothing
                 out.update(transcript="")
             elif self.vocoder is not None:
                 wav = vocode(self.vocoder, spoken)
@@ -202,7 +228,11 @@ def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: Stage
     from slam_ray.parallel.actors import map_rows
 
     cfg = exp.eval.generation
-    if cfg.vocoder:  # fail here with the reason, not in every actor's constructor
+    text = cfg.modality == "text"
+    if text and not isinstance(vocab, MergedVocabulary):
+        raise SlamError("eval.generation.modality: text needs an interleaved model (pack.interleave); a speech-only "
+                        "model continues in speech")
+    if cfg.vocoder and not text:  # fail here with the reason, not in every actor's constructor
         from slam_ray.lm.textmetrics import check_asr
         from slam_ray.speech.vocoder import load_vocoder
 
@@ -219,15 +249,17 @@ def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: Stage
             for i, r in enumerate(rows) for k in range(cfg.samples_per_prompt)]
     ctor = {"checkpoint": checkpoint, "settings": settings, "audio_dir": out.location(name, "audio"),
             "threads": max(1, int(exp.ray.actor_cpus)),
-            "vocabulary": vocab.index_entry() if isinstance(vocab, MergedVocabulary) else None}
+            "vocabulary": vocab.index_entry() if isinstance(vocab, MergedVocabulary) else None,
+            "text_tokenizer": tokenizer_source(exp) if text else None}
     done = [df for df in map_rows(exp, work, GenerateActor, ctor, exp.eval.num_actors, 4, exp.eval.num_gpus_per_actor)]
     generated = pd.concat(done, ignore_index=True).sort_values("key").reset_index(drop=True)
 
     result: dict[str, Any] = {"prompts": len(rows), "samples": len(generated),
-                              "mean_new_units": float(generated["units"].map(len).mean()),
+                              **({"mean_new_text_tokens": float(generated["text_ids"].map(len).mean())} if text else
+                                 {"mean_new_units": float(generated["units"].map(len).mean())}),
                               "prompt_errors": len(errors), "checkpoint": str(checkpoint),
                               "settings": cfg.model_dump(mode="json")}
-    if cfg.vocoder:
+    if cfg.vocoder or text:
         transcripts = [t or "" for t in generated["transcript"]]
         nlls: list[float | None] = [None] * len(transcripts)
         if cfg.text_lm:
@@ -246,7 +278,7 @@ def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: Stage
         result["asr_wer"] = float(generated["wer_edits"].sum()) / max(words_total, 1.0)
     with open(out_dir / "generated.jsonl", "w") as f:
         for rec in generated.drop(columns=["wer_edits", "wer_words"]).to_dict("records"):
-            f.write(json.dumps({k: (list(map(int, v)) if k.endswith("units") else v) for k, v in rec.items()},
+            f.write(json.dumps({k: (list(map(int, v)) if k.endswith(("units", "_ids")) else v) for k, v in rec.items()},
                                default=str) + "\n")
     print(f"[eval] {entry.key}: {len(generated)} continuations of {len(rows)} prompts -> {out_dir / 'generated.jsonl'}"
           + "".join(f", {k} {result[k]:.3f}" for k in ("genppl", f"auto_bleu_{cfg.auto_bleu_n}", "asr_wer") if k in result))

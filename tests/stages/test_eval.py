@@ -362,8 +362,17 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
 
     # eval.speech_logits_only: the speech-only task scored over the unit ids and EOS alone (text logits masked,
     # the rest renormalised): every NLL as a masked rescoring gives it, each below the unmasked one
-    masked_exp = with_values(exp, {"eval.speech_logits_only": True, "eval.tasks": ["word_order"]}, "test")
+    # (and `generate` in text: each spoken context continued in text tokens, decoded into its transcript)
+    masked_exp = with_values(exp, {"eval.speech_logits_only": True, "eval.generation.modality": "text",
+                                   "eval.tasks": ["word_order", {"task": "generate", "path": str(stories / "*_mutual.wav")}]},
+                             "test")
     stage_function("eval")(masked_exp)
+    in_text = [json.loads(line) for line in
+               (stage_dir(masked_exp, "eval").path / "generate" / "generated.jsonl").read_text().splitlines()]
+    assert len(in_text) == 6 and sum(len(g["text_ids"]) for g in in_text) > 0
+    for g in in_text:
+        assert all(0 <= i < vocab.text_size for i in g["text_ids"]) and g["units"] == []
+        assert g["transcript"] == tokenizer.decode(g["text_ids"], skip_special_tokens=True).strip()
     masked = pd.read_csv(stage_dir(masked_exp, "eval").path / "scores.csv")
     masked = masked[masked["checkpoint"] == "final"].set_index("item")
     text_ids = torch.ones(vocab.size, dtype=torch.bool)

@@ -5,6 +5,7 @@ did it, and vocoding zero units raised "audio has no samples")."""
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 from helpers import TINY_HIFIGAN, save_weight_normed
 
@@ -74,12 +75,66 @@ def test_an_interleaved_model_continues_a_spoken_prompt_in_units_only(tmp_path):
     assert (free < vocab.unit_offset).any()  # unconstrained, the model wanders into text
 
 
-def test_speech_only_sampling_leaves_exactly_the_units_and_eos():
+def test_one_modality_sampling_leaves_exactly_its_ids_and_eos():
     from slam_ray.lm.vocabulary import MergedVocabulary
-    from slam_ray.stages.generation import SpeechOnly
+    from slam_ray.stages.generation import OneModality
 
     vocab = MergedVocabulary(text_size=64, n_units=20, bos_id=3, eos_id=2)
-    scores = SpeechOnly(vocab)(None, torch.zeros(2, vocab.size))
-    finite = {int(i) for i in torch.isfinite(scores[1]).nonzero().flatten()}
-    assert finite == {vocab.eos_id, *range(vocab.unit_offset, vocab.unit_offset + vocab.n_units)}
-    assert torch.equal(torch.isfinite(scores[0]), torch.isfinite(scores[1]))
+    for modality, allowed in (("speech", {vocab.eos_id, *range(vocab.unit_offset, vocab.unit_offset + vocab.n_units)}),
+                              ("text", set(range(vocab.text_size)))):
+        scores = OneModality(vocab, modality)(None, torch.zeros(2, vocab.size))
+        assert {int(i) for i in torch.isfinite(scores[1]).nonzero().flatten()} == allowed, modality
+        assert torch.equal(torch.isfinite(scores[0]), torch.isfinite(scores[1]))
+
+
+def test_an_interleaved_model_continues_a_spoken_prompt_in_text(tmp_path):
+    """modality text: after `BOS <speech> units <text>` only text ids are sampled (the same random model wanders
+    into units unconstrained), decoded by the text tokenizer into the transcript; nothing is vocoded."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.lm.vocabulary import GRAMMAR_TOKENIZER, MergedVocabulary, grammar_tokenizer
+    from slam_ray.stages.generation import GenerateActor
+
+    tokenizer = grammar_tokenizer()
+    vocab = MergedVocabulary.of(tokenizer, 20)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab.size, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "lm")
+    settings = {**GenerationConfig(max_new_tokens=30, top_k=vocab.size, modality="text").model_dump(mode="json"),
+                "wer": False}
+    prompt = list(range(12))
+    batch = pd.DataFrame([{"key": f"p-{k}", "id": "p", "sample": k, "seed": k, "units": prompt} for k in range(3)])
+    actor = GenerateActor(str(tmp_path / "lm"), settings, str(tmp_path / "audio"), vocabulary=vocab.index_entry(),
+                          text_tokenizer=GRAMMAR_TOKENIZER)
+    prompts_seen = []
+    generate = actor.model.generate
+    actor.model.generate = lambda **kw: prompts_seen.append(kw["input_ids"][0].tolist()) or generate(**kw)
+    rows = actor(batch)
+    assert prompts_seen[0] == [vocab.bos_id, vocab.speech_marker, *vocab.unit_ids(prompt).tolist(), vocab.text_marker]
+    ids = rows["text_ids"].tolist()
+    assert sum(map(len, ids)) > 20 and all(0 <= i < vocab.text_size for row in ids for i in row)
+    for row, text in zip(ids, rows["transcript"], strict=True):
+        assert text == tokenizer.decode(row, skip_special_tokens=True).strip()
+    assert any(rows["transcript"]) and rows["units"].map(len).sum() == 0 and rows["audio"].isna().all()
+
+    ids_in = torch.tensor([prompts_seen[0]])
+    torch.manual_seed(0)
+    free = model.generate(input_ids=ids_in, attention_mask=torch.ones_like(ids_in), do_sample=True, top_k=vocab.size,
+                          max_new_tokens=30, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id)[0, ids_in.shape[1]:]
+    assert (free >= vocab.text_size).any()  # unconstrained, it samples units and markers too
+
+
+def test_text_generation_from_a_speech_only_model_is_refused_naming_the_fix(tmp_path):
+    from helpers import small_experiment
+
+    from slam_ray.config import EvalTask
+    from slam_ray.core.stage_io import StageDir
+    from slam_ray.errors import SlamError
+    from slam_ray.lm.vocabulary import SpeechVocabulary
+    from slam_ray.stages.generation import run_generation
+
+    exp = small_experiment(tmp_path, eval={"generation": {"modality": "text"}})
+    with pytest.raises(SlamError, match=r"modality: text needs an interleaved model \(pack.interleave\)"):
+        run_generation(exp, EvalTask(task="generate", path=str(tmp_path)), str(tmp_path), StageDir("eval", "k", tmp_path),
+                       "generate", SpeechVocabulary(20))
