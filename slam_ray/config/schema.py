@@ -528,6 +528,14 @@ class Experiment(Section):
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig = SweepConfig()
 
+    @model_validator(mode="after")
+    def _check_generation_modality(self) -> Experiment:
+        if (self.eval.generation.modality == "text" and self.pack.interleave is None
+                and any(entry.task == "generate" for entry in self.eval.task_entries())):
+            raise ValueError("eval.generation.modality: text needs an interleaved model (pack.interleave set); a "
+                             "speech-only model continues in speech: use modality: speech")
+        return self
+
     @property
     def tracking_experiment(self) -> str:
         return self.tracking.experiment or self.name

@@ -400,7 +400,9 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
                 result = aggregate(rows, spec.aggregate_by, spec.breakdown)
                 task_results[key][f"{key}{suffix}"] = {
                     **result, "task": spec.name, "reader": spec.reader, "aggregate_by": spec.aggregate_by,
-                    "convention": exp.eval.convention, "checkpoint": str(folder), **({"step": step} if step is not None else {})}
+                    "convention": exp.eval.convention, "checkpoint": str(folder), **({"step": step} if step is not None else {}),
+                    **({"speech_logits_only": True} if speech_ids and exp.eval.speech_logits_only
+                       and spec.reader not in CROSS_MODAL_READERS else {})}
                 rows.insert(0, "checkpoint", suffix.removeprefix("@") or "final")
                 rows.insert(0, "task", key)
                 scored[key].append(rows)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,9 @@ class OneModality:
     EOS, `text` the text tokenizer's ids (EOS among them); every other id is -inf (an interleaved model would
     otherwise wander between modalities, and no vocoder speaks text)."""
 
-    def __init__(self, vocab: MergedVocabulary, modality: str = "speech") -> None:
-        self.vocab, self.modality = vocab, modality
+    def __init__(self, vocab: MergedVocabulary, modality: str = "speech", special_ids: Sequence[int] = ()) -> None:
+        """`special_ids`: the text tokenizer's special tokens, kept out of a text continuation (EOS still ends it)."""
+        self.vocab, self.modality, self.special_ids = vocab, modality, list(special_ids)
         self.blocked = None  # made at the first call, on the scores' device and for their width
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -121,6 +123,7 @@ class OneModality:
             self.blocked = torch.ones(scores.shape[-1], dtype=torch.bool, device=scores.device)
             if self.modality == "text":
                 self.blocked[: self.vocab.text_size] = False
+                self.blocked[self.special_ids] = True
             else:
                 self.blocked[self.vocab.unit_offset : self.vocab.unit_offset + self.vocab.n_units] = False
             self.blocked[self.vocab.eos_id] = False
@@ -149,7 +152,8 @@ class GenerateActor:
         self.s = settings
         self.text = settings.get("modality") == "text"
         self.vocoder = load_vocoder(settings["vocoder"]) if settings["vocoder"] and not self.text else None
-        self.asr = Transcriber(settings["asr"], self.device) if self.vocoder or settings["wer"] else None
+        # the prompts' ASR check (`asr_wer`) only matters when transcripts come from the ASR: not in text mode
+        self.asr = Transcriber(settings["asr"], self.device) if self.vocoder or (settings["wer"] and not self.text) else None
         self.audio_dir = audio_dir  # a folder or a URI: written through the storage layer
         self.merged = vocabulary_of_pack(vocabulary, 0) if vocabulary else None
         self.tokenizer = load_text_tokenizer(text_tokenizer) if self.text else None
@@ -167,7 +171,8 @@ class GenerateActor:
             if self.text:
                 prompt_ids.append(vocab.text_marker)  # a modality switch opens with its marker, as in training
             eos, pad = vocab.eos_id, vocab.pad_id
-            processors = LogitsProcessorList([OneModality(vocab, "text" if self.text else "speech")])
+            special = [i for i in self.tokenizer.all_special_ids if i != vocab.eos_id] if self.text else []
+            processors = LogitsProcessorList([OneModality(vocab, "text" if self.text else "speech", special)])
         ids = torch.tensor([prompt_ids], device=self.device)
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -224,7 +229,7 @@ def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: Stage
                    vocab: Vocabulary | None = None) -> dict[str, Any]:
     """Generate from every prompt into the folder `name` of the eval output: `generated.jsonl` and the audio;
     return the task's results (figures + settings). `vocab`: the checkpoint's (a merged one for an interleaved
-    model, whose continuations are confined to speech); None = speech-only."""
+    model, whose continuations stay in `eval.generation.modality`); None = speech-only."""
     from slam_ray.parallel.actors import map_rows
 
     cfg = exp.eval.generation

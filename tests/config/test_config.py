@@ -112,6 +112,14 @@ def test_override_into_a_value_is_refused():
         load_experiment("quickstart", ["name.x=1"])
 
 
+def test_text_generation_without_interleaving_is_refused_naming_the_fix():
+    generate = 'eval.tasks=["lexical", {"task": "generate", "path": "prompts"}]'
+    with pytest.raises(ConfigError, match="modality: text needs an interleaved model .*use modality: speech"):
+        load_experiment("quickstart", [generate, "eval.generation.modality=text"])
+    assert load_experiment("quickstart_interleaved", [generate, "eval.generation.modality=text"])
+    assert load_experiment("quickstart", ["eval.generation.modality=text"])  # no generate task: nothing to refuse
+
+
 def test_missing_experiment_lists_recipes():
     with pytest.raises(ConfigError, match="quickstart"):
         load_experiment("no_such_recipe")

@@ -103,3 +103,5 @@ def test_a_speech_only_sequence_is_scored_over_the_speech_ids_alone(tiny_lm):
     assert both[1] < both[0]
     with pytest.raises(ValueError, match="speech_ids"):
         token_nll(tiny_lm, [(tokens, 2, True)])
+    with pytest.raises(ValueError, match="outside the units and EOS"):  # the marker (3) scored: first index 1
+        token_nll(tiny_lm, [(tokens, 1, True)], speech_ids=(offset, n_units, eos))

@@ -363,6 +363,8 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
     # eval.speech_logits_only: the speech-only task scored over the unit ids and EOS alone (text logits masked,
     # the rest renormalised): every NLL as a masked rescoring gives it, each below the unmasked one
     # (and `generate` in text: each spoken context continued in text tokens, decoded into its transcript)
+    # (scored in this process: the actor's handling of the marks is tests/parallel/test_nll.py's; a pool here
+    # would cost ~25 s)
     masked_exp = with_values(exp, {"eval.speech_logits_only": True, "eval.generation.modality": "text",
                                    "eval.tasks": ["word_order", {"task": "generate", "path": str(stories / "*_mutual.wav")}]},
                              "test")
@@ -380,10 +382,14 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
     text_ids[vocab.eos_id] = False
     assert len(masked) == len(word_order)
     for p in word_order:
-        tokens = [vocab.bos_id, vocab.speech_marker, *unit_ids(pairs[f"{p.id}-pos"]), vocab.eos_id]
-        with torch.no_grad():
-            logits = model(torch.tensor([tokens])).logits[0, :-1].float().masked_fill(text_ids, float("-inf"))
-        picked = torch.log_softmax(logits, -1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
-        expected = float(-picked[1:].mean())
-        assert masked.loc[p.id, "nll_positive"] == pytest.approx(expected, rel=1e-4)
-        assert expected < mean_nll(tokens, 2)
+        for side, column in (("pos", "nll_positive"), ("neg", "nll_negatives")):
+            tokens = [vocab.bos_id, vocab.speech_marker, *unit_ids(pairs[f"{p.id}-{side}"]), vocab.eos_id]
+            with torch.no_grad():
+                logits = model(torch.tensor([tokens])).logits[0, :-1].float().masked_fill(text_ids, float("-inf"))
+            picked = torch.log_softmax(logits, -1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
+            got = masked.loc[p.id, column]
+            got = json.loads(got)[0] if side == "neg" else got
+            assert got == pytest.approx(float(-picked[1:].mean()), rel=1e-4), (p.id, side)
+    masked_results = json.loads((stage_dir(masked_exp, "eval").path / "results.json").read_text())
+    assert masked_results["word_order"]["speech_logits_only"] is True
+    assert "speech_logits_only" not in results["word_order"]

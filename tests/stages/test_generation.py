@@ -85,6 +85,9 @@ def test_one_modality_sampling_leaves_exactly_its_ids_and_eos():
         scores = OneModality(vocab, modality)(None, torch.zeros(2, vocab.size))
         assert {int(i) for i in torch.isfinite(scores[1]).nonzero().flatten()} == allowed, modality
         assert torch.equal(torch.isfinite(scores[0]), torch.isfinite(scores[1]))
+    # a text tokenizer's special tokens stay out of a text continuation
+    scores = OneModality(vocab, "text", [5, 7])(None, torch.zeros(1, vocab.size))
+    assert {int(i) for i in torch.isfinite(scores[0]).nonzero().flatten()} == set(range(vocab.text_size)) - {5, 7}
 
 
 def test_an_interleaved_model_continues_a_spoken_prompt_in_text(tmp_path):
@@ -114,6 +117,7 @@ def test_an_interleaved_model_continues_a_spoken_prompt_in_text(tmp_path):
     assert prompts_seen[0] == [vocab.bos_id, vocab.speech_marker, *vocab.unit_ids(prompt).tolist(), vocab.text_marker]
     ids = rows["text_ids"].tolist()
     assert sum(map(len, ids)) > 20 and all(0 <= i < vocab.text_size for row in ids for i in row)
+    assert not set(tokenizer.all_special_ids) & {i for row in ids for i in row}  # no special token sampled
     for row, text in zip(ids, rows["transcript"], strict=True):
         assert text == tokenizer.decode(row, skip_special_tokens=True).strip()
     assert any(rows["transcript"]) and rows["units"].map(len).sum() == 0 and rows["audio"].isna().all()
