@@ -233,6 +233,13 @@ def _storycloze_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, vo
     return comparisons, sequences, errors
 
 
+def scores_speech_only(exp: Experiment, spec: TaskSpec, vocab: Vocabulary) -> bool:
+    """Whether a task's sequences are scored over the speech ids alone: speech-only tasks of an interleaved model
+    under `eval.speech_logits_only` (text logits masked)."""
+    return (exp.eval.speech_logits_only and isinstance(vocab, MergedVocabulary)
+            and spec.reader not in CROSS_MODAL_READERS)
+
+
 def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, grammar_pairs: list[grammar.MinimalPair],
                      vocab: Vocabulary) -> tuple[pd.DataFrame, dict[str, tuple], list[dict]]:
     """(comparisons whose audio all has units, scored sequences by key, errors)."""
@@ -264,8 +271,7 @@ def load_comparisons(exp: Experiment, entry: EvalTask, spec: TaskSpec, grammar_p
     if not all(complete):
         errors.append({"task": entry.key, "error": f"{len(complete) - sum(complete)} comparisons dropped: an audio "
                        "file of theirs could not be tokenised (see the file errors)"})
-    # an interleaved model may score speech-only tasks over its speech ids alone (text logits masked)
-    speech_only = exp.eval.speech_logits_only and isinstance(vocab, MergedVocabulary)
+    speech_only = scores_speech_only(exp, spec, vocab)
     sequences = {k: (*speech_sequence(vocab, u), speech_only) for k, u in units.items()}
     return comparisons[complete].reset_index(drop=True), sequences, errors
 
@@ -401,8 +407,7 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
                 task_results[key][f"{key}{suffix}"] = {
                     **result, "task": spec.name, "reader": spec.reader, "aggregate_by": spec.aggregate_by,
                     "convention": exp.eval.convention, "checkpoint": str(folder), **({"step": step} if step is not None else {}),
-                    **({"speech_logits_only": True} if speech_ids and exp.eval.speech_logits_only
-                       and spec.reader not in CROSS_MODAL_READERS else {})}
+                    **({"speech_logits_only": True} if scores_speech_only(exp, spec, vocab) else {})}
                 rows.insert(0, "checkpoint", suffix.removeprefix("@") or "final")
                 rows.insert(0, "task", key)
                 scored[key].append(rows)

@@ -157,22 +157,25 @@ class GenerateActor:
         self.audio_dir = audio_dir  # a folder or a URI: written through the storage layer
         self.merged = vocabulary_of_pack(vocabulary, 0) if vocabulary else None
         self.tokenizer = load_text_tokenizer(text_tokenizer) if self.text else None
+        self.processors = None  # a merged vocabulary's sampling, kept to one modality (its mask made once)
+        if self.merged is not None:
+            from transformers import LogitsProcessorList
+
+            special = [i for i in self.tokenizer.all_special_ids if i != self.merged.eos_id] if self.text else []
+            self.processors = LogitsProcessorList([OneModality(self.merged, "text" if self.text else "speech", special)])
 
     def _continue(self, prompt: list[int], seed: int) -> list[int]:
         """The sampled continuation: units, or (text modality) text token ids."""
         import torch
-        from transformers import LogitsProcessorList
 
         vocab = self.merged
         if vocab is None:
-            prompt_ids, eos, pad, processors = units_to_tokens(prompt, add_eos=False).tolist(), EOS_ID, PAD_ID, None
+            prompt_ids, eos, pad = units_to_tokens(prompt, add_eos=False).tolist(), EOS_ID, PAD_ID
         else:
             prompt_ids = speech_sequence(vocab, prompt)[0][:-1]  # BOS <speech> units, without the EOS
             if self.text:
                 prompt_ids.append(vocab.text_marker)  # a modality switch opens with its marker, as in training
             eos, pad = vocab.eos_id, vocab.pad_id
-            special = [i for i in self.tokenizer.all_special_ids if i != vocab.eos_id] if self.text else []
-            processors = LogitsProcessorList([OneModality(vocab, "text" if self.text else "speech", special)])
         ids = torch.tensor([prompt_ids], device=self.device)
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -180,7 +183,7 @@ class GenerateActor:
                                       temperature=self.s["temperature"], top_k=self.s["top_k"],
                                       max_new_tokens=self.s["max_new_tokens"],
                                       repetition_penalty=self.s["repetition_penalty"],
-                                      eos_token_id=eos, pad_token_id=pad, logits_processor=processors)
+                                      eos_token_id=eos, pad_token_id=pad, logits_processor=self.processors)
         new = out[0, ids.shape[1]:].tolist()
         new = new[: new.index(eos)] if eos in new else new
         if vocab is None:
@@ -203,12 +206,10 @@ class GenerateActor:
             out = {"key": row["key"], "id": row["id"], "sample": row["sample"], "seed": row["seed"],
                    "prompt_units": prompt, "units": units, "text_ids": new if self.text else [], "text": None,
                    "transcript": None, "audio": None, "wer_edits": None, "wer_words": None}
+            spoken = units if self.s["drop_prompt"] else prompt + units
             if self.text:  # the continuation is text: scored as the transcript, nothing to vocode
                 text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
                 out.update(text=text, transcript=text)
-            spoken = units if self.s["drop_prompt"] else prompt + units
-            if self.text:
-                pass
             elif self.vocoder is not None and not spoken:  # the model ended at once (EOS first): it said nothing
                 out.update(transcript="")
             elif self.vocoder is not None:
@@ -233,10 +234,7 @@ def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: Stage
     from slam_ray.parallel.actors import map_rows
 
     cfg = exp.eval.generation
-    text = cfg.modality == "text"
-    if text and not isinstance(vocab, MergedVocabulary):
-        raise SlamError("eval.generation.modality: text needs an interleaved model (pack.interleave); a speech-only "
-                        "model continues in speech")
+    text = cfg.modality == "text"  # only with pack.interleave: the experiment file's check
     if cfg.vocoder and not text:  # fail here with the reason, not in every actor's constructor
         from slam_ray.lm.textmetrics import check_asr
         from slam_ray.speech.vocoder import load_vocoder

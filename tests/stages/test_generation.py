@@ -5,7 +5,6 @@ did it, and vocoding zero units raised "audio has no samples")."""
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 import torch
 from helpers import TINY_HIFIGAN, save_weight_normed
 
@@ -128,17 +127,3 @@ def test_an_interleaved_model_continues_a_spoken_prompt_in_text(tmp_path):
                           max_new_tokens=30, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id)[0, ids_in.shape[1]:]
     assert (free >= vocab.text_size).any()  # unconstrained, it samples units and markers too
 
-
-def test_text_generation_from_a_speech_only_model_is_refused_naming_the_fix(tmp_path):
-    from helpers import small_experiment
-
-    from slam_ray.config import EvalTask
-    from slam_ray.core.stage_io import StageDir
-    from slam_ray.errors import SlamError
-    from slam_ray.lm.vocabulary import SpeechVocabulary
-    from slam_ray.stages.generation import run_generation
-
-    exp = small_experiment(tmp_path, eval={"generation": {"modality": "text"}})
-    with pytest.raises(SlamError, match=r"modality: text needs an interleaved model \(pack.interleave\)"):
-        run_generation(exp, EvalTask(task="generate", path=str(tmp_path)), str(tmp_path), StageDir("eval", "k", tmp_path),
-                       "generate", SpeechVocabulary(20))
