@@ -8,12 +8,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, S3_SECRET, free_port, small_experiment
+from helpers import FIXTURES, REDUCED_TRAIN, S3_SECRET, CliRun, free_port, small_experiment
+
+from slam_ray.config import to_yaml
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -56,15 +59,34 @@ def espeak() -> str:
 
 
 @pytest.fixture(scope="session")
-def reduced_pipeline(tmp_path_factory, ray_local, espeak):
-    """The reduced quickstart's synth, extract and pack (`small_experiment`'s defaults) built once per test run;
-    tests link them into their own workdirs with `helpers.link_upstream` and never write into them."""
-    from slam_ray.pipeline import stage_function
+def reduced_quickstart(tmp_path_factory, ray_local, espeak) -> CliRun:
+    """The reduced quickstart (`small_experiment`, a checkpoint every 10 steps) run once per test run through the
+    real CLI, in a process that starts its own Ray beside this session's (`ray_local`), as on a shared machine.
+    test_pipeline checks what it did and shows; other tests link its finished stages (`reduced_pipeline`)."""
+    root = tmp_path_factory.mktemp("reduced")
+    exp = small_experiment(root / "work", train=REDUCED_TRAIN)
+    path = root / "tiny.yaml"
+    path.write_text(to_yaml(exp))
+    # A private Ray temp folder (short: Ray's socket paths are limited) whose logs test_pipeline reads; no log
+    # de-duplication, so a line printed twice would show twice.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rcli", dir="/tmp"))
+    try:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DEDUP_LOGS")}
+        proc = subprocess.run([sys.executable, "-m", "slam_ray.cli", "run", str(path)], capture_output=True, text=True,
+                              cwd=root, env={**env, "RAY_TMPDIR": str(ray_tmp)}, timeout=900)
+        data_logs = "".join(p.read_text(errors="replace") for p in ray_tmp.glob("ray/session_*/logs/ray-data/*.log"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    if proc.returncode != 0:
+        pytest.fail("the reduced quickstart failed:\n" + proc.stdout[-3000:] + proc.stderr[-5000:])
+    return CliRun(exp, path, proc, data_logs)
 
-    exp = small_experiment(tmp_path_factory.mktemp("reduced") / "work")
-    for stage in ("synth", "extract", "pack"):
-        stage_function(stage)(exp)
-    return exp
+
+@pytest.fixture(scope="session")
+def reduced_pipeline(reduced_quickstart):
+    """The reduced quickstart's experiment, every stage finished (synth, extract, pack, train, eval): tests link
+    the stages they start after into their own workdirs with `helpers.link_upstream` and never write into them."""
+    return reduced_quickstart.exp
 
 
 @pytest.fixture

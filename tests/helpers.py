@@ -13,11 +13,26 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 # Real speech with slamkit's own unit files (MIT; origin and licence in tests/data/slamkit_example/README.md).
 FIXTURES = Path(__file__).resolve().parent / "data" / "slamkit_example"
 
 S3_SECRET = "planted-SECRET-9f8e7d6c5b4a"  # the secret key: must never reach params, tags, artifacts or manifests
+
+# The session's reduced quickstart trains with these (`small_experiment`'s 30 steps, a checkpoint every 10): tests
+# that need a trained model of that shape link its train stage instead of training their own.
+REDUCED_TRAIN = {"checkpoint_every": 10}
+
+
+class CliRun(NamedTuple):
+    """An experiment run through `slam-ray run` in a subprocess: its experiment file, the finished process and
+    the text of Ray Data's logs of that run."""
+
+    exp: Any
+    path: Path
+    proc: subprocess.CompletedProcess
+    data_logs: str
 
 
 def small_experiment(workdir: Path | str, **sections):

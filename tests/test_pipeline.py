@@ -5,21 +5,15 @@ files). One run checks both (each CLI run of the reduced quickstart costs minute
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import small_experiment
 
-from slam_ray.config import to_yaml
 from slam_ray.core.stage_io import stage_dir
 from slam_ray.core.tracking import tracking_uri
 from slam_ray.lm.packed import PackedWindows
@@ -34,23 +28,14 @@ def slam_ray(*argv: str, cwd, env: dict[str, str] | None = None) -> subprocess.C
     return proc
 
 
-def test_reduced_quickstart_runs_every_stage_then_reuses_them(tmp_path, espeak, ray_local):
-    """`ray_local`: a second Ray instance on the machine while the CLI starts its own (as on a shared machine)."""
+def test_reduced_quickstart_runs_every_stage_then_reuses_them(reduced_quickstart, tmp_path):
+    """The session's reduced quickstart (`reduced_quickstart`: the CLI run in a process of its own, with this
+    session's Ray instance up beside the one it starts, as on a shared machine): what it built, logged and showed;
+    then the same command again reuses every stage."""
     import mlflow
     from transformers import AutoModelForCausalLM
 
-    exp = small_experiment(tmp_path / "work")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(to_yaml(exp))
-    # A private Ray temp folder (short: Ray's socket paths are limited) whose logs this test reads; no log
-    # de-duplication, so a line printed twice would show twice.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rcli", dir="/tmp"))
-    try:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DEDUP_LOGS")}
-        first = slam_ray("run", str(path), cwd=tmp_path, env={**env, "RAY_TMPDIR": str(ray_tmp)})
-        data_logs = "".join(p.read_text(errors="replace") for p in ray_tmp.glob("ray/session_*/logs/ray-data/*.log"))
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    exp, path, first, data_logs = reduced_quickstart
     for stage in exp.stages:
         assert f"[{stage}] running" in first.stdout
     check_terminal_output(first, exp, data_logs)

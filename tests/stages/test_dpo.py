@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 from helpers import (
+    REDUCED_TRAIN,
     dpo_curve,
     external_start,
     link_upstream,
@@ -31,12 +32,11 @@ DPO = {"n_pairs": 200, "val_pairs": 40, "max_steps": 40, "max_minutes": None, "b
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, reduced_pipeline):
-    """A tiny experiment with its synth, extract, pack (the session's, linked) and train stages done (shared by
-    the tests here)."""
+    """A tiny experiment with its synth, extract, pack and train stages done (the session's reduced quickstart's,
+    linked), shared by the tests here."""
     exp = small_experiment(tmp_path_factory.mktemp("dpo") / "work", stages=["synth", "extract", "pack", "train", "dpo", "eval"],
-                           train={"max_steps": 40}, dpo=DPO)
-    link_upstream(exp, reduced_pipeline)
-    stage_function("train")(exp)
+                           train=REDUCED_TRAIN, dpo=DPO)
+    link_upstream(exp, reduced_pipeline, ("synth", "extract", "pack", "train"))
     return exp
 
 

@@ -16,6 +16,7 @@ import soundfile as sf
 import torch
 import yaml
 from helpers import (
+    REDUCED_TRAIN,
     link_upstream,
     make_benchmark_layouts,
     plain_nll,
@@ -36,12 +37,12 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, reduced_pipeline):
-    """A tiny experiment trained for 30 steps with a checkpoint every 10 (on the session's reduced pipeline),
-    plus the miniature layouts."""
+    """A tiny experiment trained for 30 steps with a checkpoint every 10 (the session's reduced quickstart, its
+    stages up to train linked), plus the miniature layouts."""
     root = tmp_path_factory.mktemp("eval")
-    exp = small_experiment(root / "work", train={"max_steps": 30, "checkpoint_every": 10})
-    link_upstream(exp, reduced_pipeline)
-    stage_function("train")(exp)
+    exp = small_experiment(root / "work", train=REDUCED_TRAIN)
+    assert exp.train.max_steps == 30 and exp.train.checkpoint_every == 10  # what the step checks below expect
+    link_upstream(exp, reduced_pipeline, ("synth", "extract", "pack", "train"))
     return exp, make_benchmark_layouts(root / "data")
 
 
