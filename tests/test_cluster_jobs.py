@@ -89,14 +89,20 @@ def two_node_cluster(tmp_path, s3_server):
         assert status.stdout.count("node_") >= 2, status.stdout + status.stderr
         yield address, env, temp_dirs
     finally:
+        import psutil
+
         pids = sorted({pid for folder in temp_dirs for pid in cluster_pids(folder)})  # children via living parents
         for sig in (signal.SIGTERM, signal.SIGKILL):
+            procs = []
             for pid in pids:
                 try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
+                    proc = psutil.Process(pid)
+                    proc.send_signal(sig)
+                    procs.append(proc)
+                except psutil.NoSuchProcess:
                     pass
-            time.sleep(3)
+            _, alive = psutil.wait_procs(procs, timeout=3)  # returns as soon as every one has exited
+            pids = [proc.pid for proc in alive]
         for folder in temp_dirs:
             shutil.rmtree(folder, ignore_errors=True)
 
