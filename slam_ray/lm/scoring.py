@@ -61,7 +61,8 @@ def token_nll(model, sequences: Sequence[tuple[Sequence[int], int] | tuple[Seque
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         marks = [speech_only[i] for i in idx]
-        if any(marks):
+        masking = any(marks)
+        if masking:
             marked = torch.tensor(marks, device=logits.device)
             offset, n_units, eos = speech_ids
             blocked = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
@@ -70,7 +71,7 @@ def token_nll(model, sequences: Sequence[tuple[Sequence[int], int] | tuple[Seque
             logits.masked_fill_(marked[:, None, None] & blocked, float("-inf"))  # in place: no copy of the rows
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         target_mask = scored[:, 1:].to(logp.device)
-        if any(marks) and torch.isinf(logp[target_mask > 0]).any():
+        if masking and torch.isinf(logp[target_mask > 0]).any():
             raise ValueError("a sequence marked speech only scores a token outside the units and EOS (a marker or "
                              "text): its first scored index must come after them")
         nll = -logp.masked_fill(target_mask == 0, 0.0).sum(1)  # not times the mask: a masked logit's -inf x 0 is NaN
