@@ -6,7 +6,7 @@ start-up and checkpoint upload excluded, as for the baseline), and the last line
 
 `--profile` also samples every process on the machine once a second while the Ray path runs and prints the CPU
 seconds each kind of process used (the training worker, Ray Train's controller, the dashboard, GCS, raylet, …):
-where the cores went besides the worker (psutil, from the dev extra).
+where the cores went besides the worker (`bench/cpu_profile.py`; psutil, from the dev extra).
 
     .venv/bin/python bench/train.py [--steps 300] [--context 256] [--batch 16] [--threads 2]
 """
@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import tempfile
-import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -60,62 +57,6 @@ def plain_loop(exp, windows: np.ndarray, steps: int, threads: int) -> float:
     return steps * b * windows.shape[1] / (time.perf_counter() - start)
 
 
-class CpuProfile:
-    """CPU seconds per kind of process (its Ray title or program name) while the block runs: every process is
-    sampled once a second and its last reading kept, so processes that start and end inside the block count."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self.psutil, self.stop = psutil, threading.Event()
-        self.first: dict[int, float] = {p.pid: self._cpu(p) for p in psutil.process_iter()}
-        self.last: dict[int, tuple[str, float]] = {}
-
-    @staticmethod
-    def _cpu(proc) -> float:  # noqa: ANN001
-        try:
-            t = proc.cpu_times()
-            return t.user + t.system
-        except Exception:  # gone, or not ours to read
-            return 0.0
-
-    @staticmethod
-    def _kind(proc) -> str:  # noqa: ANN001
-        try:
-            cmd = proc.cmdline()
-        except Exception:
-            return "?"
-        title = " ".join(cmd)
-        if title.startswith("ray::"):
-            return re.sub(r"\s.*", "", title)
-        for name in ("gcs_server", "raylet", "dashboard.py", "dashboard/agent.py", "log_monitor.py", "runtime_env",
-                     "default_worker.py", "monitor.py"):
-            if name in title:
-                return name
-        return Path(cmd[0]).name if cmd else "?"
-
-    def _sample(self) -> None:
-        while not self.stop.wait(1.0):
-            for proc in self.psutil.process_iter():
-                self.last[proc.pid] = (self._kind(proc), self._cpu(proc))
-
-    def __enter__(self) -> CpuProfile:
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
-        self.stop.set()
-        self.thread.join()
-        self.by_kind: dict[str, float] = defaultdict(float)
-        for pid, (kind, cpu) in self.last.items():
-            self.by_kind[kind] += max(0.0, cpu - self.first.get(pid, 0.0))
-
-    def table(self) -> str:
-        rows = sorted(self.by_kind.items(), key=lambda kv: -kv[1])
-        return "\n".join(f"  {cpu:8.1f} s  {kind}" for kind, cpu in rows if cpu >= 0.5)
-
-
 def ray_train_path(exp, windows: np.ndarray) -> float:
     from slam_ray.core.stage_io import stage_dir
     from slam_ray.lm.packed import save_windows
@@ -149,6 +90,8 @@ def main() -> None:
         windows = packed_windows(max(4 * args.batch, 600), args.context, exp.vocab_size)
         baseline = plain_loop(exp, windows, args.steps, args.threads)
         if args.profile:
+            from cpu_profile import CpuProfile  # bench/ is this script's folder
+
             with CpuProfile() as profile:
                 ray_path = ray_train_path(exp, windows)
             print("CPU seconds by process during the Ray path:\n" + profile.table())
