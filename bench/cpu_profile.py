@@ -3,9 +3,11 @@ whole machine while a command runs, and the share of the machine's cores that wa
 
 Every process is sampled every `--interval` seconds and its last reading kept, so processes that start and end
 while the command runs count (one that lives less than an interval may be missed: a fraction of a second of CPU
-each). The sampling process counts too (its own kind: the cost of sampling). An exiting process has no command line left to read; it keeps the kind it was last seen with. Ray cuts
-long titles to the room its worker's command line had (`ray::RayTrainWo`); those are counted under the full
-title they abbreviate.
+each). The sampling process counts too, under its own name: the cost of sampling. An exiting process has no
+command line (nor CPU times, once reaped) left to read; it keeps the kind and time it was last seen with. Ray
+cuts long titles to the room its worker's command line had (`ray::RayTrainWo`); one is counted under the full
+title it abbreviates when only one title seen starts with it (`ray::MapWorker(` could be any map actor: it
+stays as it is).
 
     .venv/bin/python bench/cpu_profile.py [--interval 0.5] [--top 40] -- make test
 
@@ -36,7 +38,7 @@ class CpuProfile:
         import psutil
 
         self.psutil, self.interval_s, self.stop = psutil, interval_s, threading.Event()
-        self.first = {self._key(p): self._cpu(p) for p in psutil.process_iter()}
+        self.first = {self._key(p): self._cpu(p) or 0.0 for p in psutil.process_iter()}
         self.last: dict[tuple[int, float], tuple[str, float]] = {}
 
     @staticmethod
@@ -47,12 +49,12 @@ class CpuProfile:
             return proc.pid, 0.0
 
     @staticmethod
-    def _cpu(proc) -> float:  # noqa: ANN001
+    def _cpu(proc) -> float | None:  # noqa: ANN001
         try:
             t = proc.cpu_times()
             return t.user + t.system
         except Exception:  # gone, or not ours to read
-            return 0.0
+            return None
 
     @staticmethod
     def _kind(proc) -> str | None:  # noqa: ANN001
@@ -86,8 +88,9 @@ class CpuProfile:
         while True:
             for proc in self.psutil.process_iter():
                 key = self._key(proc)
-                kind = self._kind(proc) or self.last.get(key, ("?", 0.0))[0]
-                self.last[key] = (kind, self._cpu(proc))
+                seen_kind, seen_cpu = self.last.get(key, ("?", 0.0))
+                cpu = self._cpu(proc)  # None once it is gone: its last reading stands
+                self.last[key] = (self._kind(proc) or seen_kind, seen_cpu if cpu is None else cpu)
             if self.stop.wait(self.interval_s):
                 return
 
@@ -102,7 +105,10 @@ class CpuProfile:
         self.thread.join()
         self.wall_s = time.time() - self.started
         kinds = {kind for kind, _ in self.last.values()}
-        full = {k: max((f for f in kinds if f.startswith(k)), key=len) if k.startswith("ray::") else k for k in kinds}
+        full = {}
+        for kind in kinds:
+            longer = [f for f in kinds if f.startswith(kind) and f != kind] if kind.startswith("ray::") else []
+            full[kind] = longer[0] if len(longer) == 1 else kind
         self.by_kind: dict[str, float] = defaultdict(float)
         self.count: dict[str, int] = defaultdict(int)
         for key, (kind, cpu) in self.last.items():

@@ -98,7 +98,7 @@ def mlflow_server(tmp_path):
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server_artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        # MLflow 3's server job runner (huey consumers for its GenAI jobs) is not tracking: ~30 s of CPU a server here
+        # MLflow 3's server job runner (huey consumers for its GenAI jobs) is not tracking: 91 s of CPU in a suite run
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
