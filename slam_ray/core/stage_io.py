@@ -42,6 +42,8 @@ PAIRS_VERSION = 3  # evals/grammar.py: the held-out minimal pairs (eval)
 PREFERENCES_VERSION = 1  # lm/preferences.py: the grammar preference triples (dpo with @grammar inputs)
 INTERLEAVE_VERSION = 2  # lm/interleave.py + stages/pack.py: the spans and sequences of pack.interleave (pack)
 CROSS_MODAL_VERSION = 1  # evals/cross_modal.py + lm/preferences.py held-out triples as cross-modal items (eval)
+INVERSE_SQRT_VERSION = 2  # lm/optim.py: the inverse_sqrt lr schedule (train, dpo with it; 2: HF's 10,000-step
+# timescale without a warmup, where 1 decayed as 1/sqrt(step))
 READERS_VERSION = 2  # evals/readers.py: a reader's output, or the eval unit cache's format (eval; eval_units)
 
 
@@ -240,7 +242,10 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
             payload["extract"] = stage_key(exp, "extract")
         return payload
     if stage == "train":
-        return {"train": section("train"), "pack": stage_key(exp, "pack")}
+        payload = {"train": section("train"), "pack": stage_key(exp, "pack")}
+        if exp.train.schedule.name == "inverse_sqrt" and INVERSE_SQRT_VERSION > 1:  # absent otherwise: keys stay
+            payload["inverse_sqrt_version"] = INVERSE_SQRT_VERSION
+        return payload
     if stage == "dpo":
         payload = {"dpo": section("dpo")}
         # How DPO trains (dpo.precision/compile/gradient_checkpointing/strategy, its own or train's): what every DPO
@@ -251,6 +256,8 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
         if changed := {name: value for name, value in exp.trainer_settings("dpo").items()
                        if value != DPO_TRAINER_BEFORE[name]}:
             payload["dpo_trainer"] = changed
+        if exp.dpo.schedule == "inverse_sqrt" and INVERSE_SQRT_VERSION > 1:
+            payload["inverse_sqrt_version"] = INVERSE_SQRT_VERSION
         if not exp.dpo.init:
             payload["train"] = stage_key(exp, "train")
         if "@grammar" in exp.dpo.inputs:

@@ -91,6 +91,9 @@ def build_optimizer(cfg: OptimizerConfig, params):
     raise ValueError(f"unknown optimizer {cfg.name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
+INVERSE_SQRT_TIMESCALE = 10_000  # transformers.get_inverse_sqrt_schedule's default without warmup
+
+
 def warmup_steps(sched: ScheduleConfig, total: int) -> int:
     return sched.warmup_steps if sched.warmup_steps is not None else int(round(sched.warmup_ratio * total))
 
@@ -103,7 +106,11 @@ def lr_factor(step: int, total: int, warmup: int, sched: ScheduleConfig, base_lr
     if sched.name == "constant":
         return 1.0
     if sched.name == "inverse_sqrt":
-        return math.sqrt(max(warmup, 1) / (step + 1))
+        # Hugging Face's (slamkit's DPO runs it through TRL), one step on as the warmup above is: timescale = the
+        # warmup, or 10,000 steps without one; 1/sqrt(step) without a warmup would leave DPO's usual warmup-free
+        # run at 3.5% of its lr by step 813.
+        timescale = warmup or INVERSE_SQRT_TIMESCALE
+        return math.sqrt(timescale / (step + 1 + timescale - warmup))
     if sched.name == "wsd":
         decay_start = total - int(round(sched.decay_ratio * total))
         if step < decay_start:

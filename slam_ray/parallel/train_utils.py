@@ -9,7 +9,8 @@ from slam_ray.errors import SlamError
 
 
 def all_ranks(value: float, op: str) -> float:
-    """`value` summed ("sum") or maxed ("max") over the ranks; the value itself outside a process group."""
+    """`value` summed ("sum"), maxed ("max") or minimised ("min") over the ranks; the value itself outside a
+    process group."""
     import torch
     import torch.distributed as dist
 
@@ -18,7 +19,7 @@ def all_ranks(value: float, op: str) -> float:
     # NCCL (Ray Train's backend on GPUs) reduces CUDA tensors only; Ray has set this worker's current device.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    dist.all_reduce(t, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "sum": dist.ReduceOp.SUM}[op])
     return float(t.item())
 
 

@@ -12,6 +12,7 @@ sync on the last one only, clipping, re-plans of a time-budgeted schedule, loggi
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import tempfile
 import time
@@ -325,7 +326,10 @@ class Budget:
         return out_of_time(self.start, self.max_minutes)
 
     def steps_affordable(self, step_time: float) -> int:
-        return int(self.left() / step_time)
+        """Steps that fit in the time left, the same on every rank (collective): each rank's clock started when it
+        built its trainer, so their `left()` differ by a few ms, enough for `int()` to round two ranks' plans
+        apart; a rank whose plan ended a step early then left the loop while the others all-reduced gradients."""
+        return int(all_ranks(self.left(), "min") / step_time)
 
 
 def replan_steps(total: int, max_minutes: float | None) -> list[int]:
@@ -402,6 +406,8 @@ class Trainer:
             for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
                 group["lr"] = lr
             torch.set_rng_state(state["torch_rng"])
+            if "cuda_rng" in state and self.worker.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], self.worker.device)
             self.worker.log.print(f"[{self.prefix}] resuming at step {self.step}/{self.plan.total} from the latest checkpoint")
 
     def apply_plan(self) -> None:
@@ -441,7 +447,9 @@ class Trainer:
     def probe_step_time(self, micro_loss: MicroLoss) -> float:
         """Seconds per step (the slowest rank's), timed over whole steps at lr 0 (weights unchanged); the
         optimizer state they built is forgotten. The first step pays one-off costs and is not timed."""
-        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        # Some optimizers count steps in their param groups (pytorch_optimizer's AdEMAMix: `group["step"]`, its bias
+        # corrections and alpha/beta3 warm-up): the probe's steps must leave no trace there either.
+        groups = [copy.deepcopy({k: v for k, v in group.items() if k != "params"}) for group in self.optimizer.param_groups]
         for group in self.optimizer.param_groups:
             group["lr"] = 0.0
         start = time.perf_counter()
@@ -452,8 +460,10 @@ class Trainer:
                 self._backward(micro_loss, i * self.grad_accum + micro, micro == self.grad_accum - 1)
             self._optimizer_step()
         self.optimizer.state.clear()
-        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
+        for group, before in zip(self.optimizer.param_groups, groups, strict=True):
+            for key in set(group) - set(before) - {"params"}:
+                del group[key]
+            group.update(before)
         return all_ranks((time.perf_counter() - start) / (PROBE_STEPS - 1), "max")
 
     def state(self, optimizer_state: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -462,6 +472,8 @@ class Trainer:
 
         return {"step": self.step, "tokens": self.tokens, "plan": asdict(self.plan), "train_seconds": self.budget.seconds(),
                 "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                # dropout on a GPU draws from the CUDA generator, not the CPU one
+                **({"cuda_rng": torch.cuda.get_rng_state(self.worker.device)} if self.worker.device.type == "cuda" else {}),
                 **extra}
 
     def checkpoint(self, **extra: Any) -> None:
@@ -507,7 +519,7 @@ class Trainer:
                 means = {k: all_ranks(v, "sum") / w.world / (self.step - last_step) for k, v in sums.items()}
                 tokens_per_s = (self.tokens - last_tokens) / (now - last_log)
                 mfu = self.mfu(tokens_per_s, w.world) if self.mfu else None
-                lr = self.scheduler.get_last_lr()[0]
+                lr = self.scheduler.get_last_lr()[0]  # the next step's, as Hugging Face's Trainer logs it
                 w.log.metrics({**{f"{self.prefix}/{k}": v for k, v in means.items()}, f"{self.prefix}/lr": lr,
                                f"{self.prefix}/grad_norm": grad_norm, f"{self.prefix}/tokens": self.tokens,
                                f"{self.prefix}/tokens_per_s": tokens_per_s,

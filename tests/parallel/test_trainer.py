@@ -5,6 +5,8 @@ FSDP worker that resumes, bf16 + gradient checkpointing taken from train)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from helpers import dpo_curve, external_start, kill_a_worker_during, small_experiment
@@ -38,6 +40,7 @@ def test_dpo_takes_trains_settings_unless_set_and_only_a_changed_dpo_changes_key
     # changed their stage's key and everything after it on purpose; at format 1 what is left is this change alone
     monkeypatch.setitem(stage_io.STAGE_FORMAT, "pack", 1)
     monkeypatch.setitem(stage_io.STAGE_FORMAT, "extract", 1)
+    monkeypatch.setattr(stage_io, "INVERSE_SQRT_VERSION", 1)  # DPO's schedule without warmup, fixed later
     for name, keys in KEYS_BEFORE.items():
         # the recipes as they were then (the slam recipes have since taken the paper's tokens per step and document
         # masks, the quickstart document masks)
@@ -148,6 +151,107 @@ def test_dpo_compiled_gives_the_same_losses_and_weights():
     np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-5)
     for name, value in weights.items():
         torch.testing.assert_close(weights_c[name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the time budget's plan and the throughput probe
+
+
+def _plain_trainer(optimizer: str, steps: int, device: str = "cpu", resumed=None):  # noqa: ANN001
+    """A one-rank Trainer of a tiny linear model with `optimizer` (slam_ray's builder) and the micro-batch loss of
+    fixed data: (trainer, micro_loss)."""
+    import torch
+
+    from slam_ray.config import OptimizerConfig
+    from slam_ray.lm.optim import build_optimizer
+    from slam_ray.parallel.trainer import Budget, MetricsLog, Plan, Trainer, TrainerSettings, Worker
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1).to(device)
+    data = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def micro_loss(index: int):
+        return model(data[index % 64 : index % 64 + 1]).pow(2).mean(), {}
+
+    opt = build_optimizer(OptimizerConfig(name=optimizer, lr=1e-2), model.parameters())
+    t = Trainer(Worker(0, 1, torch.device(device), MetricsLog(None)), TrainerSettings(), model, opt, Plan(steps, 0),
+                lambda s, plan: 1.0, Budget(None), grad_accum=1, max_grad_norm=None, resumed=resumed)
+    return t, micro_loss
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "ademamix"])
+def test_the_throughput_probe_leaves_no_trace_in_the_weights_or_the_optimizer(optimizer):
+    """A time budget first times a few steps at lr 0; then training must go as if they never ran. AdEMAMix counts
+    its steps in the param group (bias corrections, alpha/beta3 warm-up): its first real update was half a fresh
+    one's after the probe's steps, until the probe restored the groups too."""
+    import torch
+
+    probed, loss_a = _plain_trainer(optimizer, 3)
+    before = {k: v.clone() for k, v in probed.model.state_dict().items()}
+    assert probed.probe_step_time(loss_a) > 0
+    for key, value in probed.model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # lr 0: the probe moved nothing
+    fresh, loss_b = _plain_trainer(optimizer, 3)
+    for t, loss in ((probed, loss_a), (fresh, loss_b)):
+        t.run(loss, lambda s: 1, log_every=10, describe=lambda m: "")
+    assert [{k: v for k, v in g.items() if k != "params"} for g in probed.optimizer.param_groups] == \
+        [{k: v for k, v in g.items() if k != "params"} for g in fresh.optimizer.param_groups]
+    for key, value in fresh.model.state_dict().items():
+        torch.testing.assert_close(probed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.gpu
+def test_a_resumed_trainer_continues_the_cuda_generator_where_the_checkpoint_left_it():
+    """Dropout on a GPU draws from the CUDA generator: a resumed run continues its sequence (a reseeded one would
+    replay the first steps' dropout masks)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    t, _ = _plain_trainer("adamw", 3, "cuda")
+    torch.rand(5, device="cuda")  # the generator moved on since the seed
+    state = t.state(t.optimizer.state_dict())
+    expected = torch.rand(5, device="cuda")
+    torch.manual_seed(0)  # what a restarted worker does before building its model
+    _plain_trainer("adamw", 3, "cuda", resumed=state)
+    torch.testing.assert_close(torch.rand(5, device="cuda"), expected, rtol=0, atol=0)
+
+
+def _plan_on_rank(rank: int, port: int, skew_s: float, step_s: float, results) -> None:  # noqa: ANN001
+    import torch.distributed as dist
+
+    from slam_ray.parallel.trainer import Budget
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        budget = Budget(1.0, start=time.perf_counter() - rank * skew_s)  # rank 1 built its trainer earlier
+        own = int(budget.left() / step_s)
+        results.put((rank, own, budget.steps_affordable(step_s)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_whose_clocks_started_apart_agree_on_the_time_budgets_plan():
+    """Two gloo ranks (processes) whose budgets started 0.5 s apart, as two Ray Train workers build their trainers
+    at different moments: steps of 0.4 s that fit in each one's time left differ by a step, and a plan that
+    differed let one rank leave the loop while the other all-reduced gradients (a hang). They agree on the
+    smaller."""
+    import multiprocessing
+
+    from helpers import free_port
+
+    ctx = multiprocessing.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_plan_on_rank, args=(rank, port, 0.5, 0.4, results)) for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    got = dict(((rank, (own, agreed)) for rank, own, agreed in (results.get(timeout=10) for _ in procs)))
+    assert got[0][0] != got[1][0]  # each rank's own count: the disagreement the plan must not inherit
+    assert got[0][1] == got[1][1] == min(got[0][0], got[1][0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

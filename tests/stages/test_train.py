@@ -24,6 +24,21 @@ def test_inverse_sqrt_and_constant():
     assert lr_factor(50, 100, 0, ScheduleConfig(name="constant"), 1.0) == 1.0
 
 
+@pytest.mark.parametrize("warmup", [0, 4, 100])
+def test_inverse_sqrt_is_hugging_faces_one_step_on(warmup):
+    """slamkit's DPO (warmup 0, 813 steps) runs HF's inverse_sqrt through TRL: without a warmup its timescale is
+    10,000 steps, so the lr stays near its peak (1/sqrt(step) would end at 3.5% of it). Our schedules start the
+    warmup at lr/warmup, not 0: step s trains with HF's factor at s + 1."""
+    from transformers.optimization import _get_inverse_sqrt_schedule_lr_lambda
+
+    inv = ScheduleConfig(name="inverse_sqrt", warmup_steps=warmup)
+    hf = [_get_inverse_sqrt_schedule_lr_lambda(s + 1, num_warmup_steps=warmup, timescale=warmup or 10_000)
+          for s in range(900)]
+    np.testing.assert_allclose([lr_factor(s, 900, warmup, inv, 1.0) for s in range(900)], hf, rtol=1e-12)
+    if warmup == 0:
+        assert lr_factor(812, 813, 0, inv, 1.0) > 0.96
+
+
 def test_ranks_see_disjoint_slices_of_each_global_batch():
     windows = np.arange(40 * 4).reshape(40, 4)
     r0 = WindowBatches(windows, 5, rank=0, world=2, seed=0)
