@@ -44,6 +44,8 @@ INTERLEAVE_VERSION = 2  # lm/interleave.py + stages/pack.py: the spans and seque
 CROSS_MODAL_VERSION = 1  # evals/cross_modal.py + lm/preferences.py held-out triples as cross-modal items (eval)
 INVERSE_SQRT_VERSION = 2  # lm/optim.py: the inverse_sqrt lr schedule (train, dpo with it; 2: HF's 10,000-step
 # timescale without a warmup, where 1 decayed as 1/sqrt(step))
+FREQUENCY_BANDS_VERSION = 2  # evals/readers.py: sWUGGY's frequency bands (eval with a frequency_band breakdown;
+# 2: the ZeroSpeech toolkit's right-open cuts, where 1 put 5, 20 and 100 a band lower)
 READERS_VERSION = 2  # evals/readers.py: a reader's output, or the eval unit cache's format (eval; eval_units)
 
 
@@ -268,6 +270,8 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
                    "readers_version": READERS_VERSION}
         if any(load_task(e.task).reader in CROSS_MODAL_READERS for e in exp.eval.task_entries()):  # else absent: keys stay
             payload["cross_modal_version"] = CROSS_MODAL_VERSION
+        if any("frequency_band" in load_task(e.task).breakdown for e in exp.eval.task_entries()):
+            payload["frequency_bands_version"] = FREQUENCY_BANDS_VERSION
         if evaluates_trained_stage(exp):  # not when every checkpoint is a folder given by path
             trained_by = trained_stage(exp)
             payload[trained_by] = stage_key(exp, trained_by)

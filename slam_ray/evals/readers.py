@@ -40,11 +40,14 @@ def _wavs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".wav", ".flac"))
 
 
-def frequency_band(frequency: float) -> str:
-    """sWUGGY's bands of the word's corpus frequency (ZeroSpeech 2021): oov, 1-5, 6-20, 21-100, >100."""
-    if pd.isna(frequency) or frequency <= 0:
-        return "oov"
-    return "1-5" if frequency <= 5 else "6-20" if frequency <= 20 else "21-100" if frequency <= 100 else ">100"
+def frequency_band(frequency: float) -> str | None:
+    """sWUGGY's band of the word's corpus frequency as the ZeroSpeech 2021 toolkit cuts it (`pandas.cut` at 0, 1,
+    5, 20, 100, right-open), labels and all: 0 is `oov`, 1-4 `1-5`, 5-19 `6-20`, 20-99 `21-100`, 100 on `>100` (the
+    labels are the toolkit's, not its intervals'). None without a frequency: the toolkit leaves such words out."""
+    if pd.isna(frequency):
+        return None
+    edges = ((1, "oov"), (5, "1-5"), (20, "6-20"), (100, "21-100"))
+    return next((label for edge, label in edges if frequency < edge), ">100")
 
 
 def read_zerospeech(path: Path, part: str, split: str = "dev", **_: Any) -> pd.DataFrame:
@@ -166,6 +169,11 @@ def read_manifest(path: Path, **_: Any) -> pd.DataFrame:
             positive = rec["positive"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise SlamError(f"{path}:{n}: need a JSON object with positive and negative(s) ({e})") from None
+        # a string would be read as a list of its characters, an empty list would leave nothing to compare with
+        if not isinstance(positive, str) or not isinstance(negatives, list) or not negatives or \
+                not all(isinstance(p, str) for p in negatives):
+            raise SlamError(f"{path}:{n}: `positive` must be a path and `negatives` a non-empty list of paths "
+                            f"(or give one `negative` path); got positive {positive!r}, negatives {negatives!r}")
         resolve = lambda p: str(p if Path(p).is_absolute() else path.parent / p)  # noqa: E731
         rows.append({"item": str(rec.get("id", n)), "subset": str(rec.get("subset", "all")),
                      "positive": resolve(positive), "negatives": [resolve(p) for p in negatives]})

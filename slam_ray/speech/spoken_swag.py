@@ -53,15 +53,21 @@ def build_triples(cfg: SwagConfig, voices: list[str]) -> tuple[list[dict], dict[
                         "{context, endings, label}")
     rng = random.Random(f"spoken_swag:{cfg.seed}")
     triples, counts = [], {"rows": 0, "dropped_auto_bleu": 0}
+    lines_of: dict[str, int] = {}  # a triple's id names its audio files and its synth shard: two rows, one id clash
     for i, row in enumerate(read_jsonl(cfg.path)):
         counts["rows"] += 1
         context, endings, label = _row_fields(cfg, row, f"{cfg.path}:{i + 1}")
+        uid = str(row.get("id") or f"swag{i:07d}")
+        if uid in lines_of:
+            raise SlamError(f"{cfg.path}:{i + 1}: id {uid!r} is also the id of line {lines_of[uid]}; ids must be "
+                            "unique (they name the spoken files), or leave `id` out to number the rows")
+        lines_of[uid] = i + 1
         wrong = rng.choice([k for k in range(len(endings)) if k != label])  # drawn for every row: stable streams
         voice = rng.choice(voices)
         if auto_bleu(endings[label]) > cfg.max_auto_bleu:
             counts["dropped_auto_bleu"] += 1
             continue
-        triples.append({"id": str(row.get("id") or f"swag{i:07d}"), "prompt": context.strip(),
+        triples.append({"id": uid, "prompt": context.strip(),
                         "chosen": endings[label].strip(), "rejected": endings[wrong].strip(), "voice": voice})
         if cfg.n_pairs is not None and len(triples) >= cfg.n_pairs:
             break

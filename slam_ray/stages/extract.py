@@ -86,7 +86,9 @@ def _manifest_rows(path: str) -> list[dict]:
     remote = is_remote(path)
     name = Path(path.partition("?")[0])  # a URI's query (endpoint etc.) is not part of its name
     source = open_input(path) if remote else path
-    df = pd.read_json(source, lines=True) if name.suffix == ".jsonl" else pd.read_csv(source)
+    # No type inference: ids and speakers such as "00123" stay strings ("00123" became 123, "0012" and "012" the
+    # same id; a CSV column with a blank cell turned 12 into "12.0").
+    df = pd.read_json(source, lines=True, dtype=False) if name.suffix == ".jsonl" else pd.read_csv(source, dtype=str)
     if "path" not in df.columns:
         raise SlamError(f"manifest {path} has no `path` column (columns: {', '.join(map(str, df.columns))})")
     rows = []
@@ -348,17 +350,20 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
                 del received[index]
     errors = [json.loads(line) for i in range(len(chunks))
               for line in (out.path / "chunks" / f"part-{i:05d}.errors.jsonl").read_text().splitlines()]
-    table = pa.concat_tables([pq.read_table(out.path / "units" / f"part-{i:05d}.parquet",
-                                            columns=["audio_seconds", "units", "aligned_text"])
-                              for i in range(len(chunks))])
-    audio_s = float(pa.compute.sum(table["audio_seconds"]).as_py() or 0.0)
-    n_units = int(pa.compute.sum(pa.compute.list_value_length(table["units"])).as_py() or 0)
+    # The totals shard by shard: the driver never holds more than one shard's units (the `slam` corpus's are ~12 GB).
+    audio_s, n_units, n_segments, with_words = 0.0, 0, 0, 0
+    for i in range(len(chunks)):
+        table = pq.read_table(out.path / "units" / f"part-{i:05d}.parquet", columns=["audio_seconds", "units", "aligned_text"])
+        audio_s += float(pa.compute.sum(table["audio_seconds"]).as_py() or 0.0)
+        n_units += int(pa.compute.sum(pa.compute.list_value_length(table["units"])).as_py() or 0)
+        n_segments += table.num_rows
+        with_words += table.num_rows - table["aligned_text"].null_count
     failed = sum(e["phase"] == "encode" for e in errors)
     return StageResult(
-        counts={"files": len(rows), "encoded": len(rows) - failed, "segments": table.num_rows, "units": n_units,
+        counts={"files": len(rows), "encoded": len(rows) - failed, "segments": n_segments, "units": n_units,
                 "audio_seconds": round(audio_s, 1), "shards": len(chunks), "shards_resumed": len(chunks) - len(todo),
                 # files without an alignment are fine for speech-only training: counted, not errors
-                "segments_with_words": table.num_rows - table["aligned_text"].null_count,
+                "segments_with_words": with_words,
                 "alignment_errors": len(errors) - failed},
         outputs={"units": [f"units/part-{i:05d}.parquet" for i in range(len(chunks))], "tokenizer": "tokenizer"},
         errors=errors,

@@ -154,13 +154,23 @@ def trial_experiment(exp: Experiment, values: dict[str, Any]) -> Experiment:
 
 def _is_mapping(annotation: Any) -> bool:
     """dict[...] or Optional[dict[...]]."""
-    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
-    return any(typing.get_origin(a) is dict for a in options)
+    return any(typing.get_origin(a) is dict for a in _options(annotation))
+
+
+def _options(annotation: Any) -> tuple[Any, ...]:
+    return typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The section class of a field typed `Section` or `Section | None` (pack.interleave, synth.preferences)."""
+    models = [a for a in _options(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
 
 
 def check_field_path(key: str) -> None:
     """Raise a ConfigError naming the first part of `key` that is not an experiment field."""
     model: type[BaseModel] | None = Experiment
+    optional = False  # a section that may be None is swept whole too: [null, {...}] (the interleaving space)
     parts = key.split(".")
     for depth, part in enumerate(parts):
         where = ".".join(parts[:depth]) or "the experiment"
@@ -171,8 +181,8 @@ def check_field_path(key: str) -> None:
             raise ConfigError(f"search space key {key!r}: {where} has no field {part!r}. "
                               f"Fields there: {', '.join(fields)}.")
         annotation = fields[part].annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+        if section := _section(annotation):
+            model, optional = section, type(None) in _options(annotation)
         elif _is_mapping(annotation):
             if len(parts) > depth + 2:
                 raise ConfigError(f"search space key {key!r}: {'.'.join(parts[: depth + 1])} maps names to values; "
@@ -180,7 +190,7 @@ def check_field_path(key: str) -> None:
             return
         else:
             model = None
-    if model is not None:
+    if model is not None and not optional:
         raise ConfigError(f"search space key {key!r} is a whole section; sweep one of its fields, "
                           f"e.g. {key}.{next(iter(model.model_fields))}")
 

@@ -249,13 +249,20 @@ def _scheduler(exp: Experiment):
     return None
 
 
+def trial_workers(exp: Experiment) -> int:
+    """The most Ray Train workers a trial runs at once: train's, or DPO's after it (dpo.num_workers, else train's)."""
+    workers = exp.train.num_workers if "train" in exp.stages else 0
+    if "dpo" in exp.stages:
+        workers = max(workers, exp.dpo.num_workers or exp.train.num_workers)
+    return workers
+
+
 def trial_resources(exp: Experiment) -> tuple[float, float]:
-    """CPUs and GPUs one trial holds at its peak: its own driver's plus its trainer's (or DPO's) workers'."""
-    train = exp.train.resources_per_worker or {"CPU": exp.ray.worker_cpus, "GPU": 1 if exp.train.use_gpu else 0}
-    cpus = exp.train.num_workers * train.get("CPU", 0)
-    if "dpo" in exp.stages:  # one DPO worker of ray.worker_cpus, after training
-        cpus = max(cpus, exp.ray.worker_cpus)
-    return exp.sweep.trial_cpus + cpus, exp.train.num_workers * train.get("GPU", 0)
+    """CPUs and GPUs one trial holds at its peak: its own driver's plus its trainer's (or DPO's) workers', each
+    of train's resources per worker (DPO's workers take the same)."""
+    per_worker = exp.train.resources_per_worker or {"CPU": exp.ray.worker_cpus, "GPU": 1 if exp.train.use_gpu else 0}
+    workers = trial_workers(exp)
+    return exp.sweep.trial_cpus + workers * per_worker.get("CPU", 0), workers * per_worker.get("GPU", 0)
 
 
 def check_trial_fits(exp: Experiment, cluster: dict[str, float]) -> None:
@@ -265,9 +272,11 @@ def check_trial_fits(exp: Experiment, cluster: dict[str, float]) -> None:
     have_cpus, have_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
     if cpus > have_cpus + 1e-9 or gpus > have_gpus:
         # the largest worker request (one decimal, rounded down) that fits beside the trial's driver
-        fit = math.floor((have_cpus - exp.sweep.trial_cpus) / exp.train.num_workers * 10) / 10
+        workers = max(1, trial_workers(exp))
+        fit = math.floor((have_cpus - exp.sweep.trial_cpus) / workers * 10) / 10
         message = (f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs (sweep.trial_cpus {exp.sweep.trial_cpus:g} + "
-                   f"train.num_workers {exp.train.num_workers} x ray.worker_cpus {exp.ray.worker_cpus:g}), but the "
+                   f"{workers} Ray Train workers (train.num_workers, dpo.num_workers) x ray.worker_cpus "
+                   f"{exp.ray.worker_cpus:g}), but the "
                    f"Ray cluster has {have_cpus:g} CPUs and {have_gpus:g} GPUs. Lower them, e.g. "
                    f"--set ray.worker_cpus={max(0.1, fit):g}")
         if exp.ray.address or os.environ.get("RAY_ADDRESS"):

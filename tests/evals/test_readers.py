@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from helpers import make_benchmark_layouts
 
@@ -78,6 +80,17 @@ def test_manifest_pairs_and_groups_with_relative_paths(layouts):
     assert all(Path(p).is_file() for p in [*df["positive"], *df["negatives"].explode()])
 
 
+@pytest.mark.parametrize("bad", [{"positive": "p.wav", "negatives": []}, {"positive": "p.wav", "negatives": "n.wav"},
+                                 {"positive": ["p.wav"], "negative": "n.wav"}, {"positive": "p.wav", "negatives": [1]}])
+def test_a_manifest_line_without_a_negative_path_is_named(tmp_path, bad):
+    """An empty `negatives` once reached scoring's min([]) and lost every task of the run; a string was split into
+    its characters."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "positive": "p.wav", "negative": "n.wav"}) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(SlamError, match=r"m\.jsonl:2: `positive` must be a path and `negatives` a non-empty list"):
+        read_comparisons(load_task("manifest"), str(manifest), {})
+
+
 def test_missing_datasets_give_clear_errors(tmp_path, layouts):
     with pytest.raises(SlamError, match="does not exist. Download the dataset"):
         read_comparisons(load_task("sblimp"), str(tmp_path / "nowhere"), {})
@@ -90,9 +103,15 @@ def test_missing_datasets_give_clear_errors(tmp_path, layouts):
         load_task("sbllimp")
 
 
-def test_frequency_bands_follow_zerospeech():
-    assert [frequency_band(f) for f in (0, 1, 5, 6, 20, 21, 100, 101)] == \
-        ["oov", "1-5", "1-5", "6-20", "6-20", "21-100", "21-100", ">100"]
+def test_frequency_bands_are_the_zerospeech_toolkits():
+    """zerospeech2021's lexical evaluation: pandas.cut(frequency, [0, 1, 5, 20, 100, inf], labels=[oov, 1-5, 6-20,
+    21-100, >100], right=False) — so 5 is in `6-20`, 20 in `21-100`, 100 in `>100`; no frequency, no band."""
+    frequencies = [0, 1, 4, 5, 19, 20, 99, 100, 101, 4.5]
+    toolkit = pd.cut(pd.Series(frequencies), [0, 1, 5, 20, 100, float("inf")],
+                     labels=["oov", "1-5", "6-20", "21-100", ">100"], right=False)
+    assert [frequency_band(f) for f in frequencies] == [str(b) for b in toolkit]
+    assert [frequency_band(f) for f in (0, 5, 20, 100)] == ["oov", "6-20", "21-100", ">100"]
+    assert frequency_band(float("nan")) is None
 
 
 def test_config_names_the_task_field_and_the_fix():

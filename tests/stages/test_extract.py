@@ -188,6 +188,18 @@ def test_manifest_inputs_and_duplicate_ids(fixtures, tmp_path):
         resolve_inputs(exp)
 
 
+def test_manifest_ids_and_speakers_stay_the_strings_they_are(fixtures, tmp_path):
+    """Numeric-looking ids are not numbers: "00123" is not 123, "0012" and "012" are two files, and a CSV column
+    with a blank cell does not turn "12" into "12.0" (the blank row gets the generated id)."""
+    audio = str(fixtures / "audio1.flac")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"path": audio, "id": "00123", "speaker": "0019"}, {"path": audio, "id": "0012"}, {"path": audio, "id": "012"}]))
+    (tmp_path / "m.csv").write_text(f"id,path,speaker\n12,{audio},0019\n,{audio},\n")
+    exp = small_experiment(tmp_path / "w", extract={"inputs": [str(tmp_path / "m.jsonl"), str(tmp_path / "m.csv")]})
+    resolved = {r["id"]: r["speaker"] for r in resolve_inputs(exp)}
+    assert resolved == {"00123": "0019", "0012": "", "012": "", "12": "0019", "m-0000001": ""}
+
+
 def test_missing_input_is_a_clear_error(tmp_path):
     exp = small_experiment(tmp_path / "w", extract={"inputs": [str(tmp_path / "nowhere" / "*.flac")]})
     with pytest.raises(SlamError, match="matches no folder"):

@@ -172,6 +172,10 @@ def test_auto_bleu_and_triples(tmp_path):
     path.write_text(json.dumps({"context": "x", "endings": ["a", "b"], "label": 2}) + "\n")
     with pytest.raises(SlamError, match="outside the 2 endings"):
         build_triples(SwagConfig(path=str(path)), ["v1"])
+    # one id twice would name two triples' files alike (one FLAC, two texts) and put them in two shards
+    path.write_text("".join(json.dumps({**r, "id": i}) + "\n" for r, i in zip(SWAG, ["q1", "q2", "q1"], strict=False)))
+    with pytest.raises(SlamError, match=r"swag.jsonl:3: id 'q1' is also the id of line 1"):
+        build_triples(SwagConfig(path=str(path)), ["v1"])
 
 
 def test_spoken_swag_to_dpo_readable_unit_triples(tmp_path, ray_local, espeak):

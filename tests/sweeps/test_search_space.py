@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slam_ray.config import load_experiment
+from slam_ray.config import load_experiment, with_values
+from slam_ray.core.stage_io import stage_key
 from slam_ray.errors import ConfigError
 from slam_ray.sweeps.search_space import SearchSpace, check_field_path, load_space, validate_space
 
@@ -56,6 +57,24 @@ def test_a_field_that_does_not_exist_is_named(key, message):
 def test_mapping_entries_and_nested_fields_are_fields():
     for key in ("pack.mix.stories", "pack.epochs.librispeech", "extract.tokenizer.n_units", "train.model.init"):
         check_field_path(key)
+
+
+def test_fields_of_an_optional_section_are_swept_into_the_model_that_trains(tmp_path):
+    """pack.interleave and synth.preferences may be None: their fields are still fields (the interleaving λ/η
+    were refused as "pack.interleave is a value"), the section itself can be swept whole (null or a section), and
+    each trial's value reaches the experiment it packs with."""
+    for key in ("pack.interleave.lam", "pack.interleave.eta", "pack.interleave", "synth.preferences.n_pairs"):
+        check_field_path(key)
+    with pytest.raises(ConfigError, match="pack.interleave has no field 'lamda'"):
+        check_field_path("pack.interleave.lamda")
+    exp = load_experiment("quickstart_interleaved")
+    space = load_space(space_file(tmp_path, {"params": {"pack.interleave.lam": {"grid": [2.0, 20.0]},
+                                                         "pack.interleave.eta": {"uniform": [0.2, 0.6]}}}))
+    validate_space(space, exp)
+    trials = [with_values(exp, {"pack.interleave.lam": lam, "pack.interleave.eta": 0.5}, "trial") for lam in (2.0, 20.0)]
+    assert [(t.pack.interleave.lam, t.pack.interleave.eta) for t in trials] == [(2.0, 0.5), (20.0, 0.5)]
+    assert trials[0].pack.interleave.tokenizer == exp.pack.interleave.tokenizer  # the rest of the section kept
+    assert len({stage_key(t, "pack") for t in trials}) == 2  # each packs its own spans
 
 
 def test_values_are_validated_with_the_field_named(tmp_path):
@@ -222,6 +241,14 @@ def test_the_quickstarts_first_sweep_fits_the_two_cores_it_targets(monkeypatch, 
                                          "sweep.max_concurrent_trials=2"])
     check_trial_fits(two, {"CPU": 4.0})
     assert "1 of sweep.max_concurrent_trials 2 fit" in capsys.readouterr().out
+    # DPO's workers count too, at train's resources each: 3 DPO workers of 0.9 CPUs after one training worker
+    # need 2.8 CPUs (counted as one of 0.9 before, the trial was let in and its DPO waited forever)
+    wide_dpo = load_experiment("quickstart", [*space.overrides(), "dpo.num_workers=3", "ray.worker_cpus=0.9"])
+    with pytest.raises(SlamError, match=r"one trial needs 2\.8 CPUs .*3 Ray Train workers") as refused:
+        check_trial_fits(wide_dpo, {"CPU": 2.0})
+    suggested = str(refused.value).rsplit("--set ", 1)[1]
+    assert suggested == "ray.worker_cpus=0.6"
+    check_trial_fits(load_experiment("quickstart", [*space.overrides(), "dpo.num_workers=3", suggested]), {"CPU": 2.0})
 
 
 def test_isoflop_trials_share_the_fixed_fields_and_each_has_its_own_budget_and_size():
