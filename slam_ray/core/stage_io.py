@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from slam_ray.config import STAGES, TRAINER_FIELDS, Experiment, models_in
+from slam_ray.config import STAGES, TRAINER_FIELDS, Experiment, models_in, name_entries
 from slam_ray.config.tasks import CROSS_MODAL_READERS, load_task
 from slam_ray.core.fingerprint import fingerprint, fingerprints
 from slam_ray.core.storage import is_remote, join, local_path, localize, publish, read_text, workdir_location
@@ -38,7 +38,8 @@ STAGE_FORMAT: dict[str, int] = {"synth": 1, "extract": 2, "pack": 2, "train": 1,
 # when its generator changes, so old outputs are not reused. They live here, beside STAGE_FORMAT, because the
 # stage contract imports no generator (imports point one way: stages -> speech/lm/evals -> core).
 SENTENCES_VERSION = 2  # evals/grammar.py: the built-in corpus sentences (synth with corpus.source grammar)
-PAIRS_VERSION = 3  # evals/grammar.py: the held-out minimal pairs (eval)
+PAIRS_VERSION = 4  # evals/grammar.py: the held-out minimal pairs (eval; 4: each pair's voice and speed drawn
+# from its own seed, where 3 drew them in turn over every listed task)
 PREFERENCES_VERSION = 1  # lm/preferences.py: the grammar preference triples (dpo with @grammar inputs)
 INTERLEAVE_VERSION = 2  # lm/interleave.py + stages/pack.py: the spans and sequences of pack.interleave (pack)
 CROSS_MODAL_VERSION = 1  # evals/cross_modal.py + lm/preferences.py held-out triples as cross-modal items (eval)
@@ -238,6 +239,9 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
             # where spans are cut (frame rate) and where units and markers sit (unit count): keyed through
             # extract's key when it is an input, directly when the units come from slamkit files
             payload["units"] = {"frame_rate": exp.extract.tokenizer.frame_rate, "n_units": exp.extract.tokenizer.n_units}
+        elif any(entry != "@extract" for _, entry in name_entries(exp.pack.inputs, {"@extract": "@extract"})):
+            # slamkit JSONL units: train sizes the model's vocabulary from n_units (through @extract otherwise)
+            payload["units"] = {"n_units": exp.extract.tokenizer.n_units}
         if any(d.corpus.source == "grammar" for d in exp.pack.text):
             payload["grammar_version"] = SENTENCES_VERSION
         if "@extract" in exp.pack.inputs:

@@ -143,11 +143,12 @@ def build_pairs(exp: Experiment) -> list[grammar.MinimalPair]:
 
 def _voiced_items(exp: Experiment, groups: list[tuple[str, list[tuple[str, str]]]], cache: StageDir) -> list[dict]:
     """Texts to speak, one voice and speed per group (a pair's or a triple's sides then differ in their words
-    only): `groups` = (audio subfolder, [(item id, text), ...])."""
-    rng = random.Random(exp.eval.seed)
+    only): `groups` = (audio subfolder, [(item id, text), ...]). A group's draw is seeded by the group itself, so
+    a task's audio is the same whichever other tasks are listed beside it (its stored result is keyed alone)."""
     low, high = exp.synth.speed
     items = []
     for folder, parts in groups:
+        rng = random.Random(f"{exp.eval.seed}:{folder}:{parts[0][0]}")
         voice, speed = rng.choice(exp.synth.voices), round(rng.uniform(low, high), 2)
         items += [{"id": uid, "text": text, "voice": voice, "speed": speed, "speaker": voice,
                    "path": cache.location("audio", *([folder] if folder else []), f"{uid}.flac")}

@@ -130,6 +130,12 @@ def _read_jsonl(shard: dict[str, Any], words: bool = False) -> Utterances:
             else:
                 raise SlamError(f"{shard['location']}:{line_no}: neither a slamkit features row (`units`) nor a "
                                 "tokens row (`audio_repr`)")
+            n_units = shard.get("n_units")
+            if units and n_units is not None and not 0 <= min(units) <= max(units) < n_units:
+                # uint16 would wrap a large id, and the model's embedding has n_units + 2 rows: fail here, not in train
+                raise SlamError(f"{shard['location']}:{line_no}: unit ids {min(units)}..{max(units)} are outside the "
+                                f"{n_units} units of extract.tokenizer.n_units; set it to the units' tokenizer size "
+                                f"(at least {max(units) + 1}), e.g. --set extract.tokenizer.n_units={max(units) + 1}")
             ids.append(str(rec.get("file_name") or f"{shard['location']}:{line_no}"))  # unique across files
             arrays.append(np.asarray(units, dtype=np.uint16))
             aligned.append(rec.get("aligned_text"))  # slamkit's features rows carry words for its interleaving
@@ -326,8 +332,9 @@ def held_out(u: Utterances, seed: int, fraction: float) -> np.ndarray:
 # --- pass 1: statistics ----------------------------------------------------------------------------------------
 
 
-def _jsonl_pieces(location: str, dataset: str, piece_tokens: int) -> list[dict[str, Any]]:
-    """Byte ranges of a JSONL file holding about `piece_tokens` tokens each (one scan, line by line)."""
+def _jsonl_pieces(location: str, dataset: str, piece_tokens: int, n_units: int | None = None) -> list[dict[str, Any]]:
+    """Byte ranges of a JSONL file holding about `piece_tokens` tokens each (one scan, line by line); reading one
+    checks its unit ids against `n_units`."""
     pieces, start, first_line, tokens, line_no = [], 0, 0, 0, 0
     with open(localize(location), "rb") as f:
         for line in iter(f.readline, b""):
@@ -340,8 +347,8 @@ def _jsonl_pieces(location: str, dataset: str, piece_tokens: int) -> list[dict[s
                 start, first_line, tokens = f.tell(), line_no, 0
         if f.tell() > start:
             pieces.append({"start": start, "stop": f.tell(), "first_line": first_line})
-    return [{"kind": "jsonl", "location": location, "dataset": dataset, **p, "id": f"{location}@{p['start']:015d}"}
-            for p in pieces]
+    return [{"kind": "jsonl", "location": location, "dataset": dataset, **p, "id": f"{location}@{p['start']:015d}",
+             **({"n_units": n_units} if n_units is not None else {})} for p in pieces]
 
 
 def shard_stats(shard: dict[str, Any], seed: int, val_fraction: float, interleave: dict[str, Any] | None = None
@@ -362,8 +369,8 @@ def _stats_task(row: dict[str, Any], seed: int, val_fraction: float, piece_token
     """Statistics of a few input shards (several per task: a Ray task costs more than counting a small shard)."""
     rows = []
     for shard in json.loads(row["shards"]):
-        pieces = (_jsonl_pieces(shard["location"], shard["dataset"], piece_tokens) if shard["kind"] == "jsonl"
-                  else [shard])
+        pieces = (_jsonl_pieces(shard["location"], shard["dataset"], piece_tokens, shard.get("n_units"))
+                  if shard["kind"] == "jsonl" else [shard])
         rows += [{"stats": json.dumps(shard_stats(p, seed, val_fraction, interleave))} for p in pieces]
     return rows
 
@@ -377,7 +384,8 @@ def input_shards(exp: Experiment) -> list[dict[str, Any]]:
             for name in (extracted.read_manifest() or {}).get("outputs", {}).get("units", []):
                 shards.append({"kind": "parquet", "location": extracted.location(name), "id": f"@extract/{name}"})
         elif Path(entry).is_file():
-            shards.append({"kind": "jsonl", "location": str(Path(entry).resolve()), "dataset": dataset})
+            shards.append({"kind": "jsonl", "location": str(Path(entry).resolve()), "dataset": dataset,
+                           "n_units": exp.extract.tokenizer.n_units})
         else:
             raise SlamError(f"pack.inputs entry {entry!r} is neither '@extract' nor an existing slamkit JSONL file")
     return shards

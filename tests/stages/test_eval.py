@@ -394,3 +394,22 @@ def test_an_interleaved_model_on_speech_only_and_cross_modal_tasks_equals_a_resc
     masked_results = json.loads((stage_dir(masked_exp, "eval").path / "results.json").read_text())
     assert masked_results["word_order"]["speech_logits_only"] is True
     assert "speech_logits_only" not in results["word_order"]
+
+
+def test_a_grammar_tasks_voices_and_speeds_do_not_depend_on_the_tasks_listed_beside_it(tmp_path):
+    """One seeded draw per pair, not one stream over every listed task: `word_order` alone and after `lexical`
+    is spoken alike, as its stored result (keyed on the task alone) assumes. (Before, pair 0 of word_order was
+    spoken at 145.84 words/min alone and 155.76 after lexical.)"""
+    from slam_ray.stages.eval import _voiced_items, build_pairs
+
+    def spoken(tasks: list[str]) -> dict[str, tuple[str, float]]:
+        exp = small_experiment(tmp_path, synth={"voices": ["en-us", "en-gb", "en-us+f3"]}, eval={"tasks": tasks})
+        groups = [(p.task, [(f"{p.id}-pos", p.positive), (f"{p.id}-neg", p.negative)]) for p in build_pairs(exp)]
+        items = _voiced_items(exp, groups, StageDir("eval_pairs", "k", str(tmp_path / "cache")))
+        return {i["id"]: (i["voice"], i["speed"]) for i in items if "word_order" in i["path"]}
+
+    alone, beside = spoken(["word_order"]), spoken(["lexical", "agreement", "word_order"])
+    assert alone and alone == beside
+    assert len(set(alone.values())) > len(alone) // 4  # still drawn: many voices and speeds, not one
+    pairs = {uid.rsplit("-", 1)[0] for uid in alone}
+    assert all(alone[f"{p}-pos"] == alone[f"{p}-neg"] for p in pairs)  # a pair's sides: one voice, one speed

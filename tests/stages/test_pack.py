@@ -256,6 +256,31 @@ def test_jsonl_pieces_and_unnamed_rows_are_told_apart_across_files_of_one_datase
     assert not set(ids[0]) & set(ids[1])
 
 
+def test_slamkit_units_outside_the_tokenizer_are_named_and_its_size_keys_the_pack(tmp_path):
+    """A 500-unit slamkit JSONL with n_units 200 packed fine and failed in training (an embedding index error, or a
+    uint16 wrap of a larger id); now the line and the fix are named. With JSONL inputs n_units is keyed directly
+    (train sizes the model from it; through @extract's key otherwise), so a changed n_units is not a reused pack."""
+    from helpers import small_experiment
+
+    from slam_ray.core.stage_io import stage_key
+    from slam_ray.errors import SlamError
+    from slam_ray.stages.pack import _jsonl_pieces, input_shards, read_shard
+
+    path = tmp_path / "feats.jsonl"
+    path.write_text(json.dumps({"units": [3, 7]}) + "\n" + json.dumps({"units": [12, 499, 4]}) + "\n")
+    exp = small_experiment(tmp_path / "w", stages=["pack", "train"], pack={"inputs": [str(path)]},
+                           extract={"tokenizer": {"n_units": 200}})
+    (shard,) = input_shards(exp)
+    (piece,) = _jsonl_pieces(shard["location"], shard["dataset"], 10**9, shard["n_units"])
+    with pytest.raises(SlamError, match=r"feats\.jsonl:2: unit ids 4\.\.499 are outside the 200 units .*n_units=500"):
+        read_shard(piece)
+    wider = small_experiment(tmp_path / "w", stages=["pack", "train"], pack={"inputs": [str(path)]},
+                             extract={"tokenizer": {"n_units": 500}})
+    (piece,) = _jsonl_pieces(str(path), "feats", 10**9, 500)
+    assert read_shard(piece).tokens.sum() == 2 + 3 + 2 * 2  # units + BOS/EOS per utterance
+    assert stage_key(wider, "pack") != stage_key(exp, "pack") and stage_key(wider, "train") != stage_key(exp, "train")
+
+
 # --- text–speech interleaving (pack.interleave) --------------------------------------------------------------------
 
 
