@@ -127,12 +127,13 @@ def _alignment_sidecars(inputs: list[str]) -> list[str]:
     return found
 
 
-def _voice_files(exp: Experiment) -> list[dict[str, Any]]:
-    """Fingerprints of voices given as files (piper .onnx, hf VITS folders); voice names are config."""
+def _voice_files(exp: Experiment, voices: list[str] | None = None) -> list[dict[str, Any]]:
+    """Fingerprints of voices given as files (piper .onnx, hf VITS folders; `synth.voices` unless `voices` are
+    given); voice names are config."""
     if exp.synth.backend == "espeak":
         return []
-    voices = [v.split("#")[0] for v in exp.synth.voices]
-    return fingerprints([v for v in voices if is_remote(v) or Path(v).exists()])
+    names = [v.split("#")[0] for v in (exp.synth.voices if voices is None else voices)]
+    return fingerprints([v for v in names if is_remote(v) or Path(v).exists()])
 
 
 _CHECKPOINT_NAMES = ("final", "before_dpo", "init", "all")
@@ -151,6 +152,9 @@ def input_fingerprints(exp: Experiment, stage: str) -> dict[str, Any]:
             found["corpus.path"] = fingerprint(exp.synth.corpus.path)
         if exp.synth.preferences:
             found["preferences.path"] = fingerprint(exp.synth.preferences.path)
+            own = exp.synth.preferences.voices  # None: synth.voices, fingerprinted above
+            if own and (voices := _voice_files(exp, own)):  # absent for voice names: keys stay
+                found["preferences.voices"] = voices
         if voices := _voice_files(exp):
             found["voices"] = voices
     elif stage == "extract":

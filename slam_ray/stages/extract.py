@@ -359,6 +359,10 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
         n_segments += table.num_rows
         with_words += table.num_rows - table["aligned_text"].null_count
     failed = sum(e["phase"] == "encode" for e in errors)
+    if failed == len(rows):  # nothing encoded at all is a setup problem (a mount not there), not a few bad files
+        raise SlamError(f"extract: every one of the {len(rows)} input files failed, e.g. {errors[0]['error']!r}; "
+                        f"check that extract.inputs are readable, then delete {out.path} and run again (its shards "
+                        "hold only these errors)")
     return StageResult(
         counts={"files": len(rows), "encoded": len(rows) - failed, "segments": n_segments, "units": n_units,
                 "audio_seconds": round(audio_s, 1), "shards": len(chunks), "shards_resumed": len(chunks) - len(todo),

@@ -55,6 +55,22 @@ def test_task_yaml_edited_in_place_changes_the_eval_key(tmp_path):
     _assert_edit_changes(exp, ("eval",), lambda: pairs.write_text(pairs.read_text().replace('"a"', '"b"')))
 
 
+def test_a_piper_voice_file_used_only_for_preferences_edited_in_place_changes_the_synth_key(tmp_path):
+    """synth.preferences.voices of their own (piper .onnx files): a retrained voice is a new key, as one of
+    synth.voices is (it was not seen: the stale preference audio was reused)."""
+    voice = tmp_path / "pref_voice.onnx"
+    voice.write_bytes(b"weights v1")
+    swag = tmp_path / "swag.jsonl"
+    swag.write_text(json.dumps({"context": "a", "endings": ["b", "c"], "label": 0}) + "\n")
+    exp = small_experiment(tmp_path / "w", stages=["synth"],
+                           synth={"backend": "piper", "voices": ["en_US-lessac-medium"],
+                                  "preferences": {"path": str(swag), "voices": [str(voice)]}})
+    _assert_edit_changes(exp, ("synth",), lambda: voice.write_bytes(b"weights v2"))
+    named = small_experiment(tmp_path / "w", stages=["synth"], synth={"backend": "piper", "voices": ["en_US-lessac-medium"],
+                                                                      "preferences": {"path": str(swag)}})
+    assert "preferences.voices" not in stage_payload(named, "synth")["synth"].get("fingerprints", {})
+
+
 def test_pack_jsonl_edited_in_place_changes_pack_and_everything_after(tmp_path):
     units = tmp_path / "features.jsonl"
     units.write_text(json.dumps({"file_name": "a.wav", "units": [1, 2, 3]}) + "\n")

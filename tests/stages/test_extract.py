@@ -112,6 +112,18 @@ def test_a_dozen_kinds_of_broken_files_beside_real_speech_piper_and_odd_formats(
     manifest = json.loads(out.manifest_path.read_text())
     assert manifest["counts"]["encoded"] == len(good) and manifest["counts"]["files"] == len(good) + len(bad)
 
+    # Only bad files (a mount that was not there), with the tokenizer given (nothing to fit first): an error
+    # naming the fix, not a complete output of zero units that every rerun would reuse.
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    a_dozen_broken_files(fixtures, only_bad)
+    none_good = small_experiment(tmp_path / "w2", stages=["extract"],
+                                 extract={"inputs": [str(only_bad)], "batch_size": 32,
+                                          "tokenizer": {"n_units": 16, "centroids": str(out.path / "tokenizer" / "centroids.npy")}})
+    with pytest.raises(SlamError, match=f"every one of the {len(bad)} input files failed.*readable"):
+        extract(none_good)
+    assert not stage_dir(none_good, "extract").is_complete()
+
 
 def test_hubert_extraction_units_do_not_depend_on_batch_mates(fixtures, tmp_path, ray_local):
     """The stage with a tiny mHuBERT-25Hz-shaped model loaded by path: 352 / 398 frames, and each file's units
