@@ -134,8 +134,9 @@ def _read_jsonl(shard: dict[str, Any], words: bool = False) -> Utterances:
             if units and n_units is not None and not 0 <= min(units) <= max(units) < n_units:
                 # uint16 would wrap a large id, and the model's embedding has n_units + 2 rows: fail here, not in train
                 raise SlamError(f"{shard['location']}:{line_no}: unit ids {min(units)}..{max(units)} are outside the "
-                                f"{n_units} units of extract.tokenizer.n_units; set it to the units' tokenizer size "
-                                f"(at least {max(units) + 1}), e.g. --set extract.tokenizer.n_units={max(units) + 1}")
+                                f"tokenizer's units (extract.tokenizer.n_units is {n_units}); set it to the units' "
+                                f"tokenizer size (at least {max(units) + 1}), e.g. "
+                                f"--set extract.tokenizer.n_units={max(units) + 1}")
             ids.append(str(rec.get("file_name") or f"{shard['location']}:{line_no}"))  # unique across files
             arrays.append(np.asarray(units, dtype=np.uint16))
             aligned.append(rec.get("aligned_text"))  # slamkit's features rows carry words for its interleaving

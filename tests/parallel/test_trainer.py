@@ -41,6 +41,7 @@ def test_dpo_takes_trains_settings_unless_set_and_only_a_changed_dpo_changes_key
     monkeypatch.setitem(stage_io.STAGE_FORMAT, "pack", 1)
     monkeypatch.setitem(stage_io.STAGE_FORMAT, "extract", 1)
     monkeypatch.setattr(stage_io, "INVERSE_SQRT_VERSION", 1)  # DPO's schedule without warmup, fixed later
+    monkeypatch.setattr(stage_io, "PAIRS_VERSION", 3)  # eval pairs' voices drawn per pair, later
     for name, keys in KEYS_BEFORE.items():
         # the recipes as they were then (the slam recipes have since taken the paper's tokens per step and document
         # masks, the quickstart document masks)
