@@ -225,6 +225,37 @@ def validate_space(space: SearchSpace, exp: Experiment) -> None:
     if not space.swept_sections & set(exp.stages):
         raise ConfigError(f"search space {space.name!r} varies {sorted(space.swept_sections)}, none of which is a stage "
                           f"this experiment runs ({', '.join(exp.stages)}): every trial would be the same")
+    check_sweep_metrics(exp)
+
+
+# What a training run reports while it trains (Ray Train reports): what ASHA / median stopping can compare.
+REPORTED_WHILE_TRAINING = ("val/loss", "train/tokens", "train/flops_6nd", "train/flops")
+
+
+def check_sweep_metrics(exp: Experiment) -> None:
+    """sweep.metric must be a figure a finished trial reports, stop_metric one reported while it trains: Tune's own
+    check is off (a trial's metrics arrive at different times), and a name no trial reports made Optuna prune every
+    trial (a random search in effect), a scheduler never stop one, and the report leave out the best trial."""
+    metric = exp.sweep.metric
+    tasks = [e.key for e in exp.eval.task_entries()] if "eval" in exp.stages else []
+    head, _, rest = metric.partition("/")
+    if head == "eval":
+        task = rest.partition("/")[0]
+        if task not in tasks:
+            raise ConfigError(f"sweep.metric {metric!r}: no trial reports it, "
+                              + (f"eval.tasks has no {task!r} (it has {', '.join(tasks)}); e.g. "
+                                 f"--set sweep.metric=eval/{tasks[0]}/accuracy" if tasks
+                                 else "this experiment runs no eval stage; e.g. --set sweep.metric=val/loss"))
+    elif head in ("val", "train"):
+        if "train" not in exp.stages:
+            raise ConfigError(f"sweep.metric {metric!r}: no trial reports it, this experiment runs no train stage")
+    else:
+        raise ConfigError(f"sweep.metric {metric!r} is not a figure a trial reports: eval/<task>/accuracy (tasks: "
+                          f"{', '.join(tasks) or 'none'}), val/loss or train/<figure>")
+    if exp.sweep.scheduler != "fifo" and exp.sweep.stop_metric not in REPORTED_WHILE_TRAINING:
+        raise ConfigError(f"sweep.stop_metric {exp.sweep.stop_metric!r} is not reported while a trial trains, so "
+                          f"sweep.scheduler {exp.sweep.scheduler} would stop nothing; use one of "
+                          f"{', '.join(REPORTED_WHILE_TRAINING)}")
 
 
 def resolve_space_path(space: str) -> Path:

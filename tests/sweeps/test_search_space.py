@@ -275,3 +275,22 @@ def test_a_space_without_fixed_fields_overrides_only_the_sweep_section(tmp_path)
     space = load_space(space_file(tmp_path, {"params": {"train.optimizer.lr": {"grid": [1e-3]}},
                                              "sweep": {"metric": "val/loss"}}))
     assert space.overrides() == ['sweep.metric="val/loss"']
+
+
+def test_a_sweep_metric_no_trial_reports_is_refused_with_the_fix():
+    """Tune's strict metric check is off (trials report eval metrics only at their end), so a name no trial
+    reports went unseen: Optuna pruned every trial (a random search), a scheduler stopped none, the report had no
+    best trial. The default metric needs word_order among the eval tasks."""
+    from slam_ray.sweeps.search_space import check_sweep_metrics
+
+    check_sweep_metrics(load_experiment("quickstart"))  # eval/word_order/accuracy, word_order evaluated
+    check_sweep_metrics(load_experiment("quickstart", ["sweep.metric=eval/agreement/init_accuracy"]))
+    with pytest.raises(ConfigError, match=r"eval\.tasks has no 'word_order' \(it has lexical\).*sweep\.metric=eval/lexical"):
+        check_sweep_metrics(load_experiment("quickstart", ["eval.tasks=[lexical]"]))
+    with pytest.raises(ConfigError, match="runs no eval stage; e.g. --set sweep.metric=val/loss"):
+        check_sweep_metrics(load_experiment("quickstart", ["stages=[synth,extract,pack,train]"]))
+    check_sweep_metrics(load_experiment("quickstart", ["stages=[synth,extract,pack,train]", "sweep.metric=val/loss"]))
+    with pytest.raises(ConfigError, match="'val_loss' is not a figure a trial reports"):
+        check_sweep_metrics(load_experiment("quickstart", ["sweep.metric=val_loss"]))
+    with pytest.raises(ConfigError, match="stop_metric 'eval/lexical/accuracy' is not reported while a trial trains"):
+        check_sweep_metrics(load_experiment("quickstart", ["sweep.scheduler=asha", "sweep.stop_metric=eval/lexical/accuracy"]))
