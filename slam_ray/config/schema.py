@@ -444,6 +444,15 @@ class EvalTask(Section):
         return {k: v for k, v in (("split", self.split), ("subsets", self.subsets)) if v is not None}
 
 
+# Per-task options and the readers that read them (evals/readers.py); what to use elsewhere.
+TASK_OPTIONS = (
+    ("split", ("zerospeech",), "only ZeroSpeech tasks (swuggy, sblimp) have splits"),
+    ("subsets", ("salmon",), "only SALMon has subsets"),
+    ("limit", ("zerospeech", "storycloze", "salmon", "manifest", "cross_modal_storycloze"),
+     "the built-in tasks take eval.n_pairs, generation eval.generation.n_prompts"),
+)
+
+
 class EvalConfig(Section):
     tasks: list[str | EvalTask] = Field(
         default_factory=lambda: list(BUILTIN_TASKS), min_length=1,
@@ -483,6 +492,12 @@ class EvalConfig(Section):
             if entry.key in seen:
                 raise ValueError(f"tasks[{i}]: two tasks are named {entry.key!r}; give one a `name`")
             seen.add(entry.key)
+            # An option a task's reader does not read would be ignored without a word (a `limit` on a grammar
+            # task still scored n_pairs): refused, with what does that job.
+            for option, readers, instead in TASK_OPTIONS:
+                if getattr(entry, option) is not None and spec.reader not in readers:
+                    raise ValueError(f"tasks[{i}]: `{option}` does nothing for task {entry.task!r} (reader "
+                                     f"{spec.reader}); {instead}")
         return self
 
     def task_entries(self) -> list[EvalTask]:

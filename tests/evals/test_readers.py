@@ -114,6 +114,23 @@ def test_frequency_bands_are_the_zerospeech_toolkits():
     assert frequency_band(float("nan")) is None
 
 
+def test_a_task_option_its_reader_does_not_read_is_refused_with_what_to_use():
+    """`limit` on a grammar task still scored n_pairs, on `generate` still spoke n_prompts; `split` and `subsets`
+    on a reader without them did nothing: refused at load, naming the entry and what does that job."""
+    from slam_ray.config import load_experiment
+    from slam_ray.errors import ConfigError
+
+    for tasks, message in (("[{task: lexical, limit: 50}]", r"tasks\[0\]: `limit` does nothing for task 'lexical'.*n_pairs"),
+                           ("[lexical, {task: generate, path: /p, limit: 10}]", r"tasks\[1\]: `limit`.*n_prompts"),
+                           ("[{task: ssc, path: /a, split: test}]", "`split` does nothing for task 'ssc'"),
+                           ("[{task: swuggy, path: /a, subsets: [x]}]", "only SALMon has subsets")):
+        with pytest.raises(ConfigError, match=message):
+            load_experiment("quickstart", [f"eval.tasks={tasks}"])
+    exp = load_experiment("quickstart", ["eval.tasks=[{task: swuggy, path: /a, split: dev, limit: 5}, "
+                                         "{task: salmon, path: /b, subsets: [bg_alignment], limit: 3}]"])
+    assert [(e.split, e.limit) for e in exp.eval.task_entries()] == [("dev", 5), (None, 3)]
+
+
 def test_config_names_the_task_field_and_the_fix():
     from slam_ray.config import load_experiment
     from slam_ray.errors import ConfigError
