@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from slam_ray.core.storage import is_remote, local_path, s3_client
+from slam_ray.errors import SlamError
 
 DEFAULT_LEASE_SECONDS = 120.0
 _warned_gs = False
@@ -41,15 +42,38 @@ def lease_seconds() -> float:
     return float(os.environ.get("SLAM_RAY_LEASE_SECONDS") or DEFAULT_LEASE_SECONDS)
 
 
+class LeaseLost(SlamError):
+    """This driver's S3 lease went to another driver (this one stalled past the expiry): the output is theirs."""
+
+
+class Held:
+    """What `exclusive_lock` yields: `lost` / `check()` say whether the lock is still this process's. A file lock
+    is held until released; an S3 lease can be lost (a stalled driver's, taken over), and then the holder must
+    publish nothing: check before every write that makes an output visible."""
+
+    def __init__(self, lease: S3Lease | None = None) -> None:
+        self.lease = lease
+
+    @property
+    def lost(self) -> bool:
+        return self.lease is not None and self.lease.lost
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseLost(f"[{self.lease.what}] lost the lease {self.lease.location}: this driver stalled past "
+                            f"{self.lease.expiry:.0f} s and another took over its output; nothing of this driver's "
+                            "was published. Run the command again to reuse (or wait for) the other driver's output")
+
+
 @contextlib.contextmanager
-def exclusive_lock(location: str, what: str) -> Iterator[None]:
+def exclusive_lock(location: str, what: str) -> Iterator[Held]:
     """Hold the lock at `location` (a local file, or an object in a bucket) for the block; `what` names the
     output in the message printed while waiting."""
     if location.startswith("s3://"):
         lease = S3Lease(location, what)
         lease.acquire()
         try:
-            yield
+            yield Held(lease)
         finally:
             lease.release()
         return
@@ -60,7 +84,7 @@ def exclusive_lock(location: str, what: str) -> Iterator[None]:
                   "two nodes must not build one stage at once")
             _warned_gs = True
     with _file_lock(local_path(location), what):
-        yield
+        yield Held()
 
 
 @contextlib.contextmanager

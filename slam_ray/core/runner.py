@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slam_ray.config import Experiment
-from slam_ray.core.lock import exclusive_lock
+from slam_ray.core.lock import Held, exclusive_lock
 from slam_ray.core.stage_io import (
     StageDir,
     Timer,
@@ -97,12 +97,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def exclusive(out: StageDir) -> Iterator[None]:
+def exclusive(out: StageDir) -> Iterator[Held]:
     """One process builds a stage output at a time (concurrent sweep trials can share an upstream stage; two
     drivers on two nodes can share a workdir in a bucket): a lock `<key>.lock` beside the output, a file lock
-    locally, a lease object in S3 (slam_ray/core/lock.py)."""
-    with exclusive_lock(join(parent(out.root), f"{out.key}.lock"), out.stage):
-        yield
+    locally, a lease object in S3 (slam_ray/core/lock.py), which a stalled driver can lose: `held.check()`
+    before anything is published."""
+    with exclusive_lock(join(parent(out.root), f"{out.key}.lock"), out.stage) as held:
+        yield held
 
 
 def cached_json(exp: Experiment, kind: str, payload: dict[str, Any], name: str,
@@ -112,12 +113,16 @@ def cached_json(exp: Experiment, kind: str, payload: dict[str, Any], name: str,
     back. Returns (location, data)."""
     key = config_hash(payload)
     cache = StageDir(kind, key, join(workdir_location(exp), kind, key))
-    with exclusive(cache):
+    with exclusive(cache) as held:
         text = read_text(cache.location(name))
         if text is not None:
             return cache.location(name), json.loads(text)
         cache.path.mkdir(parents=True, exist_ok=True)  # `build` may write files beside the result
         data = build(cache)
+        if held.lost and (text := read_text(cache.location(name))) is not None:
+            print(f"[{kind}] lost the lease while building; using the result of the driver that took over")
+            return cache.location(name), json.loads(text)
+        held.check()
         path = cache.path / name
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
@@ -128,14 +133,14 @@ def cached_json(exp: Experiment, kind: str, payload: dict[str, Any], name: str,
 
 def run_stage(exp: Experiment, stage: str, body: StageBody) -> StageDir:
     out = stage_dir(exp, stage)
-    with exclusive(out):
+    with exclusive(out) as held:
         if out.is_complete():
             print(f"[{stage}] reusing complete output {out.root}")
             return out
-        return _run(exp, stage, body, out)
+        return _run(exp, stage, body, out, held)
 
 
-def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir) -> StageDir:
+def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir, held: Held) -> StageDir:
     for upstream in upstream_stages(exp, stage):
         upstream_dir(exp, upstream)  # a clear error before any work if an input stage has not run
     print(f"[{stage}] running -> {out.root}")
@@ -151,11 +156,14 @@ def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir) -> StageDi
         try:
             result = body(exp, out, tracker, timer)
         except BaseException as e:
-            out.write_manifest({**manifest, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+            if not held.lost:  # a lost lease: the manifest is the other driver's now
+                out.write_manifest({**manifest, "status": "failed", "error": f"{type(e).__name__}: {e}"})
             raise
         timer.timings["total"] = round(time.perf_counter() - start, 3)
+        held.check()  # a stalled driver whose lease was taken over publishes nothing
         out.write_errors(result.errors)
         out.publish()  # every file before the manifest that says the output is complete
+        held.check()
         manifest.update(status="partial" if result.failed else "complete", counts=result.counts,
                         outputs=result.outputs, timings=timer.timings, metrics=result.metrics,
                         n_errors=len(result.errors), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

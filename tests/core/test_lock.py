@@ -123,3 +123,29 @@ def test_a_dead_drivers_lease_is_taken_over(tmp_path, bucket):
     assert result == {"built_by": taker.pid} and _builders(tmp_path) == [dead.pid, taker.pid]
     assert "took over the lease" in out and time.time() - start < 60
     assert _lease_keys(s3) == []
+
+
+def test_a_stalled_driver_that_lost_its_lease_publishes_nothing_and_takes_the_other_result(tmp_path, bucket):
+    """Driver A stalls past the expiry (SIGSTOP: a paused VM, a partition), B takes over and builds; when A wakes
+    its heartbeat finds the lease gone and A, done building, publishes nothing over B's result (it overwrote it
+    before) and returns B's."""
+    s3, workdir, env = bucket
+    done = tmp_path / "done"
+    stalled = _driver(tmp_path, workdir, env, "node_a", build_seconds=0, lease_s=2, until=done)
+    _wait_for(lambda: _builders(tmp_path), "the first driver to start building")
+    os.kill(stalled.pid, signal.SIGSTOP)
+    try:
+        taker = _driver(tmp_path, workdir, env, "node_b", build_seconds=0, lease_s=2)
+        b, out_b = _result(taker, tmp_path, "node_b")
+        assert b == {"built_by": taker.pid} and "took over the lease" in out_b
+    finally:
+        os.kill(stalled.pid, signal.SIGCONT)
+    _wait_for(lambda: "lost the lease" in _log(tmp_path, "node_a"), "the stalled driver to see its lease lost")
+    done.touch()
+    a, out_a = _result(stalled, tmp_path, "node_a")
+    assert _builders(tmp_path) == [stalled.pid, taker.pid]  # A did build (it was stalled mid-build) ...
+    assert a == b and "using the result of the driver that took over" in out_a  # ... but kept B's result
+    body = s3.get_object(Bucket="work", Key=next(o["Key"] for o in s3.list_objects_v2(Bucket="work", Prefix="exp/demo/")[
+        "Contents"] if o["Key"].endswith("result.json")))["Body"].read()
+    assert json.loads(body) == {"built_by": taker.pid}
+    assert _lease_keys(s3) == []
