@@ -14,6 +14,7 @@ so they are never logged as params.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -27,7 +28,7 @@ from slam_ray.errors import SlamError
 if TYPE_CHECKING:
     from slam_ray.config import Experiment
 
-_FILESYSTEMS: dict[tuple[str, str], Any] = {}  # (scheme, query) -> pyarrow filesystem, one per process
+_FILESYSTEMS: dict[tuple[str, str, str], Any] = {}  # (scheme, bucket, query) -> pyarrow filesystem, per process
 
 
 def is_remote(uri: str | Path | None) -> bool:
@@ -57,10 +58,29 @@ def _uri(scheme: str, path: str, query: str) -> str:
 
 
 def _cached_filesystem(uri: str):
+    # One per bucket: Arrow resolves an S3 filesystem's region from the bucket of the URI it was made from, so
+    # one shared by two buckets in two regions would send one of them to the wrong region (HTTP 301).
     scheme, path, query = _parts(uri)
-    if (scheme, query) not in _FILESYSTEMS:
-        _FILESYSTEMS[scheme, query] = filesystem(uri)[0]
-    return _FILESYSTEMS[scheme, query], path
+    key = (scheme, path.split("/", 1)[0], query)
+    if key not in _FILESYSTEMS:
+        _FILESYSTEMS[key] = filesystem(uri)[0]
+    return _FILESYSTEMS[key], path
+
+
+def glob_match(path: str, pattern: str) -> bool:
+    """Whether `path` matches `pattern` as `glob.glob(pattern, recursive=True)` matches files: `*`, `?`, `[...]`
+    within one path segment (not across `/`, not a leading `.`), `**` any number of segments, none included."""
+    def match(names: list[str], parts: list[str]) -> bool:
+        if not parts:
+            return not names
+        if parts[0] == "**":
+            return any(match(names[i:], parts[1:]) for i in range(len(names) + 1)
+                       if all(not n.startswith(".") for n in names[:i]))
+        if not names or (names[0].startswith(".") and not parts[0].startswith(".")):
+            return False
+        return fnmatch.fnmatchcase(names[0], parts[0]) and match(names[1:], parts[1:])
+
+    return match(path.strip("/").split("/"), pattern.strip("/").split("/"))
 
 
 def open_input(uri: str):
@@ -87,7 +107,7 @@ def _file_infos(uri: str) -> tuple[str, list[Any]] | None:
     else:
         return None
     if glob_at is not None:
-        files = [f for f in files if fnmatch.fnmatchcase(f.path, path)]
+        files = [f for f in files if glob_match(f.path, path)]  # as a local glob matches (recursive)
     return root, sorted(files, key=lambda f: f.path)
 
 
@@ -261,8 +281,16 @@ def publish(location: str, relative: str = "") -> None:
         relative_file = "" if file == local else file.relative_to(local).as_posix()
         if present.get(relative_file) == file.stat().st_size:
             continue
-        with open(file, "rb") as src, fs.open_output_stream(posixpath.join(path, relative_file) if relative_file else path) as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
+        remote = posixpath.join(path, relative_file) if relative_file else path
+        try:
+            with open(file, "rb") as src, fs.open_output_stream(remote) as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        except BaseException:
+            # pyarrow commits a stream it closes on the way out of an error (Ctrl+C, `ray job stop`): a truncated
+            # object would pass for a finished shard (and be fetched over the good local copy) or an empty manifest
+            with contextlib.suppress(Exception):
+                fs.delete_file(remote)
+            raise
 
 
 def workdir_location(exp: Experiment) -> str:

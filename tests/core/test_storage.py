@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,28 @@ def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, 
     assert (folder / "extra.bin").read_bytes() == b"new" and (folder / "tokenizer.json").stat().st_mtime_ns == stamp
     # a local location is used in place: nothing is copied
     assert storage.localize(str(tmp_path / "x")) == tmp_path / "x" and storage.model_source("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+
+    # An upload interrupted half-way (Ctrl+C; `ray job stop` raises SystemExit) leaves no object: pyarrow commits
+    # the stream it closes on the way out, and a truncated shard passed for a finished one (sizes then never
+    # match: fetched over the good local copy) and an empty manifest crashed every later run.
+    (there.path / "units").mkdir()
+    (there.path / "units" / "part-00000.parquet").write_bytes(b"u" * 100_000)
+    real_copy = shutil.copyfileobj
+
+    def interrupted(src, dst, length=0):  # noqa: ANN001
+        dst.write(src.read(1000))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage.shutil, "copyfileobj", interrupted)
+    for publish in (lambda: there.publish("units"), lambda: there.write_manifest({"status": "running"})):
+        with pytest.raises(KeyboardInterrupt):
+            publish()
+    monkeypatch.setattr(storage.shutil, "copyfileobj", real_copy)
+    assert not storage.exists(there.location("units", "part-00000.parquet"))
+    assert storage.read_text(there.location("manifest.json")) is None  # gone, not empty: the stage is not started
+    there.publish("units")
+    with storage.open_input(there.location("units", "part-00000.parquet")) as f:
+        assert f.read() == b"u" * 100_000
 
 
 def test_extract_reads_folders_and_manifests_from_s3(tmp_path, s3_server, fixtures, monkeypatch):
