@@ -81,14 +81,18 @@ def _measure(location: str) -> dict[str, Any]:
     return {"absent": True}
 
 
-def _walk(folder: Path, prefix: str) -> Iterator[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of every file under `folder`, depth first in name order, streamed."""
+def _walk(folder: Path, prefix: str, seen: frozenset[str] = frozenset()) -> Iterator[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every file under `folder`, depth first in name order, streamed. A
+    symlinked folder is followed as the readers follow it (`data/salmon/bg_alone -> /mnt/...`: its files were
+    left out, so replacing them kept the key); a link back to a folder being walked is not (no cycle)."""
+    seen = seen | {os.path.realpath(folder)}
     with os.scandir(folder) as it:
         entries = sorted(it, key=lambda e: e.name)
     for entry in entries:
         relative = prefix + entry.name
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(Path(entry.path), relative + "/")
+        if entry.is_dir():
+            if os.path.realpath(entry.path) not in seen:
+                yield from _walk(Path(entry.path), relative + "/", seen)
         elif entry.is_file():  # follows a symlink to its file (an HF cache snapshot links to its blobs)
             st = entry.stat()
             yield relative, st.st_size, st.st_mtime_ns

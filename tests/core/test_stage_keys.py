@@ -95,6 +95,24 @@ def test_extract_folder_and_manifest_edited_in_place_change_extract_and_after(tm
     _assert_edit_changes(glob_exp, ("extract",), lambda: (audio / "b" / "4.flac").write_bytes(b"four"))
 
 
+def test_a_symlinked_subfolder_is_fingerprinted_as_the_readers_follow_it(tmp_path):
+    """A dataset assembled from links (`salmon/bg_alone -> /mnt/ds/bg_alone`): files replaced or added behind the
+    link make a new eval key (the link's files were left out of the listing: 0 files, the stale result reused);
+    a link back up the tree is not walked twice."""
+    from slam_ray.core.fingerprint import fingerprint
+
+    mounted = _folder(tmp_path / "mnt" / "bg_alone", {"0_pos.wav": b"one", "0_neg.wav": b"two"})
+    salmon = tmp_path / "salmon"
+    salmon.mkdir()
+    (salmon / "bg_alone").symlink_to(mounted, target_is_directory=True)
+    (salmon / "bg_alone" / "loop").symlink_to(salmon, target_is_directory=True)  # a cycle
+    assert fingerprint(str(salmon))["files"] == 2
+    exp = small_experiment(tmp_path / "w", eval={"tasks": [{"task": "salmon", "path": str(salmon),
+                                                            "subsets": ["bg_alone"]}]})
+    _assert_edit_changes(exp, ("eval",), lambda: (mounted / "0_neg.wav").write_bytes(b"TWO"))
+    _assert_edit_changes(exp, ("eval",), lambda: (mounted / "1_pos.wav").write_bytes(b"three"))
+
+
 def test_centroids_and_model_folders_edited_in_place_change_their_keys(tmp_path):
     centroids = tmp_path / "km.npy"
     np.save(centroids, np.zeros((4, 3), dtype=np.float32))
