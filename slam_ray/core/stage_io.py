@@ -255,6 +255,8 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
         payload = {"train": section("train"), "pack": stage_key(exp, "pack")}
         if exp.train.schedule.name == "inverse_sqrt" and INVERSE_SQRT_VERSION > 1:  # absent otherwise: keys stay
             payload["inverse_sqrt_version"] = INVERSE_SQRT_VERSION
+        if exp.train.model.init == "random" and exp.train.model.base:  # built fp32 since 2026-12-02, not in the
+            payload["random_init_dtype"] = "float32"                    # base's recorded dtype
         return payload
     if stage == "dpo":
         payload = {"dpo": section("dpo")}

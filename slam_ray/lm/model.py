@@ -80,7 +80,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096, vo
                     config_.eos_token_id = vocabulary.eos_id
             return model.train()  # from_pretrained returns eval mode; the random init trains from the start too
         _set_overrides(config, cfg, vocab_size, vocabulary)
-        return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+        # fp32 as TWIST's: a base's config records its checkpoint's dtype (Qwen2.5 bf16, pythia fp16), and
+        # transformers 5 builds a model from a config in that dtype: AdamW then updated half-precision weights
+        # (fp16: -inf after a step; bf16: updates below its precision rounded away)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     except (ImportError, ValueError) as e:
         raise SlamError(f"train.model.attn_implementation={cfg.attn_implementation!r} is not available here: {e}. "
                         "Use 'sdpa' (torch's kernels, FlashAttention included on GPU) or 'eager'") from e

@@ -72,9 +72,16 @@ def _prompt_sources(path: str, n: int) -> list[dict[str, Any]]:
         pattern = str(p / "**" / "*") if p.is_dir() else str(p)
         files = sorted((f for f in glob.glob(pattern, recursive=True)
                         if Path(f).suffix.lower() in (".wav", ".flac", ".ogg", ".mp3")), key=_natural)
-        rows = [{"id": Path(f).stem, "path": f} for f in files]
+        # a folder's prompts by their path in it (a/1.wav and b/1.wav are two prompts: a/1 -> a__1), a glob's by stem
+        rows = [{"id": Path(f).relative_to(p).with_suffix("").as_posix().replace("/", "__") if p.is_dir()
+                 else Path(f).stem, "path": f} for f in files]
     if not rows:
         raise SlamError(f"generate: no prompts in {path} (a folder or glob of audio, or a JSONL of paths or units)")
+    first: dict[str, dict] = {}
+    for row in rows:  # an id names the prompt's samples and their audio files: two prompts, one id would clash
+        if (other := first.setdefault(row["id"], row)) is not row:
+            raise SlamError(f"generate: two prompts in {path} have the id {row['id']!r} ({other.get('path', 'units')} "
+                            f"and {row.get('path', 'units')}); give each its own `id` (JSONL) or file name")
     return rows[:n]
 
 

@@ -81,11 +81,22 @@ def test_twist_init_keeps_the_text_lm_and_cuts_the_vocabulary(tmp_path, tie):
     assert torch.equal(again.get_input_embeddings().weight, emb)
 
 
-def test_random_init_from_a_base_config(tmp_path):
-    text_lm = save_text_lm(tmp_path / "lm", True)
+@pytest.mark.parametrize("saved_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_random_init_from_a_base_config_trains_in_fp32(tmp_path, saved_dtype):
+    """The base's shape, not its weights, and fp32 whatever dtype its config records (Qwen2.5's bf16, pythia's
+    fp16): built in that dtype, one AdamW step made fp16 weights -inf and bf16 rounded small updates away."""
+    text_lm = save_text_lm(tmp_path / "lm", True, saved_dtype)
     model = build_model(ModelConfig(init="random", base=str(tmp_path / "lm")), vocab_size=40)
     assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 40
-    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, text_lm.model.layers[0].mlp.up_proj.weight)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight.to(saved_dtype),
+                           text_lm.model.layers[0].mlp.up_proj.weight)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    model(input_ids=torch.arange(2, 22).reshape(1, 20), labels=torch.arange(2, 22).reshape(1, 20)).loss.backward()
+    optimizer.step()
+    after = model.model.layers[0].mlp.up_proj.weight.detach()
+    assert torch.isfinite(after).all() and (after != before).float().mean() > 0.9  # every weight moved
 
 
 def test_missing_base_is_a_clear_error(tmp_path):

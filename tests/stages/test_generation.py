@@ -127,3 +127,24 @@ def test_an_interleaved_model_continues_a_spoken_prompt_in_text(tmp_path):
                           max_new_tokens=30, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id)[0, ids_in.shape[1]:]
     assert (free >= vocab.text_size).any()  # unconstrained, it samples units and markers too
 
+
+
+def test_prompts_with_one_file_name_in_two_subfolders_are_two_prompts_and_a_repeated_id_is_named(tmp_path):
+    """A folder of prompts is searched recursively: a/1.wav and b/1.wav were both id '1' (one audio file written
+    twice, two rows with one key); now a__1 and b__1. Two JSONL lines with one id are an error naming both."""
+    import json
+
+    import pytest
+
+    from slam_ray.errors import SlamError
+    from slam_ray.stages.generation import _prompt_sources
+
+    for sub in ("a", "b"):
+        (tmp_path / "prompts" / sub).mkdir(parents=True)
+        (tmp_path / "prompts" / sub / "1.wav").write_bytes(b"")
+    (tmp_path / "prompts" / "2.wav").write_bytes(b"")
+    assert sorted(r["id"] for r in _prompt_sources(str(tmp_path / "prompts"), 10)) == ["2", "a__1", "b__1"]
+    manifest = tmp_path / "p.jsonl"
+    manifest.write_text("".join(json.dumps({"path": f"{sub}/1.wav"}) + "\n" for sub in ("a", "b")))
+    with pytest.raises(SlamError, match=r"two prompts .* have the id '1' \(.*a/1\.wav and .*b/1\.wav\)"):
+        _prompt_sources(str(manifest), 10)
