@@ -17,6 +17,7 @@ from slam_ray.errors import SlamError
 
 EXIT_USAGE = 2
 EXIT_PARTIAL = 1
+EXIT_CRASH = 3  # anything else that went wrong (Python's own exit code 1 would read as a partial result)
 
 
 def _report_partial(partial: dict[str, dict[str, str]]) -> int:
@@ -186,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slam-ray: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        traceback.print_exc()
+        print(f"slam-ray: crashed ({type(e).__name__}: {e}); exit code {EXIT_CRASH}, not a partial result: "
+              "finished stages are kept, so the same command resumes once the cause is fixed", file=sys.stderr)
+        return EXIT_CRASH
     return code
 
 

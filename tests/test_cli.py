@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from slam_ray.cli import main
+from slam_ray.cli import EXIT_PARTIAL, main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -68,6 +68,15 @@ def test_config_show_round_trips(capsys, tmp_path):
     (tmp_path / "shown.yaml").write_text(out)
     code, out, _ = run_cli(capsys, "config", "show", str(tmp_path / "shown.yaml"))
     assert code == 0 and yaml.safe_load(out)["train"]["max_steps"] == 7
+
+
+def test_a_crash_exits_3_with_its_traceback_not_1_which_means_partial(capsys, tmp_path):
+    """An exception that is not a config or input error (here the workdir's parent is a file) used to escape with
+    Python's exit code 1, which `slam-ray` documents as "a stage ended partial: rerun to retry only its parts"."""
+    (tmp_path / "a_file").write_text("not a folder")
+    code, _, err = run_cli(capsys, "run", "quickstart", "--set", f"workdir={tmp_path / 'a_file' / 'work'}")
+    assert code == 3 and code != EXIT_PARTIAL
+    assert "Traceback" in err and "crashed (NotADirectoryError" in err and "not a partial result" in err
 
 
 def test_usage_errors_exit_2():
