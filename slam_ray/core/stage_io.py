@@ -233,6 +233,11 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
         return payload
     if stage == "extract":
         payload: dict[str, Any] = {"extract": section("extract")}
+        # tokenizer.dtype applies on a GPU only (HuBERT runs fp32 on CPU): where the actors get no GPU, the units
+        # are fp32's, so the key says so (else a bf16 GPU output and a CPU rerun of it shared one key and folder)
+        tokenizer = exp.extract.tokenizer
+        if tokenizer.kind == "hubert" and tokenizer.dtype != "float32" and not exp.extract.num_gpus_per_actor:
+            payload["encoder_dtype"] = "float32"
         if any(path == "@synth" for _, path in exp.named_inputs()):
             payload["synth"] = stage_key(exp, "synth")
         return payload

@@ -261,3 +261,17 @@ def test_a_home_relative_input_is_fingerprinted_not_taken_as_absent(tmp_path, mo
     assert "absent" not in got and got["path"] == "~/data/ssc"  # the path as written, the content measured
     exp = small_experiment(tmp_path / "w", eval={"tasks": [{"task": "ssc", "path": "~/data/ssc"}]})
     _assert_edit_changes(exp, ("eval",), lambda: (folder / "1_correct.wav").write_bytes(b"another"))
+
+
+def test_a_gpu_extract_in_bf16_and_its_cpu_rerun_do_not_share_an_output(tmp_path):
+    """HuBERT runs tokenizer.dtype on a GPU only (fp32 on CPU): a bf16 GPU extract killed and rerun with
+    num_gpus_per_actor 0 would have finished its shards in fp32 in the same folder (the GPU count is operational).
+    With fp32 both compute the same units: the GPU count stays out of the key."""
+    def key(gpus: float, dtype: str) -> str:
+        exp = small_experiment(tmp_path / "w", extract={"num_gpus_per_actor": gpus, "tokenizer": {
+            "kind": "hubert", "model": "slprl/mhubert-base-25hz", "layer": 11, "dtype": dtype}})
+        return stage_key(exp, "extract")
+
+    assert key(0.5, "bfloat16") != key(0.0, "bfloat16")
+    assert key(0.5, "float32") == key(0.0, "float32") == key(1.0, "float32")
+    assert key(0.5, "bfloat16") == key(1.0, "bfloat16")
