@@ -136,6 +136,46 @@ def test_every_optimizer_trains_a_few_steps(name):
     assert losses[-1] < 0.8 * losses[0], (name, losses[0], losses[-1])
 
 
+def test_each_optimizer_name_builds_its_own_algorithm():
+    """The ablation's names are not one optimizer under six names: each builds its own class (the fused AdamW with
+    its kernel on), and from one start three steps end at four different weights (see the two pairs below)."""
+    import torch
+    from pytorch_optimizer import AdEMAMix, Lion
+
+    from slam_ray.config import OptimizerConfig
+    from slam_ray.lm.optim import build_optimizer
+
+    classes = {"adamw": torch.optim.AdamW, "adamw_fused": torch.optim.AdamW, "adafactor": torch.optim.Adafactor,
+               "ademamix": AdEMAMix, "lion": Lion}
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    finals = {}
+    for name in (*classes, "adalomo"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 4)
+        opt = build_optimizer(OptimizerConfig(name=name, lr=1e-2), model.parameters())
+        if name in classes:
+            assert isinstance(opt, classes[name]), name
+        else:
+            assert type(opt).__name__ == "AdaLomo"
+        assert opt.defaults.get("fused") is (True if name == "adamw_fused" else None if name != "adamw" else False)
+        for _ in range(3):
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        finals[name] = model.weight.detach().clone()
+    # Two pairs are one rule each: AdamW's two kernels, and AdaLomo's update as an ordinary step() (its factored
+    # second moment, update clipped to RMS 1, step scaled by the weight's RMS) is torch's Adafactor at these
+    # settings: what AdaLomo adds is applying it inside the backward pass (memory), which slam_ray does not.
+    same = ({"adamw", "adamw_fused"}, {"adafactor", "adalomo"})
+    names = list(finals)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if {a, b} not in same:
+                assert not torch.allclose(finals[a], finals[b], rtol=1e-4, atol=1e-6), (a, b)
+    for a, b in map(sorted, same):
+        torch.testing.assert_close(finals[a], finals[b], rtol=1e-5, atol=1e-6)
+
+
 def tiny_lm_and_batch():
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -156,16 +196,26 @@ def loss_and_grads(model, x):
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """Through the trainer's own `prepare_model` (what train.gradient_checkpointing turns on): a decoder layer's
+    MLP runs twice a step (once more in the backward: its activations were not kept), and the loss and gradients
+    are the plain model's."""
     import copy
 
     import torch
 
+    from slam_ray.parallel.trainer import TrainerSettings, prepare_model
+
     model, x = tiny_lm_and_batch()
-    checkpointed = copy.deepcopy(model)
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    assert checkpointed.is_activation_checkpointing
-    loss, grads = loss_and_grads(model, x)
+    checkpointed = prepare_model(copy.deepcopy(model), TrainerSettings(gradient_checkpointing=True), torch.device("cpu"))
+    plain = prepare_model(model, TrainerSettings(), torch.device("cpu"))
+    forwards = {"plain": 0, "checkpointed": 0}
+    for name, m in (("plain", plain), ("checkpointed", checkpointed)):
+        # on a module inside the layer (the checkpoint wraps the layer's forward, not its own hooks), before its
+        # forward (torch's non-reentrant recompute stops once it has what the backward needs)
+        m.model.layers[0].mlp.register_forward_pre_hook(lambda *_, name=name: forwards.__setitem__(name, forwards[name] + 1))
+    loss, grads = loss_and_grads(plain, x)
     loss_ckpt, grads_ckpt = loss_and_grads(checkpointed, x)
+    assert forwards == {"plain": 1, "checkpointed": 2}
     assert loss_ckpt == pytest.approx(loss, abs=1e-6)
     for name, g in grads.items():
         torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-5, atol=1e-6, msg=name)
