@@ -265,10 +265,19 @@ def test_isoflop_trials_share_the_fixed_fields_and_each_has_its_own_budget_and_s
     trials = [trial_experiment(exp, {"train.max_flops": c, "train.model.hidden_size": h})
               for c in space.params["train.max_flops"].grid for h in space.params["train.model.hidden_size"].grid]
     assert len({(t.train.max_flops, t.train.model.hidden_size) for t in trials}) == 12
+    # each trial's own model, as train builds and counts it: at one FLOP budget its steps fall as it grows, and
+    # each trial spends its budget (6 N D, to one step's worth)
+    from slam_ray.lm.model import build_model, count_parameters
+
     tokens_per_step = exp.train.batch_size * exp.pack.context_len
-    small, large = (budget_steps(t.train, tokens_per_step, n_params)
-                    for t, n_params in ((trials[0], 64_000), (trials[3], 627_000)))
-    assert small > 9 * large > 0
+    for budget in sorted({t.train.max_flops for t in trials}):
+        row = [t for t in trials if t.train.max_flops == budget]
+        sizes = [count_parameters(build_model(t.train.model, t.vocab_size)) for t in row]
+        steps = [budget_steps(t.train, tokens_per_step, n) for t, n in zip(row, sizes, strict=True)]
+        assert sizes == sorted(sizes) and len(set(sizes)) == 4  # the grid's hidden sizes, smallest first
+        assert steps == sorted(steps, reverse=True) and steps[0] > 3 * steps[-1] > 0
+        for n, k in zip(sizes, steps, strict=True):
+            assert 6 * n * tokens_per_step * (k - 1) < budget <= 6 * n * tokens_per_step * k
 
 
 def test_a_space_without_fixed_fields_overrides_only_the_sweep_section(tmp_path):
