@@ -372,6 +372,21 @@ def dpo_curve(exp, metric: str = "dpo/loss") -> dict[int, float]:
     return {m.step: m.value for r in runs for m in client.get_metric_history(r.info.run_id, metric)}
 
 
+def logged_steps(exp, stage: str, metric: str):
+    """How many times each step of `metric` was logged in the stage's MLflow runs (a Counter): a run resumed from
+    a checkpoint logs again only the steps after it; one restarted from scratch logs its first steps twice."""
+    from collections import Counter
+
+    from mlflow.tracking import MlflowClient
+
+    from slam_ray.core.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(exp))
+    experiment = client.get_experiment_by_name(exp.name)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`slam_ray.stage` = '{stage}'") if experiment else []
+    return Counter(m.step for r in runs for m in client.get_metric_history(r.info.run_id, metric))
+
+
 def slamkit_jsonl(path, triples: list[dict]) -> None:
     """Triples written the way slamkit's preference_alignment_feature_extractor writes them."""
     from slam_ray.speech.units import tokens_to_units, write_jsonl

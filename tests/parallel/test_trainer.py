@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import dpo_curve, external_start, kill_a_worker_during, small_experiment
+from helpers import dpo_curve, external_start, kill_a_worker_during, logged_steps, small_experiment
 
 from slam_ray.config import load_experiment, recipe_names, with_values
 from slam_ray.core.stage_io import stage_dir, stage_key, stage_payload
@@ -282,6 +282,7 @@ def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tm
                                           lambda: 12 <= max(dpo_curve(runs["fsdp"]), default=0) < 60)
     assert victim is not None, "the run finished before a worker could be killed"
     assert not errors, errors
+    assert logged_steps(runs["fsdp"], "dpo", "dpo/loss")[4] == 1  # resumed from a checkpoint (>= 8), not step 0
     curves = {name: dpo_curve(exp) for name, exp in runs.items()}
     steps = list(range(4, 81, 4))
     assert all(sorted(curve) == steps for curve in curves.values()), curves

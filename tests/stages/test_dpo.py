@@ -161,7 +161,9 @@ def test_slamkit_preference_jsonl_with_a_token_budget_and_either_reference(pretr
     values = {"dpo.inputs": [str(jsonl)], "dpo.max_tokens": budget, "dpo.max_steps": None, "dpo.schedule": "cosine",
               "dpo.num_workers": 1, "dpo.reference": "model", "dpo.lr": 2e-3}
     with_model = linked(pretrained, {**values, "workdir": str(tmp_path / "model")})
-    manifest = stage_function("dpo")(with_model).read_manifest()
+    model_out = stage_function("dpo")(with_model)
+    manifest = model_out.read_manifest()
+    assert not (model_out.path / "reference_logps.parquet").exists()  # reference: model computed none ahead
     assert manifest["counts"]["train_triples"] == 162 and manifest["counts"]["val_triples"] == 18  # every 10th
     # the token budget: reached by the last step and not by the one before it
     tokens = dpo_curve(with_model, "dpo/tokens")

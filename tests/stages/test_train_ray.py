@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import kill_a_worker_during, small_experiment
+from helpers import kill_a_worker_during, logged_steps, small_experiment
 
 from slam_ray.core.stage_io import stage_dir
 from slam_ray.core.tracking import tracking_uri
@@ -91,6 +91,9 @@ def test_one_worker_ddp_and_fsdp_agree_under_document_masks_and_both_resume_afte
                                           lambda: 14 <= max(loss_curve(runs["one"]), default=0) < 34)
     assert victim is not None, "the one-worker run finished before its worker could be killed"
     assert not errors, errors
+    # it resumed from a checkpoint (>= step 10), not from scratch: the steps before the first are logged once
+    # (a restart from step 0 ends on the same seeded curve, so the curve alone would not tell)
+    assert logged_steps(runs["one"], "train", "train/loss")[2] == 1
     one, ddp, fsdp = (loss_curve(runs[name]) for name in ("one", "ddp", "fsdp"))
     assert sorted(one) == sorted(ddp) == sorted(fsdp) == list(range(2, 41, 2))
     assert ddp[40] < ddp[2]
@@ -118,6 +121,7 @@ def test_one_worker_ddp_and_fsdp_agree_under_document_masks_and_both_resume_afte
     victim, errors = kill_a_worker_during(lambda: train(killed), lambda: 14 <= max(loss_curve(killed), default=0) < 34)
     assert victim is not None, "the run finished before a worker could be killed"
     assert not errors, errors
+    assert logged_steps(killed, "train", "train/loss")[2] == 1  # resumed from the sharded checkpoint, not step 0
     assert json.loads(stage_dir(killed, "train").manifest_path.read_text())["counts"]["steps"] == 40
     got = loss_curve(killed)
     assert sorted(got) == sorted(fsdp)
