@@ -208,6 +208,16 @@ def prepare_model(model: Any, settings: TrainerSettings, device: torch.device) -
     return model
 
 
+def applied_settings(model: Any) -> dict[str, float]:
+    """What `prepare_model` made of a model, seen on the model itself (1.0 / 0.0, for a report): compiled, and
+    recomputing its layers' activations in the backward. The manifest shows them, so a setting that never reached
+    the workers shows as 0."""
+    inner = getattr(model, "module", model)  # DDP's wrapped module
+    base = getattr(inner, "_orig_mod", inner)  # torch.compile's
+    return {"compiled": float(hasattr(inner, "_orig_mod")),
+            "activation_checkpointing": float(bool(getattr(base, "is_activation_checkpointing", False)))}
+
+
 def prepare_frozen(model: Any, settings: TrainerSettings, device: torch.device) -> Any:
     """A frozen model beside the trained one (DPO's reference): sharded like it under FSDP (its forwards are
     then collective: every rank must run the same ones), else a plain copy on the device."""

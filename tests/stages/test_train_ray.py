@@ -58,6 +58,8 @@ def test_compiled_checkpointed_model_with_time_based_checkpoints(tmp_path, ray_l
     assert periodic, "no time-based checkpoint was reported"
     model = AutoModelForCausalLM.from_pretrained(out.path / "checkpoint")
     assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+    counts = out.read_manifest()["counts"]  # the worker's model was compiled and recomputed its activations
+    assert counts["compiled"] == 1 and counts["activation_checkpointing"] == 1
 
 
 def test_one_worker_ddp_and_fsdp_agree_under_document_masks_and_both_resume_after_a_killed_worker(tmp_path, ray_local):
@@ -159,6 +161,7 @@ def test_time_budget_sizes_the_schedule_and_a_twist_run_stops_at_it_with_the_tra
     run = mlflow.search_runs(experiment_names=[exp.name]).iloc[0]
     planned = int(run["params.schedule.total_steps"])  # after the re-plan from measured throughput
     steps = manifest["counts"]["steps"]
+    assert manifest["counts"]["compiled"] == 0 and manifest["counts"]["activation_checkpointing"] == 0  # not asked
     # The budget is enforced every step, so a machine that slows after the throughput probe stops a little
     # before the plan (seen here under load: 32 of 36); the plan must still be sized to the budget.
     assert planned > 5 and steps >= 0.8 * planned
