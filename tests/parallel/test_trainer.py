@@ -286,8 +286,10 @@ def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tm
     curves = {name: dpo_curve(exp) for name, exp in runs.items()}
     steps = list(range(4, 81, 4))
     assert all(sorted(curve) == steps for curve in curves.values()), curves
-    for exp in runs.values():
-        assert stage_dir(exp, "dpo").read_manifest()["counts"]["steps"] == 80
+    for name, exp in runs.items():
+        counts = stage_dir(exp, "dpo").read_manifest()["counts"]
+        assert counts["steps"] == 80
+        assert counts["activation_checkpointing"] == (name == "bf16")  # train's setting reached DPO's workers
     ddp, fsdp, bf16 = ([curves[name][s] for s in steps] for name in ("ddp", "fsdp", "bf16"))
     assert np.mean(ddp[-4:]) < np.mean(ddp[:4])  # it learns
     np.testing.assert_allclose(fsdp, ddp, rtol=1e-3, atol=1e-5)
