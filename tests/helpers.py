@@ -268,6 +268,17 @@ def kill_and_rerun(exp, stage: str, parts: str, n_parts: int, cwd: Path, suffix:
     assert len(before) <= out.read_manifest()["counts"]["shards_resumed"] < n_parts
     for name, mtime in before.items():
         assert (out.path / parts / name).stat().st_mtime_ns == mtime  # not redone
+    # MLflow: the killed driver's stage run is closed KILLED by the rerun (it was left RUNNING for ever), saying why
+    from mlflow.tracking import MlflowClient
+
+    from slam_ray.core.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(exp))
+    runs = client.search_runs([client.get_experiment_by_name(exp.name).experiment_id],
+                              f"tags.`slam_ray.stage` = '{stage}' and tags.`slam_ray.key` = '{out.key}'")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED"], [r.info.status for r in runs]
+    killed = next(r for r in runs if r.info.status == "KILLED")
+    assert "driver died" in killed.data.tags["slam_ray.stop_reason"]
     return out
 
 # --- tiny models and files that tests of several folders build (imports inside: conftest imports this module) ---

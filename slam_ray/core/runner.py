@@ -27,7 +27,7 @@ from slam_ray.core.stage_io import (
     upstream_stages,
 )
 from slam_ray.core.storage import join, parent, read_text, workdir_location
-from slam_ray.core.tracking import Tracker, start_run
+from slam_ray.core.tracking import Tracker, close_stale_runs, start_run
 
 log = logging.getLogger("slam_ray")
 
@@ -149,6 +149,9 @@ def _run(exp: Experiment, stage: str, body: StageBody, out: StageDir, held: Held
                                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out.write_manifest(manifest)
     timer = Timer()
+    # A run of this output still RUNNING belongs to a driver that died building it (this one holds the lock now)
+    close_stale_runs(exp, {"slam_ray.stage": stage, "slam_ray.key": out.key},
+                     "its driver died mid-stage; a later run took the stage over")
     with start_run(exp, stage, {"slam_ray.stage": stage, "slam_ray.key": out.key}) as tracker:
         tracker.log_params(payload)
         tracker.set_tags({"slam_ray.output": out.root})

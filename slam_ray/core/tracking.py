@@ -267,6 +267,18 @@ def open_run(exp: Experiment, run_name: str, tags: dict[str, str] | None = None,
     return Tracker(tracking_uri(exp), run_id, _writer)
 
 
+def close_stale_runs(exp: Experiment, tags: dict[str, str], reason: str) -> int:
+    """Mark KILLED the runs with these tags still RUNNING (their process died without closing them: a SIGKILLed
+    driver, a lost node), saying why; returns how many. Only for runs whose owner holds a lock the caller now
+    holds (a stage's build lock), so a RUNNING one cannot belong to a live process."""
+    backend = store(tracking_uri(exp), _writer)
+    stale = backend.find_runs(exp.tracking_experiment, tags, status="RUNNING")
+    for run_id in stale:
+        backend.log(run_id, tags={"slam_ray.stop_reason": reason})
+        backend.set_status(run_id, "KILLED", only_if_running=True)
+    return len(stale)
+
+
 @contextlib.contextmanager
 def start_run(exp: Experiment, run_name: str, tags: dict[str, str] | None = None,
               find_by: dict[str, str] | None = None) -> Iterator[Tracker]:
