@@ -210,12 +210,17 @@ def prepare_model(model: Any, settings: TrainerSettings, device: torch.device) -
 
 def applied_settings(model: Any) -> dict[str, float]:
     """What `prepare_model` made of a model, seen on the model itself (1.0 / 0.0, for a report): compiled, and
-    recomputing its layers' activations in the backward. The manifest shows them, so a setting that never reached
-    the workers shows as 0."""
+    recomputing its layers' activations in the backward. `Trainer.finish` reports them and the stages' manifests
+    count them (`applied_counts`), so a setting that never reached the workers shows as 0."""
     inner = getattr(model, "module", model)  # DDP's wrapped module
     base = getattr(inner, "_orig_mod", inner)  # torch.compile's
     return {"compiled": float(hasattr(inner, "_orig_mod")),
             "activation_checkpointing": float(bool(getattr(base, "is_activation_checkpointing", False)))}
+
+
+def applied_counts(final: dict[str, Any]) -> dict[str, int]:
+    """The manifest counts of `applied_settings`, from a run's final report (the driver's side)."""
+    return {name: int(final[name]) for name in ("compiled", "activation_checkpointing")}
 
 
 def prepare_frozen(model: Any, settings: TrainerSettings, device: torch.device) -> Any:
@@ -560,7 +565,8 @@ class Trainer:
     def finish(self, metrics: dict[str, Any]) -> None:
         """Report the final checkpoint (kind "final"; weights gathered under FSDP — collective)."""
         weights = full_state(self.model, self.optimizer)[0] if self.settings.fsdp else None
-        report_checkpoint(self.model, self.worker.rank, {"step": self.step, "kind": "final", **metrics}, weights=weights)
+        report_checkpoint(self.model, self.worker.rank,
+                          {"step": self.step, "kind": "final", **metrics, **applied_settings(self.model)}, weights=weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------

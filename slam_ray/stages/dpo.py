@@ -46,7 +46,7 @@ from slam_ray.parallel.trainer import (
     Plan,
     Trainer,
     TrainerSettings,
-    applied_settings,
+    applied_counts,
     autocast,
     fit,
     plain_model,
@@ -333,8 +333,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
                "val/reward_accuracy": (rewards > 0).float().mean().item(),
                "val/reward_margin": cfg.beta * rewards.mean().item(),
                "val/chosen_preferred_before": (ref_val[0] > ref_val[1]).float().mean().item(),
-               "val/chosen_preferred_after": (pol_val[0] > pol_val[1]).float().mean().item(),
-               **applied_settings(t.model)}
+               "val/chosen_preferred_after": (pol_val[0] > pol_val[1]).float().mean().item()}
     w.log.metrics({k: v for k, v in metrics.items() if k.startswith(("val/", "dpo/"))}, t.step)
     w.log.print(f"[dpo] held-out: log-likelihood margin {margin_before:.3f} -> {margin_after:.3f}, chosen preferred "
                 f"{metrics['val/chosen_preferred_before']:.3f} -> {metrics['val/chosen_preferred_after']:.3f}, "
@@ -385,7 +384,7 @@ def _dpo(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> Stag
         counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"]),
                 "flops_6nd": float(final["dpo/flops_6nd"]), "flops": float(final["dpo/flops"]),
                 "train_triples": len(triples["train"]), "val_triples": len(triples["val"]),
-                "compiled": int(final["compiled"]), "activation_checkpointing": int(final["activation_checkpointing"])},
+                **applied_counts(final)},
         outputs={"checkpoint": "checkpoint", "checkpoint_before_dpo": "checkpoint_before_dpo",
                  **({"checkpoint_init": "checkpoint_init"} if untrained else {}), "triples": TRIPLES, "started_from": start},
         errors=triples["errors"],

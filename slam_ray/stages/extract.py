@@ -350,6 +350,11 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
                 del received[index]
     errors = [json.loads(line) for i in range(len(chunks))
               for line in (out.path / "chunks" / f"part-{i:05d}.errors.jsonl").read_text().splitlines()]
+    failed = sum(e["phase"] == "encode" for e in errors)
+    if failed == len(rows):  # nothing encoded at all is a setup problem (a mount not there), not a few bad files
+        raise SlamError(f"extract: every one of the {len(rows)} input files failed, e.g. {errors[0]['error']!r}; "
+                        f"check that extract.inputs are readable, then delete {out.path} and run again (its shards "
+                        "hold only these errors)")
     # The totals shard by shard: the driver never holds more than one shard's units (the `slam` corpus's are ~12 GB).
     audio_s, n_units, n_segments, with_words = 0.0, 0, 0, 0
     for i in range(len(chunks)):
@@ -358,11 +363,6 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
         n_units += int(pa.compute.sum(pa.compute.list_value_length(table["units"])).as_py() or 0)
         n_segments += table.num_rows
         with_words += table.num_rows - table["aligned_text"].null_count
-    failed = sum(e["phase"] == "encode" for e in errors)
-    if failed == len(rows):  # nothing encoded at all is a setup problem (a mount not there), not a few bad files
-        raise SlamError(f"extract: every one of the {len(rows)} input files failed, e.g. {errors[0]['error']!r}; "
-                        f"check that extract.inputs are readable, then delete {out.path} and run again (its shards "
-                        "hold only these errors)")
     return StageResult(
         counts={"files": len(rows), "encoded": len(rows) - failed, "segments": n_segments, "units": n_units,
                 "audio_seconds": round(audio_s, 1), "shards": len(chunks), "shards_resumed": len(chunks) - len(todo),

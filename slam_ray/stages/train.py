@@ -32,7 +32,7 @@ from slam_ray.parallel.trainer import (
     Plan,
     Trainer,
     TrainerSettings,
-    applied_settings,
+    applied_counts,
     fit,
     plain_model,
     prepare_model,
@@ -261,7 +261,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics = {"progress": 100.0, "val/loss": val_loss, "tokens": t.step * tokens_per_step,
                "train_seconds": t.train_seconds, "tokens_per_s": t.tokens_per_s, "params": n_params,
                "params_non_embedding": n_non_embedding, "total_steps": t.plan.total,
-               **compute(t.step * tokens_per_step), **applied_settings(t.model)}
+               **compute(t.step * tokens_per_step)}
     if (mfu := t.mfu(t.tokens_per_s, w.world)) is not None:
         metrics["mfu"] = mfu
     w.log.metrics({"val/loss": val_loss, "train/tokens_per_s_mean": metrics["tokens_per_s"],
@@ -297,8 +297,7 @@ def _train(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> St
         counts={"steps": int(final["step"]), "tokens": int(final["tokens"]), "params": int(final["params"]),
                 "params_non_embedding": int(final["params_non_embedding"]),
                 "flops_6nd": float(final["train/flops_6nd"]), "flops": float(final["train/flops"]),
-                # what the workers' model was (train.compile / gradient_checkpointing as applied, not as asked)
-                "compiled": int(final["compiled"]), "activation_checkpointing": int(final["activation_checkpointing"])},
+                **applied_counts(final)},  # train.compile / gradient_checkpointing as applied, not as asked
         outputs={"checkpoint": "checkpoint", "checkpoint_init": "checkpoint_init"},
         metrics={"val/loss_final": float(final["val/loss"]), "train/seconds": float(final["train_seconds"]),
                  "train/tokens_per_s_mean": float(final["tokens_per_s"]),

@@ -157,7 +157,7 @@ def test_each_optimizer_name_builds_its_own_algorithm():
             assert isinstance(opt, classes[name]), name
         else:
             assert type(opt).__name__ == "AdaLomo"
-        assert opt.defaults.get("fused") is (True if name == "adamw_fused" else None if name != "adamw" else False)
+        assert opt.defaults.get("fused") is {"adamw": False, "adamw_fused": True}.get(name)
         for _ in range(3):
             model(x).pow(2).mean().backward()
             opt.step()
