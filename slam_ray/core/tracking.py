@@ -120,11 +120,17 @@ class MlflowStore:
                                       tags=tags).info.run_id
 
     def find_runs(self, experiment: str, tags: dict[str, str], status: str | None = None) -> list[str]:
+        return [run_id for run_id, _ in self.find_runs_tag(experiment, tags, None, status)]
+
+    def find_runs_tag(self, experiment: str, tags: dict[str, str], tag: str | None,
+                      status: str | None = None) -> list[tuple[str, str | None]]:
+        """(run id, the value of `tag`) of the runs with these tags (and this status)."""
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             return []
         query = _tag_filter(tags) + (f" and attributes.status = '{status}'" if status else "")
-        return [r.info.run_id for r in self.client.search_runs([found.experiment_id], query, max_results=1000)]
+        return [(r.info.run_id, r.data.tags.get(tag) if tag else None)
+                for r in self.client.search_runs([found.experiment_id], query, max_results=1000)]
 
     def log(self, run_id: str, metrics: list[tuple[str, float, int]] | None = None,
             params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
@@ -308,10 +314,58 @@ def parent_run(tracker: Tracker, extra_tags: dict[str, str] | None = None) -> It
         _parent_run_id, _extra_tags = saved
 
 
+def driver_identity() -> str:
+    """This process as `host:pid:start time`: enough for a later process on the same host to tell it is gone."""
+    import socket
+
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.3f}"
+
+
+def driver_gone(identity: str) -> bool:
+    """Whether the process `driver_identity()` named has exited: only decidable on its own host (elsewhere, or
+    for an identity this cannot read, False: a live driver's run must never be closed). A pid reused by a later
+    process reads as gone (its start time differs)."""
+    import socket
+
+    import psutil
+
+    parts = identity.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid, started = int(parts[1]), float(parts[2])
+        return abs(psutil.Process(pid).create_time() - started) > 0.01
+    except psutil.NoSuchProcess:
+        return True
+    except (ValueError, psutil.Error):
+        return False
+
+
+def close_runs_of_gone_drivers(exp: Experiment, tags: dict[str, str]) -> int:
+    """Mark KILLED the RUNNING runs with these tags whose driver process (tag `slam_ray.driver`) has exited on
+    this host without closing them (a SIGKILLed `slam-ray run`); returns how many. Runs of live drivers (two
+    drivers may run one experiment) and of other hosts stay as they are."""
+    backend = store(tracking_uri(exp), _writer)
+    closed = 0
+    for run_id, driver in backend.find_runs_tag(exp.tracking_experiment, tags, "slam_ray.driver", status="RUNNING"):
+        if driver and driver_gone(driver):
+            backend.log(run_id, tags={"slam_ray.stop_reason": f"its driver ({driver}) exited without closing "
+                                                               "the run (killed, or its node lost)"})
+            backend.set_status(run_id, "KILLED", only_if_running=True)
+            closed += 1
+    return closed
+
+
 @contextlib.contextmanager
 def experiment_run(exp: Experiment) -> Iterator[Tracker]:
-    """The parent run of `slam-ray run`: the whole config as params, stages as children."""
-    with start_run(exp, exp.name, {"slam_ray.kind": "experiment"}) as tracker, parent_run(tracker):
+    """The parent run of `slam-ray run`: the whole config as params, stages as children. A parent run a killed
+    driver of this experiment left RUNNING on this host is closed first (its stage runs close with their
+    stages' next runs: `close_stale_runs`)."""
+    kind = {"slam_ray.kind": "experiment", "slam_ray.experiment": exp.name}
+    close_runs_of_gone_drivers(exp, kind)
+    with start_run(exp, exp.name, {**kind, "slam_ray.driver": driver_identity()}) as tracker, parent_run(tracker):
         tracker.log_params(exp.model_dump(mode="json"))
         yield tracker
 

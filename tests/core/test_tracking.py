@@ -84,3 +84,43 @@ def test_without_a_usable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypa
     run = client.create_run(client.create_experiment("tiny"))
     client.log_metric(run.info.run_id, "loss", 2.0)
     assert client.get_run(run.info.run_id).data.metrics == {"loss": 2.0}
+
+
+def test_a_parent_run_left_running_by_a_killed_driver_is_closed_by_the_next_run_and_no_live_ones(tmp_path):
+    """`slam-ray run`'s parent run carries its driver (host, pid, start time); the experiment's next run closes
+    KILLED a RUNNING parent whose driver is gone from this host, and leaves those of live drivers and other hosts."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from slam_ray.config import to_yaml
+    from slam_ray.core.tracking import driver_gone, driver_identity, experiment_run, open_run
+
+    exp = Experiment(name="killed", workdir=str(tmp_path / "work"))
+    (tmp_path / "exp.yaml").write_text(to_yaml(exp))
+    # a driver SIGKILLed inside its parent run (as `kill -9` on `slam-ray run` leaves it)
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal; from slam_ray.config import load_experiment; "
+        "from slam_ray.core.tracking import experiment_run\n"
+        f"with experiment_run(load_experiment({str(tmp_path / 'exp.yaml')!r})) as run:\n"
+        "    print(run.run_id, flush=True); os.kill(os.getpid(), signal.SIGKILL)")],
+        capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    dead_run = killed.stdout.split()[0]
+    client = MlflowClient(tracking_uri(exp))
+    assert client.get_run(dead_run).info.status == "RUNNING"
+    dead_driver = client.get_run(dead_run).data.tags["slam_ray.driver"]
+    assert driver_gone(dead_driver) and not driver_gone(driver_identity())
+
+    kind = {"slam_ray.kind": "experiment"}
+    live = open_run(exp, "live", {**kind, "slam_ray.driver": driver_identity()}).run_id  # this process: alive
+    elsewhere = open_run(exp, "elsewhere", {**kind, "slam_ray.driver": "another-host:12345:1.0"}).run_id
+    pid_reused = open_run(exp, "reused", {**kind, "slam_ray.driver": driver_identity().rsplit(":", 1)[0] + ":1.0"}).run_id
+    with experiment_run(exp) as new:
+        assert client.get_run(new.run_id).data.tags["slam_ray.driver"] == driver_identity()
+    dead = client.get_run(dead_run)
+    assert dead.info.status == "KILLED" and dead_driver in dead.data.tags["slam_ray.stop_reason"]
+    assert client.get_run(pid_reused).info.status == "KILLED"  # this pid, but a process started at another time
+    assert client.get_run(live).info.status == "RUNNING" and client.get_run(elsewhere).info.status == "RUNNING"
+    assert client.get_run(new.run_id).info.status == "FINISHED"
