@@ -169,7 +169,7 @@ def save_tiny_text_lm(folder: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    words = ["<unk>", "<eos>", "the", "dog", "cat", "runs", "sat", "a", "one", "two", "three", "four"]
+    words = ["<unk>", "<eos>", *TEXT_LM_WORDS]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
@@ -177,6 +177,54 @@ def save_tiny_text_lm(folder: Path) -> Path:
     GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=64, n_embd=16, n_layer=1, n_head=2,
                                bos_token_id=1, eos_token_id=1)).save_pretrained(folder)
     return folder
+
+
+TEXT_LM_WORDS = ["the", "dog", "cat", "runs", "sat", "a", "one", "two", "three", "four"]
+
+
+def save_tiny_whisper(folder: Path) -> Path:
+    """A tiny random Whisper (English-only) whose vocabulary is the tiny text LM's words, saved with its feature
+    extractor and tokenizer the way a Hub checkpoint is: what `eval.generation.asr` loads by path. Its random
+    transcripts are words, so GenPPL and Auto-BLEU have text to score."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+
+    specials = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>", "<|startoflm|>",
+                "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
+    vocab = {f"\u0120{w}": i for i, w in enumerate(TEXT_LM_WORDS)}  # \u0120: a leading space, byte-level
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ["<|endoftext|>", *specials]}
+    end, start = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_target_positions=64, decoder_start_token_id=start, eos_token_id=end, pad_token_id=end, bos_token_id=end))
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=start, eos_token_id=end, pad_token_id=end, no_timestamps_token_id=ids["<|notimestamps|>"],
+        is_multilingual=False, max_length=24, begin_suppress_tokens=[end])
+    model.save_pretrained(folder)
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tokenizer).save_pretrained(folder)
+    return folder
+
+
+def plain_text_nll(model, tokenizer, text: str) -> float:
+    """A text's mean next-token NLL under a text LM through one plain, unpadded forward pass (GenPPL by hand)."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return -logp.gather(-1, ids[0, 1:, None]).mean().item()
 
 
 def plain_nll(model, units: list[int]) -> float:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -133,10 +134,29 @@ def _waves(todo: list[str], shards: dict[str, list[dict]]) -> list[list[str]]:
     return waves
 
 
-def _read_parts(index_dir: Path, names: list[str]) -> tuple[pd.DataFrame, list[dict]]:
+def _errors(index_dir: Path, names: list[str]) -> list[dict]:
+    return [json.loads(line) for n in names for line in (index_dir / f"{n}.errors.jsonl").read_text().splitlines()]
+
+
+def _read_parts(index_dir: Path, names: list[str]) -> pd.DataFrame:
     table = pa.concat_tables([pq.read_table(index_dir / f"{n}.parquet", schema=INDEX_SCHEMA) for n in names])
-    errors = [json.loads(line) for n in names for line in (index_dir / f"{n}.errors.jsonl").read_text().splitlines()]
-    return table.to_pandas().sort_values("id").reset_index(drop=True), errors
+    return table.to_pandas().sort_values("id").reset_index(drop=True)
+
+
+def _write_index(index_dir: Path, names: list[str], path: Path) -> tuple[int, float]:
+    """`index.parquet` from the corpus shards' parts, one part in memory at a time (the driver's memory does not grow
+    with the corpus): parts hold consecutive utterances sorted by id, so in order they are the index sorted by id.
+    Returns (rows, audio seconds)."""
+    rows, seconds = 0, 0.0
+    tmp = path.with_name(f".{path.name}.tmp")
+    with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
+        for name in names:
+            part = pq.read_table(index_dir / f"{name}.parquet", schema=INDEX_SCHEMA)
+            writer.write_table(part)
+            rows += part.num_rows
+            seconds += float(pa.compute.sum(part["duration"]).as_py() or 0.0)
+    tmp.replace(path)
+    return rows, seconds
 
 
 def _plan_only(exp: Experiment, out: StageDir, plan: list[dict], text_counts: dict) -> StageResult:
@@ -172,21 +192,20 @@ def _synthesize(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) 
     with timer.phase("speak"):
         resumed, spoken_now, seconds_now = _speak_shards(exp, out, shards, tracker)
     corpus_parts = [n for n in shards if n.startswith("part-")]
-    index, errors = _read_parts(out.path / "index", corpus_parts)
-    if index.empty and errors:  # nothing spoken at all is a setup problem, not a few bad texts
+    errors = _errors(out.path / "index", corpus_parts)
+    if len(errors) == len(plan):  # nothing spoken at all is a setup problem, not a few bad texts
         raise SlamError(f"synth: every utterance failed, e.g. {errors[0]['error']!r}; check synth.backend and "
                         f"synth.voices (see {out.path / 'index'} for every error)")
-    index.to_parquet(out.path / "index.parquet", index=False)
-    counts = {"texts": len(texts), "utterances": len(index), **text_counts,
-              "audio_seconds": round(float(index["duration"].sum()), 1), "shards": len(shards),
-              "shards_resumed": resumed}
+    utterances, audio_seconds = _write_index(out.path / "index", corpus_parts, out.path / "index.parquet")
+    counts = {"texts": len(texts), "utterances": utterances, **text_counts,
+              "audio_seconds": round(audio_seconds, 1), "shards": len(shards), "shards_resumed": resumed}
     outputs = {"index": "index.parquet", "audio_dir": "audio"}
     if cfg.preferences:
         pref_parts = [n for n in shards if n.startswith("pref-")]
-        spoken, pref_errors = _read_parts(out.path / "index", pref_parts) if pref_parts else (pd.DataFrame(), [])
+        spoken = _read_parts(out.path / "index", pref_parts) if pref_parts else pd.DataFrame()
         by_id = {r["id"]: r for r in spoken.to_dict("records")}
         counts["preference_triples"] = spoken_swag.write_preferences(out.path / "preferences.jsonl", triples, by_id)
-        errors += pref_errors
+        errors += _errors(out.path / "index", pref_parts)
         outputs.update(preferences="preferences.jsonl", preference_audio_dir="preferences")
     speak_s = max(timer.timings["speak"], 1e-9)
     return StageResult(

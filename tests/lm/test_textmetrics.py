@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from helpers import save_tiny_text_lm
+from helpers import TEXT_LM_WORDS, plain_text_nll, save_tiny_text_lm, save_tiny_whisper
 
 from slam_ray.lm.textmetrics import Transcriber, auto_bleu, generative_summary, text_nll, word_error_rate
 
@@ -41,10 +40,7 @@ def test_genppl_matches_a_plain_forward_pass_and_skips_empty_transcripts(text_lm
     texts = ["the dog runs", "a cat sat the dog", "the cat"]
     nlls = text_nll(model, tok, texts, batch_size=2)  # padded batches
     for text, nll in zip(texts, nlls, strict=True):
-        ids = tok(text, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
-        assert nll == pytest.approx(-logp.gather(-1, ids[0, 1:, None]).mean().item(), rel=1e-4)
+        assert nll == pytest.approx(plain_text_nll(model, tok, text), rel=1e-4)
     summary = generative_summary([*texts, "", "  "], [*nlls, None, None])
     assert summary["transcripts"] == 5 and summary["empty_transcripts"] == 2
     assert summary["genppl"] == pytest.approx(math.exp(np.mean(nlls)))
@@ -62,4 +58,14 @@ def test_offline_asr_transcribes_piper_speech(tmp_path):
     edits, n = word_error_rate(text, hypothesis)
     print(f"pocketsphinx on piper speech: {hypothesis!r}, WER {edits / n:.2f}")
     assert n == 9 and edits / n <= 0.5, hypothesis
+    assert asr(np.zeros(0, dtype=np.float32)) == ""
+
+
+def test_a_whisper_checkpoint_loads_by_path_and_transcribes_without_special_tokens(tmp_path):
+    """`eval.generation.asr` as a Whisper HF id or folder: a tiny random Whisper saved with its tokenizer and
+    feature extractor (as the Hub's are) loads through the transformers pipeline and returns plain words."""
+    asr = Transcriber(str(save_tiny_whisper(tmp_path / "whisper")))
+    audio = np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1
+    heard = asr(audio).split()
+    assert heard and set(heard) <= set(TEXT_LM_WORDS)  # no <|notimestamps|> and the like in the text
     assert asr(np.zeros(0, dtype=np.float32)) == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 from helpers import kill_and_rerun, save_tiny_vits, small_experiment
@@ -57,7 +58,11 @@ def test_synth_shards_index_alignments_and_unspeakable_texts(tmp_path, ray_local
     manifest = out.read_manifest()
     assert manifest["counts"]["shards"] == 4 and manifest["counts"]["duplicates"] == 1
     assert manifest["metrics"]["throughput/audio_seconds_per_s"] > 0
-    assert sorted(p.name for p in (out.path / "index").glob("part-*.parquet")) == [f"part-0000{k}.parquet" for k in range(4)]
+    parts = sorted((out.path / "index").glob("part-*.parquet"))
+    assert [p.name for p in parts] == [f"part-0000{k}.parquet" for k in range(4)]
+    # the index is the parts in order, written one part at a time (the driver never holds the whole corpus's)
+    pd.testing.assert_frame_equal(index, pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True))
+    assert pq.ParquetFile(out.path / "index.parquet").metadata.num_row_groups == 4
 
 
 def test_interrupted_synth_speaks_only_missing_shards(tmp_path, ray_local, espeak, monkeypatch):
