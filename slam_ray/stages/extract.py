@@ -133,16 +133,29 @@ def _planned(exp: Experiment, row: dict) -> dict:
     return {"speak": json.dumps({**spec, "sample_rate": exp.synth.sample_rate}), "duration": len(row["text"]) / 14}
 
 
+SYNTH_COLUMNS = ["id", "path", "text", "voice", "duration", "speed", "noise", "seed", "backend"]
+
+
+def _synth_rows(exp: Experiment) -> list[dict]:
+    """Rows of synth's index, read a batch at a time. A row's word alignment is not loaded: it stays in the index
+    (`synth_index`) until its shard's units are written (`_chunk_sources`) — sTinyStories' alignments are ~4 KB a
+    story, gigabytes over the corpus, where the rest of a row is a path and a text."""
+    path = str(upstream_dir(exp, "synth").local("index.parquet"))
+    rows = []
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192, columns=[*SYNTH_COLUMNS, "aligned_text"]):
+        aligned = pa.compute.is_valid(batch.column("aligned_text")).to_pylist()
+        for r, has_words in zip(batch.select(SYNTH_COLUMNS).to_pylist(), aligned, strict=True):
+            rows.append({"id": r["id"], "path": r["path"], "text": r["text"], "speaker": r["voice"],
+                         "duration": r["duration"], **_planned(exp, r), **({"synth_index": path} if has_words else {})})
+    return rows
+
+
 def resolve_inputs(exp: Experiment) -> list[dict]:
     rows: list[dict] = []
     for dataset, entry in exp.named_inputs():
         found: list[dict] = []
         if entry == "@synth":
-            index = pd.read_parquet(upstream_dir(exp, "synth").local("index.parquet"))
-            found = [{"id": r["id"], "path": r["path"], "text": r["text"], "speaker": r["voice"],
-                      "duration": r["duration"], **_planned(exp, r),
-                      **({"aligned_text": r["aligned_text"]} if isinstance(r.get("aligned_text"), str) else {})}
-                     for r in index.to_dict("records")]
+            found = _synth_rows(exp)
         elif is_remote(entry):
             base = entry.partition("?")[0]
             found = _manifest_rows(entry) if base.endswith((".jsonl", ".csv")) else _remote_rows(entry)
@@ -241,7 +254,20 @@ def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokeni
     return tokenizer
 
 
-ALIGNMENT_FIELDS = ("aligned_text", "alignment_file", "sidecar")
+ALIGNMENT_FIELDS = ("aligned_text", "alignment_file", "sidecar", "synth_index")
+
+
+def _chunk_sources(uids: list[str], sources: dict[str, dict]) -> dict[str, dict]:
+    """The alignment sources of one shard's files, those of synth rows read from synth's index: only the row
+    groups (one per synth shard, sorted by id) whose ids fall in the shard's range."""
+    chunk = {uid: sources[uid] for uid in uids if uid in sources}
+    wanted = sorted(uid for uid, source in chunk.items() if "synth_index" in source)
+    if wanted:
+        table = pq.read_table(chunk[wanted[0]]["synth_index"], columns=["id", "aligned_text"],
+                              filters=[("id", ">=", wanted[0]), ("id", "<=", wanted[-1])])
+        words = dict(zip(table.column("id").to_pylist(), table.column("aligned_text").to_pylist(), strict=True))
+        chunk.update({uid: {"aligned_text": words[uid]} for uid in wanted})
+    return chunk
 
 
 def _file_words(source: dict) -> list | None:
@@ -289,7 +315,7 @@ def _write_chunk(out: StageDir, index: int, good: list[dict], bad: list[dict], s
     the chunk done, so a rerun after an interruption encodes only the chunks that are missing."""
     (out.path / "chunks").mkdir(parents=True, exist_ok=True)
     (out.path / "units").mkdir(parents=True, exist_ok=True)
-    words, alignment_errors = _segment_words(good, sources)
+    words, alignment_errors = _segment_words(good, _chunk_sources([rec["input_id"] for rec in good], sources))
     with open(out.path / "chunks" / f"part-{index:05d}.errors.jsonl", "w") as f:
         lines = [{"id": rec["id"], "path": rec["path"], "error": rec["error"], "phase": "encode"} for rec in bad]
         for line in sorted(lines + alignment_errors, key=lambda r: r["id"]):
