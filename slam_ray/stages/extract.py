@@ -257,15 +257,43 @@ def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokeni
 ALIGNMENT_FIELDS = ("aligned_text", "alignment_file", "sidecar", "synth_index")
 
 
-def _chunk_sources(uids: list[str], sources: dict[str, dict]) -> dict[str, dict]:
-    """The alignment sources of one shard's files, those of synth rows read from synth's index: only the row
-    groups (one per synth shard, sorted by id) whose ids fall in the shard's range."""
+class SynthWords:
+    """Word alignments of `@synth` rows, read from synth's index a row group at a time: only the groups whose id
+    range (Parquet statistics) meets the ids asked for, the last two kept (shards are written about in id order,
+    so an index written as one large group — before synth wrote a group per shard — is still read about once)."""
+
+    def __init__(self, path: str) -> None:
+        self.file = pq.ParquetFile(path)
+        self.id_column = self.file.schema_arrow.get_field_index("id")
+        self.groups: dict[int, dict[str, str | None]] = {}
+        self.groups_read: list[int] = []  # in order, for the record (the tests check which groups were read)
+
+    def _group(self, g: int) -> dict[str, str | None]:
+        if g not in self.groups:
+            table = self.file.read_row_group(g, columns=["id", "aligned_text"])
+            self.groups[g] = dict(zip(table.column("id").to_pylist(), table.column("aligned_text").to_pylist(),
+                                      strict=True))
+            self.groups_read.append(g)
+            while len(self.groups) > 2:
+                self.groups.pop(next(iter(self.groups)))
+        return self.groups[g]
+
+    def words(self, ids: list[str]) -> dict[str, str | None]:
+        lo, hi, wanted, found = min(ids), max(ids), set(ids), {}
+        for g in range(self.file.metadata.num_row_groups):
+            stats = self.file.metadata.row_group(g).column(self.id_column).statistics
+            if stats is not None and stats.has_min_max and (stats.max < lo or stats.min > hi):
+                continue
+            found.update({uid: text for uid, text in self._group(g).items() if uid in wanted})
+        return found
+
+
+def _chunk_sources(uids: list[str], sources: dict[str, dict], synth_words: SynthWords | None) -> dict[str, dict]:
+    """The alignment sources of one shard's files, with the words of its `@synth` rows read from synth's index."""
     chunk = {uid: sources[uid] for uid in uids if uid in sources}
-    wanted = sorted(uid for uid, source in chunk.items() if "synth_index" in source)
-    if wanted:
-        table = pq.read_table(chunk[wanted[0]]["synth_index"], columns=["id", "aligned_text"],
-                              filters=[("id", ">=", wanted[0]), ("id", "<=", wanted[-1])])
-        words = dict(zip(table.column("id").to_pylist(), table.column("aligned_text").to_pylist(), strict=True))
+    wanted = [uid for uid, source in chunk.items() if "synth_index" in source]
+    if wanted and synth_words is not None:
+        words = synth_words.words(wanted)
         chunk.update({uid: {"aligned_text": words[uid]} for uid in wanted})
     return chunk
 
@@ -310,12 +338,14 @@ def _segment_words(good: list[dict], sources: dict[str, dict]) -> tuple[dict[str
     return words, errors
 
 
-def _write_chunk(out: StageDir, index: int, good: list[dict], bad: list[dict], sources: dict[str, dict]) -> None:
+def _write_chunk(out: StageDir, index: int, good: list[dict], bad: list[dict], sources: dict[str, dict],
+                 synth_words: SynthWords | None) -> None:
     """One shard per fixed chunk of inputs (sorted by id); the Parquet file, renamed into place last, marks
     the chunk done, so a rerun after an interruption encodes only the chunks that are missing."""
     (out.path / "chunks").mkdir(parents=True, exist_ok=True)
     (out.path / "units").mkdir(parents=True, exist_ok=True)
-    words, alignment_errors = _segment_words(good, _chunk_sources([rec["input_id"] for rec in good], sources))
+    words, alignment_errors = _segment_words(good, _chunk_sources([rec["input_id"] for rec in good], sources,
+                                                                  synth_words))
     with open(out.path / "chunks" / f"part-{index:05d}.errors.jsonl", "w") as f:
         lines = [{"id": rec["id"], "path": rec["path"], "error": rec["error"], "phase": "encode"} for rec in bad]
         for line in sorted(lines + alignment_errors, key=lambda r: r["id"]):
@@ -339,6 +369,8 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
     # alignments stay here, on the driver: the encoding actors need none of them
     sources = {r["id"]: {k: r.pop(k) for k in ALIGNMENT_FIELDS if k in r} for r in rows}
     sources = {uid: source for uid, source in sources.items() if source}
+    synth_index = next((s["synth_index"] for s in sources.values() if "synth_index" in s), None)
+    synth_words = SynthWords(synth_index) if synth_index else None
     size = exp.extract.shard_files
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
     out.local("chunks"), out.local("units")  # with a workdir in a bucket: the shards a killed run finished there
@@ -372,7 +404,7 @@ def _extract(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) -> 
             bar.update()
             bar.set_postfix_str(f"{seconds / 3600:.2f} h audio, {errors_seen} errors", refresh=False)
             if files_done[index] == len(chunks[index]):
-                _write_chunk(out, index, good, bad, sources)
+                _write_chunk(out, index, good, bad, sources, synth_words)
                 del received[index]
     errors = [json.loads(line) for i in range(len(chunks))
               for line in (out.path / "chunks" / f"part-{i:05d}.errors.jsonl").read_text().splitlines()]

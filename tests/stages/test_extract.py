@@ -346,12 +346,13 @@ def test_synth_alignments_reach_the_unit_shards(reduced_pipeline):
 
 
 def test_a_shards_synth_alignments_are_read_from_the_index_row_groups_of_its_ids(tmp_path):
-    """`_chunk_sources`: the words of one extract shard's synth rows come from synth's index (a row group per
-    synth shard, sorted by id), whatever row groups they span; other inputs' sources pass through as they are."""
+    """`@synth` words come from synth's index (a row group per synth shard, sorted by id) when a shard's units are
+    written: only the row groups whose id range meets the shard's ids are read, the last two kept; other inputs'
+    alignment sources pass through as they are."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from slam_ray.stages.extract import _chunk_sources
+    from slam_ray.stages.extract import SynthWords, _chunk_sources
 
     path = tmp_path / "index.parquet"
     words = {f"utt{i:07d}": json.dumps([[f" w{i}", 0.0, 0.5]]) if i % 4 else None for i in range(30)}
@@ -359,15 +360,19 @@ def test_a_shards_synth_alignments_are_read_from_the_index_row_groups_of_its_ids
         for start in range(0, 30, 10):  # three row groups, as synth writes one per shard
             ids = list(words)[start : start + 10]
             writer.write_table(pa.table({"id": ids, "aligned_text": [words[i] for i in ids]}))
-    assert pq.ParquetFile(path).metadata.num_row_groups == 3
     sources = {uid: {"synth_index": str(path)} for uid, text in words.items() if text}
     sources["other"] = {"alignment_file": "/data/other.json", "sidecar": True}
-    shard = ["utt0000007", "utt0000009", "utt0000013", "utt0000021", "utt0000024", "other"]  # 24: no words
-    got = _chunk_sources(shard, sources)
-    assert got == {"utt0000007": {"aligned_text": words["utt0000007"]}, "utt0000009": {"aligned_text": words["utt0000009"]},
-                   "utt0000013": {"aligned_text": words["utt0000013"]}, "utt0000021": {"aligned_text": words["utt0000021"]},
-                   "other": sources["other"]}
-    assert sources["utt0000007"] == {"synth_index": str(path)}  # the driver's map is left as it was
+    reader = SynthWords(str(path))
+
+    got = _chunk_sources(["utt0000013", "utt0000021", "utt0000024", "other"], sources, reader)  # 24: no words
+    assert got == {"utt0000013": {"aligned_text": words["utt0000013"]},
+                   "utt0000021": {"aligned_text": words["utt0000021"]}, "other": sources["other"]}
+    assert reader.groups_read == [1, 2]  # not group 0
+    assert _chunk_sources(["utt0000027"], sources, reader) == {"utt0000027": {"aligned_text": words["utt0000027"]}}
+    assert reader.groups_read == [1, 2]  # kept
+    assert _chunk_sources(["utt0000005"], sources, reader)["utt0000005"] == {"aligned_text": words["utt0000005"]}
+    assert reader.groups_read == [1, 2, 0] and sorted(reader.groups) == [0, 2]  # two kept at most
+    assert sources["utt0000005"] == {"synth_index": str(path)}  # the driver's map is left as it was
 
 
 PEAK_MEMORY_SCRIPT = """
