@@ -364,7 +364,8 @@ def experiment_run(exp: Experiment) -> Iterator[Tracker]:
     driver of this experiment left RUNNING on this host is closed first (its stage runs close with their
     stages' next runs: `close_stale_runs`)."""
     kind = {"slam_ray.kind": "experiment", "slam_ray.experiment": exp.name}
-    close_runs_of_gone_drivers(exp, kind)
+    if closed := close_runs_of_gone_drivers(exp, kind):
+        print(f"[tracking] closed {closed} run(s) of {exp.name} left RUNNING by a driver that is gone (KILLED)")
     with start_run(exp, exp.name, {**kind, "slam_ray.driver": driver_identity()}) as tracker, parent_run(tracker):
         tracker.log_params(exp.model_dump(mode="json"))
         yield tracker

@@ -86,7 +86,7 @@ def test_without_a_usable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypa
     assert client.get_run(run.info.run_id).data.metrics == {"loss": 2.0}
 
 
-def test_a_parent_run_left_running_by_a_killed_driver_is_closed_by_the_next_run_and_no_live_ones(tmp_path):
+def test_a_parent_run_left_running_by_a_killed_driver_is_closed_by_the_next_run_and_no_live_ones(tmp_path, capsys):
     """`slam-ray run`'s parent run carries its driver (host, pid, start time); the experiment's next run closes
     KILLED a RUNNING parent whose driver is gone from this host, and leaves those of live drivers and other hosts."""
     import subprocess
@@ -119,6 +119,7 @@ def test_a_parent_run_left_running_by_a_killed_driver_is_closed_by_the_next_run_
     pid_reused = open_run(exp, "reused", {**kind, "slam_ray.driver": driver_identity().rsplit(":", 1)[0] + ":1.0"}).run_id
     with experiment_run(exp) as new:
         assert client.get_run(new.run_id).data.tags["slam_ray.driver"] == driver_identity()
+    assert "closed 2 run(s) of killed left RUNNING by a driver that is gone" in capsys.readouterr().out
     dead = client.get_run(dead_run)
     assert dead.info.status == "KILLED" and dead_driver in dead.data.tags["slam_ray.stop_reason"]
     assert client.get_run(pid_reused).info.status == "KILLED"  # this pid, but a process started at another time
