@@ -211,7 +211,8 @@ def save_tiny_whisper(folder: Path) -> Path:
         max_target_positions=64, decoder_start_token_id=start, eos_token_id=end, pad_token_id=end, bos_token_id=end))
     model.generation_config = GenerationConfig(
         decoder_start_token_id=start, eos_token_id=end, pad_token_id=end, no_timestamps_token_id=ids["<|notimestamps|>"],
-        is_multilingual=False, max_length=24, begin_suppress_tokens=[end])
+        is_multilingual=False, max_length=24, begin_suppress_tokens=[end],
+        suppress_tokens=[ids[t] for t in specials])  # words or the end, whatever the random weights prefer
     model.save_pretrained(folder)
     WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tokenizer).save_pretrained(folder)
     return folder

@@ -314,32 +314,47 @@ def parent_run(tracker: Tracker, extra_tags: dict[str, str] | None = None) -> It
         _parent_run_id, _extra_tags = saved
 
 
-def driver_identity() -> str:
-    """This process as `host:pid:start time`: enough for a later process on the same host to tell it is gone."""
+def _start_ticks(pid: int | str) -> str:
+    """A process's start time in clock ticks since boot (`/proc/<pid>/stat` field 22): unlike a wall-clock start
+    time, a clock step (NTP after a VM pause) does not move it. Raises OSError when there is no such process."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[19]  # the fields after the command name, which may hold spaces or ")"
+
+
+def _here() -> list[str]:
+    """What must match for a pid to mean the same process table: host, boot, pid namespace, user."""
     import socket
 
-    import psutil
+    return [socket.gethostname(), Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            str(os.stat("/proc/self/ns/pid").st_ino), str(os.getuid())]
 
-    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.3f}"
+
+def driver_identity() -> str:
+    """This process as `host:boot id:pid namespace:uid:pid:start ticks` (Linux), for a later process to tell it is
+    gone; "" where there is no /proc (never judged gone)."""
+    try:
+        return ":".join([*_here(), str(os.getpid()), _start_ticks("self")])
+    except (OSError, AttributeError):  # no procfs (macOS), no getuid
+        return ""
 
 
 def driver_gone(identity: str) -> bool:
-    """Whether the process `driver_identity()` named has exited: only decidable on its own host (elsewhere, or
-    for an identity this cannot read, False: a live driver's run must never be closed). A pid reused by a later
-    process reads as gone (its start time differs)."""
-    import socket
-
-    import psutil
-
-    parts = identity.rsplit(":", 2)
-    if len(parts) != 3 or parts[0] != socket.gethostname():
+    """Whether the process `driver_identity()` named has exited. Only decidable from the same host, boot, pid
+    namespace and user (another user's processes may be hidden: `hidepid`); anything else, or an identity this
+    cannot read, is False — a live driver's run must never be closed. A pid reused by a later process reads as
+    gone (its start ticks differ)."""
+    parts = identity.rsplit(":", 5)
+    try:
+        if len(parts) != 6 or parts[:4] != _here():
+            return False
+        pid = int(parts[4])
+    except (OSError, ValueError, AttributeError):
         return False
     try:
-        pid, started = int(parts[1]), float(parts[2])
-        return abs(psutil.Process(pid).create_time() - started) > 0.01
-    except psutil.NoSuchProcess:
+        return _start_ticks(pid) != parts[5]
+    except FileNotFoundError:  # no /proc/<pid>: the process has exited
         return True
-    except (ValueError, psutil.Error):
+    except (OSError, IndexError):
         return False
 
 

@@ -260,7 +260,9 @@ ALIGNMENT_FIELDS = ("aligned_text", "alignment_file", "sidecar", "synth_index")
 class SynthWords:
     """Word alignments of `@synth` rows, read from synth's index a row group at a time: only the groups whose id
     range (Parquet statistics) meets the ids asked for, the last two kept (shards are written about in id order,
-    so an index written as one large group — before synth wrote a group per shard — is still read about once)."""
+    so each group is read about once). Memory is bounded by the group size: a group per synth shard (1,000 rows by
+    default) since synth writes its index part by part; an index written before that has groups of up to ~1 M
+    rows, two of which are then held."""
 
     def __init__(self, path: str) -> None:
         self.file = pq.ParquetFile(path)
@@ -281,8 +283,9 @@ class SynthWords:
     def words(self, ids: list[str]) -> dict[str, str | None]:
         lo, hi, wanted, found = min(ids), max(ids), set(ids), {}
         for g in range(self.file.metadata.num_row_groups):
-            stats = self.file.metadata.row_group(g).column(self.id_column).statistics
-            if stats is not None and stats.has_min_max and (stats.max < lo or stats.min > hi):
+            group = self.file.metadata.row_group(g)
+            stats = group.column(self.id_column).statistics
+            if group.num_rows == 0 or (stats is not None and stats.has_min_max and (stats.max < lo or stats.min > hi)):
                 continue
             found.update({uid: text for uid, text in self._group(g).items() if uid in wanted})
         return found

@@ -144,15 +144,16 @@ def _read_parts(index_dir: Path, names: list[str]) -> pd.DataFrame:
 
 
 def _write_index(index_dir: Path, names: list[str], path: Path) -> tuple[int, float]:
-    """`index.parquet` from the corpus shards' parts, one part in memory at a time (the driver's memory does not grow
-    with the corpus): parts hold consecutive utterances sorted by id, so in order they are the index sorted by id.
-    Returns (rows, audio seconds)."""
+    """`index.parquet` from the corpus shards' parts, one part (a row group) in memory at a time: the driver's
+    memory does not grow with the corpus. Parts hold consecutive utterances, so in order they are the index in
+    utterance order (sorted by id up to 10 M utterances, whose ids have 7 digits). Returns (rows, audio seconds)."""
     rows, seconds = 0, 0.0
     tmp = path.with_name(f".{path.name}.tmp")
     with pq.ParquetWriter(tmp, INDEX_SCHEMA) as writer:
         for name in names:
             part = pq.read_table(index_dir / f"{name}.parquet", schema=INDEX_SCHEMA)
-            writer.write_table(part)
+            if part.num_rows:  # a shard whose every utterance failed adds no (statistics-less) empty row group
+                writer.write_table(part)
             rows += part.num_rows
             seconds += float(pa.compute.sum(part["duration"]).as_py() or 0.0)
     tmp.replace(path)

@@ -87,8 +87,9 @@ def test_without_a_usable_cache_mlflow_makes_the_store_itself(tmp_path, monkeypa
 
 
 def test_a_parent_run_left_running_by_a_killed_driver_is_closed_by_the_next_run_and_no_live_ones(tmp_path, capsys):
-    """`slam-ray run`'s parent run carries its driver (host, pid, start time); the experiment's next run closes
-    KILLED a RUNNING parent whose driver is gone from this host, and leaves those of live drivers and other hosts."""
+    """`slam-ray run`'s parent run carries its driver (host, boot, pid namespace, user, pid, start ticks); the
+    experiment's next run closes KILLED a RUNNING parent whose driver is gone from this process table, and leaves
+    those of live drivers and of other hosts, boots, containers and users."""
     import subprocess
     import sys
 
@@ -113,15 +114,25 @@ def test_a_parent_run_left_running_by_a_killed_driver_is_closed_by_the_next_run_
     dead_driver = client.get_run(dead_run).data.tags["slam_ray.driver"]
     assert driver_gone(dead_driver) and not driver_gone(driver_identity())
 
+    # host:boot id:pid namespace:uid:pid:start ticks. Whether a pid is gone is only judged in the same process
+    # table: another host, boot, pid namespace (a container) or user (hidepid hides others' processes) is left
+    # alone, even with a dead driver's pid.
+    host, boot, namespace, uid, pid, ticks = dead_driver.rsplit(":", 5)
     kind = {"slam_ray.kind": "experiment"}
-    live = open_run(exp, "live", {**kind, "slam_ray.driver": driver_identity()}).run_id  # this process: alive
-    elsewhere = open_run(exp, "elsewhere", {**kind, "slam_ray.driver": "another-host:12345:1.0"}).run_id
-    pid_reused = open_run(exp, "reused", {**kind, "slam_ray.driver": driver_identity().rsplit(":", 1)[0] + ":1.0"}).run_id
+    runs = {name: open_run(exp, name, {**kind, "slam_ray.driver": driver}).run_id for name, driver in {
+        "live": driver_identity(),  # this process
+        "pid reused": ":".join([*driver_identity().split(":")[:5], str(int(ticks) + 1)]),  # this pid, started later
+        "other host": ":".join(["another-host", boot, namespace, uid, pid, ticks]),
+        "other boot": ":".join([host, "0" * 8, namespace, uid, pid, ticks]),
+        "other namespace": ":".join([host, boot, "1", uid, pid, ticks]),
+        "other user": ":".join([host, boot, namespace, str(int(uid) + 1), pid, ticks]),
+        "unreadable": "not an identity"}.items()}
     with experiment_run(exp) as new:
         assert client.get_run(new.run_id).data.tags["slam_ray.driver"] == driver_identity()
     assert "closed 2 run(s) of killed left RUNNING by a driver that is gone" in capsys.readouterr().out
     dead = client.get_run(dead_run)
     assert dead.info.status == "KILLED" and dead_driver in dead.data.tags["slam_ray.stop_reason"]
-    assert client.get_run(pid_reused).info.status == "KILLED"  # this pid, but a process started at another time
-    assert client.get_run(live).info.status == "RUNNING" and client.get_run(elsewhere).info.status == "RUNNING"
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"live": "RUNNING", "pid reused": "KILLED", "other host": "RUNNING", "other boot": "RUNNING",
+                      "other namespace": "RUNNING", "other user": "RUNNING", "unreadable": "RUNNING"}
     assert client.get_run(new.run_id).info.status == "FINISHED"

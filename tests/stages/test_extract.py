@@ -360,6 +360,9 @@ def test_a_shards_synth_alignments_are_read_from_the_index_row_groups_of_its_ids
         for start in range(0, 30, 10):  # three row groups, as synth writes one per shard
             ids = list(words)[start : start + 10]
             writer.write_table(pa.table({"id": ids, "aligned_text": [words[i] for i in ids]}))
+            if start == 0:  # and an empty one (no statistics), as an older synth wrote for a shard that all failed
+                writer.write_table(pa.table({"id": pa.array([], pa.string()), "aligned_text": pa.array([], pa.string())}))
+    assert pq.ParquetFile(path).metadata.row_group(1).num_rows == 0
     sources = {uid: {"synth_index": str(path)} for uid, text in words.items() if text}
     sources["other"] = {"alignment_file": "/data/other.json", "sidecar": True}
     reader = SynthWords(str(path))
@@ -367,11 +370,11 @@ def test_a_shards_synth_alignments_are_read_from_the_index_row_groups_of_its_ids
     got = _chunk_sources(["utt0000013", "utt0000021", "utt0000024", "other"], sources, reader)  # 24: no words
     assert got == {"utt0000013": {"aligned_text": words["utt0000013"]},
                    "utt0000021": {"aligned_text": words["utt0000021"]}, "other": sources["other"]}
-    assert reader.groups_read == [1, 2]  # not group 0
+    assert reader.groups_read == [2, 3]  # not the first nor the empty one
     assert _chunk_sources(["utt0000027"], sources, reader) == {"utt0000027": {"aligned_text": words["utt0000027"]}}
-    assert reader.groups_read == [1, 2]  # kept
+    assert reader.groups_read == [2, 3]  # kept
     assert _chunk_sources(["utt0000005"], sources, reader)["utt0000005"] == {"aligned_text": words["utt0000005"]}
-    assert reader.groups_read == [1, 2, 0] and sorted(reader.groups) == [0, 2]  # two kept at most
+    assert reader.groups_read == [2, 3, 0] and sorted(reader.groups) == [0, 3]  # two kept at most
     assert sources["utt0000005"] == {"synth_index": str(path)}  # the driver's map is left as it was
 
 
