@@ -287,7 +287,8 @@ class SynthWords:
             stats = group.column(self.id_column).statistics
             if group.num_rows == 0 or (stats is not None and stats.has_min_max and (stats.max < lo or stats.min > hi)):
                 continue
-            found.update({uid: text for uid, text in self._group(g).items() if uid in wanted})
+            group_words = self._group(g)
+            found.update({uid: group_words[uid] for uid in wanted if uid in group_words})
         return found
 
 
