@@ -266,7 +266,14 @@ class SynthWords:
 
     def __init__(self, path: str) -> None:
         self.file = pq.ParquetFile(path)
-        self.id_column = self.file.schema_arrow.get_field_index("id")
+        id_column = self.file.schema_arrow.get_field_index("id")
+        # (min id, max id) per non-empty row group, None where it has no statistics: read once, not per shard
+        self.ranges: dict[int, tuple[str, str] | None] = {}
+        for g in range(self.file.metadata.num_row_groups):
+            group = self.file.metadata.row_group(g)
+            stats = group.column(id_column).statistics
+            if group.num_rows:
+                self.ranges[g] = (stats.min, stats.max) if stats is not None and stats.has_min_max else None
         self.groups: dict[int, dict[str, str | None]] = {}
         self.groups_read: list[int] = []  # in order, for the record (the tests check which groups were read)
 
@@ -282,10 +289,8 @@ class SynthWords:
 
     def words(self, ids: list[str]) -> dict[str, str | None]:
         lo, hi, wanted, found = min(ids), max(ids), set(ids), {}
-        for g in range(self.file.metadata.num_row_groups):
-            group = self.file.metadata.row_group(g)
-            stats = group.column(self.id_column).statistics
-            if group.num_rows == 0 or (stats is not None and stats.has_min_max and (stats.max < lo or stats.min > hi)):
+        for g, span in self.ranges.items():
+            if span is not None and (span[1] < lo or span[0] > hi):
                 continue
             group_words = self._group(g)
             found.update({uid: group_words[uid] for uid in wanted if uid in group_words})
