@@ -276,12 +276,15 @@ def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool],
     return victim, errors
 
 
-def kill_when(command: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 300) -> None:
-    """Start `command` in its own process group and SIGKILL the whole group (driver, Ray, actors) as soon as
-    `ready()`; fails if it finishes first or `ready()` never comes. Its output is kept in cwd/killed.log."""
+def kill_when(command: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 300,
+              env: dict[str, str] | None = None) -> None:
+    """Start `command` in its own process group and SIGKILL the whole group (the driver, and its local Ray if it
+    started one) as soon as `ready()`; fails if it finishes first or `ready()` never comes. Its output is kept
+    in cwd/killed.log."""
     log_path = cwd / "killed.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
         deadline = time.time() + timeout
         try:
             while not ready():
@@ -294,10 +297,13 @@ def kill_when(command: list[str], cwd: Path, ready: Callable[[], bool], timeout:
 
 
 
-def kill_and_rerun(exp, stage: str, parts: str, n_parts: int, cwd: Path, suffix: str = ".parquet"):
+def kill_and_rerun(exp, stage: str, parts: str, n_parts: int, cwd: Path, suffix: str = ".parquet",
+                   ray_address: str | None = None):
     """SIGKILL `slam-ray <stage>` on `exp` once two of its `n_parts` shard files (`<output>/<parts>/part-*`) exist,
     run the same command again, and check the rerun kept the finished shards (counted as resumed, files not
-    rewritten). Returns the stage's output folder for the caller to compare with a clean run."""
+    rewritten). Returns the stage's output folder for the caller to compare with a clean run. With `ray_address`
+    both runs join that Ray (a driver killed on a running cluster: Ray ends its actors, which may still finish the
+    shard they were writing) instead of starting their own."""
     import sys
 
     from slam_ray.config import to_yaml
@@ -307,10 +313,11 @@ def kill_and_rerun(exp, stage: str, parts: str, n_parts: int, cwd: Path, suffix:
     path.write_text(to_yaml(exp))
     command = [sys.executable, "-m", "slam_ray.cli", stage, str(path)]
     out = stage_dir(exp, stage)
-    kill_when(command, cwd, lambda: len(list((out.path / parts).glob(f"part-*{suffix}"))) >= 2)
+    env = {**os.environ, "RAY_ADDRESS": ray_address} if ray_address else None
+    kill_when(command, cwd, lambda: len(list((out.path / parts).glob(f"part-*{suffix}"))) >= 2, env=env)
     before = {p.name: p.stat().st_mtime_ns for p in (out.path / parts).glob(f"part-*{suffix}")}
     assert 2 <= len(before) < n_parts
-    rerun = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     # A shard a Ray worker was writing when the driver died may still land (the worker finishes its task, e.g.
     # pack's): it counts as resumed too, but nothing finished before the kill is redone.

@@ -9,6 +9,7 @@ are checked against a rescoring written here with plain transformers and sklearn
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def official_scores(data: dict[str, Path], score) -> dict[str, float]:
     return out
 
 
-def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak):
+def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak, ray_address):
     import joblib
     from sklearn.cluster import MiniBatchKMeans
     from transformers import AutoModelForCausalLM, HubertModel
@@ -137,7 +138,8 @@ def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak):
     ]
     run = subprocess.run([sys.executable, "-m", "slam_ray.cli", "run", "slam",
                           *(a for o in overrides for a in ("--set", o))],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "RAY_ADDRESS": ray_address})  # the session's Ray: see conftest
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     # --- the recipe as shipped, but for the overridden fields, is what ran ----------------------------------------

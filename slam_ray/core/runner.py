@@ -62,6 +62,7 @@ def init_ray(exp: Experiment) -> None:
     address = exp.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
+        release_orphaned_placement_groups()
         return
     dashboard: dict[str, Any] = {}
     previous = os.environ.get("RAY_API_SERVER_ADDRESS")
@@ -88,6 +89,59 @@ def init_ray(exp: Experiment) -> None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         else:
             os.environ["RAY_API_SERVER_ADDRESS"] = previous
+
+
+_FINISHED_JOB = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def orphaned_placement_groups(groups: list[Any], jobs: list[Any], actors: list[Any]) -> list[Any]:
+    """The placement groups (Ray state API records) that nobody can use any more: not removed, not detached,
+    created by a job the job table lists as finished, which has no live actor left (a detached actor keeps the
+    groups it created after its job ends). A job the table does not list (Ray's internal namespaces) is not
+    judged."""
+    finished = {j.job_id for j in jobs if j.job_id and str(getattr(j.status, "value", j.status)) in _FINISHED_JOB}
+    with_live_actors = {a.job_id for a in actors}
+    return [g for g in groups if g.state != "REMOVED" and not g.is_detached
+            and g.creator_job_id in finished and g.creator_job_id not in with_live_actors]
+
+
+def release_orphaned_placement_groups() -> list[str]:
+    """Remove the placement groups finished jobs left reserved on the cluster this process joined; their ids.
+
+    Ray removes a job's placement groups when the job ends, but a driver killed while Ray Train runs (Ctrl+C or
+    SIGKILL of `slam-ray sweep`, `ray job stop`) can leave one behind: its dying Train controller restarts the
+    worker group, creating a new group just as it is killed itself (measured on Ray 2.60: created 0.1 s after the
+    driver died, never removed, its CPUs — or GPUs — reserved until the cluster restarts, so the resumed run
+    waited for them for ever). A local instance dies with its driver; a cluster is cleaned here, when a driver
+    joins it."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_actors, list_jobs, list_placement_groups
+
+    address = ray.get_runtime_context().gcs_address
+    try:
+        groups = list_placement_groups(address=address, filters=[("state", "!=", "REMOVED")], detail=True,
+                                       limit=10_000, raise_on_missing_output=False)
+        if not groups:
+            return []
+        orphans = orphaned_placement_groups(
+            groups, list_jobs(address=address, raise_on_missing_output=False),
+            list_actors(address=address, filters=[("state", "!=", "DEAD")], limit=10_000, raise_on_missing_output=False))
+        for group in orphans:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group.placement_group_id))))
+    except Exception as e:  # the state API needs the cluster's dashboard; without it nothing is judged
+        log.warning("could not check the cluster for placement groups left by finished jobs: %s", e)
+        return []
+    if orphans:
+        reserved: dict[str, float] = {}
+        for group in orphans:
+            for bundle in group.bundles or []:
+                for name, amount in bundle.get("unit_resources", {}).items():
+                    reserved[name] = reserved.get(name, 0.0) + amount
+        held = ", ".join(f"{amount:g} {name}" for name, amount in sorted(reserved.items()))
+        print(f"[ray] released {len(orphans)} placement group(s) that finished jobs left reserved ({held}): "
+              "a driver killed while Ray Train ran can leave one behind")
+    return [g.placement_group_id for g in orphans]
 
 
 def _free_port() -> int:

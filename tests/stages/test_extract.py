@@ -446,9 +446,10 @@ def test_a_30_minute_file_is_encoded_in_bounded_memory(fixtures, tmp_path, ray_l
 
 
 @pytest.mark.slow
-def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tmp_path, ray_local):
-    """SIGKILL `slam-ray extract` (driver, local Ray, actors) mid-way, run the same command again: it encodes
-    only the missing shards and ends with exactly the shards and error lines of an uninterrupted run."""
+def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tmp_path, ray_address):
+    """SIGKILL `slam-ray extract` (its driver, joined to the session's Ray: its actors end with it) mid-way, run
+    the same command again: it encodes only the missing shards and ends with exactly the shards and error lines
+    of an uninterrupted run."""
     import pyarrow.parquet as pq
     from helpers import kill_and_rerun, save_tiny_hubert
 
@@ -468,7 +469,8 @@ def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tm
     shard_names = sorted(p.name for p in (clean_out.path / "units").glob("part-*.parquet"))
     assert len(shard_names) == 12  # 46 inputs, 4 per shard
 
-    killed_out = kill_and_rerun(experiment(tmp_path / "killed"), "extract", "units", 12, tmp_path)
+    killed_out = kill_and_rerun(experiment(tmp_path / "killed"), "extract", "units", 12, tmp_path,
+                                ray_address=ray_address)
     assert sorted(p.name for p in (killed_out.path / "units").glob("part-*.parquet")) == shard_names
     for name in shard_names:
         assert pq.read_table(killed_out.path / "units" / name).equals(pq.read_table(clean_out.path / "units" / name)), name

@@ -153,7 +153,7 @@ def test_an_old_single_array_output_is_not_read(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pack_stage_mixes_shares_and_resumes_a_killed_run_to_the_same_shards(ray_local, tmp_path):
+def test_pack_stage_mixes_shares_and_resumes_a_killed_run_to_the_same_shards(ray_address, tmp_path):
     """On Ray Data: two slamkit files, 11 shards of about 100k tokens. The mix gives each dataset its share to 1%
     with the epoch cap; a run with one worker SIGKILLed after two shards reruns only the missing ones, and its
     shards equal, byte for byte, those of a clean run with two workers."""
@@ -185,7 +185,7 @@ def test_pack_stage_mixes_shares_and_resumes_a_killed_run_to_the_same_shards(ray
     assert counts["train_pad_fraction"] < 0.01
 
     killed = kill_and_rerun(experiment(tmp_path / "killed", 1), "pack", "parts", counts["shards"], tmp_path,
-                            suffix=".json")
+                            suffix=".json", ray_address=ray_address)
     for split in ("train", "val"):
         files = sorted(p.name for p in (clean.path / split).iterdir())
         assert files == sorted(p.name for p in (killed.path / split).iterdir())

@@ -214,15 +214,16 @@ def test_spoken_swag_to_dpo_readable_unit_triples(tmp_path, ray_local, espeak):
 
 
 @pytest.mark.slow
-def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak, reduced_pipeline):
-    """SIGKILL `slam-ray synth` (driver, local Ray, actors, espeak servers) mid-way, run the same command again:
+def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak, reduced_pipeline, ray_address):
+    """SIGKILL `slam-ray synth` (its driver, joined to the session's Ray: its actors end with it) mid-way, run the
+    same command again:
     it speaks only the shards without an index part and ends with exactly a clean run's index: the session's
     reduced quickstart's, the same 240 sentences spoken uninterrupted in one shard (how the work was cut into
     shards and batches changes no row)."""
     killed = small_experiment(tmp_path / "killed", stages=["synth"],
                               synth={**reduced_pipeline.synth.model_dump(), "shard_size": 20, "batch_size": 4})
     assert reduced_pipeline.synth.shard_size >= 240  # one shard: nothing was resumed there
-    killed_out = kill_and_rerun(killed, "synth", "index", 12, tmp_path)
+    killed_out = kill_and_rerun(killed, "synth", "index", 12, tmp_path, ray_address=ray_address)
     clean = pd.read_parquet(stage_dir(reduced_pipeline, "synth").path / "index.parquet")
     again = pd.read_parquet(killed_out.path / "index.parquet")
     assert len(again) == 240 and again["id"].is_unique

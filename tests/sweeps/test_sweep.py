@@ -142,9 +142,10 @@ def _training_trials(db: Path) -> set[str]:
         return set()
 
 
-def _start_sweep(command: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
+def _start_sweep(command: list[str], cwd: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log_path, "w") as log:  # the child keeps its own handle
-        return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
 
 
 def _wait_for(proc: subprocess.Popen, log_path: Path, ready, what: str):  # noqa: ANN001
@@ -157,7 +158,7 @@ def _wait_for(proc: subprocess.Popen, log_path: Path, ready, what: str):  # noqa
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL what is left of the sweep's process group (driver, local Ray, trials)."""
+    """SIGKILL what is left of the sweep's process group: its driver (Ray ends the driver's trials with it)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -165,7 +166,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(tmp_path, espeak, reduced_pipeline):
+def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(tmp_path, espeak, reduced_pipeline,
+                                                                               ray_address):
     from mlflow.tracking import MlflowClient
 
     # no eval stage: what is tested is which trials run again, and each trial's eval would add an actor pool's start
@@ -178,12 +180,13 @@ def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(
     rates = LEARNING_RATES[:3]
     space_path = _space(tmp_path, {"metric": "val/loss", "mode": "min", "max_concurrent_trials": 1}, rates)
     command = [sys.executable, "-m", "slam_ray.cli", "sweep", str(exp_path), "--space", str(space_path)]
+    env = {**os.environ, "RAY_ADDRESS": ray_address}  # each sweep's driver joins the session's Ray, as on a cluster
     uri = tracking_uri(exp)
     db = Path(uri.removeprefix("sqlite:///"))
 
     # 1. Ctrl+C: SIGINT to the driver while a trial trains, after another has finished.
     first = tmp_path / "first.log"
-    proc = _start_sweep(command, tmp_path, first)
+    proc = _start_sweep(command, tmp_path, first, env)
     try:
         def one_done_one_training() -> set[str]:
             statuses = _trial_statuses(db)
@@ -212,7 +215,7 @@ def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(
 
     # 2. Resume, then SIGKILL the whole process group (no chance to clean up) once one more trial has finished.
     second = tmp_path / "second.log"
-    proc = _start_sweep(command, tmp_path, second)
+    proc = _start_sweep(command, tmp_path, second, env)
     try:
         _wait_for(proc, second, lambda: {r for r, s in _trial_statuses(db).items() if s == "FINISHED"} - finished_before,
                   "another finished trial")
@@ -223,7 +226,7 @@ def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(
     assert len(finished_before) < len(rates)  # the SIGKILL left work to do
 
     # 3. Resume to the end.
-    third = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    third = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "resuming" in third.stdout
 
