@@ -115,29 +115,34 @@ def test_joining_a_cluster_releases_what_a_killed_driver_left_reserved(ray_local
     from slam_ray.core.runner import release_orphaned_placement_groups
 
     free_before = ray_local.available_resources().get("CPU", 0.0)
-    proc = subprocess.Popen([sys.executable, "-c", LEAKING_DRIVER, ray_address], stdout=subprocess.PIPE, text=True)
-    try:
-        job = proc.stdout.readline().split()[-1]
-        time.sleep(1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    deadline = time.time() + 60
-    while any(j.job_id == job and j.status == "RUNNING" for j in list_jobs(address=ray_address)) or list_actors(
-            address=ray_address, filters=[("job_id", "=", job), ("state", "!=", "DEAD")]):
-        assert time.time() < deadline, "the killed driver's job and actors did not end"
-        time.sleep(0.2)
-    time.sleep(1)
 
-    def left() -> set[str]:
+    def left(job: str) -> set[str]:
         return {g.placement_group_id for g in list_placement_groups(
             address=ray_address, filters=[("creator_job_id", "=", job), ("state", "!=", "REMOVED")], limit=10_000)}
 
-    leaked = left()
-    assert leaked, "Ray removed every group of the killed job: the race is fixed upstream (or not reproduced)"
+    leaked: set[str] = set()
+    for _ in range(3):  # a race: it has left groups behind every time here, but a loaded machine may differ
+        proc = subprocess.Popen([sys.executable, "-c", LEAKING_DRIVER, ray_address], stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            job = proc.stdout.readline().split()[-1]
+            time.sleep(1)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        deadline = time.time() + 60
+        while any(j.job_id == job and j.status == "RUNNING" for j in list_jobs(address=ray_address)) or list_actors(
+                address=ray_address, filters=[("job_id", "=", job), ("state", "!=", "DEAD")]):
+            assert time.time() < deadline, "the killed driver's job and actors did not end"
+            time.sleep(0.2)
+        time.sleep(1)
+        leaked |= left(job)
+        if leaked:
+            break
+    assert leaked, "Ray removed every group of the killed jobs: the race is fixed upstream (or not reproduced)"
     assert ray_local.available_resources().get("CPU", 0.0) < free_before
     assert leaked <= set(release_orphaned_placement_groups())
-    assert not left()
+    assert not left(job)
     deadline = time.time() + 30
     while ray_local.available_resources().get("CPU", 0.0) < free_before:
         assert time.time() < deadline, "the released CPUs did not come back"
