@@ -125,7 +125,7 @@ def release_orphaned_placement_groups() -> list[str]:
         if not groups:
             return []
         orphans = orphaned_placement_groups(
-            groups, list_jobs(address=address, raise_on_missing_output=False),
+            groups, list_jobs(address=address, limit=10_000, raise_on_missing_output=False),
             list_actors(address=address, filters=[("state", "!=", "DEAD")], limit=10_000, raise_on_missing_output=False))
         for group in orphans:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group.placement_group_id))))
