@@ -108,8 +108,8 @@ def orphaned_placement_groups(groups: list[Any], jobs: list[Any], actors: list[A
 def release_orphaned_placement_groups() -> list[str]:
     """Remove the placement groups finished jobs left reserved on the cluster this process joined; their ids.
 
-    Ray removes a job's placement groups when the job ends, but a driver killed while Ray Train runs (Ctrl+C or
-    SIGKILL of `slam-ray sweep`, `ray job stop`) can leave one behind: its dying Train controller restarts the
+    Ray removes a job's placement groups when the job ends, but a driver killed while Ray Train runs (seen: Ctrl+C
+    and SIGKILL of `slam-ray sweep`; `ray job stop` ends a driver the same way) can leave one behind: its dying Train controller restarts the
     worker group, creating a new group just as it is killed itself (measured on Ray 2.60: created 0.1 s after the
     driver died, never removed, its CPUs — or GPUs — reserved until the cluster restarts, so the resumed run
     waited for them for ever). A local instance dies with its driver; a cluster is cleaned here, when a driver
