@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,11 +110,11 @@ def release_orphaned_placement_groups() -> list[str]:
     """Remove the placement groups finished jobs left reserved on the cluster this process joined; their ids.
 
     Ray removes a job's placement groups when the job ends, but a driver killed while Ray Train runs (seen: Ctrl+C
-    and SIGKILL of `slam-ray sweep`; `ray job stop` ends a driver the same way) can leave one behind: its dying Train controller restarts the
-    worker group, creating a new group just as it is killed itself (measured on Ray 2.60: created 0.1 s after the
-    driver died, never removed, its CPUs — or GPUs — reserved until the cluster restarts, so the resumed run
-    waited for them for ever). A local instance dies with its driver; a cluster is cleaned here, when a driver
-    joins it."""
+    and SIGKILL of `slam-ray sweep`; `ray job stop` ends a driver the same way) can leave one behind: its dying
+    Train controller restarts the worker group, creating a new group just as it is killed itself (measured on
+    Ray 2.60: registered 0.1 s after the job ended, never removed, its CPUs — or GPUs — reserved until the cluster
+    restarts, so the resumed run waited for them for ever). A local instance dies with its driver; a cluster is
+    cleaned here, when a driver joins it."""
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
     from ray.util.state import list_actors, list_jobs, list_placement_groups
@@ -126,18 +127,18 @@ def release_orphaned_placement_groups() -> list[str]:
             return []
         orphans = orphaned_placement_groups(
             groups, list_jobs(address=address, limit=10_000, raise_on_missing_output=False),
-            list_actors(address=address, filters=[("state", "!=", "DEAD")], limit=10_000, raise_on_missing_output=False))
+            list_actors(address=address, filters=[("state", "!=", "DEAD")], limit=10_000,
+                        raise_on_missing_output=False))
         for group in orphans:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group.placement_group_id))))
     except Exception as e:  # the state API needs the cluster's dashboard; without it nothing is judged
         log.warning("could not check the cluster for placement groups left by finished jobs: %s", e)
         return []
     if orphans:
-        reserved: dict[str, float] = {}
+        reserved: Counter[str] = Counter()
         for group in orphans:
             for bundle in group.bundles or []:
-                for name, amount in bundle.get("unit_resources", {}).items():
-                    reserved[name] = reserved.get(name, 0.0) + amount
+                reserved.update(bundle.get("unit_resources", {}))
         held = ", ".join(f"{amount:g} {name}" for name, amount in sorted(reserved.items()))
         print(f"[ray] released {len(orphans)} placement group(s) that finished jobs left reserved ({held}): "
               "a driver killed while Ray Train ran can leave one behind")
