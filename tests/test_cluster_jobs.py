@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import free_port, small_experiment
+from helpers import S3_SECRET, free_port, small_experiment
 
 from slam_ray.config import to_yaml
 from slam_ray.core.stage_io import stage_dir
@@ -154,8 +154,10 @@ def test_ray_job_submit_on_two_nodes_with_the_workdir_in_a_bucket(tmp_path, two_
                                                                    mlflow_server, espeak, monkeypatch):
     """The reduced quickstart as a job on two nodes, every stage output in a bucket, one encoding actor and one
     training worker SIGKILLed while it runs: it succeeds with every utterance's units exactly once and training at
-    its target step, its runs are in the MLflow server, its checkpoint loads from the bucket, and re-running the
-    same command elsewhere (a fresh cache) reuses every stage from the bucket's manifests."""
+    its target step, its runs are in the MLflow server, its checkpoints (Ray Train's run under `train.storage_path`,
+    another prefix) load from the bucket and eval scores each of them from there, the secret key is nowhere in what
+    MLflow or a manifest records, and re-running the same command elsewhere (a fresh cache) reuses every stage from
+    the bucket's manifests."""
     import boto3
     import mlflow
     import torch
@@ -167,13 +169,14 @@ def test_ray_job_submit_on_two_nodes_with_the_workdir_in_a_bucket(tmp_path, two_
     url, port, credentials = s3_server
     boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
                  aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket="slam")
-    workdir = f"s3://slam/runs/job?endpoint_override=127.0.0.1:{port}&scheme=http"
-    exp = small_experiment(workdir, stages=["synth", "extract", "pack", "train", "eval"],
+    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
+    exp = small_experiment(f"s3://slam/runs/job{query}", stages=["synth", "extract", "pack", "train", "eval"],
                            tracking={"uri": mlflow_server},
                            ray={"actor_cpus": 0.25, "worker_cpus": 0.5},
                            synth={"corpus": {"n_sentences": 120}, "num_actors": 2},
-                           train={"max_steps": 10, "num_workers": 2, "max_failures": 2},
-                           eval={"tasks": ["word_order"], "n_pairs": 8})
+                           train={"max_steps": 10, "checkpoint_every": 5, "num_workers": 2, "max_failures": 2,
+                                  "storage_path": f"s3://slam/ckpt{query}"},
+                           eval={"tasks": ["word_order"], "n_pairs": 8, "checkpoints": ["final", "all"]})
     experiment_file = tmp_path / "job.yaml"
     experiment_file.write_text(to_yaml(exp))
     killed: dict[str, int] = {}
@@ -208,12 +211,30 @@ def test_ray_job_submit_on_two_nodes_with_the_workdir_in_a_bucket(tmp_path, two_
     # the train stage's two workers: the manifest counts both workers' batches
     assert manifest["counts"]["tokens"] == 10 * exp.train.batch_size * 2 * exp.pack.context_len
     listing = json.loads(train_out.local("checkpoints.json").read_text())
-    assert [c["step"] for c in listing] == [0, 10] and all(c["path"].startswith("s3://slam/runs/job/train/") for c in listing)
+    assert [c["step"] for c in listing] == [0, 5, 10]
+    assert all(c["path"].startswith(f"s3://slam/ckpt/tiny-train-{train_out.key}/checkpoint_") for c in listing)
     final = AutoModelForCausalLM.from_pretrained(model_source(train_out.location("checkpoint")))
-    reported = AutoModelForCausalLM.from_pretrained(model_source(listing[-1]["path"]))
+    reported = [AutoModelForCausalLM.from_pretrained(model_source(c["path"])) for c in listing]  # each loads
     assert final.config.vocab_size == exp.vocab_size
-    for a, b in zip(final.state_dict().values(), reported.state_dict().values(), strict=True):
+    for a, b in zip(final.state_dict().values(), reported[-1].state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(reported[0].state_dict().values(), final.state_dict().values(), strict=True))
+    # eval's `all` read each checkpoint from the bucket: the step-10 one scores as the final one
+    results = json.loads(stage_dir(exp, "eval").local("results.json").read_text())
+    assert [k for k in results if k.startswith("word_order@step_")] == [f"word_order@step_{n}" for n in (0, 5, 10)]
+    assert results["word_order@step_10"]["accuracy"] == results["word_order"]["accuracy"]
+    assert results["word_order@step_5"]["checkpoint"].startswith("s3://slam/ckpt/")
+
+    # the secret key is nowhere: params, tags, metrics' names, artifacts, manifests
+    for run_id in runs["run_id"]:
+        run = mlflow.get_run(run_id)
+        blob = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        assert S3_SECRET not in blob and credentials["AWS_ACCESS_KEY_ID"] not in blob
+        folder = mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path / "art" / run_id))
+        for path in Path(folder).rglob("*"):
+            assert not path.is_file() or S3_SECRET.encode() not in path.read_bytes(), path
+    for stage in exp.stages:
+        assert S3_SECRET not in json.dumps(stage_dir(exp, stage).read_manifest())
     assert not (tmp_path / "work").exists()  # nothing went to a local workdir
     synthesized = pd.read_parquet(stage_dir(exp, "synth").local("index.parquet"))
     extracted = stage_dir(exp, "extract")

@@ -1,5 +1,6 @@
-"""Training checkpoints on S3-compatible object storage (a real moto server on 127.0.0.1), and no credential
-anywhere in what MLflow records."""
+"""The storage layer on S3-compatible object storage (a real moto server on 127.0.0.1): stage folders through a
+bucket, extraction inputs in a bucket, their fingerprints. Training checkpoints in a bucket, and no credential in
+what MLflow records, are checked by the two-node job (tests/test_cluster_jobs.py)."""
 
 from __future__ import annotations
 
@@ -8,84 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 from helpers import S3_SECRET as SECRET
-from helpers import link_upstream, small_experiment
+from helpers import small_experiment
 
 from slam_ray.config import to_yaml
 from slam_ray.core.stage_io import stage_dir
-from slam_ray.core.storage import workdir_path
-from slam_ray.core.tracking import tracking_uri
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-def test_checkpoints_on_s3_and_no_credentials_logged(tmp_path, s3_server, espeak, reduced_pipeline):
-    import boto3
-    import mlflow
-    from mlflow.tracking import MlflowClient
-    from transformers import AutoModelForCausalLM
-
-    url, port, env = s3_server
-    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=SECRET, region_name="us-east-1")
-    s3.create_bucket(Bucket="slam")
-    storage = f"s3://slam/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
-    exp = small_experiment(tmp_path / "work", stages=["synth", "extract", "pack", "train", "eval"],
-                           train={"max_steps": 20, "checkpoint_every": 10, "storage_path": storage},
-                           eval={"tasks": ["word_order"], "n_pairs": 12, "checkpoints": ["final", "all"]})
-    link_upstream(exp, reduced_pipeline)  # what this test is about starts at train: the session's upstream stages
-    (tmp_path / "s3.yaml").write_text(to_yaml(exp))
-    proc = subprocess.run([sys.executable, "-m", "slam_ray.cli", "run", str(tmp_path / "s3.yaml")], cwd=tmp_path,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-    # the Ray Train run lives in the bucket: every reported checkpoint, each loadable as a HF model
-    out = stage_dir(exp, "train")
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="slam", Prefix="runs/")["Contents"]]
-    weights = sorted(k for k in keys if k.endswith("model.safetensors"))
-    assert len(weights) == 3  # step 0 (init), step 10, step 20 (final)
-    assert all(k.startswith(f"runs/tiny-train-{out.key}/checkpoint_") for k in weights)
-    listing = json.loads((out.path / "checkpoints.json").read_text())
-    assert [c["step"] for c in listing] == [0, 10, 20] and all(c["path"].startswith("s3://slam/runs/") for c in listing)
-    last = tmp_path / "from_s3"
-    last.mkdir()
-    prefix = listing[-1]["path"].partition("?")[0].removeprefix("s3://slam/")
-    for key in (k for k in keys if k.startswith(prefix + "/") and not k.endswith("/")):  # skip folder markers
-        target = last / key[len(prefix) + 1:]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        s3.download_file("slam", key, str(target))
-    from_bucket = AutoModelForCausalLM.from_pretrained(last)
-    local = AutoModelForCausalLM.from_pretrained(out.path / "checkpoint")
-    for a, b in zip(from_bucket.state_dict().values(), local.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-
-    # eval's `all` fetched each checkpoint from the bucket: the step-20 one scores like the final one
-    results = json.loads((stage_dir(exp, "eval").path / "results.json").read_text())
-    assert [k for k in results if k.startswith("word_order@step_")] == ["word_order@step_0", "word_order@step_10",
-                                                                         "word_order@step_20"]
-    assert results["word_order@step_20"]["accuracy"] == results["word_order"]["accuracy"]
-    assert results["word_order@step_10"]["checkpoint"].startswith("s3://slam/runs/")  # loaded from the bucket
-
-    # the secret is nowhere: params, tags, metrics' names, artifacts, manifests
-    client = MlflowClient(tracking_uri(exp))
-    mlflow.set_tracking_uri(tracking_uri(exp))
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    # the experiment's run and the stages this run executed (synth/extract/pack were reused: no runs)
-    assert {r.data.tags.get("slam_ray.stage") for r in runs} >= {"train", "eval"}
-    assert any(r.data.tags.get("slam_ray.kind") == "experiment" for r in runs)
-    for run in runs:
-        blob = json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
-        assert SECRET not in blob and "slamtestkey" not in blob
-        folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "art" / run.info.run_id))
-        for path in Path(folder).rglob("*"):
-            if path.is_file():
-                assert SECRET.encode() not in path.read_bytes(), path
-    for manifest in workdir_path(exp).rglob("manifest.json"):
-        assert SECRET not in manifest.read_text()
-
 
 def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, s3_server, monkeypatch):
     """The layer every stage writes through: a stage folder written locally and published, then read on

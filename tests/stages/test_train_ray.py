@@ -69,9 +69,10 @@ def test_one_worker_ddp_and_fsdp_agree_under_document_masks_and_both_resume_afte
     validation loss the worker reported is the reloaded checkpoint's under document masking (not the plain one's).
     The one-worker run has its worker SIGKILLed mid-run: Ray Train restarts it, it resumes from the last checkpoint
     (weights, optimizer, schedule, data position) and still ends on the DDP run's curve to 1e-4.
-    train.strategy fsdp (FSDP2 over 2 CPU workers x 4 windows, gloo): the same curve as DDP, a final checkpoint that
-    plain transformers loads with the same weights, and after a killed worker a resume from the sharded run's
-    checkpoint (gathered weights and optimizer state) that ends on the same step with the same curve."""
+    train.strategy fsdp (FSDP2 over 2 CPU workers x 4 windows, gloo), its worker SIGKILLed mid-run too: it resumes
+    from the sharded run's checkpoint (gathered weights and optimizer state), ends on the same step with DDP's curve
+    and a final checkpoint that plain transformers loads with DDP's weights (to 1e-3: FSDP's reductions run in
+    another order), as DPO's FSDP test checks. (Each run costs ~25 s of Ray Train start-up here: four runs, not five.)"""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,20 +83,20 @@ def test_one_worker_ddp_and_fsdp_agree_under_document_masks_and_both_resume_afte
     runs = {"one": small_experiment(tmp_path / "one", train={**base, "num_workers": 1, "batch_size": 8}),
             "ddp": small_experiment(tmp_path / "ddp", ray={"worker_cpus": 0.5},
                                     train={**base, "strategy": "ddp", "batch_size": 2, "grad_accum": 2})}
-    runs |= {name: small_experiment(tmp_path / name, ray={"worker_cpus": 0.5}, train={**base, "strategy": "fsdp"})
-             for name in ("fsdp", "killed")}
-    for name in ("one", "ddp", "fsdp", "killed"):
+    runs["fsdp"] = small_experiment(tmp_path / "fsdp", ray={"worker_cpus": 0.5}, train={**base, "strategy": "fsdp"})
+    for name in ("one", "ddp", "fsdp"):
         utterance_pack_output(runs[name], n_utterances=1500)
     assert len(PackedWindows(stage_dir(runs["one"], "pack").path, "train")) >= 40 * 8  # the run stays in epoch 1
-    for name in ("ddp", "fsdp"):
-        train(runs[name])
-    victim, errors = kill_a_worker_during(lambda: train(runs["one"]),
-                                          lambda: 14 <= max(loss_curve(runs["one"]), default=0) < 34)
-    assert victim is not None, "the one-worker run finished before its worker could be killed"
-    assert not errors, errors
-    # it resumed from a checkpoint (>= step 10), not from scratch: the steps before the first are logged once
-    # (a restart from step 0 ends on the same seeded curve, so the curve alone would not tell)
-    assert logged_steps(runs["one"], "train", "train/loss")[2] == 1
+    train(runs["ddp"])
+    for name in ("one", "fsdp"):
+        victim, errors = kill_a_worker_during(lambda name=name: train(runs[name]),
+                                              lambda name=name: 14 <= max(loss_curve(runs[name]), default=0) < 34)
+        assert victim is not None, f"the {name} run finished before its worker could be killed"
+        assert not errors, errors
+        # it resumed from a checkpoint (>= step 10), not from scratch: the steps before the first are logged once
+        # (a restart from step 0 ends on the same seeded curve, so the curve alone would not tell)
+        assert logged_steps(runs[name], "train", "train/loss")[2] == 1
+        assert json.loads(stage_dir(runs[name], "train").manifest_path.read_text())["counts"]["steps"] == 40
     one, ddp, fsdp = (loss_curve(runs[name]) for name in ("one", "ddp", "fsdp"))
     assert sorted(one) == sorted(ddp) == sorted(fsdp) == list(range(2, 41, 2))
     assert ddp[40] < ddp[2]
@@ -118,16 +119,6 @@ def test_one_worker_ddp_and_fsdp_agree_under_document_masks_and_both_resume_afte
         plain = model(**window_inputs(val, np.arange(len(val)), document_mask=False)).loss.item()
     assert masked == pytest.approx(manifest["metrics"]["val/loss_final"], rel=1e-5)
     assert abs(plain - masked) > 1e-3
-
-    killed = runs["killed"]
-    victim, errors = kill_a_worker_during(lambda: train(killed), lambda: 14 <= max(loss_curve(killed), default=0) < 34)
-    assert victim is not None, "the run finished before a worker could be killed"
-    assert not errors, errors
-    assert logged_steps(killed, "train", "train/loss")[2] == 1  # resumed from the sharded checkpoint, not step 0
-    assert json.loads(stage_dir(killed, "train").manifest_path.read_text())["counts"]["steps"] == 40
-    got = loss_curve(killed)
-    assert sorted(got) == sorted(fsdp)
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [fsdp[s] for s in sorted(fsdp)], rtol=1e-4)
 
 
 def test_time_budget_sizes_the_schedule_and_a_twist_run_stops_at_it_with_the_trained_model_saved(tmp_path, ray_local):
