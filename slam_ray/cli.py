@@ -171,14 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ray_connected() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _shutdown_ray() -> None:
+    """Disconnect from Ray (stopping a local instance) inside the terminal filter: the workers' last forwarded log
+    lines arrive while it shuts down, and at interpreter exit they would reach the terminal unfiltered."""
+    if _ray_connected():
+        sys.modules["ray"].shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from slam_ray.core.fingerprint import snapshot
         from slam_ray.core.terminal import quiet_ray_noise
 
+        connected = _ray_connected()  # main() called in a process already on Ray leaves that connection alone
         with quiet_ray_noise(), snapshot():  # each input given by path is fingerprinted once per command
             code = args.func(args) or 0  # commands with no failure of their own return None
+            if not connected:
+                _shutdown_ray()
     except SlamError as e:
         if args.debug:
             traceback.print_exc()

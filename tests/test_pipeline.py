@@ -132,6 +132,8 @@ def check_terminal_output(run: subprocess.CompletedProcess, exp, data_logs: str)
     assert "RayDeprecationWarning" not in shown
     # Ray's C++ line per actor pool (driver and Train controller): dropped by the CLI's stderr filter
     assert "has constructor arguments in the object store" not in shown
+    # transformers' bar per weight load and checkpoint save in every actor and Train worker: dropped by it too
+    assert not re.search(r"pid=\d+[^\n]*?\)(\x1b\[0m)? \r?(Loading weights|Writing model shards):", shown)
     assert "logging_progress" not in shown and "Running Dataset" not in shown
     assert "streaming_executor" not in shown  # Ray Data's INFO lines: in ray-data.log only
     # Ray Train's own INFO lines: the controller's (RunConfig logging_config) and each worker's per-report line

@@ -5,8 +5,8 @@ store while it may restart ("... has constructor arguments in the object store a
 ray-project/ray#53727): Ray Data's actor pools pass their location tracker that way, and Train V2's controller its
 PreemptionWatcher. The driver's own copy goes straight to file descriptor 2, below Python, so no logging filter
 reaches it. `quiet_ray_noise` puts a filter on descriptor 2 for the length of a command: complete lines matching
-`NOISE` are dropped, everything else passes through as it comes (a progress bar's partial line at once). On a
-terminal the filter is a pseudo-terminal of the same size, so tqdm and Ray still see a terminal.
+`NOISE` are dropped, and so are the weight-loading bars of workers (see `_WORKER_WEIGHT_BAR`); everything else
+passes through as it comes (a progress bar's partial line at once). On a terminal the filter is a pseudo-terminal of the same size, so tqdm and Ray still see a terminal.
 `SLAM_RAY_RAW_STDERR=1` turns it off.
 """
 
@@ -21,6 +21,12 @@ from collections.abc import Iterator
 
 NOISE = re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store "
                    rb"and max_restarts > 0")
+# transformers 5 draws a bar each time a process loads or saves weights: from every actor and Train worker (each
+# checkpoint) that is a screenful of bars per stage. Such a line forwarded from a worker ("(Name pid=N) \rLoading
+# weights: ...", \r-redrawn) is dropped whole; the driver's own bars pass as they are drawn.
+_WORKER_WEIGHT_BAR = re.compile(rb"^(\x1b\[\d+m)?\(.*? pid=\d+(, ip=[^)]*)?\)(\x1b\[0m)? \r?"
+                                rb"(Loading weights|Writing model shards):")
+_WEIGHT_BAR_REDRAW = re.compile(rb"^\s*((Loading weights|Writing model shards):.*)?$")
 # A partial line that may be the start of a Ray log line ("[2026-..." or a worker's "(Name pid=...)" prefix, maybe
 # coloured) waits for its newline; any other partial line (a progress bar redrawn with \r) is passed on at once.
 _MAYBE_RAY = re.compile(rb"^\r?(\x1b\[\d+m)?(\[\d|\()")
@@ -53,6 +59,8 @@ def _without_noise(line: bytes) -> bytes:
     """A line (its \\n not included) with its \\n, less any \\r-separated part that is the noise: a progress bar
     redrawn with \\r shares a line with whatever is printed next."""
     parts = line.split(b"\r")
+    if _WORKER_WEIGHT_BAR.match(line) and all(_WEIGHT_BAR_REDRAW.match(part) for part in parts[1:]):
+        return b""
     ends = [b"\r"] * (len(parts) - 1) + [b"\n"]
     out, dropped = [], False
     for part, end in zip(parts, ends, strict=True):

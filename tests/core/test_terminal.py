@@ -1,5 +1,6 @@
-"""The stderr filter of the CLI: Ray's known-harmless core-worker line is dropped, everything else passes through,
-a progress bar's partial line at once (it must not wait for a newline that never comes)."""
+"""The stderr filter of the CLI: Ray's known-harmless core-worker line and the workers' weight-loading bars are
+dropped, everything else passes through, a progress bar's partial line at once (it must not wait for a newline that
+never comes)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,19 @@ def test_on_a_terminal_the_command_still_sees_a_terminal_and_the_noise_is_droppe
     os.close(master)
     assert b"tty True 123" in out and b"done" in out
     assert b"has constructor arguments" not in out
+
+
+def test_workers_weight_bars_are_dropped_and_the_drivers_own_kept():
+    """transformers 5's bars, as Ray forwards them from an actor and a Train worker (each load or checkpoint save):
+    dropped whole; a worker line that is more than a bar, and the driver's own bar, are kept."""
+    actor = (b"\x1b[36m(MapWorker(MapBatches(FeatureActor)) pid=11115)\x1b[0m \rLoading weights:   0%|          | 0/68 "
+             b"[00:00<?, ?it/s]\rLoading weights: 100%|##########| 68/68 [00:00<00:00, 4775.67it/s]\n")
+    worker = (b"\x1b[36m(RayTrainWorker pid=21075, ip=10.0.0.2)\x1b[0m \rWriting model shards: 100%|##########| 1/1 "
+              b"[00:00<00:00, 295.31it/s]\n")
+    kept = [b"\x1b[36m(RayTrainWorker pid=21075)\x1b[0m [train] step 40/40  loss 1.584\n",
+            b"\x1b[36m(EncodeActor pid=7)\x1b[0m Loading weights: 100%| 68/68\rTraceback (most recent call last):\n",
+            b"Loading weights: 100%|##########| 68/68 [00:00<00:00, 4854.19it/s]\n"]
+    plain = worker.replace(b" \rWriting", b" Writing")  # a bar drawn without its leading carriage return
+    assert plain != worker
+    out = run_filter([actor, kept[0], worker, kept[1], plain, kept[2]])
+    assert out == b"".join(kept)
