@@ -93,6 +93,7 @@ def init_ray(exp: Experiment) -> None:
 
 
 _FINISHED_JOB = {"SUCCEEDED", "FAILED", "STOPPED"}
+TRAIN_PLACEMENT_GROUP_CLEANER = "PlacementGroupCleaner"
 
 
 def orphaned_placement_groups(groups: list[Any], jobs: list[Any], actors: list[Any]) -> list[Any]:
@@ -101,7 +102,10 @@ def orphaned_placement_groups(groups: list[Any], jobs: list[Any], actors: list[A
     groups it created after its job ends). A job the table does not list (Ray's internal namespaces) is not
     judged."""
     finished = {j.job_id for j in jobs if j.job_id and str(getattr(j.status, "value", j.status)) in _FINISHED_JOB}
-    with_live_actors = {a.job_id for a in actors}
+    # Ray Train's detached PlacementGroupCleaner is the one live actor a killed Train run's job may keep, and it
+    # owns nothing: seen alive for good beside its run's orphaned group, its controller dead (created, never told
+    # of the group), so it does not count
+    with_live_actors = {a.job_id for a in actors if a.class_name != TRAIN_PLACEMENT_GROUP_CLEANER}
     return [g for g in groups if g.state != "REMOVED" and not g.is_detached
             and g.creator_job_id in finished and g.creator_job_id not in with_live_actors]
 
@@ -129,11 +133,15 @@ def release_orphaned_placement_groups() -> list[str]:
             groups, list_jobs(address=address, limit=10_000, raise_on_missing_output=False),
             list_actors(address=address, filters=[("state", "!=", "DEAD")], limit=10_000,
                         raise_on_missing_output=False))
-        for group in orphans:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group.placement_group_id))))
     except Exception as e:  # the state API needs the cluster's dashboard; without it nothing is judged
         log.warning("could not check the cluster for placement groups left by finished jobs: %s", e)
         return []
+    for group in list(orphans):
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group.placement_group_id))))
+        except Exception as e:  # e.g. removed meanwhile by Train's own cleaner: the others are still released
+            log.warning("could not release placement group %s: %s", group.placement_group_id, e)
+            orphans.remove(group)
     if orphans:
         reserved: Counter[str] = Counter()
         for group in orphans:

@@ -65,18 +65,21 @@ def test_only_groups_a_finished_job_left_without_a_live_actor_are_orphaned():
 
     jobs = [job("01000000", JobStatus.RUNNING), job("08000000", JobStatus.SUCCEEDED),
             job("09000000", JobStatus.FAILED), job("0a000000", JobStatus.STOPPED, JobType.SUBMISSION),
-            job("0b000000", JobStatus.SUCCEEDED)]
-    # a finished job's detached actor still owns the groups it created
+            job("0b000000", JobStatus.SUCCEEDED), job("0d000000", JobStatus.SUCCEEDED)]
+    # a finished job's detached actor still owns the groups it created; Ray Train's detached placement-group
+    # cleaner, left alive by a killed run (seen in the interrupted sweep's test), owns nothing
     actors = [ActorState(actor_id="a", class_name="Keeper", state="ALIVE", job_id="0b000000", name="keeper",
-                         node_id="n", pid=1, ray_namespace="ns")]
+                         node_id="n", pid=1, ray_namespace="ns"),
+              ActorState(actor_id="b", class_name="PlacementGroupCleaner", state="ALIVE", job_id="0d000000",
+                         name="", node_id="n", pid=2, ray_namespace="ns")]
     groups = [group("left-by-a-killed-sweep", "08000000"), group("left-by-a-failed-run", "09000000"),
               group("pending-of-a-stopped-job", "0a000000", state="PENDING"),
               group("of-a-running-job", "01000000"), group("detached", "08000000", detached=True),
               group("already-removed", "09000000", state="REMOVED"), group("of-a-live-detached-actor", "0b000000"),
-              group("of-an-unlisted-job", "0c000000")]
+              group("of-an-unlisted-job", "0c000000"), group("beside-a-stuck-train-cleaner", "0d000000")]
     orphans = orphaned_placement_groups(groups, jobs, actors)
     assert [g.placement_group_id for g in orphans] == ["left-by-a-killed-sweep", "left-by-a-failed-run",
-                                                       "pending-of-a-stopped-job"]
+                                                       "pending-of-a-stopped-job", "beside-a-stuck-train-cleaner"]
 
 
 LEAKING_DRIVER = """
