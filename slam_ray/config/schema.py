@@ -175,6 +175,11 @@ class ExtractConfig(Section):
     num_actors: int = Field(2, ge=1, json_schema_extra={"operational": True})
     batch_size: int = Field(32, ge=1)
     num_gpus_per_actor: float = Field(0.0, json_schema_extra={"operational": True})
+    local_fit_seconds: float = Field(
+        300.0, ge=0, description="a tokenizer fit sample of at most this much audio is featurised in the driver "
+                                 "process (one thread, as an actor: the same features), not by a pool of actors "
+                                 "whose start costs ~10-15 s; only without GPUs (driver and actors); 0 = always actors",
+        json_schema_extra={"operational": True})
     decode_cpus: float = Field(0.25, gt=0, description="CPUs per decoding task when the encoding actors have GPUs "
                                                         "(decoding and resampling then run as Ray tasks feeding them; "
                                                         "on CPUs each actor decodes its own files)",

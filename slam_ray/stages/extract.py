@@ -197,17 +197,20 @@ class FeatureActor:
         self.max_segment_seconds, self.segmenter = max_segment_seconds, segmenter
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(self.features_of(batch.to_dict("records")))
+
+    def features_of(self, rows: list[dict]) -> list[dict]:
         from slam_ray.parallel.tts import row_segments
 
         out = []
-        for row in batch.to_dict("records"):
+        for row in rows:
             try:
                 _, _, audio = next(row_segments(row, self.max_segment_seconds, self.segmenter))
                 feats = self.features(audio).cpu().numpy().astype(np.float16)
                 out.append({"id": row["id"], "feats": feats.tobytes(), "dim": feats.shape[1], "error": None})
             except Exception as e:
                 out.append({"id": row["id"], "feats": b"", "dim": 0, "error": str(e)})
-        return pd.DataFrame(out)
+        return out
 
 
 # --- stage -----------------------------------------------------------------------------------------------------
@@ -227,6 +230,29 @@ def _fit_sample(exp: Experiment, rows: list[dict]) -> list[dict]:
     return picked
 
 
+def _fit_in_driver(exp: Experiment, sample: list[dict]) -> bool:
+    """A small fit sample is featurised here: starting a pool of actors (each a process importing torch, and
+    transformers for HuBERT) costs more than the work. Only where no GPU is involved, so both ways compute the
+    same features on a CPU with one thread."""
+    import torch
+
+    seconds = sum(row.get("duration") or 10.0 for row in sample)  # _fit_sample's estimate for unknown durations
+    return (seconds <= exp.extract.local_fit_seconds and not exp.extract.num_gpus_per_actor
+            and not torch.cuda.is_available())
+
+
+def _features_in_driver(ctor: dict, sample: list[dict]) -> list[dict]:
+    """`FeatureActor`'s records for the whole sample, computed in this process with its one intra-op thread (the
+    same features as the actors'); the driver's thread count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return FeatureActor(**ctor).features_of(sample)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokenizer:
     cfg = exp.extract.tokenizer
     if (folder / "tokenizer.json").is_file():  # written last by save(): a complete tokenizer from an earlier try
@@ -239,11 +265,15 @@ def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokeni
     sample = _fit_sample(exp, rows)
     ctor = {"tokenizer_cfg": cfg.model_dump(), "max_segment_seconds": exp.extract.max_segment_seconds,
             "segmenter": exp.extract.segmenter}
-    for df in map_rows(exp, sample, FeatureActor, ctor,
-                       exp.extract.num_actors, exp.extract.batch_size, exp.extract.num_gpus_per_actor):
-        for rec in df.to_dict("records"):
-            if not rec["error"]:  # a bad file is reported once, by the encoding pass that every file goes through
-                by_id[rec["id"]] = np.frombuffer(rec["feats"], dtype=np.float16).reshape(-1, rec["dim"])
+    if _fit_in_driver(exp, sample):
+        records = _features_in_driver(ctor, sample)
+    else:
+        records = (rec for df in map_rows(exp, sample, FeatureActor, ctor, exp.extract.num_actors,
+                                          exp.extract.batch_size, exp.extract.num_gpus_per_actor)
+                   for rec in df.to_dict("records"))
+    for rec in records:
+        if not rec["error"]:  # a bad file is reported once, by the encoding pass that every file goes through
+            by_id[rec["id"]] = np.frombuffer(rec["feats"], dtype=np.float16).reshape(-1, rec["dim"])
     # Ray Data returns batches in completion order: sort, so the same inputs always fit the same centroids.
     features = [by_id[i] for i in sorted(by_id)]
     if not features:

@@ -154,6 +154,37 @@ def test_hubert_extraction_units_do_not_depend_on_batch_mates(fixtures, tmp_path
         assert list(units.loc[name, "durations"]) == alone["durations"].tolist()
 
 
+def test_a_small_fit_sample_featurised_in_the_driver_fits_the_tokenizer_the_actors_fit(fixtures, tmp_path, ray_local):
+    """`extract.local_fit_seconds`: a fit sample of at most that much audio is featurised in the driver instead of
+    a pool of actors — the same features (one thread, as an actor), so the same tokenizer, bit for bit, for HuBERT
+    and log-mel, with a broken file in the sample; the driver's thread count is restored."""
+    import torch
+    from helpers import save_tiny_hubert
+
+    from slam_ray.stages.extract import _fit_in_driver, _fit_sample, fit_tokenizer
+
+    folder = tmp_path / "audio"
+    corpus_with_broken_files(fixtures, folder)
+    for i in range(4):
+        shutil.copy(fixtures / f"audio{1 + i % 2}.flac", folder / f"copy{i}.flac")
+    model = save_tiny_hubert(tmp_path / "mhubert", rate=25)
+    threads = torch.get_num_threads()
+    for tokenizer in ({"kind": "hubert", "model": model, "layer": 2, "n_units": 8, "fit_frames": 1000},
+                      {"kind": "logmel", "n_units": 8, "frame_rate": 50, "fit_frames": 1000}):
+        fitted = {}
+        for where, seconds in (("driver", 300.0), ("actors", 0.0)):
+            exp = small_experiment(tmp_path / where, stages=["extract"],
+                                   extract={"inputs": [str(folder)], "local_fit_seconds": seconds,
+                                            "tokenizer": tokenizer})
+            rows = sorted(resolve_inputs(exp), key=lambda r: r["id"])
+            assert _fit_in_driver(exp, _fit_sample(exp, rows)) == (where == "driver")
+            fitted[where] = fit_tokenizer(exp, rows, tmp_path / where / tokenizer["kind"])
+            assert torch.get_num_threads() == threads
+        for name in ("centroids", "mean", "std"):
+            np.testing.assert_array_equal(getattr(fitted["driver"], name), getattr(fitted["actors"], name))
+        assert fitted["driver"].centroids.shape[0] == 8
+
+
 def test_export_to_slamkit_features_and_tokens_jsonl_round_trips(fixtures, tmp_path, ray_local, capsys):
     """`slam-ray export`: the units of the stage in slamkit's two JSONL forms (the fixtures' key order), which
     slamkit's tools and our own `pack` read back to the same units."""
