@@ -6,8 +6,8 @@ ray-project/ray#53727): Ray Data's actor pools pass their location tracker that 
 PreemptionWatcher. The driver's own copy goes straight to file descriptor 2, below Python, so no logging filter
 reaches it. `quiet_ray_noise` puts a filter on descriptor 2 for the length of a command: complete lines matching
 `NOISE` are dropped, and so are the weight-loading bars of workers (see `_WORKER_WEIGHT_BAR`); everything else
-passes through as it comes (a progress bar's partial line at once). On a terminal the filter is a pseudo-terminal of the same size, so tqdm and Ray still see a terminal.
-`SLAM_RAY_RAW_STDERR=1` turns it off.
+passes through as it comes (a progress bar's partial line at once). On a terminal the filter is a pseudo-terminal
+of the same size, so tqdm and Ray still see a terminal. `SLAM_RAY_RAW_STDERR=1` turns it off.
 """
 
 from __future__ import annotations
