@@ -216,6 +216,11 @@ class FeatureActor:
 # --- stage -----------------------------------------------------------------------------------------------------
 
 
+def _seconds(row: dict) -> float:
+    """A row's audio seconds, ~10 s when its duration is unknown (a file not yet read)."""
+    return row.get("duration") or 10.0
+
+
 def _fit_sample(exp: Experiment, rows: list[dict]) -> list[dict]:
     """A seeded sample with about `fit_frames` frames (or ~10 s per file when durations are unknown)."""
     cfg = exp.extract.tokenizer
@@ -224,7 +229,7 @@ def _fit_sample(exp: Experiment, rows: list[dict]) -> list[dict]:
     picked, frames = [], 0.0
     for row in sample:
         picked.append(row)
-        frames += (row.get("duration") or 10.0) * cfg.frame_rate
+        frames += _seconds(row) * cfg.frame_rate
         if frames >= cfg.fit_frames * 1.1:
             break
     return picked
@@ -236,8 +241,7 @@ def _fit_in_driver(exp: Experiment, sample: list[dict]) -> bool:
     same features on a CPU with one thread."""
     import torch
 
-    seconds = sum(row.get("duration") or 10.0 for row in sample)  # _fit_sample's estimate for unknown durations
-    return (seconds <= exp.extract.local_fit_seconds and not exp.extract.num_gpus_per_actor
+    return (sum(_seconds(row) for row in sample) <= exp.extract.local_fit_seconds and not exp.extract.num_gpus_per_actor
             and not torch.cuda.is_available())
 
 
