@@ -20,6 +20,8 @@ from slam_ray.config import to_yaml
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# what init_ray sets for a local instance (the session's Ray and the test clusters are one machine: no node to drain)
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def pytest_collection_modifyitems(config, items):

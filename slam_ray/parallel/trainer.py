@@ -600,18 +600,32 @@ def poll_reports_fast() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_INTERVAL_S))
 
 
+def trainer_class() -> type:
+    """Ray Train's `TorchTrainer`, less the Ray Data set-up when no dataset is given (slam_ray's loops read their
+    shards themselves): Train V2 starts a `DatasetManager` actor for every run regardless, a process that imports
+    Ray Data (~2 s of CPU, on the path to the first step)."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    class TorchTrainerWithoutData(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if self.datasets or not isinstance(c, DatasetsCallback)]
+
+    return TorchTrainerWithoutData
+
+
 def fit(exp: Experiment, out: Any, stage: str, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
         tracker: Tracker, num_workers: int, callbacks: list | None = None) -> Any:
     """Run `loop` on `num_workers` Ray Train workers (each `train.resources_per_worker`, or `ray.worker_cpus` CPUs
     and a GPU with `train.use_gpu`); checkpoints under the stage's Ray Train run folder, every one kept; the
     `Result`. `loop_config` gets the experiment and the tracker added."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     cfg = exp.train
     resources = cfg.resources_per_worker or {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}
     poll_reports_fast()
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         loop,
         train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker), **loop_config},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),

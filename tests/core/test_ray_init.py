@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = """
+import os
 import sys
 import ray
 from slam_ray.config import Experiment
@@ -25,6 +26,7 @@ exp = Experiment.model_validate({"name": "t", "workdir": sys.argv[1],
                                  "ray": {"num_cpus": 1, "include_dashboard": False}})
 init_ray(exp)
 print("CPUS", ray.cluster_resources().get("CPU"))
+print("PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
 ray.shutdown()
 """
 
@@ -38,12 +40,14 @@ def test_a_stale_cluster_file_does_not_capture_a_local_run():
         (tmp / "ray").mkdir()
         # what `ray start` leaves behind once its cluster is killed: the address of a GCS nobody serves
         (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
         env["RAY_TMPDIR"] = str(tmp)
         proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp / "work")], capture_output=True, text=True,
                               env=env, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
         assert "CPUS 1.0" in proc.stdout  # a new local instance, sized by the config
+        # one machine has no node to drain: Train's preemption watcher is off in the runs it starts
+        assert "PREEMPTION_WATCHER 0" in proc.stdout
         assert any(tmp.glob("ray/session_*")), "the instance did not use the private temp folder"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

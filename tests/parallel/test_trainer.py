@@ -298,6 +298,13 @@ def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tm
     weights = {name: AutoModelForCausalLM.from_pretrained(stage_dir(runs[name], "dpo").path / "checkpoint").state_dict()
                for name in ("ddp", "fsdp")}
     assert weights["fsdp"].keys() == weights["ddp"].keys()
+    # none of these Train runs (nor any before them in this Ray) started Train's Ray Data manager or, on this one
+    # machine (conftest sets what init_ray sets for a local instance), a preemption watcher: ~2 s of CPU each
+    from ray.util.state import list_actors
+
+    started = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert "RayTrainWorker" in started
+    assert not started & {"DatasetManager", "PreemptionWatcher"}, started
     for key, value in weights["ddp"].items():
         torch.testing.assert_close(weights["fsdp"][key], value, rtol=1e-3, atol=1e-4)
 
