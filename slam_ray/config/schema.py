@@ -180,6 +180,13 @@ class ExtractConfig(Section):
                                  "process (one thread, as an actor: the same features), not by a pool of actors "
                                  "whose start costs ~10-15 s; only without GPUs (driver and actors); 0 = always actors",
         json_schema_extra={"operational": True})
+    local_encode_seconds: float = Field(
+        120.0, ge=0, description="an encoding pass over at most this much audio (durations known, local file sizes "
+                                 "at 16 kB/s, texts to speak at 14 characters/s) runs in the driver process with one "
+                                 "EncodeActor (one thread: the same units) instead of a pool of actors; it serves "
+                                 "extract and the speech eval and DPO speak and tokenise; only without GPUs; "
+                                 "0 = always actors",
+        json_schema_extra={"operational": True})
     decode_cpus: float = Field(0.25, gt=0, description="CPUs per decoding task when the encoding actors have GPUs "
                                                         "(decoding and resampling then run as Ray tasks feeding them; "
                                                         "on CPUs each actor decodes its own files)",

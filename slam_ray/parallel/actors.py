@@ -24,15 +24,23 @@ def map_rows(
     batch_size: int,
     num_gpus: float = 0.0,
     prepare: tuple[Callable, dict[str, Any], float] | None = None,
+    in_driver: bool = False,
 ) -> Iterator[pd.DataFrame]:
     """Yield output batches (pandas) of `actor_cls(**ctor_kwargs)(batch_df)` over `rows`, in any order. With
     `prepare` = (fn, kwargs, cpus), `fn(batch_df, **kwargs)` runs first as Ray tasks of `cpus` CPUs each and the
-    actors get its output: CPU work such as decoding overlaps with the actors' (GPU) work."""
+    actors get its output: CPU work such as decoding overlaps with the actors' (GPU) work. With `in_driver` (see
+    `small_enough_for_the_driver`), one instance of the actor class does the work in this process instead, batch by
+    batch, with the thread count it sets (an actor's one thread: the same results), restored afterwards."""
+    if not rows:
+        return
+    if in_driver:
+        if prepare is not None:
+            raise ValueError("`prepare` feeds GPU actors from CPU tasks; the driver path runs without GPUs")
+        yield from _in_this_process(rows, actor_cls, ctor_kwargs, batch_size)
+        return
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    if not rows:
-        return
     quiet_ray_data()
     # Small blocks so every actor gets work early; rows are tiny (paths and text).
     n_blocks = max(1, min(len(rows) // max(1, batch_size), 4 * num_actors * 8))
@@ -56,6 +64,39 @@ def map_rows(
         num_gpus=num_gpus,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="pandas")
+
+
+def _in_this_process(rows: list[dict[str, Any]], actor_cls: type, ctor_kwargs: dict[str, Any],
+                     batch_size: int) -> Iterator[pd.DataFrame]:
+    """Batches in and out pass through Arrow tables converted by Ray Data's own code, as its blocks do: a missing
+    value reads as None, never the NaN pandas makes of it (truthy: a column of `error` NaNs read as errors)."""
+    import pyarrow as pa
+    import torch
+    from ray.data.block import BlockAccessor
+
+    def as_arrow_would(frame: pd.DataFrame | pa.Table) -> pd.DataFrame:
+        table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+        return BlockAccessor.for_block(table).to_pandas()
+
+    threads = torch.get_num_threads()
+    try:
+        actor = actor_cls(**ctor_kwargs)
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            columns = list(dict.fromkeys(k for row in batch for k in row))
+            yield as_arrow_would(actor(as_arrow_would(pa.table({k: [row.get(k) for row in batch] for k in columns}))))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def small_enough_for_the_driver(seconds: float | None, limit: float, num_gpus: float = 0.0) -> bool:
+    """Whether work of `seconds` of audio (None: not known) is better done in the driver than by a pool of actors:
+    at most `limit` seconds and no GPU involved (on the actors or here), so both ways compute the same on a CPU
+    with one thread. Each actor is a process that imports torch (and transformers for HuBERT): a pool costs
+    ~10-15 s of start-up on 2 cores, more than a few minutes of audio take on one thread."""
+    import torch
+
+    return seconds is not None and seconds <= limit and not num_gpus and not torch.cuda.is_available()
 
 
 class _DropOwnChoice(logging.Filter):

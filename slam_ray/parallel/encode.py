@@ -124,14 +124,40 @@ def _encoded_row(row: dict, enc: dict | str) -> dict:
     return {**row, "units": [], "durations": [], "n_frames": 0, "error": enc}
 
 
+BYTES_PER_SECOND = 16_000  # 128-kbit/s audio; 16-kHz 16-bit WAV holds half as much, FLAC about as much
+
+
+def audio_seconds_at_most(rows: list[dict], limit: float) -> float | None:
+    """The audio seconds of `rows` if they are known to be at most `limit`, else None (more, or not known): a row's
+    `duration`, a text to speak at ~14 characters/s, or a local file's size at BYTES_PER_SECOND; a file in object
+    storage without a duration is not known. Stops reading as soon as the sum passes `limit`."""
+    total = 0.0
+    for row in rows:
+        if row.get("duration"):
+            total += float(row["duration"])
+        elif row.get("speak"):
+            total += len(row.get("text") or "") / 14
+        elif row.get("path") and Path(row["path"]).is_file():
+            total += Path(row["path"]).stat().st_size / BYTES_PER_SECOND
+        else:
+            return None
+        if total > limit:
+            return None
+    return total
+
+
 def iter_encoded(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: int, batch_size: int,
                  num_gpus: float = 0.0) -> Iterator[dict]:
     """Stream encoded files as they complete: a file's rows (`id`, `path`, `text`, `speaker`, `dataset`,
     `input_id`, `seg_start`, `seg_end`, `audio_seconds`, `units`, `durations`, `n_frames`, `n_segments`,
     `error` None), one per segment — a file longer than `extract.max_segment_seconds` is `<id>@0000`, ... — or
     one error row (`error`: the reason) when any part of it fails. With `num_gpus`, decoding runs as Ray tasks
-    on CPUs feeding the encoding actors on GPUs; without, each actor decodes its own rows."""
-    from slam_ray.parallel.actors import map_rows
+    on CPUs feeding the encoding actors on GPUs; without, each actor decodes its own rows. At most
+    `extract.local_encode_seconds` of audio, without GPUs, is encoded in this process by one `EncodeActor`."""
+    from slam_ray.parallel.actors import map_rows, small_enough_for_the_driver
+
+    limit = exp.extract.local_encode_seconds
+    in_driver = small_enough_for_the_driver(audio_seconds_at_most(rows, limit), limit, num_gpus)
 
     decode = {"max_segment_seconds": exp.extract.max_segment_seconds, "segmenter": exp.extract.segmenter}
     parts: dict[str, list[dict]] = {}
@@ -141,7 +167,7 @@ def iter_encoded(exp, rows: list[dict], tokenizer_dir: str | Path, num_actors: i
         stages = {"prepare": (decode_rows, decode, exp.extract.decode_cpus)}
     else:
         stages, actor["decode"] = {}, decode
-    for df in map_rows(exp, rows, EncodeActor, actor, num_actors, batch_size, num_gpus, **stages):
+    for df in map_rows(exp, rows, EncodeActor, actor, num_actors, batch_size, num_gpus, **stages, in_driver=in_driver):
         for rec in df.to_dict("records"):
             uid = rec["input_id"]
             parts.setdefault(uid, []).append(rec)

@@ -236,25 +236,11 @@ def _fit_sample(exp: Experiment, rows: list[dict]) -> list[dict]:
 
 
 def _fit_in_driver(exp: Experiment, sample: list[dict]) -> bool:
-    """A small fit sample is featurised here: starting a pool of actors (each a process importing torch, and
-    transformers for HuBERT) costs more than the work. Only where no GPU is involved, so both ways compute the
-    same features on a CPU with one thread."""
-    import torch
+    """A fit sample of at most `extract.local_fit_seconds` of audio is featurised in this process."""
+    from slam_ray.parallel.actors import small_enough_for_the_driver
 
-    return (sum(_seconds(row) for row in sample) <= exp.extract.local_fit_seconds and not exp.extract.num_gpus_per_actor
-            and not torch.cuda.is_available())
-
-
-def _features_in_driver(ctor: dict, sample: list[dict]) -> list[dict]:
-    """`FeatureActor`'s records for the whole sample, computed in this process with its one intra-op thread (the
-    same features as the actors'); the driver's thread count is restored afterwards."""
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return FeatureActor(**ctor).features_of(sample)
-    finally:
-        torch.set_num_threads(threads)
+    return small_enough_for_the_driver(sum(_seconds(row) for row in sample), exp.extract.local_fit_seconds,
+                                       exp.extract.num_gpus_per_actor)
 
 
 def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokenizer:
@@ -269,12 +255,9 @@ def fit_tokenizer(exp: Experiment, rows: list[dict], folder: Path) -> UnitTokeni
     sample = _fit_sample(exp, rows)
     ctor = {"tokenizer_cfg": cfg.model_dump(), "max_segment_seconds": exp.extract.max_segment_seconds,
             "segmenter": exp.extract.segmenter}
-    if _fit_in_driver(exp, sample):
-        records = _features_in_driver(ctor, sample)
-    else:
-        records = (rec for df in map_rows(exp, sample, FeatureActor, ctor, exp.extract.num_actors,
-                                          exp.extract.batch_size, exp.extract.num_gpus_per_actor)
-                   for rec in df.to_dict("records"))
+    records = (rec for df in map_rows(exp, sample, FeatureActor, ctor, exp.extract.num_actors, exp.extract.batch_size,
+                                      exp.extract.num_gpus_per_actor, in_driver=_fit_in_driver(exp, sample))
+               for rec in df.to_dict("records"))
     for rec in records:
         if not rec["error"]:  # a bad file is reported once, by the encoding pass that every file goes through
             by_id[rec["id"]] = np.frombuffer(rec["feats"], dtype=np.float16).reshape(-1, rec["dim"])

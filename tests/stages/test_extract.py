@@ -185,6 +185,48 @@ def test_a_small_fit_sample_featurised_in_the_driver_fits_the_tokenizer_the_acto
         assert fitted["driver"].centroids.shape[0] == 8
 
 
+def test_a_small_encoding_pass_in_the_driver_writes_the_shards_the_actors_write(fixtures, tmp_path, ray_local):
+    """`extract.local_encode_seconds`: a corpus of at most that much audio (here ~100 s by file size, broken files
+    included) is encoded by one EncodeActor in the driver, not by a pool of actors: no encoding actor starts, and
+    the shards, error lines and counts are those of the actors' run byte for byte; the driver's thread count is
+    restored. Above the limit, or where a file's length is not known, the actors do the work."""
+    import pyarrow.parquet as pq
+    import torch
+    from ray.util.state import list_actors
+
+    from slam_ray.parallel.encode import audio_seconds_at_most
+
+    folder = tmp_path / "audio"
+    corpus_with_broken_files(fixtures, folder)
+    for i in range(4):
+        shutil.copy(fixtures / f"audio{1 + i % 2}.flac", folder / f"copy{i}.flac")
+
+    def encoding_actors() -> int:
+        return sum(a.class_name == "MapWorker(MapBatches(EncodeActor))"
+                   for a in list_actors(limit=10_000, raise_on_missing_output=False))
+
+    threads, outs = torch.get_num_threads(), {}
+    for where, seconds in (("driver", 120.0), ("actors", 0.0)):
+        exp = small_experiment(tmp_path / where, stages=["extract"],
+                               extract={"inputs": [str(folder)], "local_encode_seconds": seconds, "shard_files": 4,
+                                        "tokenizer": {"n_units": 16, "fit_frames": 1000}})
+        before = encoding_actors()
+        outs[where] = extract(exp)
+        assert (encoding_actors() > before) == (where == "actors")
+        assert torch.get_num_threads() == threads
+    estimate = audio_seconds_at_most(resolve_inputs(exp), 120.0)
+    assert estimate is not None and 90 < estimate < 120
+    assert audio_seconds_at_most(resolve_inputs(exp), 60.0) is None
+    assert audio_seconds_at_most([{"path": "s3://bucket/a.flac"}], 1e9) is None  # remote, no duration: not known
+    shards = sorted(p.name for p in (outs["actors"].path / "units").glob("part-*.parquet"))
+    assert len(shards) == 3 and shards == sorted(p.name for p in (outs["driver"].path / "units").glob("part-*.parquet"))
+    for name in shards:
+        assert pq.read_table(outs["driver"].path / "units" / name).equals(
+            pq.read_table(outs["actors"].path / "units" / name)), name
+    assert outs["driver"].errors_path.read_text() == outs["actors"].errors_path.read_text() != ""
+    assert outs["driver"].read_manifest()["counts"] == outs["actors"].read_manifest()["counts"]
+
+
 def test_export_to_slamkit_features_and_tokens_jsonl_round_trips(fixtures, tmp_path, ray_local, capsys):
     """`slam-ray export`: the units of the stage in slamkit's two JSONL forms (the fixtures' key order), which
     slamkit's tools and our own `pack` read back to the same units."""
