@@ -99,6 +99,12 @@ def small_enough_for_the_driver(seconds: float | None, limit: float, num_gpus: f
     return seconds is not None and seconds <= limit and not num_gpus and not torch.cuda.is_available()
 
 
+def one_cpu_actor(num_actors: int, num_gpus: float) -> bool:
+    """Whether a pool is one actor without a GPU: its work is then done in the driver, which would only wait for
+    it (the actor would add its process's start-up, ~5-10 s here, and its model's second load)."""
+    return num_actors == 1 and not num_gpus
+
+
 class _DropOwnChoice(logging.Filter):
     """Drops Ray Data's one-time notice that progress bars are off: turning them off is slam_ray's choice."""
 

@@ -7,7 +7,7 @@ import pandas as pd
 
 from slam_ray.core.storage import model_source
 from slam_ray.lm.scoring import token_nll
-from slam_ray.parallel.actors import limit_threads, map_rows
+from slam_ray.parallel.actors import limit_threads, map_rows, one_cpu_actor
 from slam_ray.speech.units import PAD_ID
 
 
@@ -55,7 +55,7 @@ def score_sequences(exp, checkpoints: list[str], sequences: dict[str, tuple], pa
     checkpoint and sorted by length within it, so each batch pads little."""
     checkpoints = list(dict.fromkeys(str(c) for c in checkpoints))
     ordered = sorted(sequences.items(), key=lambda kv: len(kv[1][0]))
-    if exp.eval.num_actors == 1 and not exp.eval.num_gpus_per_actor:
+    if one_cpu_actor(exp.eval.num_actors, exp.eval.num_gpus_per_actor):
         from transformers import AutoModelForCausalLM
 
         out = {}

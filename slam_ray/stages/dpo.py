@@ -174,7 +174,7 @@ def precompute_reference(exp: Experiment, triples: dict, checkpoint: str, out: S
     """The location of REFERENCE_LOGPS in the stage folder (Parquet: key = "split/index", ref_chosen, ref_rejected) for every training and held-out triple,
     computed once by a pool of actors (one per DPO worker) so no training worker holds a reference model.
     Kept in the stage folder: a re-run after an interruption reads it instead of recomputing."""
-    from slam_ray.parallel.actors import map_rows
+    from slam_ray.parallel.actors import map_rows, one_cpu_actor
 
     rows = [{"key": f"{split}/{i}", "prompt": t["prompt"], "chosen": t["chosen"], "rejected": t["rejected"]}
             for split in ("train", "val") for i, t in enumerate(triples[split])]
@@ -182,11 +182,12 @@ def precompute_reference(exp: Experiment, triples: dict, checkpoint: str, out: S
     if path.is_file() and len(pd.read_parquet(path, columns=["key"])) == len(rows):
         return out.location(REFERENCE_LOGPS)
     rows.sort(key=lambda r: len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])))  # less padding per batch
-    actors = exp.dpo.num_workers or exp.train.num_workers
-    print(f"[dpo] reference log-probs of {len(rows)} triples ({actors} actor(s))")
+    actors, gpus = exp.dpo.num_workers or exp.train.num_workers, 1.0 if exp.train.use_gpu else 0.0
+    in_driver = one_cpu_actor(actors, gpus)
+    print(f"[dpo] reference log-probs of {len(rows)} triples ({'in the driver' if in_driver else f'{actors} actor(s)'})")
     parts = list(map_rows(exp, rows, ReferenceLogps, {"checkpoint": checkpoint, "use_gpu": exp.train.use_gpu,
                           "precision": exp.trainer_settings("dpo")["precision"]},
-                          actors, exp.dpo.batch_size * 4, num_gpus=1.0 if exp.train.use_gpu else 0.0))
+                          actors, exp.dpo.batch_size * 4, num_gpus=gpus, in_driver=in_driver))
     table = pd.concat(parts, ignore_index=True)
     if sorted(table["key"]) != sorted(r["key"] for r in rows):
         raise SlamError(f"the reference pass returned {len(table)} rows for {len(rows)} triples")

@@ -238,7 +238,7 @@ def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: Stage
     """Generate from every prompt into the folder `name` of the eval output: `generated.jsonl` and the audio;
     return the task's results (figures + settings). `vocab`: the checkpoint's (a merged one for an interleaved
     model, whose continuations stay in `eval.generation.modality`); None = speech-only."""
-    from slam_ray.parallel.actors import map_rows
+    from slam_ray.parallel.actors import map_rows, one_cpu_actor
 
     cfg = exp.eval.generation
     text = cfg.modality == "text"  # only with pack.interleave: the experiment file's check
@@ -261,7 +261,8 @@ def run_generation(exp: Experiment, entry: EvalTask, checkpoint: str, out: Stage
             "threads": max(1, int(exp.ray.actor_cpus)),
             "vocabulary": vocab.index_entry() if isinstance(vocab, MergedVocabulary) else None,
             "text_tokenizer": tokenizer_source(exp) if text else None}
-    done = [df for df in map_rows(exp, work, GenerateActor, ctor, exp.eval.num_actors, 4, exp.eval.num_gpus_per_actor)]
+    done = [df for df in map_rows(exp, work, GenerateActor, ctor, exp.eval.num_actors, 4, exp.eval.num_gpus_per_actor,
+                                  in_driver=one_cpu_actor(exp.eval.num_actors, exp.eval.num_gpus_per_actor))]
     generated = pd.concat(done, ignore_index=True).sort_values("key").reset_index(drop=True)
 
     result: dict[str, Any] = {"prompts": len(rows), "samples": len(generated),

@@ -122,20 +122,29 @@ def test_dpo_starts_from_any_compatible_hf_checkpoint_and_stops_at_its_time_budg
         stage_function("dpo")(with_values(exp, {"dpo.init": str(wrong)}, "test"))
 
 
-def test_precomputed_reference_logps_equal_a_plain_forward_pass(pretrained):
-    """The Ray Data pass (`reference: precomputed`) gives every triple the log-probs a plain transformers
-    forward pass of the start checkpoint gives it."""
+def test_precomputed_reference_logps_equal_a_plain_forward_pass(pretrained, tmp_path):
+    """The reference pass (`reference: precomputed`) gives every triple the log-probs a plain transformers
+    forward pass of the start checkpoint gives it: the stage's (one CPU worker, so computed in the driver) and the
+    same pass on a pool of two Ray Data actors (as for two workers) alike."""
     import pandas as pd
     import torch
     from transformers import AutoModelForCausalLM
 
+    from slam_ray.core.stage_io import StageDir
     from slam_ray.lm.dpo_loss import build_preference_batch, preference_logps
+    from slam_ray.stages.dpo import precompute_reference
 
     out = stage_function("dpo")(pretrained)  # the run of the first test (reused) or a fresh one
     triples = json.loads((out.path / "triples.json").read_text())
     table = pd.read_parquet(out.path / "reference_logps.parquet").set_index("key")
     assert len(table) == len(triples["train"]) + len(triples["val"])
-    model = AutoModelForCausalLM.from_pretrained(stage_dir(pretrained, "train").path / "checkpoint").eval()
+    checkpoint = str(stage_dir(pretrained, "train").path / "checkpoint")
+    pool = StageDir("dpo", "pool", str(tmp_path))
+    precompute_reference(with_values(pretrained, {"dpo.num_workers": 2}, "test"), triples, checkpoint, pool)
+    pooled = pd.read_parquet(pool.path / "reference_logps.parquet").set_index("key").loc[table.index]
+    columns = ["ref_chosen", "ref_rejected"]
+    np.testing.assert_allclose(pooled[columns].to_numpy(float), table[columns].to_numpy(float), rtol=1e-5, atol=1e-5)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     for split in ("train", "val"):
         rows = triples[split][:6]
         batch = build_preference_batch([r["prompt"] for r in rows], [r["chosen"] for r in rows],

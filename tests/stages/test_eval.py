@@ -150,7 +150,7 @@ def test_generation_with_vocoder_asr_and_text_lm(trained, tmp_path):
     assert "genppl" not in result and "auto_bleu_2" not in result
     assert 0 <= result["asr_wer"] < 0.7  # pocketsphinx on the espeak prompts, whose text the manifest gives
 
-    # seeded: the same samples again, from 2 actors instead of 1 — transcribed by a Whisper checkpoint loaded by
+    # seeded: the same samples again, from 2 actors instead of the driver (where one CPU actor's work runs) — transcribed by a Whisper checkpoint loaded by
     # path (a tiny random one whose words the text LM knows), so GenPPL and Auto-BLEU are computed through the stage
     whisper = save_tiny_whisper(tmp_path / "whisper")
     again = run_generation(with_values(exp, {"eval.num_actors": 2, "eval.generation.asr": str(whisper)}, "test"),
