@@ -174,6 +174,7 @@ def test_ray_job_submit_on_two_nodes_with_the_workdir_in_a_bucket(tmp_path, two_
                            tracking={"uri": mlflow_server},
                            ray={"actor_cpus": 0.25, "worker_cpus": 0.5},
                            synth={"corpus": {"n_sentences": 120}, "num_actors": 2},
+                           extract={"local_encode_seconds": 0},  # encoding actors, one of which is killed
                            train={"max_steps": 10, "checkpoint_every": 5, "num_workers": 2, "max_failures": 2,
                                   "storage_path": f"s3://slam/ckpt{query}"},
                            eval={"tasks": ["word_order"], "n_pairs": 8, "checkpoints": ["final", "all"]})

@@ -567,6 +567,7 @@ def test_a_killed_encoding_actor_loses_and_duplicates_no_file(fixtures, tmp_path
     (folder / "broken.flac").write_bytes(b"junk")
     exp = small_experiment(tmp_path / "w", stages=["extract"],
                            extract={"inputs": [str(folder)], "num_actors": 2, "batch_size": 2, "shard_files": 8,
+                                    "local_encode_seconds": 0,  # a pool, whatever the corpus's size
                                     "tokenizer": {"n_units": 16, "fit_frames": 1000}})
     shards = stage_dir(exp, "extract").path / "units"
     victim, errors = kill_a_worker_during(lambda: extract(exp), lambda: any(shards.glob("part-*.parquet")),
