@@ -113,6 +113,11 @@ class SynthConfig(Section):
     num_gpus_per_actor: float = Field(0.0, ge=0, description="hf: GPUs per actor (e.g. 0.25 shares one GPU by 4)",
                                       json_schema_extra={"operational": True})
     batch_size: int = Field(32, ge=1)
+    local_speak_seconds: float = Field(
+        120.0, ge=0, description="texts to speak of at most this much audio (at 14 characters/s) are spoken in the "
+                                 "driver process by one SpeakActor (one thread: the same audio) instead of a pool of "
+                                 "actors whose start costs ~5-10 s; only without GPUs; 0 = always actors",
+        json_schema_extra={"operational": True})
     shard_size: int = Field(1000, ge=1, description="utterances per audio folder and index part: the unit of resume")
     write_audio: bool = Field(True, description="false: synth only plans the utterances and extract speaks each one "
                               "in its own actors straight into units, no audio on disk (extract.inputs: ['@synth'])")

@@ -111,14 +111,16 @@ def iter_spoken(exp, items: list[dict], backend: str, sample_rate: int, num_acto
                 num_gpus: float = 0.0, reuse_files: bool = True, alignments: bool = True):
     """Stream spoken rows (each item plus backend, duration, aligned_text, error) in completion order."""
     from slam_ray.core.storage import is_remote
-    from slam_ray.parallel.actors import map_rows
+    from slam_ray.parallel.actors import map_rows, small_enough_for_the_driver
 
     check_backend(backend, sample_rate)
     for item in items:
         if not is_remote(item["path"]):
             Path(item["path"]).parent.mkdir(parents=True, exist_ok=True)
     ctor = {"backend": backend, "sample_rate": sample_rate, "reuse_files": reuse_files, "alignments": alignments}
-    for df in map_rows(exp, items, SpeakActor, ctor, num_actors, batch_size, num_gpus):
+    seconds = sum(len(item.get("text") or "") for item in items) / 14
+    in_driver = small_enough_for_the_driver(seconds, exp.synth.local_speak_seconds, num_gpus)
+    for df in map_rows(exp, items, SpeakActor, ctor, num_actors, batch_size, num_gpus, in_driver=in_driver):
         yield from df.to_dict("records")
 
 

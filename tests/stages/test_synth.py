@@ -64,6 +64,23 @@ def test_synth_shards_index_alignments_and_unspeakable_texts(tmp_path, ray_local
     pd.testing.assert_frame_equal(index, pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True))
     assert pq.ParquetFile(out.path / "index.parquet").metadata.num_row_groups == 4
 
+    # so few texts (`synth.local_speak_seconds`) were spoken in the driver; a pool of actors speaks the same
+    from ray.util.state import list_actors
+
+    def speaking_actors() -> int:
+        return sum(a.class_name == "MapWorker(MapBatches(SpeakActor))"
+                   for a in list_actors(limit=10_000, raise_on_missing_output=False))
+
+    before = speaking_actors()
+    pooled = synth(corpus_experiment(tmp_path / "pool", local_speak_seconds=0))
+    assert speaking_actors() > before
+    pooled_index = check_index(pooled, 8)
+    columns = [c for c in index.columns if c != "path"]  # paths differ by workdir only
+    pd.testing.assert_frame_equal(pooled_index[columns], index[columns])
+    for a, b in zip(index["path"], pooled_index["path"], strict=True):
+        assert (sf.read(a)[0] == sf.read(b)[0]).all()
+    assert pooled.errors_path.read_text().count("nothing speakable") == 2
+
 
 def test_interrupted_synth_speaks_only_missing_shards(tmp_path, ray_local, espeak, monkeypatch):
     import slam_ray.stages.synth
@@ -139,14 +156,14 @@ def test_hf_vits_on_gpu_actors(tmp_path, ray_local):
 def test_hf_vits_through_the_actor_pool(tmp_path, ray_local):
     model = save_tiny_vits(tmp_path / "vits")
     exp = corpus_experiment(tmp_path, backend="hf", voices=[model], speed=[90, 110], noise=[0.3, 0.6],
-                            num_actors=1, shard_size=4)
+                            num_actors=1, shard_size=4, local_speak_seconds=0)  # a pool, however few the texts
     out = synth(exp)
     index = check_index(out, 8)
     assert index["aligned_text"].isna().all() and (index["noise"] > 0.29).all()
     errors = [json.loads(line) for line in out.errors_path.read_text().splitlines()]
     assert sorted(e["text"] for e in errors) == ["...", "?!"]  # no character the VITS tokenizer knows
     assert all("knows no character" in e["error"] for e in errors)
-    # seeded per item: a second, separate run gives the very same audio
+    # seeded per item: a second, separate run — few texts, so spoken in the driver — gives the very same audio
     again = synth(corpus_experiment(tmp_path / "again", backend="hf", voices=[model], speed=[90, 110],
                                     noise=[0.3, 0.6], num_actors=1, shard_size=4))
     for a, b in zip(index["path"], pd.read_parquet(again.path / "index.parquet")["path"], strict=True):
