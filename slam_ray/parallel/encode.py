@@ -124,7 +124,7 @@ def _encoded_row(row: dict, enc: dict | str) -> dict:
     return {**row, "units": [], "durations": [], "n_frames": 0, "error": enc}
 
 
-BYTES_PER_SECOND = 16_000  # 128-kbit/s audio; 16-kHz 16-bit WAV holds half as much, FLAC about as much
+BYTES_PER_SECOND = 16_000  # 128-kbit/s audio: 16-kHz FLAC about right, a 16-bit WAV estimated at twice its length
 
 
 def audio_seconds_at_most(rows: list[dict], limit: float) -> float | None:

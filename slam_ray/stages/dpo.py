@@ -172,7 +172,8 @@ class ReferenceLogps:
 
 def precompute_reference(exp: Experiment, triples: dict, checkpoint: str, out: StageDir) -> str:
     """The location of REFERENCE_LOGPS in the stage folder (Parquet: key = "split/index", ref_chosen, ref_rejected) for every training and held-out triple,
-    computed once by a pool of actors (one per DPO worker) so no training worker holds a reference model.
+    computed once by a pool of actors (one per DPO worker; by the driver itself for one worker without a GPU) so no
+    training worker holds a reference model.
     Kept in the stage folder: a re-run after an interruption reads it instead of recomputing."""
     from slam_ray.parallel.actors import map_rows, one_cpu_actor
 
