@@ -13,6 +13,7 @@ import numpy as np
 from slam_ray.core.storage import localize
 from slam_ray.speech.audio import TARGET_SAMPLE_RATE
 from slam_ray.speech.tokenizer import UnitTokenizer
+from slam_ray.speech.tts_backends import spoken_seconds
 
 _FILE_FIELDS = ("id", "path", "text", "speaker", "dataset")
 
@@ -129,14 +130,14 @@ BYTES_PER_SECOND = 16_000  # 128-kbit/s audio: 16-kHz FLAC about right, a 16-bit
 
 def audio_seconds_at_most(rows: list[dict], limit: float) -> float | None:
     """The audio seconds of `rows` if they are known to be at most `limit`, else None (more, or not known): a row's
-    `duration`, a text to speak at ~14 characters/s, or a local file's size at BYTES_PER_SECOND; a file in object
+    `duration`, a text to speak by `spoken_seconds`, or a local file's size at BYTES_PER_SECOND; a file in object
     storage without a duration is not known. Stops reading as soon as the sum passes `limit`."""
     total = 0.0
     for row in rows:
         if row.get("duration"):
             total += float(row["duration"])
         elif row.get("speak"):
-            total += len(row.get("text") or "") / 14
+            total += spoken_seconds(row.get("text") or "")
         elif row.get("path") and Path(row["path"]).is_file():
             total += Path(row["path"]).stat().st_size / BYTES_PER_SECOND
         else:

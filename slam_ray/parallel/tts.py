@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from slam_ray.speech.tts_backends import BACKENDS, PiperBackend, Speech, TTSBackend, make_backend
+from slam_ray.speech.tts_backends import (
+    BACKENDS,
+    PiperBackend,
+    Speech,
+    TTSBackend,
+    make_backend,
+    spoken_seconds,
+)
 
 __all__ = ["BACKENDS", "PiperBackend", "Speech", "SpeakActor", "TTSBackend", "make_backend", "speak_items"]
 
@@ -118,7 +125,7 @@ def iter_spoken(exp, items: list[dict], backend: str, sample_rate: int, num_acto
         if not is_remote(item["path"]):
             Path(item["path"]).parent.mkdir(parents=True, exist_ok=True)
     ctor = {"backend": backend, "sample_rate": sample_rate, "reuse_files": reuse_files, "alignments": alignments}
-    seconds = sum(len(item.get("text") or "") for item in items) / 14
+    seconds = sum(spoken_seconds(item.get("text") or "") for item in items)
     in_driver = small_enough_for_the_driver(seconds, exp.synth.local_speak_seconds, num_gpus)
     for df in map_rows(exp, items, SpeakActor, ctor, num_actors, batch_size, num_gpus, in_driver=in_driver):
         yield from df.to_dict("records")

@@ -32,6 +32,13 @@ import numpy as np
 from slam_ray.errors import SlamError
 from slam_ray.speech.audio import TARGET_SAMPLE_RATE, AudioError, resample
 
+SPOKEN_CHARACTERS_PER_SECOND = 14  # ~espeak's 140-190 words/min
+
+
+def spoken_seconds(text: str) -> float:
+    """A text's length once spoken, estimated before speaking it (sizing a fit sample, or a pass for the driver)."""
+    return len(text) / SPOKEN_CHARACTERS_PER_SECOND
+
 BACKENDS = ("espeak", "piper", "hf")
 _WORD = re.compile(r"\w", re.UNICODE)
 

@@ -42,6 +42,7 @@ from slam_ray.speech.alignment import (
     segment_alignment,
 )
 from slam_ray.speech.tokenizer import UnitTokenizer, fit_kmeans
+from slam_ray.speech.tts_backends import spoken_seconds
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif"}
 
@@ -130,7 +131,7 @@ def _planned(exp: Experiment, row: dict) -> dict:
     if row["path"]:
         return {}
     spec = {k: row[k] for k in ("backend", "text", "voice", "speed", "noise", "seed")}
-    return {"speak": json.dumps({**spec, "sample_rate": exp.synth.sample_rate}), "duration": len(row["text"]) / 14}
+    return {"speak": json.dumps({**spec, "sample_rate": exp.synth.sample_rate}), "duration": spoken_seconds(row["text"])}
 
 
 SYNTH_COLUMNS = ["id", "path", "text", "voice", "duration", "speed", "noise", "seed", "backend"]
@@ -197,20 +198,17 @@ class FeatureActor:
         self.max_segment_seconds, self.segmenter = max_segment_seconds, segmenter
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame(self.features_of(batch.to_dict("records")))
-
-    def features_of(self, rows: list[dict]) -> list[dict]:
         from slam_ray.parallel.tts import row_segments
 
         out = []
-        for row in rows:
+        for row in batch.to_dict("records"):
             try:
                 _, _, audio = next(row_segments(row, self.max_segment_seconds, self.segmenter))
                 feats = self.features(audio).cpu().numpy().astype(np.float16)
                 out.append({"id": row["id"], "feats": feats.tobytes(), "dim": feats.shape[1], "error": None})
             except Exception as e:
                 out.append({"id": row["id"], "feats": b"", "dim": 0, "error": str(e)})
-        return out
+        return pd.DataFrame(out)
 
 
 # --- stage -----------------------------------------------------------------------------------------------------
