@@ -239,6 +239,16 @@ def plain_nll(model, units: list[int]) -> float:
     return -logp.gather(-1, ids[0, 1:, None]).mean().item()
 
 
+def actors_of(ray_module) -> list:  # noqa: ANN001
+    """The actors of the Ray instance this process joined (state API records, any state), asked at its address:
+    with no address the state API picks "the latest" local instance, which on a machine running a second Ray (a
+    developer's own, another test process's) is not this one."""
+    from ray.util.state import list_actors
+
+    return list_actors(address=ray_module.get_runtime_context().gcs_address, limit=10_000,
+                       raise_on_missing_output=False)
+
+
 def kill_a_worker_during(run: Callable[[], object], ready: Callable[[], bool],
                          actor_class: str = "RayTrainWorker") -> tuple[int | None, list[BaseException]]:
     """Run `run` in a thread and SIGKILL one live actor of `actor_class` (a Ray Train worker by default) as soon

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import dpo_curve, external_start, kill_a_worker_during, logged_steps, small_experiment
+from helpers import actors_of, dpo_curve, external_start, kill_a_worker_during, logged_steps, small_experiment
 
 from slam_ray.config import load_experiment, recipe_names, with_values
 from slam_ray.core.stage_io import stage_dir, stage_key, stage_payload
@@ -300,9 +300,8 @@ def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tm
     assert weights["fsdp"].keys() == weights["ddp"].keys()
     # none of these Train runs (nor any before them in this Ray) started Train's Ray Data manager or, on this one
     # machine (conftest sets what init_ray sets for a local instance), a preemption watcher: ~2 s of CPU each
-    from ray.util.state import list_actors
 
-    started = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    started = {a.class_name for a in actors_of(ray_local)}
     assert "RayTrainWorker" in started
     assert not started & {"DatasetManager", "PreemptionWatcher"}, started
     for key, value in weights["ddp"].items():

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import kill_a_worker_during, small_experiment
+from helpers import actors_of, kill_a_worker_during, small_experiment
 
 from slam_ray.core.stage_io import stage_dir
 from slam_ray.errors import SlamError
@@ -192,7 +192,6 @@ def test_a_small_encoding_pass_in_the_driver_writes_the_shards_the_actors_write(
     restored. Above the limit, or where a file's length is not known, the actors do the work."""
     import pyarrow.parquet as pq
     import torch
-    from ray.util.state import list_actors
 
     from slam_ray.parallel.encode import audio_seconds_at_most
 
@@ -203,7 +202,7 @@ def test_a_small_encoding_pass_in_the_driver_writes_the_shards_the_actors_write(
 
     def encoding_actors() -> int:
         return sum(a.class_name == "MapWorker(MapBatches(EncodeActor))"
-                   for a in list_actors(limit=10_000, raise_on_missing_output=False))
+                   for a in actors_of(ray_local))
 
     threads, outs = torch.get_num_threads(), {}
     for where, seconds in (("driver", 120.0), ("actors", 0.0)):

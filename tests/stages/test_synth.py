@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from helpers import kill_and_rerun, save_tiny_vits, small_experiment
+from helpers import actors_of, kill_and_rerun, save_tiny_vits, small_experiment
 
 from slam_ray.config import Experiment, SynthConfig
 from slam_ray.core.stage_io import stage_dir
@@ -65,11 +65,10 @@ def test_synth_shards_index_alignments_and_unspeakable_texts(tmp_path, ray_local
     assert pq.ParquetFile(out.path / "index.parquet").metadata.num_row_groups == 4
 
     # so few texts (`synth.local_speak_seconds`) were spoken in the driver; a pool of actors speaks the same
-    from ray.util.state import list_actors
 
     def speaking_actors() -> int:
         return sum(a.class_name == "MapWorker(MapBatches(SpeakActor))"
-                   for a in list_actors(limit=10_000, raise_on_missing_output=False))
+                   for a in actors_of(ray_local))
 
     before = speaking_actors()
     pooled = synth(corpus_experiment(tmp_path / "pool", local_speak_seconds=0))
