@@ -615,6 +615,26 @@ def trainer_class() -> type:
     return TorchTrainerWithoutData
 
 
+@contextlib.contextmanager
+def sigint_handler_kept() -> Iterator[None]:
+    """Put back this process's SIGINT handler after a Ray Train run. Train's `fit()` in the main thread installs
+    its own (Ctrl+C aborts the run) and leaves it there; the handler holds the run's controller, so that actor (a
+    process) stayed alive after the run until the next run replaced the handler (seen: a `TrainController` ALIVE
+    after every finished run in a process; a 1-CPU placement group once stayed with it), and a Ctrl+C during a
+    later stage (eval after train) went to the finished run's controller instead of the CLI."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # Train installs nothing there
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def fit(exp: Experiment, out: Any, stage: str, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
         tracker: Tracker, num_workers: int, callbacks: list | None = None) -> Any:
     """Run `loop` on `num_workers` Ray Train workers (each `train.resources_per_worker`, or `ray.worker_cpus` CPUs
@@ -634,4 +654,5 @@ def fit(exp: Experiment, out: Any, stage: str, loop: Callable[[dict[str, Any]], 
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
                              logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks or []),
     )
-    return trainer.fit()
+    with sigint_handler_kept():
+        return trainer.fit()

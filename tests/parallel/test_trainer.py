@@ -5,6 +5,7 @@ FSDP worker that resumes, bf16 + gradient checkpointing taken from train)."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import numpy as np
@@ -276,8 +277,11 @@ def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tm
              "bf16": {"train.precision": "bf16", "train.gradient_checkpointing": True}}
     runs = {name: with_values(external_start(tmp_path / name, 100, **base), {"ray.worker_cpus": 0.5, **values}, "test")
             for name, values in extra.items()}
+    handler = signal.getsignal(signal.SIGINT)
     for name in ("ddp", "bf16"):
         stage_function("dpo")(runs[name])
+    # Train's own Ctrl+C handler (it holds the run's controller) does not outlive the run
+    assert signal.getsignal(signal.SIGINT) is handler
     victim, errors = kill_a_worker_during(lambda: stage_function("dpo")(runs["fsdp"]),
                                           lambda: 12 <= max(dpo_curve(runs["fsdp"]), default=0) < 60)
     assert victim is not None, "the run finished before a worker could be killed"
@@ -304,6 +308,11 @@ def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tm
     started = {a.class_name for a in actors_of(ray_local)}
     assert "RayTrainWorker" in started
     assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+    # and no finished run's controller lives on (Train's SIGINT handler kept the main thread's last one alive)
+    deadline = time.time() + 30
+    while (alive := [a for a in actors_of(ray_local) if a.class_name == "TrainController" and a.state == "ALIVE"]):
+        assert time.time() < deadline, alive
+        time.sleep(0.5)
     for key, value in weights["ddp"].items():
         torch.testing.assert_close(weights["fsdp"][key], value, rtol=1e-3, atol=1e-4)
 
