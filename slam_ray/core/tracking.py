@@ -101,9 +101,9 @@ def _tag_filter(tags: dict[str, str]) -> str:
 
 
 class MlflowStore:
-    """Every MLflow call slam_ray makes, in one place. It runs in the calling process, or — in a sweep, whose
-    trials would otherwise write one sqlite file from many processes ("database is locked") — inside a single
-    writer actor that every trial and training worker sends its calls to."""
+    """Every MLflow call slam_ray makes, in one place. It runs in the driver, or inside the driver's writer actor
+    (`driver_writer`) that its Ray Train workers and sweep trials send their calls to (many processes writing one
+    sqlite file directly would fail with "database is locked")."""
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -159,56 +159,86 @@ class MlflowStore:
             self.client.set_terminated(run_id, status)
 
 
-class _RemoteStore:
-    """Calls an `MlflowStore` living in the named writer actor, synchronously (errors surface here)."""
+class MlflowWriter:
+    """The actor behind a driver's writer: one `MlflowStore` per tracking URI it is asked to write to."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self) -> None:
+        self.stores: dict[str, MlflowStore] = {}
+
+    def call(self, uri: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        if uri not in self.stores:
+            self.stores[uri] = MlflowStore(uri)
+        return getattr(self.stores[uri], method)(*args, **kwargs)
+
+    def uris(self) -> list[str]:
+        return list(self.stores)
+
+
+class _RemoteStore:
+    """Calls the `MlflowStore` for `uri` inside the named writer actor, synchronously (errors surface here)."""
+
+    def __init__(self, name: str, uri: str) -> None:
         import ray
 
         self.actor = ray.get_actor(name, namespace=WRITER_NAMESPACE)
+        self.uri = uri
 
     def __getattr__(self, method: str):
         import ray
 
-        remote = getattr(self.actor, method)
-        return lambda *args, **kwargs: ray.get(remote.remote(*args, **kwargs))
+        return lambda *args, **kwargs: ray.get(self.actor.call.remote(self.uri, method, *args, **kwargs))
 
 
-_stores: dict[tuple[str, str | None], Any] = {}
-_writer_handles: dict[str, Any] = {}
+_stores: dict[tuple[str, str | None, str | None], Any] = {}
+_writer_handles: dict[tuple[str, str], Any] = {}
+
+
+def _instance() -> str:
+    """This process's node in the Ray instance it joined: a cached actor handle is valid only there (a process
+    that shuts Ray down and starts it again can see the same job ids, and so writer names, in the new instance)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def store(uri: str, writer: str | None = None) -> MlflowStore | _RemoteStore:
-    key = (uri, writer)
+    key = (uri, writer, _instance() if writer else None)
     if key not in _stores:
-        _stores[key] = _RemoteStore(writer) if writer else MlflowStore(uri)
+        _stores[key] = _RemoteStore(writer, uri) if writer else MlflowStore(uri)
     return _stores[key]
 
 
-def start_writer(uri: str, name: str) -> None:
-    """Start (or join) the single MLflow writer actor and send this process's runs through it."""
-    global _writer
+def driver_writer() -> str:
+    """The name of this driver's MLflow writer, an actor started on first use on the driver's node and kept for
+    the driver's life (it is stopped with it). Ray Train workers and sweep trials write through it: they need no
+    MLflow of their own (~3 s of CPU each to import and open a SQL store), and a store that is a file on the
+    driver's machine — the default sqlite store, also when the workdir is in a bucket — is written there even when
+    the worker runs on another node (it would write a store of its own on that node's disk)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name = writer_name()
+    key = (name, _instance())
+    if key not in _writer_handles:
+        # Keep the handle: an actor whose creator drops every handle is stopped, named or not.
+        _writer_handles[key] = ray.remote(MlflowWriter).options(
+            name=name, namespace=WRITER_NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(_instance(), soft=False)).remote()
+    return name
+
+
+def writer_name() -> str:
+    """The name of the writer of the driver this process works for (the driver itself, or one of its actors: a
+    sweep trial, a Train worker)."""
     import ray
 
-    # Keep the handle: an actor whose creator drops every handle is stopped, named or not.
-    _writer_handles[name] = ray.remote(MlflowStore).options(
-        name=name, namespace=WRITER_NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1).remote(uri)
-    _writer = name
+    return f"mlflow-writer-{ray.get_runtime_context().get_job_id()}"
 
 
 def use_writer(name: str | None) -> None:
+    """Send this process's MLflow calls through the named writer (None: write directly)."""
     global _writer
     _writer = name
-
-
-def stop_writer(name: str) -> None:
-    """Stop a writer this process started (after its last call has returned) and write directly again."""
-    import ray
-
-    use_writer(None)
-    _stores.pop(next((k for k in _stores if k[1] == name), None), None)
-    if (handle := _writer_handles.pop(name, None)) is not None:
-        ray.kill(handle)
 
 
 @dataclass

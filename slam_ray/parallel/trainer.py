@@ -18,13 +18,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slam_ray.config import Experiment
 from slam_ray.core.storage import run_storage
-from slam_ray.core.tracking import Tracker
+from slam_ray.core.tracking import Tracker, driver_writer
 from slam_ray.parallel.train_utils import all_ranks, out_of_time, peak_tflops
 
 if TYPE_CHECKING:
@@ -61,8 +61,9 @@ class TrainerSettings:
 
 
 class MetricsLog:
-    """Rank 0's MLflow writes, through one background thread so a slow store never eats the training budget
-    (a worker's first MLflow call takes seconds); a no-op on other ranks. After `close`, writes are synchronous."""
+    """Rank 0's MLflow writes (through the driver's writer actor), on one background thread so a slow store never
+    eats the training budget (the writer's first call to a new store takes seconds); a no-op on other ranks. After
+    `close`, writes are synchronous."""
 
     def __init__(self, tracker: Tracker | None) -> None:
         self.tracker = tracker
@@ -645,6 +646,8 @@ def fit(exp: Experiment, out: Any, stage: str, loop: Callable[[dict[str, Any]], 
     cfg = exp.train
     resources = cfg.resources_per_worker or {"CPU": exp.ray.worker_cpus, **({"GPU": 1} if cfg.use_gpu else {})}
     poll_reports_fast()
+    # Rank 0 writes its metrics through the driver's MLflow writer (a sweep trial's tracker names its sweep's).
+    tracker = replace(tracker, writer=tracker.writer or driver_writer())
     trainer = trainer_class()(
         loop,
         train_loop_config={"experiment": exp.model_dump(mode="json"), "tracker": asdict(tracker), **loop_config},

@@ -33,14 +33,14 @@ from slam_ray.core.stage_io import config_hash
 from slam_ray.core.storage import workdir_location, workdir_path
 from slam_ray.core.tracking import (
     Tracker,
+    driver_writer,
     open_run,
     parent_run,
     start_run,
-    start_writer,
-    stop_writer,
     store,
     tracking_uri,
     use_writer,
+    writer_name,
 )
 from slam_ray.errors import SlamError
 from slam_ray.pipeline import stage_function, summary_metrics
@@ -95,8 +95,7 @@ def shared_stages(exp: Experiment, space: SearchSpace) -> list[str]:
 # one trial (runs in a Tune trial actor)
 
 
-def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, parent_run_id: str, writer: str,
-              cwd: str) -> None:
+def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, parent_run_id: str, cwd: str) -> None:
     from ray import tune
 
     # Tune starts a trial in a folder of its own; relative paths in the experiment (inputs, corpus, models)
@@ -104,6 +103,8 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
     os.chdir(cwd)
     exp = trial_experiment(Experiment.model_validate(base), values)
     trial = f"{sweep}/{tune.get_context().get_trial_id()}"
+    # The writer of the driver running the sweep now (a resumed sweep has a new driver: not a name saved with it).
+    writer = writer_name()
     use_writer(writer)
     values = {("repeat" if k == REPEAT else k): v for k, v in values.items()}  # for labels and params
     label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
@@ -131,14 +132,18 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], sweep: str, paren
 
 class TrialsToMlflow:
     """Tune callback on the driver: the metric history Tune saw, then status and stop reason, on each trial's
-    run (through the sweep's single writer)."""
+    run (through the driver's writer)."""
 
-    def __init__(self, uri: str, writer: str, experiment: str, sweep: str, scheduler: str, stop_metric: str) -> None:
-        self.uri, self.writer, self.experiment, self.sweep = uri, writer, experiment, sweep
+    def __init__(self, uri: str, experiment: str, sweep: str, scheduler: str, stop_metric: str) -> None:
+        self.uri, self.experiment, self.sweep = uri, experiment, sweep
         self.scheduler, self.stop_metric = scheduler, stop_metric
         self.run_ids: dict[str, str] = {}  # trial id -> its MLflow run, looked up once
         self.closed: set[str] = set()  # trials that ended (completed, stopped early, failed) in this session
         self.started: set[str] = set()  # trials started (or restarted) in this session
+
+    @property
+    def writer(self) -> str:
+        return writer_name()  # this driver's: a restored Tuner unpickles this callback from an earlier driver
 
     def setup(self, **info) -> None:  # noqa: ANN003
         # A restored Tuner unpickles this callback: each session starts with none.
@@ -304,15 +309,15 @@ def sweep(exp: Experiment, space: SearchSpace) -> pd.DataFrame:
     check_trial_fits(exp, ray.cluster_resources())
     # The schedulers and Optuna read metrics that only some results carry (validation reports vs the last).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    writer = f"mlflow-writer-{name}"
-    start_writer(tracking_uri(exp), writer)
+    # The driver's own MLflow calls go through its writer too while trials write the same store.
+    use_writer(driver_writer())
     try:
-        return _sweep(exp, space, name, folder, writer)
+        return _sweep(exp, space, name, folder)
     finally:
-        stop_writer(writer)
+        use_writer(None)
 
 
-def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path, writer: str) -> pd.DataFrame:
+def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path) -> pd.DataFrame:
     from ray import tune
 
     from slam_ray.sweeps.compare import sweep_report
@@ -330,8 +335,7 @@ def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path, writer:
         base = exp.model_dump(mode="json")
         base["workdir"] = workdir_location(exp)  # absolute: the default is relative to the current directory
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=base, sweep=name, parent_run_id=parent.run_id, writer=writer,
-                                 cwd=os.getcwd()),
+            tune.with_parameters(run_trial, base=base, sweep=name, parent_run_id=parent.run_id, cwd=os.getcwd()),
             {"cpu": cfg.trial_cpus})
         tune_dir = folder / "tune"
         if tune.Tuner.can_restore(str(tune_dir)):
@@ -348,8 +352,7 @@ def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path, writer:
                     max_concurrent_trials=cfg.max_concurrent_trials if cfg.search == "optuna" else None),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(folder), verbose=1,
-                    callbacks=[_tune_callback(tracking_uri(exp), writer, exp.tracking_experiment, name, cfg.scheduler,
-                                              cfg.stop_metric)]),
+                    callbacks=[_tune_callback(tracking_uri(exp), exp.tracking_experiment, name, cfg.scheduler, cfg.stop_metric)]),
             )
         _interrupted.pop(name, None)
         results = tuner.fit()

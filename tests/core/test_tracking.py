@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from helpers import actors_of
+
 from slam_ray.config import Experiment
 from slam_ray.core.tracking import start_run, tracking_uri
 
@@ -136,3 +139,40 @@ def test_a_parent_run_left_running_by_a_killed_driver_is_closed_by_the_next_run_
     assert status == {"live": "RUNNING", "pid reused": "KILLED", "other host": "RUNNING", "other boot": "RUNNING",
                       "other namespace": "RUNNING", "other user": "RUNNING", "unreadable": "RUNNING"}
     assert client.get_run(new.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.ray
+def test_the_drivers_writer_is_one_actor_on_its_node_that_writes_every_store_it_is_given(tmp_path, ray_local):
+    """What Ray Train workers and sweep trials write through (`driver_writer`): one actor per driver, found again
+    by name, placed on the driver's node (a sqlite store is a file on the driver's machine), writing each tracking
+    URI's store; another process (a Ray task here, a Train worker in a run) writes the same runs through it by
+    name, and a failed call raises in the caller."""
+    from mlflow.tracking import MlflowClient
+
+    from slam_ray.core.tracking import Tracker, driver_writer, open_run
+
+    name = driver_writer()
+    assert driver_writer() == name
+    experiments = [Experiment(name=f"writer{i}", workdir=str(tmp_path / f"work{i}")) for i in range(2)]
+    runs = [open_run(exp, "run") for exp in experiments]  # opened by the driver, which writes directly
+
+    @ray_local.remote(num_cpus=0.1)
+    def write_through(uri: str, run_id: str, step: int) -> None:
+        tracker = Tracker(uri, run_id, name)
+        tracker.log_metrics({"loss": 1.0 + step}, step=step)
+        tracker.set_tags({"written_by": "writer"})
+        tracker.set_status("FINISHED")
+
+    ray_local.get([write_through.remote(run.uri, run.run_id, step) for step, run in enumerate(runs)])
+    for step, run in enumerate(runs):
+        logged = MlflowClient(run.uri).get_run(run.run_id)
+        assert logged.data.metrics == {"loss": 1.0 + step} and logged.data.tags["written_by"] == "writer"
+        assert logged.info.status == "FINISHED"
+        assert MlflowClient(run.uri).get_metric_history(run.run_id, "loss")[0].step == step
+
+    writer = ray_local.get_actor(name, namespace="slam_ray")
+    assert {run.uri for run in runs} <= set(ray_local.get(writer.uris.remote()))
+    [record] = [a for a in actors_of(ray_local) if a.name == name and a.state == "ALIVE"]
+    assert record.node_id == ray_local.get_runtime_context().get_node_id()
+    with pytest.raises(Exception, match="no-such-run"):
+        Tracker(runs[0].uri, "no-such-run", name).log_metrics({"x": 1.0})
