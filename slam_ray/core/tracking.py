@@ -21,7 +21,8 @@ from slam_ray.config import Experiment
 from slam_ray.core.storage import cache_root, workdir_path
 
 # The parent run that new runs nest under (set by `experiment_run` / a sweep trial), the tags every new run
-# gets (a sweep trial tags its stage runs with its trial id), and the writer actor in use (a sweep's).
+# gets (a sweep trial tags its stage runs with its trial id), and the writer actor in use (the driver's, during a
+# sweep and in its trials).
 _parent_run_id: str | None = None
 _extra_tags: dict[str, str] = {}
 _writer: str | None = None
@@ -217,13 +218,12 @@ def driver_writer() -> str:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    name = writer_name()
-    key = (name, _instance())
-    if key not in _writer_handles:
+    name, node = writer_name(), _instance()
+    if (name, node) not in _writer_handles:
         # Keep the handle: an actor whose creator drops every handle is stopped, named or not.
-        _writer_handles[key] = ray.remote(MlflowWriter).options(
+        _writer_handles[name, node] = ray.remote(MlflowWriter).options(
             name=name, namespace=WRITER_NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(_instance(), soft=False)).remote()
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
     return name
 
 

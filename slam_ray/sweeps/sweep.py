@@ -352,7 +352,8 @@ def _sweep(exp: Experiment, space: SearchSpace, name: str, folder: Path) -> pd.D
                     max_concurrent_trials=cfg.max_concurrent_trials if cfg.search == "optuna" else None),
                 run_config=tune.RunConfig(
                     name="tune", storage_path=str(folder), verbose=1,
-                    callbacks=[_tune_callback(tracking_uri(exp), exp.tracking_experiment, name, cfg.scheduler, cfg.stop_metric)]),
+                    callbacks=[_tune_callback(tracking_uri(exp), exp.tracking_experiment, name, cfg.scheduler,
+                                              cfg.stop_metric)]),
             )
         _interrupted.pop(name, None)
         results = tuner.fit()

@@ -304,7 +304,6 @@ def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tm
     assert weights["fsdp"].keys() == weights["ddp"].keys()
     # none of these Train runs (nor any before them in this Ray) started Train's Ray Data manager or, on this one
     # machine (conftest sets what init_ray sets for a local instance), a preemption watcher: ~2 s of CPU each
-
     started = {a.class_name for a in actors_of(ray_local)}
     assert "RayTrainWorker" in started
     assert not started & {"DatasetManager", "PreemptionWatcher"}, started

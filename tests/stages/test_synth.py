@@ -65,7 +65,6 @@ def test_synth_shards_index_alignments_and_unspeakable_texts(tmp_path, ray_local
     assert pq.ParquetFile(out.path / "index.parquet").metadata.num_row_groups == 4
 
     # so few texts (`synth.local_speak_seconds`) were spoken in the driver; a pool of actors speaks the same
-
     def speaking_actors() -> int:
         return sum(a.class_name == "MapWorker(MapBatches(SpeakActor))"
                    for a in actors_of(ray_local))

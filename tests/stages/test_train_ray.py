@@ -72,8 +72,8 @@ def test_one_worker_ddp_and_fsdp_agree_under_document_masks_and_both_resume_afte
     train.strategy fsdp (FSDP2 over 2 CPU workers x 4 windows, gloo), its worker SIGKILLed mid-run too: it resumes
     from the sharded run's checkpoint (gathered weights and optimizer state), ends on the same step with DDP's curve
     and a final checkpoint that plain transformers loads with DDP's weights (to 1e-3: FSDP's reductions run in
-    another order), as DPO's FSDP test checks. Rank 0 of every run writes its curve through the driver's MLflow writer. (Each run costs ~15 s of Ray Train
-    start-up here: four runs, not five.)"""
+    another order), as DPO's FSDP test checks. Rank 0 of every run writes its curve through the driver's MLflow
+    writer. (Each run costs ~15 s of Ray Train start-up here: four runs, not five.)"""
     import torch
     from transformers import AutoModelForCausalLM
 
