@@ -24,9 +24,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+# Fixtures that start or join a Ray instance: a test using one must be marked `ray` (the fast tier and the
+# non-`ray` lane of `make test`, tests/lanes.py, run without Ray).
+RAY_FIXTURES = {"ray_local", "ray_address", "reduced_quickstart", "reduced_pipeline"}
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    unmarked = [item.nodeid for item in items if RAY_FIXTURES & set(item.fixturenames) and "ray" not in item.keywords]
+    if unmarked:
+        raise pytest.UsageError(f"these tests use a Ray fixture ({', '.join(sorted(RAY_FIXTURES))}) but are not "
+                                f"marked `ray`; add @pytest.mark.ray: {unmarked}")
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

@@ -27,9 +27,10 @@ NOISE = re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constru
 _WORKER_WEIGHT_BAR = re.compile(rb"^(\x1b\[\d+m)?\(.*? pid=\d+(, ip=[^)]*)?\)(\x1b\[0m)? \r?"
                                 rb"(Loading weights|Writing model shards):")
 _WEIGHT_BAR_REDRAW = re.compile(rb"^\s*((Loading weights|Writing model shards):.*)?$")
-# A partial line that may be the start of a Ray log line ("[2026-..." or a worker's "(Name pid=...)" prefix, maybe
-# coloured) waits for its newline; any other partial line (a progress bar redrawn with \r) is passed on at once.
-_MAYBE_RAY = re.compile(rb"^\r?(\x1b\[\d+m)?(\[\d|\()")
+# A part of a partial line that may be the start of a Ray log line ("[2026-..." or a worker's "(Name pid=...)"
+# prefix, maybe coloured) waits for its newline; anything before it (a progress bar redrawn with \r) is passed on
+# at once.
+_MAYBE_RAY = re.compile(rb"^(\x1b\[\d+m)?(\[\d|\()|^(\x1b(\[\d*m?)?|\[)$")  # (or too short to tell yet)
 
 
 def filter_stream(read_fd: int, write_fd: int) -> None:
@@ -45,8 +46,14 @@ def filter_stream(read_fd: int, write_fd: int) -> None:
         pending += chunk
         *lines, pending = pending.split(b"\n")
         out = b"".join(_without_noise(line) for line in lines)
-        if pending and not _MAYBE_RAY.match(pending):
+        # A partial line is passed on up to its first \r-separated part that may start a Ray line, which waits for
+        # its newline (one read can hold a bar's redraw and the first bytes of a noise line after it).
+        parts = pending.split(b"\r")
+        held = next((i for i, part in enumerate(parts) if _MAYBE_RAY.match(part)), len(parts))
+        if held == len(parts):
             out, pending = out + pending, b""
+        elif held:
+            out, pending = out + b"\r".join(parts[:held]) + b"\r", b"\r".join(parts[held:])
         if out:
             _write_all(write_fd, out)
     if pending and not NOISE.search(pending):

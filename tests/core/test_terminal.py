@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from slam_ray.core.terminal import filter_stream
 
 NOISE_LINE = (b"[2026-11-30 22:17:49,310 E 4270 4270] core_worker.cc:2465: Actor with class name: "
@@ -41,6 +43,29 @@ def test_the_noise_is_dropped_and_everything_else_kept():
     out = run_filter([kept[0], NOISE_LINE, kept[1], FORWARDED[:40], FORWARDED[40:], kept[2], kept[3], kept[4]])
     assert b"has constructor arguments" not in out
     assert out == b"".join(kept)
+
+
+@pytest.mark.parametrize("cut", [1, 20, 40, 80, 200])
+def test_a_noise_line_read_together_with_a_bars_redraw_is_still_dropped(cut):
+    """One read may hold a bar's redraw (ended by \\r, no newline) and the first bytes of a forwarded noise line
+    (seen under load: the line's first 40 bytes reached the terminal); wherever the reads split it, nothing of the
+    noise passes and the bar's redraw is not held back."""
+    bar = b"[synth] speak: 11%|| 330/3000\r"
+    for noise in (FORWARDED, NOISE_LINE, NOISE_LINE.replace(b"\n", b"\r\n")):
+        src_r, src_w = os.pipe()
+        dst_r, dst_w = os.pipe()
+        pump = threading.Thread(target=filter_stream, args=(src_r, dst_w), daemon=True)
+        pump.start()
+        os.write(src_w, bar + noise[:cut])
+        assert os.read(dst_r, 1000) == bar  # at once: the bar's redraw does not wait for the noise line's newline
+        os.write(src_w, noise[cut:] + b"[synth] done\n")
+        os.close(src_w)
+        pump.join(timeout=10)
+        out = b""
+        while chunk := os.read(dst_r, 65536):
+            out += chunk
+        os.close(dst_r)
+        assert out == b"[synth] done\n", noise
 
 
 def test_a_partial_progress_line_passes_before_its_newline():
