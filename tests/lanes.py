@@ -1,0 +1,65 @@
+"""`make test`: the whole suite as two pytest processes side by side, one per lane.
+
+- the `ray` lane: every test marked `ray` (real Ray instances, `slam-ray` subprocesses, Ray Train runs), in
+  one process, in file order, its output on the terminal;
+- the other lane: everything else (unit tests, in-process stages, torch.compile, the docs build), in a second
+  process whose output is kept in a file and printed when it ends.
+
+Why two: a Ray test leaves about a quarter of two cores idle (its processes start one after another, each
+importing torch on one core; a one-worker run trains on one core), and the other lane's work is CPU-bound in one
+process, so it mostly runs in that idle time. Two lanes of Ray tests do not: they fight over the same two cores
+(docs/testing.md has the measurements). Extra arguments go to both pytest commands. The exit code is the worst
+of the two; a lane that collects no test fails (pytest's exit code 5 never passes silently).
+
+    python tests/lanes.py [pytest args...]
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+NO_TESTS = 5  # pytest's exit code when it collected nothing
+
+
+def verdict(name: str, code: int) -> int:
+    if code == NO_TESTS:
+        print(f"[lanes] the {name} lane collected no tests: failing on purpose")
+        return 1
+    return code
+
+
+def main(args: list[str]) -> int:
+    pytest = [sys.executable, "-m", "pytest", str(TESTS), *args]
+    start = time.time()
+    with tempfile.NamedTemporaryFile("w+", prefix="slam-ray-tests-", suffix=".log") as log:
+        # -p no:cacheprovider: the two processes would otherwise write the same .pytest_cache
+        # One inductor compile thread: on a cold cache the compile tests would otherwise run a g++ on each core.
+        other = subprocess.Popen([*pytest, "-m", "not ray", "-p", "no:cacheprovider"], stdout=log,
+                                 stderr=subprocess.STDOUT, env={**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"})
+        print(f"[lanes] tests not marked `ray` run beside this lane (pid {other.pid}); their output follows at the end",
+              flush=True)
+        try:
+            ray_code = subprocess.run([*pytest, "-m", "ray"]).returncode
+            ray_s = time.time() - start
+            other_code = other.wait()
+        finally:
+            if other.poll() is None:  # interrupted: stop the lane this script started
+                other.terminate()
+                other.wait()
+        log.seek(0)
+        print("\n[lanes] ---- tests not marked `ray` ----")
+        print(log.read(), end="", flush=True)
+    total = time.time() - start
+    print(f"[lanes] whole suite {total // 60:.0f} min {total % 60:.0f} s (the `ray` lane {ray_s:.0f} s; exit codes: "
+          f"ray {ray_code}, others {other_code})")
+    return max(verdict("`ray`", ray_code), verdict("non-`ray`", other_code))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

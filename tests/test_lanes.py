@@ -1,0 +1,19 @@
+"""tests/lanes.py, the runner behind `make test`: both lanes run, and a lane that collects nothing fails."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+LANES = Path(__file__).resolve().parent / "lanes.py"
+
+
+def test_a_selection_that_collects_no_test_fails_in_both_lanes():
+    proc = subprocess.run([sys.executable, str(LANES), "-k", "no_test_is_named_like_this", "-q"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the `ray` lane collected no tests: failing on purpose" in proc.stdout
+    assert "the non-`ray` lane collected no tests: failing on purpose" in proc.stdout
+    assert "exit codes: ray 5, others 5" in proc.stdout
+    assert proc.stdout.count("deselected") == 2  # the other lane ran too, and its output is shown
