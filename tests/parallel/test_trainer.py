@@ -54,9 +54,10 @@ def test_dpo_takes_trains_settings_unless_set_and_only_a_changed_dpo_changes_key
         changed = {stage for stage in keys if now[stage] != keys[stage]}
         assert changed == (set() if name == "quickstart" else {"dpo"}), (name, changed)
     slam = load_experiment("slam", [f"workdir={tmp_path}"])
-    assert TrainerSettings.of(slam, "dpo") == TrainerSettings("bf16", False, False, "ddp")  # train's, as pre-training
+    # train's, as pre-training; DPO's batches vary in length (its compile is dynamic), train's windows do not
+    assert TrainerSettings.of(slam, "dpo") == TrainerSettings("bf16", False, False, "ddp", dynamic_shapes=True)
     own = with_values(slam, {"dpo.precision": "fp32", "dpo.strategy": "fsdp"}, "test")
-    assert TrainerSettings.of(own, "dpo") == TrainerSettings("fp32", False, False, "fsdp")
+    assert TrainerSettings.of(own, "dpo") == TrainerSettings("fp32", False, False, "fsdp", dynamic_shapes=True)
     assert TrainerSettings.of(own, "train") == TrainerSettings("bf16", False, False, "ddp")
     assert stage_key(own, "dpo") != stage_key(slam, "dpo")  # a value set on dpo is keyed
     # without the train stage's key (dpo.init), what DPO takes from train is keyed directly
@@ -144,12 +145,17 @@ def test_dpo_with_gradient_checkpointing_gives_the_same_losses_and_weights():
 
 @pytest.mark.slow
 def test_dpo_compiled_gives_the_same_losses_and_weights():
-    """Inductor on CPU (a C compiler; tens of seconds for the tiny model, rows of varying length recompile once)."""
+    """Inductor on CPU (a C compiler; tens of seconds for the tiny model). DPO's settings compile dynamic: its
+    batches of several widths (padded to each one's longest row) reuse one graph instead of compiling a static one
+    first and a dynamic one at the second width (half the compile time, here and on a GPU)."""
     import torch
+    from torch._dynamo.utils import counters
 
     plain, weights, _ = dpo_run(steps=3)
-    compiled, weights_c, model = dpo_run(steps=3, compile=True)
+    counters.clear()
+    compiled, weights_c, model = dpo_run(steps=3, compile=True, dynamic_shapes=True)
     assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters)
     np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-5)
     for name, value in weights.items():
         torch.testing.assert_close(weights_c[name], value, rtol=1e-3, atol=1e-4, msg=name)
