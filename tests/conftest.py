@@ -22,6 +22,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # what init_ray sets for a local instance (the session's Ray and the test clusters are one machine: no node to drain)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
 
 
 # Fixtures that start or join a Ray instance: a test using one must be marked `ray` (the fast tier and the
