@@ -20,13 +20,17 @@ NOISE_LINE = (b"[2026-11-30 22:17:49,310 E 4270 4270] core_worker.cc:2465: Actor
 FORWARDED = b"\x1b[36m(TrainController pid=8572)\x1b[0m " + NOISE_LINE
 
 
-def run_filter(chunks: list[bytes]) -> bytes:
+def run_filter(chunks: list[bytes], at_once: bytes | None = None) -> bytes:
+    """What the filter writes for `chunks`, each one write; with `at_once`, the first chunk's output must be that,
+    read before the next chunk is written (then not part of what is returned)."""
     src_r, src_w = os.pipe()
     dst_r, dst_w = os.pipe()
-    pump = threading.Thread(target=filter_stream, args=(src_r, dst_w))
+    pump = threading.Thread(target=filter_stream, args=(src_r, dst_w), daemon=True)
     pump.start()
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
         os.write(src_w, chunk)
+        if i == 0 and at_once is not None:
+            assert os.read(dst_r, 65536) == at_once
     os.close(src_w)
     pump.join(timeout=10)
     out = b""
@@ -52,20 +56,9 @@ def test_a_noise_line_read_together_with_a_bars_redraw_is_still_dropped(cut):
     noise passes and the bar's redraw is not held back."""
     bar = b"[synth] speak: 11%|| 330/3000\r"
     for noise in (FORWARDED, NOISE_LINE, NOISE_LINE.replace(b"\n", b"\r\n")):
-        src_r, src_w = os.pipe()
-        dst_r, dst_w = os.pipe()
-        pump = threading.Thread(target=filter_stream, args=(src_r, dst_w), daemon=True)
-        pump.start()
-        os.write(src_w, bar + noise[:cut])
-        assert os.read(dst_r, 1000) == bar  # at once: the bar's redraw does not wait for the noise line's newline
-        os.write(src_w, noise[cut:] + b"[synth] done\n")
-        os.close(src_w)
-        pump.join(timeout=10)
-        out = b""
-        while chunk := os.read(dst_r, 65536):
-            out += chunk
-        os.close(dst_r)
-        assert out == b"[synth] done\n", noise
+        # the bar's redraw at once: it does not wait for the noise line's newline
+        rest = run_filter([bar + noise[:cut], noise[cut:] + b"[synth] done\n"], at_once=bar)
+        assert rest == b"[synth] done\n", noise
 
 
 def test_a_partial_progress_line_passes_before_its_newline():
