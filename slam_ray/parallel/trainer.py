@@ -46,8 +46,9 @@ class TrainerSettings:
     compile: bool = False
     gradient_checkpointing: bool = False
     strategy: str = "ddp"  # or "fsdp"
-    # Not a config field: every DPO batch is padded to its longest row, so its model compiles dynamic from the
-    # start (static first, it compiled again, dynamic, at the second batch); train's windows all have one length.
+    # Not a config field: every DPO batch is padded to its own longest row, so DPO compiles with dynamic shapes
+    # from the start (a default compile built a static graph, then a dynamic one at the second width); train's
+    # windows all have one length.
     dynamic_shapes: bool = False
 
     @classmethod
@@ -205,7 +206,8 @@ def prepare_model(model: Any, settings: TrainerSettings, device: torch.device) -
     if settings.fsdp:
         model = shard_model(model.to(device))
     if settings.compile:
-        model = torch.compile(model, dynamic=True if settings.dynamic_shapes else None)  # save_pretrained and state_dict pass through to the HF model
+        # save_pretrained and state_dict pass through to the HF model; dynamic=None is torch's automatic choice
+        model = torch.compile(model, dynamic=True if settings.dynamic_shapes else None)
     if not settings.fsdp:
         # DDP (and the move to the worker's device) in a Ray Train worker; outside a process group just the move
         model = ray.train.torch.prepare_model(model) if dist.is_available() and dist.is_initialized() else model.to(device)
