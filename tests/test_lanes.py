@@ -17,3 +17,4 @@ def test_a_selection_that_collects_no_test_fails_in_both_lanes():
     assert "the non-`ray` lane collected no tests: failing on purpose" in proc.stdout
     assert "exit codes: ray 5, others 5" in proc.stdout
     assert proc.stdout.count("deselected") == 2  # the other lane ran too, and its output is shown
+    assert "niceness +10)" in proc.stdout  # it yields contended cores to the `ray` lane
