@@ -17,12 +17,13 @@ import pytest
 from helpers import FIXTURES, REDUCED_TRAIN, S3_SECRET, CliRun, free_port, small_experiment
 
 from slam_ray.config import to_yaml
+from slam_ray.core.runner import LOCAL_INSTANCE_ENV
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # what init_ray sets for a local instance (the session's Ray and the test clusters are one machine: no node to drain)
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+for name, value in LOCAL_INSTANCE_ENV.items():
+    os.environ.setdefault(name, value)
 
 
 # Fixtures that start or join a Ray instance: a test using one must be marked `ray` (the fast tier and the

@@ -7,9 +7,10 @@
 
 Why two: a Ray test leaves about a quarter of two cores idle (its processes start one after another, each
 importing torch on one core; a one-worker run trains on one core), and the other lane's work is CPU-bound in one
-process, so it mostly runs in that idle time. It runs at a lower CPU priority (nice 10): where both lanes want a
-core, the `ray` lane, which is most of the suite's wall time, gets it (at equal priority its first tests ran up to
-2x slower beside a cold torch.compile). Two lanes of Ray tests do not help: they fight over the same two cores
+process, so part of it runs in that idle time: measured, its ~350 s of work made the `ray` lane ~126 s longer (the
+lanes save ~150-200 s against one after the other). It runs at a lower CPU priority (nice 10), so a core both lanes
+want goes to the `ray` lane, most of the suite's wall time (its first tests: ~307 s beside the other lane at equal
+priority, ~250 s at nice 10, 181 s alone). Two lanes of Ray tests do not help: they fight over the same two cores
 (docs/testing.md has the measurements). Extra arguments go to both pytest commands. The exit code is the worst
 of the two; a lane that collects no test fails (pytest's exit code 5 never passes silently).
 

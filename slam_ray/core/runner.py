@@ -48,6 +48,17 @@ class StageResult:
 StageBody = Callable[[Experiment, StageDir, Tracker, Timer], StageResult]
 
 
+# What a local instance (one machine) is started with; a joined cluster keeps Ray's defaults.
+LOCAL_INSTANCE_ENV = {
+    # Ray Train's PreemptionWatcher (an actor per worker group, polling whether a node is being drained) has nothing
+    # to watch on one machine and cost a process start (~2 s of CPU) per Train run; a cluster's nodes may be preempted.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray's log monitor lists the logs folder again on every 0.1-s pass while it holds < 1000 files (CPU that grows
+    # with every worker's log); at 0 it lists every 0.5 s instead, and new files' lines still all reach the driver.
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+}
+
+
 def init_ray(exp: Experiment) -> None:
     """Join `ray.address` (or the cluster a job runs in), else start a local instance sized by config."""
     import ray
@@ -65,13 +76,8 @@ def init_ray(exp: Experiment) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         release_orphaned_placement_groups()
         return
-    # Ray Train's PreemptionWatcher (an actor per worker group, polling whether a node is being drained) has nothing
-    # to watch on one machine and cost a process start (~2 s of CPU) per Train run; set before the start, so that
-    # Tune trials' processes inherit it too. A joined cluster keeps it: its nodes may be preempted.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray's log monitor lists the logs folder again on every 0.1-s pass while it holds < 1000 files (CPU that grows
-    # with every worker's log); at 0 it lists every 0.5 s instead, and new files' lines still all reach the driver.
-    os.environ.setdefault("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "0")
+    for name, value in LOCAL_INSTANCE_ENV.items():  # set before the start, so that Tune trials' processes inherit it
+        os.environ.setdefault(name, value)
     dashboard: dict[str, Any] = {}
     previous = os.environ.get("RAY_API_SERVER_ADDRESS")
     if exp.ray.include_dashboard:
