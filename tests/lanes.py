@@ -14,6 +14,12 @@ priority, ~250 s at nice 10, 181 s alone). Two lanes of Ray tests do not help: t
 (docs/testing.md has the measurements). Extra arguments go to both pytest commands. The exit code is the worst
 of the two; a lane that collects no test fails (pytest's exit code 5 never passes silently).
 
+This machine's speed moves by up to ~1.6x between hours (the same tests, unchanged, 16 and 26 min), so the summary
+also prints what the two cores did while the suite ran (busy CPU seconds from /proc/stat, all processes: on a
+machine that runs nothing else, the suite's own work) and a speed probe taken before it (`import torch` in a fresh
+interpreter, the cost a Ray worker or `slam-ray` process pays at its start): figures from different days compare
+through them.
+
     python tests/lanes.py [pytest args...]
 """
 
@@ -38,9 +44,31 @@ def verdict(name: str, code: int) -> int:
     return code
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds all cores spent outside idle and iowait since boot (/proc/stat; Linux only, else 0)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def torch_import_seconds() -> float:
+    """The faster of two `import torch` in a fresh interpreter (the first may read from disk), wall seconds."""
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def main(args: list[str]) -> int:
     pytest = [sys.executable, "-m", "pytest", str(TESTS), *args]
-    start = time.time()
+    probe = torch_import_seconds()
+    print(f"[lanes] speed probe: `import torch` takes {probe:.2f} s here now", flush=True)
+    start, busy_start = time.time(), busy_cpu_seconds()
     with tempfile.NamedTemporaryFile("w+", prefix="slam-ray-tests-", suffix=".log") as log:
         # -p no:cacheprovider: the two processes would otherwise write the same .pytest_cache
         # One inductor compile thread: on a cold cache the compile tests would otherwise run a g++ on each core.
@@ -61,9 +89,10 @@ def main(args: list[str]) -> int:
         log.seek(0)
         print("\n[lanes] ---- tests not marked `ray` ----")
         print(log.read(), end="", flush=True)
-    total = time.time() - start
+    total, busy = time.time() - start, busy_cpu_seconds() - busy_start
     print(f"[lanes] whole suite {total // 60:.0f} min {total % 60:.0f} s (the `ray` lane {ray_s:.0f} s; exit codes: "
-          f"ray {ray_code}, others {other_code})")
+          f"ray {ray_code}, others {other_code}); CPU busy {busy:.0f} s of {total * os.cpu_count():.0f} core-seconds "
+          f"({busy / (total * os.cpu_count()):.0%}); speed probe {probe:.2f} s")
     return max(verdict("`ray`", ray_code), verdict("non-`ray`", other_code))
 
 

@@ -23,3 +23,9 @@ def test_a_selection_that_collects_no_test_fails_in_both_lanes():
     # limit: this test itself runs in the second lane of a `make test`)
     niceness = int(re.search(r"niceness \+(\d+)\)", proc.stdout).group(1))
     assert niceness == min(10, 19 - os.nice(0))
+    # the summary says what the cores did and how fast this machine was, so runs on different days compare
+    probe = float(re.search(r"speed probe: `import torch` takes ([0-9.]+) s", proc.stdout).group(1))
+    busy, core_seconds, probe_again = re.search(
+        r"CPU busy (\d+) s of (\d+) core-seconds \(\d+%\); speed probe ([0-9.]+) s", proc.stdout).groups()
+    assert 0 < int(busy) <= int(core_seconds) * 1.05 + 1  # two pytest start-ups cost CPU; /proc/stat ticks round
+    assert 0 < probe == float(probe_again)
