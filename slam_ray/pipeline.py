@@ -1,7 +1,8 @@
 """The pipeline: which function runs each stage (the stage registry) and running an experiment's stages in
 order. The stages import the stage contract (slam_ray/core/), never this module, so imports run one way:
 cli -> sweeps -> pipeline -> stages (docs/layout.md). A new stage is its own module in slam_ray/stages/, one line
-in `STAGE_FUNCTIONS`, its config section, and (for now) its key's branch in core/stage_io.py (docs/layout.md)."""
+in `STAGE_FUNCTIONS`, its config section, and (for now) its format version and key's branch in core/stage_io.py
+(docs/layout.md has the checklist)."""
 
 from __future__ import annotations
 

@@ -25,6 +25,10 @@ def test_cluster_launcher_yamls_pass_rays_own_validator(name):
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start  # nothing exposed: the job port is reached by SSH tunnel
     assert "0.0.0.0" not in (CLUSTERS / name).read_text()
+    # token auth on every node, with the submitting machine's token (Ray reads ~/.ray/auth_token)
+    for command in (*config["head_start_ray_commands"], *config["worker_start_ray_commands"]):
+        assert "ray start" not in command or command.startswith("export RAY_AUTH_MODE=token;"), command
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
     with pytest.raises(jsonschema.ValidationError):  # the validator does reject what the tool would refuse
         validate_config(prepare_config({**raw, "head_node_typo": "head"}))
 
