@@ -89,6 +89,21 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096, vo
                         "Use 'sdpa' (torch's kernels, FlashAttention included on GPU) or 'eager'") from e
 
 
+def load_checkpoint(path: str, attn_implementation: str = "sdpa"):
+    """A saved causal LM (HF folder or id) in fp32 — transformers 5 would keep the dtype it was saved in, and AdamW
+    would then update half-precision weights — with the run's attention implementation (`train.model`'s: a
+    checkpoint's config does not keep it, so a DPO after a `flash_attention_2` pre-training fell back to sdpa)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_source(path), dtype=torch.float32,
+                                                    attn_implementation=attn_implementation)
+    except (ImportError, ValueError) as e:
+        raise SlamError(f"train.model.attn_implementation={attn_implementation!r} is not available here: {e}. "
+                        "Use 'sdpa' (torch's kernels, FlashAttention included on GPU) or 'eager'") from e
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -147,16 +147,15 @@ def cached_triples(exp: Experiment, timer: Timer) -> tuple[str, dict]:
 class ReferenceLogps:
     """Ray Data actor: the frozen start checkpoint's (chosen, rejected) log-probs of a batch of triples."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool, precision: str = "fp32") -> None:
+    def __init__(self, checkpoint: str, use_gpu: bool, precision: str = "fp32", attn_implementation: str = "sdpa") -> None:
         import torch
-        from transformers import AutoModelForCausalLM
 
+        from slam_ray.lm.model import load_checkpoint
         from slam_ray.parallel.actors import limit_threads
 
         limit_threads()
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        # fp32 like the policy (transformers 5 would otherwise load a checkpoint in its saved dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model_source(checkpoint), dtype=torch.float32).to(self.device).eval()
+        self.model = load_checkpoint(checkpoint, attn_implementation).to(self.device).eval()  # as the policy
         self.context_len = self.model.config.max_position_embeddings
         self.precision = precision  # the training workers' (their forwards of the policy are alike)
 
@@ -187,7 +186,8 @@ def precompute_reference(exp: Experiment, triples: dict, checkpoint: str, out: S
     in_driver = one_cpu_actor(actors, gpus)
     print(f"[dpo] reference log-probs of {len(rows)} triples ({'in the driver' if in_driver else f'{actors} actor(s)'})")
     parts = list(map_rows(exp, rows, ReferenceLogps, {"checkpoint": checkpoint, "use_gpu": exp.train.use_gpu,
-                          "precision": exp.trainer_settings("dpo")["precision"]},
+                          "precision": exp.trainer_settings("dpo")["precision"],
+                          "attn_implementation": exp.train.model.attn_implementation},
                           actors, exp.dpo.batch_size * 4, num_gpus=gpus, in_driver=in_driver))
     table = pd.concat(parts, ignore_index=True)
     if sorted(table["key"]) != sorted(r["key"] for r in rows):
@@ -218,7 +218,6 @@ def _load_reference(path: str, sizes: dict[str, int]) -> dict[str, tuple[torch.T
 
 def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from slam_ray.lm.dpo_loss import (
         build_preference_batch,
@@ -227,6 +226,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         preference_tokens,
         reference_logps,
     )
+    from slam_ray.lm.model import load_checkpoint
 
     exp = Experiment.model_validate(config["experiment"])
     cfg = exp.dpo
@@ -236,8 +236,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     train, val = triples["train"], triples["val"]
 
     init_checkpoint = model_source(config["init_checkpoint"])
-    # fp32 weights for AdamW whatever dtype the start checkpoint was saved in (transformers 5 keeps that dtype)
-    policy = AutoModelForCausalLM.from_pretrained(init_checkpoint, dtype=torch.float32)
+    policy = load_checkpoint(init_checkpoint, exp.train.model.attn_implementation)
     context_len = policy.config.max_position_embeddings
     n_params = sum(p.numel() for p in policy.parameters())
     hf_config = policy.config
@@ -260,8 +259,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         precomputed = tuple(t.to(w.device) for t in loaded["train"])
         ref_val = tuple(t.to(w.device) for t in loaded["val"])
     else:
-        reference = prepare_frozen(AutoModelForCausalLM.from_pretrained(init_checkpoint, dtype=torch.float32),
-                                   settings, w.device)
+        reference = prepare_frozen(load_checkpoint(init_checkpoint, exp.train.model.attn_implementation), settings, w.device)
         ref_val = all_logps(reference, val)
 
     resumed = resume_state(policy)

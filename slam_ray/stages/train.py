@@ -122,6 +122,16 @@ def targets_in(windows: PackedWindows | np.ndarray, micro_batches: list[np.ndarr
     return int((window_inputs(windows, rows, document_mask)["labels"][:, 1:] != -100).sum())
 
 
+def weighted_nll(batches: list[tuple[float, int]]) -> tuple[float, int]:
+    """(NLL summed over targets, targets) of batches given as (mean loss, targets): a batch without a target (a
+    last window of one token and padding) has a NaN mean and adds nothing, where `nan * 0` made the whole loss NaN."""
+    nll, targets = 0.0, 0
+    for loss, count in batches:
+        if count:
+            nll, targets = nll + loss * count, targets + count
+    return nll, targets
+
+
 def document_lengths(positions: np.ndarray) -> list[np.ndarray]:
     """Per window, the lengths of its documents (position ids restart at 0 at each document)."""
     return [np.diff(np.append(np.flatnonzero(row == 0), len(row))) for row in positions]
@@ -214,14 +224,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         n = len(chosen)
         stride = cfg.batch_size * w.world
         end = -(-n // stride) * stride if settings.fsdp else n
-        nll, targets = 0.0, 0
+        batches = []  # (mean loss, targets) of this rank's batches; a repeated one counts no target
         with torch.no_grad(), t.autocast():
             for i in range(w.rank * cfg.batch_size, end, stride):
                 rows = chosen[i : i + cfg.batch_size] if i < n else chosen[:1]
-                loss = loss_on(val_windows, rows, plain).item()
-                if i < n:
-                    count = targets_in(val_windows, [rows], cfg.document_mask)
-                    nll, targets = nll + loss * count, targets + count
+                batches.append((loss_on(val_windows, rows, plain).item(),
+                                targets_in(val_windows, [rows], cfg.document_mask) if i < n else 0))
+        nll, targets = weighted_nll(batches)
         plain.train()
         targets = all_ranks(targets, "sum")
         return all_ranks(nll, "sum") / targets if targets else float("nan")  # no split: not a perfect 0

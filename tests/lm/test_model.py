@@ -121,6 +121,25 @@ def test_attention_implementations_agree_and_a_missing_one_is_a_clear_error():
             build_model(ModelConfig(attn_implementation="flash_attention_2"), vocab_size=52)
 
 
+def test_a_saved_checkpoint_reloads_in_fp32_with_the_runs_attention(tmp_path):
+    """What DPO starts its policy, reference and reference-log-prob actors from: a bf16-saved checkpoint comes back
+    fp32 (AdamW's weights) and with `train.model.attn_implementation` (the saved config does not keep it)."""
+    from slam_ray.lm.model import load_checkpoint
+    from slam_ray.stages.dpo import ReferenceLogps
+
+    model = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64),
+                        vocab_size=52)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "ckpt")
+    for loaded in (load_checkpoint(str(tmp_path / "ckpt"), "eager"), ReferenceLogps(str(tmp_path / "ckpt"), False,
+                                                                                    attn_implementation="eager").model):
+        assert loaded.config._attn_implementation == "eager"
+        assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert load_checkpoint(str(tmp_path / "ckpt")).config._attn_implementation == "sdpa"
+    if not torch.cuda.is_available():
+        with pytest.raises(SlamError, match="flash_attention_2.*not available here.*sdpa"):
+            load_checkpoint(str(tmp_path / "ckpt"), "flash_attention_2")
+
+
 @pytest.mark.parametrize("base", ["none", "qwen2_tied", "qwen2_untied_bf16", "pythia"])
 def test_the_trained_model_is_the_model_its_checkpoint_reloads(tmp_path, base):
     """rope_theta and dropout reach the modules when the model is built (the rotary inv_freq and dropout

@@ -480,3 +480,21 @@ def test_budget_steps_takes_the_tightest_budget_and_a_flop_budget_is_6nd():
     assert budget_steps(cfg.model_copy(update={"max_tokens": 4096 * 7}), 4096, 1000) == 7
     with pytest.raises(ValueError, match="max_flops"):
         TrainConfig(max_steps=None, max_minutes=None)
+
+
+def test_a_validation_batch_without_targets_does_not_make_the_loss_nan():
+    """A last validation window of one token and padding has no target after the shift: Hugging Face's mean loss of
+    it is NaN, and weighting it by its 0 targets (`nan * 0`) made the whole validation loss NaN."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from slam_ray.stages.train import weighted_nll
+
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=32)).eval()
+    with torch.no_grad():
+        empty = model(input_ids=torch.tensor([[5, 0, 0]]), labels=torch.tensor([[5, -100, -100]])).loss.item()
+        full = model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.item()
+    assert np.isnan(empty)
+    nll, targets = weighted_nll([(full, 2), (empty, 0), (1.5, 4)])
+    assert targets == 6 and nll == pytest.approx(full * 2 + 6.0)
