@@ -98,6 +98,12 @@ def warmup_steps(sched: ScheduleConfig, total: int) -> int:
     return sched.warmup_steps if sched.warmup_steps is not None else int(round(sched.warmup_ratio * total))
 
 
+def replan_before(sched: ScheduleConfig) -> float:
+    """The fraction of a schedule before which a time budget's re-plans may move its end: a WSD schedule's decay
+    start (its lr is flat until then, then falls over the last `decay_ratio`), anywhere for the others."""
+    return 1.0 - sched.decay_ratio if sched.name == "wsd" else 1.0
+
+
 def lr_factor(step: int, total: int, warmup: int, sched: ScheduleConfig, base_lr: float) -> float:
     """Multiplier of the base lr at `step` (0-based): linear warmup, then the named decay."""
     if warmup > 0 and step < warmup:

@@ -353,11 +353,13 @@ class Budget:
         return int(all_ranks(self.left(), "min") / step_time)
 
 
-def replan_steps(total: int, max_minutes: float | None) -> list[int]:
+def replan_steps(total: int, max_minutes: float | None, before: float = 1.0) -> list[int]:
     """The probe misses per-step costs of the real loop (logging, data, allocator) and throughput drifts: with a
-    time budget, re-plan from the real steps' throughput at 10%, 40%, 70% and 90% of the plan (each moves the lr
-    by a few percent at most), so the schedule ends at the budget."""
-    return sorted({max(PROBE_STEPS, int(total * f)) for f in (0.1, 0.4, 0.7, 0.9)}) if max_minutes else []
+    time budget, re-plan from the real steps' throughput at 10%, 40%, 70% and 90% of the plan, so the schedule ends
+    at the budget — those before the fraction `before` of it (a WSD schedule's decay start,
+    `lm.optim.replan_before`: a re-plan inside the decay moved its start behind the current step, and the lr fell
+    by half in one step). A cosine or linear lr moves by a few percent at most."""
+    return sorted({max(PROBE_STEPS, int(total * f)) for f in (0.1, 0.4, 0.7, 0.9) if f < before}) if max_minutes else []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,6 +437,17 @@ class Trainer:
         """After the plan was sized outside the loop (by `probe_step_time`): the current step's lr from it."""
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = base * self.lr_factor(self.step, self.plan)
+
+    def size_plan(self, micro_loss: MicroLoss, warmup: Callable[[int], int], replan_before: float = 1.0) -> None:
+        """A fresh run's schedule, for a schedule with an end: under a time budget, the steps it affords at the
+        throughput probed here (capped by the other budgets, `budget.step_cap`), re-planned as it trains
+        (`replan_steps`); the warmup for that length; step 0's lr. Without it, a run stopped by its time budget
+        stopped wherever its schedule was (a cosine over a step cap far beyond the budget: hardly decayed)."""
+        if self.budget.max_minutes:
+            self.plan.total = max(1, min(self.budget.step_cap, self.budget.steps_affordable(self.probe_step_time(micro_loss))))
+        self.plan.warmup = warmup(self.plan.total)
+        self.plan.replans = replan_steps(self.plan.total, self.budget.max_minutes, replan_before)
+        self.apply_plan()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.worker.device, self.settings.precision)
@@ -518,6 +531,10 @@ class Trainer:
         sums: dict[str, float] = {}
         last_step, last_tokens, grad_norm = self.step, self.tokens, 0.0
         loop_start = last_log = last_print = last_checkpoint = time.perf_counter()
+        # Re-plans time the steps after this session's first, whose one-off costs (compile, a GPU's warm-up) the probe
+        # absorbs in a fresh run but a resumed run (no probe) paid here: averaged over the few steps before its first
+        # re-plan, they shrank the schedule (measured: 306 steps planned instead of 646, the budget a third spent).
+        timed_from, timed_start = first_step + 1, loop_start
         while self.step < plan.total:
             self.model.train()
             for micro in range(self.grad_accum):
@@ -527,9 +544,11 @@ class Trainer:
             grad_norm = self._optimizer_step()
             self.tokens += step_tokens(self.step)
             self.step += 1
-            if plan.replans and self.step >= plan.replans[0] and self.step > first_step:
+            if self.step == timed_from:
+                timed_start = time.perf_counter()
+            if plan.replans and self.step >= plan.replans[0] and self.step > timed_from:
                 plan.replans.pop(0)
-                step_time = all_ranks((time.perf_counter() - loop_start) / (self.step - first_step), "max")
+                step_time = all_ranks((time.perf_counter() - timed_start) / (self.step - timed_from), "max")
                 plan.total = max(self.step, min(self.budget.step_cap, self.step + self.budget.steps_affordable(step_time)))
             self.scheduler.step()  # after a re-plan, so the next step's lr already follows the new plan
             # The time budget is checked every step, not at log steps only (a large log_every overshot it).

@@ -37,7 +37,7 @@ from slam_ray.core.stage_io import StageDir, Timer, stage_payload, upstream_dir
 from slam_ray.core.storage import localize, model_source
 from slam_ray.core.tracking import Tracker
 from slam_ray.errors import SlamError
-from slam_ray.lm.optim import lr_factor
+from slam_ray.lm.optim import lr_factor, replan_before
 from slam_ray.lm.preferences import grammar_preference_triples, read_slamkit_preferences
 from slam_ray.parallel.train_utils import check_global_batch, flops_per_token
 from slam_ray.parallel.trainer import (
@@ -296,7 +296,7 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     mean_row = float(triple_tokens.mean()) / 2
     t = Trainer(w, settings, model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0),
                 Plan(total, cfg.warmup_steps), lambda s, plan: lr_factor(s, plan.total, plan.warmup, schedule, cfg.lr),
-                Budget(cfg.max_minutes), cfg.grad_accum, cfg.max_grad_norm,
+                Budget(cfg.max_minutes, total), cfg.grad_accum, cfg.max_grad_norm,
                 mfu=Mfu.of(w.device, flops_per_token(n_params, hf_config.num_hidden_layers, hf_config.hidden_size,
                                                      int(mean_row)), exp.train.peak_tflops),
                 resumed=resumed, prefix="dpo")
@@ -318,6 +318,10 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         return dpo_loss(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.loss, cfg.nll_weight,
                         chosen_lengths=lengths[0], rejected_lengths=lengths[1])
 
+    if resumed is None and cfg.schedule != "inverse_sqrt":  # a schedule with an end: what the time budget affords
+        t.size_plan(micro_loss, lambda _: cfg.warmup_steps, replan_before(schedule))
+        if t.plan.total < total:
+            w.log.print(f"[dpo] {t.plan.total} steps planned: what the {cfg.max_minutes:g}-minute budget affords")
     t.run(micro_loss, step_tokens, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
           describe=lambda m: f"loss {m['loss']:.4f}  reward accuracy {m['rewards/accuracy']:.3f}  "
                              f"margin {m['rewards/margin']:.3f}")

@@ -23,7 +23,7 @@ from slam_ray.core.runner import StageResult, init_ray, run_stage
 from slam_ray.core.stage_io import StageDir, Timer, upstream_dir
 from slam_ray.core.storage import in_filesystem, localize, storage_root
 from slam_ray.core.tracking import Tracker
-from slam_ray.lm.optim import build_optimizer, lr_factor, warmup_steps
+from slam_ray.lm.optim import build_optimizer, lr_factor, replan_before, warmup_steps
 from slam_ray.lm.packed import PackedWindows
 from slam_ray.parallel.train_utils import all_ranks, check_global_batch, flops_per_token
 from slam_ray.parallel.trainer import (
@@ -36,7 +36,6 @@ from slam_ray.parallel.trainer import (
     fit,
     plain_model,
     prepare_model,
-    replan_steps,
     report_checkpoint,
     resume_state,
     setup_worker,
@@ -237,11 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     reports_done = resumed.get("reports_done", 0) if resumed else 0
     if resumed is None:
-        if cfg.max_minutes:  # the schedule's length: what the time budget affords at the throughput measured here
-            t.plan.total = max(1, min(step_cap, t.budget.steps_affordable(t.probe_step_time(micro_loss))))
-        t.plan.warmup = warmup_steps(cfg.schedule, t.plan.total)
-        t.plan.replans = replan_steps(t.plan.total, cfg.max_minutes)
-        t.apply_plan()
+        t.size_plan(micro_loss, lambda total: warmup_steps(cfg.schedule, total), replan_before(cfg.schedule))
         # on the log thread: a worker's first MLflow call takes seconds, inside the time budget
         w.log.params({"model.params": n_params, "model.params_non_embedding": n_non_embedding,
                       "schedule.planned_steps": t.plan.total,

@@ -208,6 +208,65 @@ def test_the_throughput_probe_leaves_no_trace_in_the_weights_or_the_optimizer(op
         torch.testing.assert_close(probed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_a_resumed_runs_replan_does_not_count_its_first_steps_warm_up():
+    """A resumed run has no throughput probe: its first step pays one-off costs (compile, a GPU's warm-up) that the
+    re-plans averaged over the few steps before the first one, and the schedule shrank (a third of the budget
+    left unused). Resumed with 2 s of its budget left, steps of 5 ms, the run whose first step takes 0.4 s more
+    plans about as many steps as the one whose first step does not."""
+    import torch
+
+    from slam_ray.parallel.trainer import Budget, MetricsLog, Plan, Trainer, TrainerSettings, Worker
+
+    def resumed_run(warm_up_s: float) -> Trainer:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        calls = []
+
+        def micro_loss(index: int):
+            calls.append(index)
+            time.sleep(warm_up_s if len(calls) == 1 else 0.005)
+            return model(torch.ones(1, 4)).pow(2).mean(), {}
+
+        def trainer(resumed=None) -> Trainer:
+            return Trainer(Worker(0, 1, torch.device("cpu"), MetricsLog(None)), TrainerSettings(), model,
+                           torch.optim.AdamW(model.parameters(), lr=1e-3), Plan(1000, 0, [310, 700, 900]),  # resumed just before a re-plan
+                           lambda s, plan: 1.0 - s / plan.total, Budget(4 / 60), grad_accum=1, max_grad_norm=None,
+                           resumed=resumed)
+
+        checkpointed = trainer()
+        checkpointed.step = 300
+        state = checkpointed.state(checkpointed.optimizer.state_dict())
+        state["train_seconds"] = 2.0  # half the 4-s budget spent before the checkpoint
+        t = trainer(state)
+        t.run(micro_loss, lambda s: 1, log_every=10**6, describe=lambda m: "")
+        return t
+
+    plain, warmed = resumed_run(0.0), resumed_run(0.4)
+    assert plain.plan.total < 1000  # the re-plans did size it to the budget
+    assert warmed.plan.total > 0.8 * plain.plan.total, (warmed.plan.total, plain.plan.total)
+
+
+def test_a_wsd_schedule_is_not_replanned_inside_its_decay():
+    """A re-plan at 90% of a WSD plan (decay over the last 10%) moved the decay's start behind the current step:
+    its lr fell from the flat 1.0 to ~0.5 in one step. Re-plans stop before the decay; anywhere else a re-plan by
+    +-10% moves the lr by a few percent at most."""
+    from slam_ray.config import ScheduleConfig
+    from slam_ray.lm.optim import lr_factor, replan_before
+    from slam_ray.parallel.trainer import replan_steps
+
+    for name in ("wsd", "cosine", "linear"):
+        sched = ScheduleConfig(name=name, warmup_steps=0)
+        total = 1000
+        steps = replan_steps(total, 60.0, replan_before(sched))
+        assert steps == ([100, 400, 700] if name == "wsd" else [100, 400, 700, 900])
+        for step in steps:
+            before = lr_factor(step, total, 0, sched, 1e-3)
+            for new_total in (int(total * 0.9), int(total * 1.1)):
+                assert abs(lr_factor(step, new_total, 0, sched, 1e-3) - before) < 0.1, (name, step, new_total)
+    wsd = ScheduleConfig(name="wsd", warmup_steps=0)
+    assert lr_factor(900, 1000, 0, wsd, 1e-3) - lr_factor(900, 950, 0, wsd, 1e-3) > 0.4  # what the 90% re-plan did
+
+
 @pytest.mark.gpu
 def test_a_resumed_trainer_continues_the_cuda_generator_where_the_checkpoint_left_it():
     """Dropout on a GPU draws from the CUDA generator: a resumed run continues its sequence (a reseeded one would

@@ -89,7 +89,9 @@ def test_dpo_raises_the_held_out_margin_and_eval_compares_before_and_after(pretr
 def test_dpo_starts_from_any_compatible_hf_checkpoint_and_stops_at_its_time_budget(pretrained, tmp_path):
     """dpo.init: a causal LM saved elsewhere (here a tiny Qwen2 this test builds) instead of the train stage. Its
     run has a 3-second budget and a log_every far beyond the run: DPO stops at the budget (checked every step,
-    agreed by the ranks), not at the step cap, and logs the step it stopped at."""
+    agreed by the ranks), not at the step cap, and logs the step it stopped at. Its cosine schedule is sized to the
+    budget as train's is (probed throughput, re-plans): it ends decayed, where a cosine over the 5,000-step cap
+    stopped by the clock at a few dozen steps had hardly moved from the full lr."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -102,7 +104,7 @@ def test_dpo_starts_from_any_compatible_hf_checkpoint_and_stops_at_its_time_budg
     # the triples are spoken and tokenised like the corpus; no train stage here
     budget_s = 3.0
     exp = linked(pretrained, {"dpo.init": str(tmp_path / "external"), "dpo.max_steps": 5_000, "dpo.num_workers": 1,
-                              "dpo.max_minutes": budget_s / 60, "dpo.log_every": 10**6,
+                              "dpo.max_minutes": budget_s / 60, "dpo.log_every": 10**6, "dpo.schedule": "cosine",
                               "workdir": str(tmp_path / "w")}, stages=("synth", "extract"))
     out = stage_function("dpo")(exp)
     manifest = out.read_manifest()
@@ -111,6 +113,8 @@ def test_dpo_starts_from_any_compatible_hf_checkpoint_and_stops_at_its_time_budg
     assert 0 < steps < 5_000
     assert manifest["metrics"]["dpo/seconds"] < budget_s * 1.25
     assert sorted(dpo_curve(exp)) == [steps]
+    # the lr logged at the last step (the next step's): near the cosine's end, not ~dpo.lr as over 5,000 steps
+    assert dpo_curve(exp, "dpo/lr")[steps] < 0.25 * exp.dpo.lr
     before = AutoModelForCausalLM.from_pretrained(out.path / "checkpoint_before_dpo")
     external = AutoModelForCausalLM.from_pretrained(tmp_path / "external")
     assert all(torch.equal(a, b) for a, b in zip(before.parameters(), external.parameters(), strict=True))
