@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import tempfile
 import time
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 TRAINER_STATE = "trainer_state.pt"
+FINISHED = "finished.json"  # in a final checkpoint: its run needs no more training (the step it ended at)
 PROBE_STEPS = 6  # timed steps (weights untouched) that size a time-budgeted schedule
 PRINT_SECONDS = 20  # a progress line at most this often (and at the end)
 TRAIN_POLL_INTERVAL_S = 0.25  # Ray Train controller's poll of its workers (Ray's default 2 s); see poll_reports_fast()
@@ -72,13 +74,28 @@ class MetricsLog:
     def __init__(self, tracker: Tracker | None) -> None:
         self.tracker = tracker
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1) if tracker else None
-        self._last: Future | None = None
+        self._pending: list[Future] = []
+        self.failed = 0  # writes that raised: said on the terminal, not silently dropped
 
     def _call(self, fn: Callable, *args: Any) -> None:
         if self._pool is not None:
-            self._last = self._pool.submit(fn, *args)
+            self._check(wait=False)
+            self._pending.append(self._pool.submit(fn, *args))
         else:
             fn(*args)
+
+    def _check(self, wait: bool) -> None:
+        """Take the finished writes off the list (all of them, waiting, with `wait`); a failed one is printed (the
+        first, then every 100th): a training run goes on without its metrics rather than die of a metrics store."""
+        still = []
+        for future in self._pending:
+            if not wait and not future.done():
+                still.append(future)
+            elif (error := future.exception()) is not None:
+                self.failed += 1
+                if self.failed == 1 or self.failed % 100 == 0:
+                    print(f"[mlflow] {self.failed} metric write(s) of this run failed, the latest: {error!r}")
+        self._pending = still
 
     def params(self, values: dict[str, Any]) -> None:
         if self.tracker:
@@ -94,11 +111,11 @@ class MetricsLog:
 
     def flush(self) -> None:
         """Wait for what was logged so far (before a checkpoint a resumed run could start from)."""
-        if self._last is not None:
-            self._last.result()
+        self._check(wait=True)
 
     def close(self) -> None:
         if self._pool is not None:
+            self._check(wait=True)
             self._pool.shutdown(wait=True)
             self._pool = None
 
@@ -278,10 +295,10 @@ def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any]) -> N
 
 
 def report_checkpoint(model: Any, rank: int, metrics: dict[str, Any], state: dict[str, Any] | None = None,
-                      weights: dict[str, Any] | None = None) -> None:
+                      weights: dict[str, Any] | None = None, finished: bool = False) -> None:
     """Every rank calls report (it is a barrier); rank 0 attaches the HF checkpoint (`weights`: the gathered
     state dict of a sharded model), plus the trainer state (optimizer, scheduler, step, plan, RNG, elapsed time)
-    that a resumed run continues from."""
+    that a resumed run continues from, or for the final one (`finished`) the step the run ended at."""
     import ray.train
     import torch
 
@@ -291,13 +308,16 @@ def report_checkpoint(model: Any, rank: int, metrics: dict[str, Any], state: dic
             getattr(model, "module", model).save_pretrained(tmp, state_dict=weights)
             if state is not None:
                 torch.save(state, Path(tmp) / TRAINER_STATE)
+            if finished:
+                (Path(tmp) / FINISHED).write_text(json.dumps({"step": metrics["step"]}))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def resume_state(model: Any) -> dict[str, Any] | None:
     """Weights (loaded into `model`, before it is wrapped) and trainer state of the latest checkpoint of this run
-    (after a worker failure, or when the same command is run again after an interruption); None for a fresh start."""
+    (after a worker failure, or when the same command is run again after an interruption); None for a fresh start;
+    `{"finished": True, "step": N}` when the latest is the final checkpoint (`finished_before`)."""
     import ray.train
     import torch
     from transformers import AutoModelForCausalLM
@@ -306,10 +326,24 @@ def resume_state(model: Any) -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
+        if (Path(folder) / FINISHED).is_file():
+            return {"finished": True, **json.loads((Path(folder) / FINISHED).read_text())}
         if not (Path(folder) / TRAINER_STATE).is_file():
             return None  # the step-0 checkpoint: nothing trained yet
         model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
         return torch.load(Path(folder) / TRAINER_STATE, weights_only=False)
+
+
+def finished_before(w: Worker, resumed: dict[str, Any] | None, prefix: str) -> bool:
+    """Whether this run had already reported its final checkpoint (the run restarted after it: a worker lost in the
+    final report's barrier, or the command run again when the driver was stopped before the stage's manifest was
+    written). Ray Train keeps that checkpoint and every one before it, so there is nothing to do: without this the
+    run restarted from its random init and spent its whole budget again."""
+    if not (resumed and resumed.get("finished")):
+        return False
+    w.log.print(f"[{prefix}] finished before at step {resumed['step']}: its final checkpoint stands, nothing to train")
+    w.log.close()
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -591,7 +625,8 @@ class Trainer:
         """Report the final checkpoint (kind "final"; weights gathered under FSDP — collective)."""
         weights = full_state(self.model, self.optimizer)[0] if self.settings.fsdp else None
         report_checkpoint(self.model, self.worker.rank,
-                          {"step": self.step, "kind": "final", **metrics, **applied_settings(self.model)}, weights=weights)
+                          {"step": self.step, "kind": "final", **metrics, **applied_settings(self.model)}, weights=weights,
+                          finished=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

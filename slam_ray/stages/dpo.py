@@ -48,6 +48,7 @@ from slam_ray.parallel.trainer import (
     TrainerSettings,
     applied_counts,
     autocast,
+    finished_before,
     fit,
     plain_model,
     prepare_frozen,
@@ -240,6 +241,9 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     context_len = policy.config.max_position_embeddings
     n_params = sum(p.numel() for p in policy.parameters())
     hf_config = policy.config
+    resumed = resume_state(policy)
+    if finished_before(w, resumed, "dpo"):
+        return
 
     def batch_of(rows: list[dict]):
         return build_preference_batch([r["prompt"] for r in rows], [r["chosen"] for r in rows],
@@ -262,7 +266,6 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
         reference = prepare_frozen(load_checkpoint(init_checkpoint, exp.train.model.attn_implementation), settings, w.device)
         ref_val = all_logps(reference, val)
 
-    resumed = resume_state(policy)
     model = prepare_model(policy, settings, w.device)
     per_micro = cfg.batch_size * w.world
     global_batch = per_micro * cfg.grad_accum

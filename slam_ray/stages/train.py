@@ -33,6 +33,7 @@ from slam_ray.parallel.trainer import (
     Trainer,
     TrainerSettings,
     applied_counts,
+    finished_before,
     fit,
     plain_model,
     prepare_model,
@@ -166,6 +167,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n_params = count_parameters(model)
     n_non_embedding = n_params - count_embedding_parameters(model)
     resumed = resume_state(model)
+    if finished_before(w, resumed, "train"):
+        return
     if resumed is None:
         report_checkpoint(model, w.rank, {"step": 0, "kind": "init", "params": n_params})
     hf_config = model.config

@@ -208,6 +208,33 @@ def test_the_throughput_probe_leaves_no_trace_in_the_weights_or_the_optimizer(op
         torch.testing.assert_close(probed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_a_failed_metric_write_is_said_not_dropped(capsys):
+    """Rank 0's MLflow writes run on a thread: a failed one (the store or its writer gone) used to vanish unless it
+    was the very last before a checkpoint. Every failure is counted and said; training goes on, later writes land."""
+    from slam_ray.parallel.trainer import MetricsLog
+
+    class FlakyStore:  # a tracker whose store refuses steps 3 and 4
+        def __init__(self) -> None:
+            self.written: list[int] = []
+
+        def log_metrics(self, values: dict, step: int) -> None:
+            if step in (3, 4):
+                raise ConnectionError(f"store unreachable at step {step}")
+            self.written.append(step)
+
+    store = FlakyStore()
+    log = MetricsLog(store)
+    for step in range(1, 7):
+        log.metrics({"loss": 1.0}, step)
+        if step == 5:
+            log.flush()
+            assert log.failed == 2
+    log.close()
+    assert store.written == [1, 2, 5, 6] and log.failed == 2
+    out = capsys.readouterr().out
+    assert "[mlflow] 1 metric write(s) of this run failed, the latest: ConnectionError('store unreachable at step 3')" in out
+
+
 def test_a_resumed_runs_replan_does_not_count_its_first_steps_warm_up():
     """A resumed run has no throughput probe: its first step pays one-off costs (compile, a GPU's warm-up) that the
     re-plans averaged over the few steps before the first one, and the schedule shrank (a third of the budget

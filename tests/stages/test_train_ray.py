@@ -176,6 +176,19 @@ def test_time_budget_sizes_the_schedule_and_a_twist_run_stops_at_it_with_the_tra
         reloaded = model(input_ids=x, labels=x.masked_fill(x == PAD_ID, -100)).loss.item()
     assert reloaded == pytest.approx(manifest["metrics"]["val/loss_final"], rel=1e-5)
 
+    # The driver stopped after the run's final report, before the stage's manifest said complete: the same command
+    # again finds the final checkpoint and trains nothing (it restarted from the TWIST init and spent the budget again)
+    out = stage_dir(exp, "train")
+    out.write_manifest({**manifest, "status": "running"})
+    listing = (out.path / "checkpoints.json").read_text()
+    again = json.loads(train(exp).manifest_path.read_text())
+    assert again["status"] == "complete" and again["counts"] == manifest["counts"]
+    assert again["metrics"]["val/loss_final"] == manifest["metrics"]["val/loss_final"]
+    assert (out.path / "checkpoints.json").read_text() == listing  # no second init or final
+    assert set(logged_steps(exp, "train", "train/loss").values()) == {1}  # no step trained twice
+    rerun = AutoModelForCausalLM.from_pretrained(out.path / "checkpoint")
+    assert all(torch.equal(a, b) for a, b in zip(rerun.parameters(), model.parameters(), strict=True))
+
 
 def utterance_pack_output(exp, n_utterances: int = 300) -> None:
     """A pack output of real utterances (random lengths, a learnable repeating pattern of units), written by the
