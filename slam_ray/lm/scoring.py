@@ -81,13 +81,22 @@ def token_nll(model, sequences: Sequence[tuple[Sequence[int], int] | tuple[Seque
     return scores
 
 
+def _check_scores(nlls: np.ndarray) -> None:
+    """A NaN NLL compares as neither more nor less likely: it scored as a tie (pairs) or a win (groups)."""
+    if (bad := int(np.isnan(nlls).sum())):
+        raise ValueError(f"{bad} of {nlls.size} NLLs are NaN (a model whose weights diverged, or a broken checkpoint): "
+                         "no comparison with them can be scored")
+
+
 def pair_outcomes(positive_nll: np.ndarray, negative_nll: np.ndarray) -> np.ndarray:
     """1 where the positive is more likely, 0 where less, 0.5 for a tie."""
+    _check_scores(np.concatenate([np.ravel(positive_nll), np.ravel(negative_nll)]).astype(float))
     return np.where(positive_nll < negative_nll, 1.0, np.where(positive_nll > negative_nll, 0.0, 0.5))
 
 
 def group_outcome(positive_nll: float, negative_nlls: Sequence[float]) -> float:
     """1 if the positive is strictly the most likely, 0 if any negative is more likely, 1/k on a k-way tie."""
+    _check_scores(np.array([positive_nll, *negative_nlls], dtype=float))
     best = min(negative_nlls)
     if positive_nll < best:
         return 1.0

@@ -633,6 +633,16 @@ class Trainer:
 # the driver: the TorchTrainer
 
 
+def tune_progress(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """What of a training report goes to Tune's scheduler: the validation reports while the run trains, not the
+    step-0 checkpoint (no progress yet) nor the final one. At 100% the trial still has to be evaluated, and an
+    ASHA rung at 100% (or one first reached there) stopped trials that had trained their whole budget: their eval
+    was lost and they were called stopped early. The trial's own last report, after eval, gives Tune its end."""
+    if "progress" not in metrics or metrics.get("kind") == "final":
+        return None
+    return {k: v for k, v in metrics.items() if k != "kind"}
+
+
 def tune_callbacks() -> list:
     """Inside a sweep trial (a Tune function), forward the progress reports to Tune so its scheduler can
     stop the trial early; elsewhere nothing."""
@@ -640,8 +650,8 @@ def tune_callbacks() -> list:
 
     class ReportProgress(TuneReportCallback):
         def after_report(self, run_context, metrics, checkpoint):  # noqa: ANN001
-            if "progress" in metrics[0]:  # not the step-0 checkpoint report
-                super().after_report(run_context, [{k: v for k, v in metrics[0].items() if k != "kind"}], None)
+            if (progress := tune_progress(metrics[0])) is not None:
+                super().after_report(run_context, [progress], None)
 
     try:
         return [ReportProgress()]

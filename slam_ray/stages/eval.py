@@ -403,7 +403,13 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
         for suffix, folder, step in checkpoints if tasks else []:
             nll = nlls[str(folder)]
             for key, (spec, comparisons, _) in tasks.items():
-                rows = _score_task(comparisons, nll)
+                if key in failed:
+                    continue
+                try:
+                    rows = _score_task(comparisons, nll)
+                except ValueError as e:  # NaN scores (a diverged checkpoint): this task fails, the others still score
+                    failed[key] = _failure(key, ValueError(f"checkpoint {folder}: {e}"))
+                    continue
                 result = aggregate(rows, spec.aggregate_by, spec.breakdown)
                 task_results[key][f"{key}{suffix}"] = {
                     **result, "task": spec.name, "reader": spec.reader, "aggregate_by": spec.aggregate_by,
@@ -413,6 +419,8 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
                 rows.insert(0, "task", key)
                 scored[key].append(rows)
     for key, (_, comparisons, task_errors) in tasks.items():
+        if key in failed:
+            continue
         table = pd.concat(scored[key], ignore_index=True)
         table["negatives"] = ["|".join(n) for n in table["negatives"]]
         done[key] = _save_task(stores[key], {"task": key, "results": task_results[key], "errors": task_errors,

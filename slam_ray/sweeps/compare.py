@@ -177,12 +177,22 @@ def sweep_report(uri: str, experiment: str, parent: Any, metric: str, mode: str,
     csv, png = _write(uri, table, metric, folder)
     parent.log_artifact(csv)
     parent.log_artifact(png)
-    best = table.iloc[0]
-    if metric in table.columns and pd.notna(best[metric]):
+    best = best_completed(table, metric)
+    if best is not None:
         parent.log_metrics({f"best/{metric}": float(best[metric])})
         parent.set_tags({"slam_ray.best_trial": best["run"], "slam_ray.best_run_id": best["run_id"]})
         print(f"\nbest by {metric} ({mode}): {best['run']}  {metric} = {best[metric]:.4f}")
     return table
+
+
+def best_completed(table: pd.DataFrame, metric: str) -> pd.Series | None:
+    """The best row (the table is sorted best first) among the trials that ran to their end: a trial a scheduler
+    stopped, or one that failed, holds its last intermediate figure (val/loss on a sample of the validation windows,
+    before its schedule's decay) and is no fair rival to a finished one's final figure."""
+    if metric not in table.columns:
+        return None
+    finished = table[(table["stop_reason"] == "completed") & table[metric].notna()]
+    return finished.iloc[0] if len(finished) else None
 
 
 def find_sweep(uri: str, experiments: list[str] | None, sweep: str) -> str:

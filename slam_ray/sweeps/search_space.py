@@ -67,11 +67,16 @@ class Distribution(BaseModel):
         return next(k for k in KINDS if getattr(self, k) is not None)
 
     def edge_values(self) -> list[Any]:
-        """The values to validate against the schema: every listed value, or both ends of a range."""
+        """The values to validate against the schema: every listed value, or both ends of a range and, for a
+        continuous one, a value inside it (not a whole number: `uniform: [64, 256]` on an integer field passed with
+        its whole ends, then every trial's sample such as 133.7 failed)."""
         if self.grid is not None or self.choice is not None:
             return list(self.grid if self.grid is not None else self.choice)
         low, high = self.uniform or self.loguniform or self.randint
-        return [low, high - 1] if self.randint else [low, high]
+        if self.randint:
+            return [low, high - 1]
+        inside = low + 0.37 * (high - low) if self.uniform else low * (high / low) ** 0.37
+        return [low, high, inside + 0.01 if float(inside).is_integer() else inside]
 
     def to_tune(self):
         from ray import tune
@@ -245,13 +250,20 @@ def check_sweep_metrics(exp: Experiment) -> None:
             raise ConfigError(f"sweep.metric {metric!r}: no trial reports it, "
                               + (f"eval.tasks has no {task!r} (it has {', '.join(tasks)}); e.g. "
                                  f"--set sweep.metric=eval/{tasks[0]}/accuracy" if tasks
-                                 else "this experiment runs no eval stage; e.g. --set sweep.metric=val/loss"))
+                                 else "this experiment runs no eval stage; e.g. --set sweep.metric=val/loss "
+                                      "sweep.mode=min"))
     elif head in ("val", "train"):
         if "train" not in exp.stages:
             raise ConfigError(f"sweep.metric {metric!r}: no trial reports it, this experiment runs no train stage")
     else:
         raise ConfigError(f"sweep.metric {metric!r} is not a figure a trial reports: eval/<task>/accuracy (tasks: "
                           f"{', '.join(tasks) or 'none'}), val/loss or train/<figure>")
+    # a loss is better lower: with the default mode max, the search chased the worst trials and the report called
+    # the worst one best
+    for name, mode, field in ((metric, exp.sweep.mode, "mode"), (exp.sweep.stop_metric, exp.sweep.stop_mode, "stop_mode")):
+        if "loss" in name and mode == "max":
+            raise ConfigError(f"sweep.{field} is max but sweep.{'metric' if field == 'mode' else 'stop_metric'} "
+                              f"{name!r} is a loss (lower is better): set sweep.{field}=min")
     if exp.sweep.scheduler != "fifo" and exp.sweep.stop_metric not in REPORTED_WHILE_TRAINING:
         raise ConfigError(f"sweep.stop_metric {exp.sweep.stop_metric!r} is not reported while a trial trains, so "
                           f"sweep.scheduler {exp.sweep.scheduler} would stop nothing; use one of "

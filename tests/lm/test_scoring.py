@@ -105,3 +105,15 @@ def test_a_speech_only_sequence_is_scored_over_the_speech_ids_alone(tiny_lm):
         token_nll(tiny_lm, [(tokens, 2, True)])
     with pytest.raises(ValueError, match="outside the units and EOS"):  # the marker (3) scored: first index 1
         token_nll(tiny_lm, [(tokens, 1, True)], speech_ids=(offset, n_units, eos))
+
+
+def test_a_nan_score_is_an_error_not_a_tie_or_a_win():
+    """NaN compares as neither more nor less likely: a pair with one scored as a tie (0.5), a group as the positive's
+    win (1.0), so a model whose weights diverged still had an accuracy."""
+    from slam_ray.lm.scoring import group_outcome
+
+    with pytest.raises(ValueError, match="1 of 4 NLLs are NaN"):
+        pair_outcomes(np.array([1.0, np.nan]), np.array([2.0, 0.5]))
+    for positive, negatives in ((np.nan, [1.0]), (1.0, [np.nan, 2.0])):
+        with pytest.raises(ValueError, match="NaN"):
+            group_outcome(positive, negatives)

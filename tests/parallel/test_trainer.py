@@ -208,6 +208,18 @@ def test_the_throughput_probe_leaves_no_trace_in_the_weights_or_the_optimizer(op
         torch.testing.assert_close(probed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_only_reports_made_while_training_reach_tunes_scheduler():
+    """A sweep trial's scheduler (ASHA, median) sees the validation reports made while the run trains: not the
+    step-0 checkpoint (no progress) and not the final report, whose 100% met an ASHA rung at 100% (or one first
+    reached there) and stopped trials that had trained their whole budget before their eval ran."""
+    from slam_ray.parallel.trainer import tune_progress
+
+    assert tune_progress({"step": 0, "kind": "init", "params": 10}) is None
+    assert tune_progress({"step": 40, "kind": "final", "progress": 100.0, "val/loss": 2.0}) is None
+    assert tune_progress({"step": 20, "progress": 50.0, "val/loss": 2.5}) == {"step": 20, "progress": 50.0, "val/loss": 2.5}
+    assert tune_progress({"step": 30, "kind": "periodic", "progress": 75.0}) == {"step": 30, "progress": 75.0}
+
+
 def test_a_failed_metric_write_is_said_not_dropped(capsys):
     """Rank 0's MLflow writes run on a thread: a failed one (the store or its writer gone) used to vanish unless it
     was the very last before a checkpoint. Every failure is counted and said; training goes on, later writes land."""

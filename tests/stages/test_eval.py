@@ -238,6 +238,29 @@ def test_a_failed_task_leaves_eval_partial_until_a_rerun_computes_only_it(traine
     assert "[eval] reusing complete output" in capsys.readouterr().out
 
 
+def test_a_checkpoint_whose_scores_are_nan_fails_its_tasks_not_the_stage(trained, tmp_path):
+    """A diverged model scores NaN: compared as neither more nor less likely, each pair was a tie (0.5) and each
+    group the positive's win, so the task had an accuracy. The task fails saying why; the stage is partial."""
+    from transformers import AutoModelForCausalLM
+
+    exp, data = trained
+    exp = with_values(exp, {"workdir": str(tmp_path / "w"), "eval.checkpoints": ["final", "init"],
+                            "eval.tasks": [{"task": "manifest", "path": str(data["manifest"]), "name": "mine"}]}, "test")
+    link_upstream(exp, trained[0], ("synth", "extract", "pack"))
+    source, target = stage_dir(trained[0], "train").path, stage_dir(exp, "train").path
+    shutil.copytree(source, target, symlinks=True)  # a train output of its own, whose final weights diverged
+    model = AutoModelForCausalLM.from_pretrained(target / "checkpoint")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.save_pretrained(target / "checkpoint")
+    out = stage_function("eval")(exp)
+    manifest = out.read_manifest()
+    assert manifest["status"] == "partial" and list(manifest["failed"]) == ["mine"]
+    assert "NLLs are NaN" in manifest["failed"]["mine"]
+    assert "NLLs are NaN" in json.loads((out.path / "results.json").read_text())["mine"]["error"]
+
+
 def test_no_checkpoint_to_score_is_a_config_error(trained, tmp_path, capsys):
     exp, data = trained
     # no dpo stage, so no before_dpo checkpoint: nothing to score (and generation had no model to sample)

@@ -89,6 +89,12 @@ def test_values_are_validated_with_the_field_named(tmp_path):
     bad_range = load_space(space_file(tmp_path, {"params": {"train.schedule.warmup_ratio": {"uniform": [0.0, 1.5]}}}))
     with pytest.raises(ConfigError, match="warmup_ratio"):
         validate_space(bad_range, exp)
+    # and inside: a continuous range on an integer field passed with its whole ends, then every sample (133.7) failed
+    for kind in ("uniform", "loguniform"):
+        fractional = load_space(space_file(tmp_path, {"params": {"train.model.hidden_size": {kind: [64, 256]}}}))
+        with pytest.raises(ConfigError, match=r"hidden_size.*integer"):
+            validate_space(fractional, exp)
+    validate_space(load_space(space_file(tmp_path, {"params": {"train.model.hidden_size": {"randint": [64, 257]}}})), exp)
 
 
 def test_dependent_fields_are_validated_together(tmp_path):
@@ -298,7 +304,13 @@ def test_a_sweep_metric_no_trial_reports_is_refused_with_the_fix():
         check_sweep_metrics(load_experiment("quickstart", ["eval.tasks=[lexical]"]))
     with pytest.raises(ConfigError, match="runs no eval stage; e.g. --set sweep.metric=val/loss"):
         check_sweep_metrics(load_experiment("quickstart", ["stages=[synth,extract,pack,train]"]))
-    check_sweep_metrics(load_experiment("quickstart", ["stages=[synth,extract,pack,train]", "sweep.metric=val/loss"]))
+    check_sweep_metrics(load_experiment("quickstart", ["stages=[synth,extract,pack,train]", "sweep.metric=val/loss",
+                                                       "sweep.mode=min"]))
+    # a loss with the default mode max: the search chased the worst trials and the report called the worst best
+    with pytest.raises(ConfigError, match=r"sweep\.mode is max but sweep\.metric 'val/loss' is a loss.*sweep\.mode=min"):
+        check_sweep_metrics(load_experiment("quickstart", ["sweep.metric=val/loss"]))
+    with pytest.raises(ConfigError, match=r"sweep\.stop_mode=min"):
+        check_sweep_metrics(load_experiment("quickstart", ["sweep.scheduler=asha", "sweep.stop_mode=max"]))
     with pytest.raises(ConfigError, match="'val_loss' is not a figure a trial reports"):
         check_sweep_metrics(load_experiment("quickstart", ["sweep.metric=val_loss"]))
     with pytest.raises(ConfigError, match="stop_metric 'eval/lexical/accuracy' is not reported while a trial trains"):
