@@ -382,6 +382,10 @@ def _evaluate(exp: Experiment, out: StageDir, tracker: Tracker, timer: Timer) ->
                 continue
             try:
                 comparisons, task_sequences, task_errors = load_comparisons(exp, entry, spec, grammar_pairs, vocab)
+                if not len(comparisons):  # saved with n 0 and no accuracy, it was kept as finished and never redone
+                    reasons = [str(e.get("error", e)) for e in task_errors]
+                    raise SlamError("no comparison could be built: " + ("; ".join(reasons[:3]) or "the dataset holds none")
+                                    + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""))
             except Exception as e:  # this task cannot run (dataset missing, say); the others still do
                 failed[entry.key] = _failure(entry.key, e)
                 continue

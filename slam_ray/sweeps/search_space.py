@@ -245,7 +245,11 @@ def check_sweep_metrics(exp: Experiment) -> None:
     tasks = [e.key for e in exp.eval.task_entries()] if "eval" in exp.stages else []
     head, _, rest = metric.partition("/")
     if head == "eval":
-        task = rest.partition("/")[0]
+        task, _, figure = rest.partition("/")
+        if task in tasks and figure == "accuracy" and "final" not in exp.eval.checkpoints:
+            raise ConfigError(f"sweep.metric {metric!r}: no trial reports it, eval.checkpoints "
+                              f"{exp.eval.checkpoints} has no 'final' (its results are eval/{task}/<checkpoint>_accuracy); "
+                              "add final to eval.checkpoints")
         if task not in tasks:
             raise ConfigError(f"sweep.metric {metric!r}: no trial reports it, "
                               + (f"eval.tasks has no {task!r} (it has {', '.join(tasks)}); e.g. "

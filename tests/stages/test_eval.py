@@ -240,12 +240,19 @@ def test_a_failed_task_leaves_eval_partial_until_a_rerun_computes_only_it(traine
 
 def test_a_checkpoint_whose_scores_are_nan_fails_its_tasks_not_the_stage(trained, tmp_path):
     """A diverged model scores NaN: compared as neither more nor less likely, each pair was a tie (0.5) and each
-    group the positive's win, so the task had an accuracy. The task fails saying why; the stage is partial."""
+    group the positive's win, so the task had an accuracy. The task fails saying why; the stage is partial. Beside
+    it, a task none of whose audio can be read fails too (saved with n 0 and no accuracy, it was kept as finished)."""
     from transformers import AutoModelForCausalLM
 
     exp, data = trained
+    broken = tmp_path / "broken" / "pairs.jsonl"
+    broken.parent.mkdir()
+    for name in ("p.wav", "n.wav"):
+        (broken.parent / name).write_bytes(b"RIFF but not audio")
+    broken.write_text(json.dumps({"id": "b0", "positive": "p.wav", "negatives": ["n.wav"]}) + "\n")
     exp = with_values(exp, {"workdir": str(tmp_path / "w"), "eval.checkpoints": ["final", "init"],
-                            "eval.tasks": [{"task": "manifest", "path": str(data["manifest"]), "name": "mine"}]}, "test")
+                            "eval.tasks": [{"task": "manifest", "path": str(data["manifest"]), "name": "mine"},
+                                           {"task": "manifest", "path": str(broken), "name": "unreadable"}]}, "test")
     link_upstream(exp, trained[0], ("synth", "extract", "pack"))
     source, target = stage_dir(trained[0], "train").path, stage_dir(exp, "train").path
     shutil.copytree(source, target, symlinks=True)  # a train output of its own, whose final weights diverged
@@ -256,8 +263,9 @@ def test_a_checkpoint_whose_scores_are_nan_fails_its_tasks_not_the_stage(trained
     model.save_pretrained(target / "checkpoint")
     out = stage_function("eval")(exp)
     manifest = out.read_manifest()
-    assert manifest["status"] == "partial" and list(manifest["failed"]) == ["mine"]
+    assert manifest["status"] == "partial" and sorted(manifest["failed"]) == ["mine", "unreadable"]
     assert "NLLs are NaN" in manifest["failed"]["mine"]
+    assert manifest["failed"]["unreadable"].startswith("no comparison could be built")
     assert "NLLs are NaN" in json.loads((out.path / "results.json").read_text())["mine"]["error"]
 
 

@@ -300,6 +300,8 @@ def test_a_sweep_metric_no_trial_reports_is_refused_with_the_fix():
 
     check_sweep_metrics(load_experiment("quickstart"))  # eval/word_order/accuracy, word_order evaluated
     check_sweep_metrics(load_experiment("quickstart", ["sweep.metric=eval/agreement/init_accuracy"]))
+    with pytest.raises(ConfigError, match=r"eval\.checkpoints \['init'\] has no 'final'.*add final"):
+        check_sweep_metrics(load_experiment("quickstart", ["eval.checkpoints=[init]"]))
     with pytest.raises(ConfigError, match=r"eval\.tasks has no 'word_order' \(it has lexical\).*sweep\.metric=eval/lexical"):
         check_sweep_metrics(load_experiment("quickstart", ["eval.tasks=[lexical]"]))
     with pytest.raises(ConfigError, match="runs no eval stage; e.g. --set sweep.metric=val/loss"):
