@@ -247,42 +247,49 @@ def test_a_failed_metric_write_is_said_not_dropped(capsys):
     assert "[mlflow] 1 metric write(s) of this run failed, the latest: ConnectionError('store unreachable at step 3')" in out
 
 
-def test_a_resumed_runs_replan_does_not_count_its_first_steps_warm_up():
+def test_a_resumed_runs_replan_does_not_count_its_first_steps_warm_up(monkeypatch):
     """A resumed run has no throughput probe: its first step pays one-off costs (compile, a GPU's warm-up) that the
     re-plans averaged over the few steps before the first one, and the schedule shrank (a third of the budget
-    left unused). Resumed with 2 s of its budget left, steps of 5 ms, the run whose first step takes 0.4 s more
-    plans about as many steps as the one whose first step does not."""
+    left unused). Resumed with 2 s of its budget left and steps of 5 ms, on a clock the steps advance (so the
+    figures do not depend on this machine's load): the run whose first step takes 0.4 s more plans the steps
+    its time left affords, as the one without it does."""
     import torch
 
+    from slam_ray.parallel import trainer as scaffold
     from slam_ray.parallel.trainer import Budget, MetricsLog, Plan, Trainer, TrainerSettings, Worker
 
-    def resumed_run(warm_up_s: float) -> Trainer:
+    def resumed_run(warm_up_s: float) -> tuple[Trainer, float]:
+        clock = {"now": 1000.0}
+        monkeypatch.setattr(scaffold.time, "perf_counter", lambda: clock["now"])
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 1)
         calls = []
 
         def micro_loss(index: int):
             calls.append(index)
-            time.sleep(warm_up_s if len(calls) == 1 else 0.005)
+            clock["now"] += warm_up_s if len(calls) == 1 else 0.005
             return model(torch.ones(1, 4)).pow(2).mean(), {}
 
         def trainer(resumed=None) -> Trainer:
             return Trainer(Worker(0, 1, torch.device("cpu"), MetricsLog(None)), TrainerSettings(), model,
-                           torch.optim.AdamW(model.parameters(), lr=1e-3), Plan(1000, 0, [310, 700, 900]),  # resumed just before a re-plan
+                           torch.optim.AdamW(model.parameters(), lr=1e-3), Plan(1000, 0, [310, 700, 900]),
                            lambda s, plan: 1.0 - s / plan.total, Budget(4 / 60), grad_accum=1, max_grad_norm=None,
                            resumed=resumed)
 
         checkpointed = trainer()
-        checkpointed.step = 300
+        checkpointed.step = 300  # resumed just before a re-plan
         state = checkpointed.state(checkpointed.optimizer.state_dict())
         state["train_seconds"] = 2.0  # half the 4-s budget spent before the checkpoint
         t = trainer(state)
+        left_after_warm_up = 2.0 - warm_up_s
         t.run(micro_loss, lambda s: 1, log_every=10**6, describe=lambda m: "")
-        return t
+        return t, left_after_warm_up
 
-    plain, warmed = resumed_run(0.0), resumed_run(0.4)
-    assert plain.plan.total < 1000  # the re-plans did size it to the budget
-    assert warmed.plan.total > 0.8 * plain.plan.total, (warmed.plan.total, plain.plan.total)
+    for warm_up_s in (0.005, 0.4):
+        t, left = resumed_run(warm_up_s)
+        affordable = 300 + 1 + left / 0.005  # the steps the time left after the first step pays for
+        assert t.plan.total == pytest.approx(affordable, abs=3), (warm_up_s, t.plan.total, affordable)
+        assert t.step == t.plan.total  # and the run ends on its plan, not cut by the clock
 
 
 def test_a_wsd_schedule_is_not_replanned_inside_its_decay():
