@@ -247,10 +247,19 @@ def _scheduler(exp: Experiment):
                              grace_period=cfg.grace_percent, reduction_factor=cfg.reduction_factor,
                              stop_last_trials=False)  # a trial at 100% still has to be evaluated
     if cfg.scheduler == "median":
-        from ray.tune.schedulers import MedianStoppingRule
+        from ray.tune.schedulers import MedianStoppingRule, TrialScheduler
 
-        return MedianStoppingRule(time_attr="progress", metric=cfg.stop_metric, mode=cfg.stop_mode,
-                                  grace_period=cfg.grace_percent, min_samples_required=2)
+        class MedianStoppingWithoutPauses(MedianStoppingRule):
+            """Tune's median rule, less its pauses: with too few trials past a point to compare and trials waiting
+            (more trials than `max_concurrent_trials` fit), it paused the trial to let another run. A slam_ray
+            trial reports no Tune checkpoint, so a paused trial starts again from scratch (its training too,
+            unless `train.checkpoint_every` saved some): work thrown away, on a round robin."""
+
+            def _on_insufficient_samples(self, tune_controller, trial, time):  # noqa: ANN001, ANN202
+                return TrialScheduler.CONTINUE
+
+        return MedianStoppingWithoutPauses(time_attr="progress", metric=cfg.stop_metric, mode=cfg.stop_mode,
+                                           grace_period=cfg.grace_percent, min_samples_required=2)
     return None
 
 

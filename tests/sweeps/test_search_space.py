@@ -161,7 +161,24 @@ def test_search_and_scheduler_objects_follow_the_sweep_section():
     asha = _scheduler(exp)
     assert isinstance(asha, ASHAScheduler) and asha._time_attr == "progress" and asha.metric == "val/loss"
     assert not asha._stop_last_trials  # a trial at 100% must still be evaluated
-    assert isinstance(_scheduler(load_experiment("quickstart", ["sweep.scheduler=median"])), MedianStoppingRule)
+    median = _scheduler(load_experiment("quickstart", ["sweep.scheduler=median"]))
+    assert isinstance(median, MedianStoppingRule)
+    # too few trials to compare and one waiting: Tune's rule pauses the trial, which (no Tune checkpoint) would
+    # start again from scratch; slam_ray's lets it run
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    class Stub:  # a trial as the rule reads it: its status, and a dict key
+        def __init__(self, status: str) -> None:
+            self.status = status
+
+    controller = SimpleNamespace(get_live_trials=lambda: [Stub(Trial.PENDING)])
+    running = Stub(Trial.RUNNING)
+    plain = MedianStoppingRule(time_attr="progress", metric="val/loss", mode="min", grace_period=20)
+    assert plain._on_insufficient_samples(controller, running, 30.0) == TrialScheduler.PAUSE
+    assert median._on_insufficient_samples(controller, running, 30.0) == TrialScheduler.CONTINUE
     assert _scheduler(load_experiment("quickstart")) is None
     assert isinstance(_search_alg(exp), BasicVariantGenerator)
 
