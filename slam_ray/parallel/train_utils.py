@@ -1,11 +1,20 @@
 """Plain helpers of the training loops (`train`, `dpo`; the scaffold itself is `slam_ray/parallel/trainer.py`): agreement
-across ranks, the global-batch check, and the FLOPs arithmetic of MFU. No Ray here."""
+across ranks, the global-batch check, epochs' seeded orders, and the FLOPs arithmetic of MFU. No Ray here."""
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from slam_ray.errors import SlamError
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of `n` items in an epoch: the first from `seed` alone, later ones from (seed, epoch). Seeding with
+    `seed + epoch` gave seed s's second epoch seed s+1's first order, so runs of neighbouring seeds (a seed sweep,
+    grid repeats) shared their later epochs' orders."""
+    return np.random.default_rng(seed if epoch == 0 else (seed, epoch)).permutation(n)
 
 
 def all_ranks(value: float, op: str) -> float:

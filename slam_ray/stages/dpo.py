@@ -39,7 +39,7 @@ from slam_ray.core.tracking import Tracker
 from slam_ray.errors import SlamError
 from slam_ray.lm.optim import lr_factor, replan_before
 from slam_ray.lm.preferences import grammar_preference_triples, read_slamkit_preferences
-from slam_ray.parallel.train_utils import check_global_batch, flops_per_token
+from slam_ray.parallel.train_utils import check_global_batch, epoch_order, flops_per_token
 from slam_ray.parallel.trainer import (
     Budget,
     Mfu,
@@ -274,13 +274,13 @@ def dpo_loop_per_worker(config: dict[str, Any]) -> None:
     triple_tokens = np.array([preference_tokens(t["prompt"], t["chosen"], t["rejected"], context_len) for t in train])
 
     @functools.lru_cache(maxsize=2)
-    def epoch_order(epoch: int) -> np.ndarray:
-        return np.random.default_rng(cfg.seed + epoch).permutation(len(train))
+    def order_of(epoch: int) -> np.ndarray:
+        return epoch_order(cfg.seed, epoch, len(train))
 
     def micro_indices(index: int) -> np.ndarray:
         """All ranks' triples of micro-batch `index` (epoch-wise seeded shuffles, like pre-training)."""
         epoch, i = divmod(index, steps_per_epoch * cfg.grad_accum)
-        return epoch_order(epoch)[i * per_micro : (i + 1) * per_micro]
+        return order_of(epoch)[i * per_micro : (i + 1) * per_micro]
 
     def step_tokens(s: int) -> int:
         """Tokens all ranks read at step `s`: known in advance, so every rank plans the same token budget."""

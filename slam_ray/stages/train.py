@@ -25,7 +25,7 @@ from slam_ray.core.storage import in_filesystem, localize, storage_root
 from slam_ray.core.tracking import Tracker
 from slam_ray.lm.optim import build_optimizer, lr_factor, replan_before, warmup_steps
 from slam_ray.lm.packed import PackedWindows
-from slam_ray.parallel.train_utils import all_ranks, check_global_batch, flops_per_token
+from slam_ray.parallel.train_utils import all_ranks, check_global_batch, epoch_order, flops_per_token
 from slam_ray.parallel.trainer import (
     Budget,
     Mfu,
@@ -62,7 +62,7 @@ class WindowBatches:
         """The windows of global batch `index` (all ranks, rank 0's slice first)."""
         epoch, i = divmod(index, self.per_epoch)
         if epoch != self._epoch:  # one permutation per epoch, not per step (O(windows) each)
-            self._epoch, self._order = epoch, np.random.default_rng(self.seed + epoch).permutation(len(self.windows))
+            self._epoch, self._order = epoch, epoch_order(self.seed, epoch, len(self.windows))
         return self._order[i * self.global_batch : (i + 1) * self.global_batch]
 
     def rows(self, index: int) -> np.ndarray:

@@ -53,6 +53,17 @@ def test_ranks_see_disjoint_slices_of_each_global_batch():
     assert not np.array_equal(r0.batch(0), r0.batch(4))  # next epoch is reshuffled
 
 
+def test_neighbouring_seeds_do_not_share_an_epochs_order():
+    """Epochs were shuffled with seed + epoch: seed 0's second epoch was seed 1's first, so a seed sweep's runs
+    trained on the same orders one epoch apart. The first epoch keeps its order (runs of one epoch are unchanged)."""
+    windows = np.arange(40 * 4).reshape(40, 4)
+    seed0, seed1 = (WindowBatches(windows, 5, rank=0, world=1, seed=s) for s in (0, 1))
+    first_epoch = [seed1.global_rows(i) for i in range(seed1.per_epoch)]
+    second_epoch = [seed0.global_rows(seed0.per_epoch + i) for i in range(seed0.per_epoch)]
+    assert not np.array_equal(np.concatenate(first_epoch), np.concatenate(second_epoch))
+    assert np.array_equal(seed0.global_rows(0), np.random.default_rng(0).permutation(40)[:5])
+
+
 def test_memory_mapped_windows_give_the_same_batches_in_any_order_of_access(tmp_path):
     """The worker maps the pack shards instead of loading them: batches equal the in-memory array's, the epoch's
     shuffle is the seeded permutation of that epoch (cached per epoch, so resuming at any step, or going back
