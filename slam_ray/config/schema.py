@@ -370,6 +370,10 @@ class TrainConfig(Section):
     def _needs_budget(self) -> TrainConfig:
         if self.max_steps is None and self.max_minutes is None and self.max_tokens is None and self.max_flops is None:
             raise ValueError("set a budget: max_steps, max_tokens, max_flops or max_minutes (any combination)")
+        if self.schedule.min_lr > self.optimizer.lr and self.schedule.name in ("cosine", "linear", "wsd"):
+            # the decay runs from lr to min_lr: above lr, it would raise the lr over the run
+            raise ValueError(f"schedule.min_lr {self.schedule.min_lr:g} is above optimizer.lr {self.optimizer.lr:g}: "
+                             "the schedule would raise the lr as it goes; set min_lr <= lr")
         return self
 
 

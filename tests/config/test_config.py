@@ -130,6 +130,17 @@ def test_budget_required():
         load_experiment("quickstart", ["train.max_minutes=null", "train.max_steps=null"])
 
 
+def test_a_min_lr_above_the_lr_is_refused():
+    """A decay from lr to a min_lr above it raises the lr over the run (a swept lr below the recipe's min_lr)."""
+    from slam_ray.lm.optim import lr_factor
+
+    sched = load_experiment("quickstart").train.schedule
+    assert lr_factor(999, 1000, 10, sched, 1e-6) > lr_factor(10, 1000, 10, sched, 1e-6)  # what it would do
+    with pytest.raises(ConfigError, match=r"train.*min_lr 1e-05 is above optimizer.lr 1e-06.*set min_lr <= lr"):
+        load_experiment("quickstart", ["train.optimizer.lr=1e-6"])
+    load_experiment("quickstart", ["train.optimizer.lr=1e-5"])  # equal: a constant lr
+
+
 def test_name_defaults_to_file_stem(tmp_path):
     exp = load_experiment(str(write(tmp_path, {"stages": ["synth"]}, "my-exp.yaml")))
     assert exp.name == "my-exp"
