@@ -570,6 +570,14 @@ class Experiment(Section):
                 and any(entry.task == "generate" for entry in self.eval.task_entries())):
             raise ValueError("eval.generation.modality: text needs an interleaved model (pack.interleave set); a "
                              "speech-only model continues in speech: use modality: speech")
+        # Eval and DPO hold out the grammar sentences whose hash falls under synth.corpus.held_out_percent; a grammar
+        # text dataset holding out fewer packed the rest of them as training text
+        held_out = self.synth.corpus.held_out_percent
+        for i, data in enumerate(self.pack.text):
+            if data.corpus.source == "grammar" and data.corpus.held_out_percent < held_out:
+                raise ValueError(f"pack.text[{i}].corpus.held_out_percent {data.corpus.held_out_percent} is below "
+                                 f"synth.corpus.held_out_percent {held_out}: the grammar sentences eval and DPO hold "
+                                 f"out would be trained on as text; set it to {held_out} (or more)")
         return self
 
     @property

@@ -253,7 +253,8 @@ def _section_payloads(exp: Experiment, stage: str) -> dict[str, Any]:
             payload["units"] = {"n_units": exp.extract.tokenizer.n_units}
         if any(d.corpus.source == "grammar" for d in exp.pack.text):
             payload["grammar_version"] = SENTENCES_VERSION
-        if "@extract" in exp.pack.inputs:
+        # also a named `{name, path: "@extract"}` entry (an `in` on the list missed it: new units reused a stale pack)
+        if any(entry == "@extract" for _, entry in name_entries(exp.pack.inputs, {"@extract": "@extract"})):
             payload["extract"] = stage_key(exp, "extract")
         return payload
     if stage == "train":

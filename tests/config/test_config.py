@@ -141,6 +141,21 @@ def test_a_min_lr_above_the_lr_is_refused():
     load_experiment("quickstart", ["train.optimizer.lr=1e-5"])  # equal: a constant lr
 
 
+def test_a_grammar_text_dataset_cannot_train_on_the_sentences_eval_holds_out():
+    """Eval and DPO draw their pairs from the grammar sentences under synth.corpus.held_out_percent; a grammar text
+    dataset holding out fewer would pack the rest of them as training text."""
+    from slam_ray.evals.grammar import generate_sentences, is_held_out
+
+    text = ['pack.text=[{name: words, corpus: {source: grammar, n_sentences: 500, held_out_percent: 5}}]',
+            "pack.interleave={tokenizer: '@grammar'}"]
+    trained = generate_sentences(500, 0, 5)
+    assert any(is_held_out(s, 10) for s in trained)  # what a 5% text set would have trained on of a 10% eval set
+    with pytest.raises(ConfigError, match=r"pack.text\[0\].corpus.held_out_percent 5 is below "
+                                          r"synth.corpus.held_out_percent 10.*set it to 10"):
+        load_experiment("quickstart", ["synth.corpus.held_out_percent=10", *text])
+    load_experiment("quickstart", ["synth.corpus.held_out_percent=5", *text])
+
+
 def test_name_defaults_to_file_stem(tmp_path):
     exp = load_experiment(str(write(tmp_path, {"stages": ["synth"]}, "my-exp.yaml")))
     assert exp.name == "my-exp"

@@ -95,6 +95,16 @@ def test_extract_folder_and_manifest_edited_in_place_change_extract_and_after(tm
     _assert_edit_changes(glob_exp, ("extract",), lambda: (audio / "b" / "4.flac").write_bytes(b"four"))
 
 
+def test_a_named_extract_input_keys_pack_by_extract(tmp_path):
+    """`pack.inputs: [{name: speech, path: "@extract"}]` (a name for `pack.mix`) reads extract's units as the
+    plain "@extract" does: pack's key must follow extract's (it did not, and new units reused a stale pack)."""
+    for inputs in (["@extract"], [{"name": "speech", "path": "@extract"}]):
+        exp = small_experiment(tmp_path / "w", pack={"inputs": inputs})
+        changed = small_experiment(tmp_path / "w", pack={"inputs": inputs}, extract={"tokenizer": {"n_units": 32}})
+        assert stage_key(exp, "extract") != stage_key(changed, "extract")
+        assert stage_key(exp, "pack") != stage_key(changed, "pack"), inputs
+
+
 def test_a_symlinked_subfolder_is_fingerprinted_as_the_readers_follow_it(tmp_path):
     """A dataset assembled from links (`salmon/bg_alone -> /mnt/ds/bg_alone`): files replaced or added behind the
     link make a new eval key (the link's files were left out of the listing: 0 files, the stale result reused);
