@@ -33,7 +33,7 @@ from slam_ray.errors import SlamError
 # is what keys were before versions existed, so existing workdirs keep their keys.
 # What DPO trained with before it had its own trainer settings (fp32 DDP, whatever train used).
 DPO_TRAINER_BEFORE = {"precision": "fp32", "compile": False, "gradient_checkpointing": False, "strategy": "ddp"}
-STAGE_FORMAT: dict[str, int] = {"synth": 1, "extract": 2, "pack": 2, "train": 1, "dpo": 1, "eval": 1}
+STAGE_FORMAT: dict[str, int] = {"synth": 1, "extract": 2, "pack": 3, "train": 1, "dpo": 1, "eval": 1}
 # Versions of what the stages' generators and readers produce, in the keys of the stages that use them: bump one
 # when its generator changes, so old outputs are not reused. They live here, beside STAGE_FORMAT, because the
 # stage contract imports no generator (imports point one way: stages -> speech/lm/evals -> core).

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -320,12 +321,18 @@ def modality_counts(tokens: np.ndarray, settings: dict[str, Any] | None) -> dict
     return {"unit_tokens": units, "marker_tokens": markers, "text_tokens": int(len(tokens)) - units - markers}
 
 
+SEGMENT_SUFFIX = re.compile(r"@\d{4}$")  # extract's id of a long file's piece: <recording id>@<index>
+
+
 def held_out(u: Utterances, seed: int, fraction: float) -> np.ndarray:
-    """Which utterances are validation: a seeded hash of (dataset, id) below `fraction`, so the choice depends on
-    the utterance alone, not on the shard it is in or on how many workers pack."""
+    """Which utterances are validation: a seeded hash of (dataset, recording) below `fraction`, so the choice
+    depends on the utterance alone, not on the shard it is in or on how many workers pack. The recording is the id
+    less extract's segment suffix (`<id>@0003`): the pieces of one long file (a Libri-Light chapter, one speaker,
+    running text) go to the same side — hashed one by one, neighbours in training made the validation loss low."""
     if fraction <= 0:
         return np.zeros(len(u.ids), dtype=bool)
-    draws = [int.from_bytes(hashlib.blake2b(f"{seed}\0{d}\0{i}".encode(), digest_size=8).digest(), "little")
+    draws = [int.from_bytes(hashlib.blake2b(f"{seed}\0{d}\0{SEGMENT_SUFFIX.sub('', i)}".encode(), digest_size=8).digest(),
+                            "little")
              for d, i in zip(u.datasets, u.ids, strict=True)]
     return np.array(draws, dtype=np.float64) / 2.0**64 < fraction
 

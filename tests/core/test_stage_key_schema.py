@@ -110,7 +110,7 @@ def test_a_field_added_with_since_keeps_keys_at_its_default(quickstart):
 def test_a_bumped_format_version_changes_the_stage_and_everything_after(quickstart, monkeypatch):
     before = _keys(quickstart)
     assert stage_payload(quickstart, "synth").get("format_version") is None  # version 1: the keys from before versions
-    assert stage_payload(quickstart, "pack")["format_version"] == stage_io.STAGE_FORMAT["pack"] == 2  # sharded pack
+    assert stage_payload(quickstart, "pack")["format_version"] == stage_io.STAGE_FORMAT["pack"] == 3  # a recording on one side
     assert stage_payload(quickstart, "extract")["format_version"] == stage_io.STAGE_FORMAT["extract"] == 2  # words
     monkeypatch.setitem(stage_io.STAGE_FORMAT, "extract", 3)
     after = _keys(quickstart)

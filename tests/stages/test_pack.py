@@ -136,6 +136,22 @@ def test_without_a_mix_every_utterance_is_packed_once_train_or_val(tmp_path):
     assert train1 != train
 
 
+def test_the_pieces_of_one_long_recording_are_all_train_or_all_val():
+    """extract cuts a long file into `<id>@0000`, `<id>@0001`, ...: drawn piece by piece, one chapter's neighbouring
+    minutes (one speaker, running text) landed on both sides and the validation loss read low."""
+    from slam_ray.stages.pack import Utterances, held_out
+
+    ids = [f"chapter{c}@{k:04d}" for c in range(200) for k in range(6)] + [f"short{i}" for i in range(200)]
+    u = Utterances(ids, ["librilight"] * len(ids), np.zeros(0, np.uint16), np.zeros(len(ids) + 1, np.int64))
+    val = held_out(u, seed=0, fraction=0.2)
+    by_chapter = val[:1200].reshape(200, 6)
+    assert (by_chapter.all(axis=1) | ~by_chapter.any(axis=1)).all()  # each recording wholly on one side
+    assert 0.1 < by_chapter[:, 0].mean() < 0.3 and 0.1 < val[1200:].mean() < 0.3  # still the asked share
+    # an unsegmented id is drawn as before: the suffix is the only thing taken off
+    single = Utterances(["chapter7"], ["librilight"], np.zeros(0, np.uint16), np.zeros(2, np.int64))
+    assert held_out(single, 0, 0.2)[0] == by_chapter[7, 0]
+
+
 def test_save_windows_writes_a_readable_one_shard_output(tmp_path):
     windows = np.arange(12 * 8, dtype=np.uint16).reshape(12, 8)
     save_windows(tmp_path, windows, windows[:2])
