@@ -85,8 +85,12 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_positions: int = 4096, vo
         # (fp16: -inf after a step; bf16: updates below its precision rounded away)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=cfg.attn_implementation)
     except (ImportError, ValueError) as e:
-        raise SlamError(f"train.model.attn_implementation={cfg.attn_implementation!r} is not available here: {e}. "
-                        "Use 'sdpa' (torch's kernels, FlashAttention included on GPU) or 'eager'") from e
+        raise attention_unavailable(cfg.attn_implementation, e) from e
+
+
+def attention_unavailable(attn_implementation: str, error: Exception) -> SlamError:
+    return SlamError(f"train.model.attn_implementation={attn_implementation!r} is not available here: {error}. "
+                     "Use 'sdpa' (torch's kernels, FlashAttention included on GPU) or 'eager'")
 
 
 def load_checkpoint(path: str, attn_implementation: str = "sdpa"):
@@ -100,8 +104,7 @@ def load_checkpoint(path: str, attn_implementation: str = "sdpa"):
         return AutoModelForCausalLM.from_pretrained(model_source(path), dtype=torch.float32,
                                                     attn_implementation=attn_implementation)
     except (ImportError, ValueError) as e:
-        raise SlamError(f"train.model.attn_implementation={attn_implementation!r} is not available here: {e}. "
-                        "Use 'sdpa' (torch's kernels, FlashAttention included on GPU) or 'eager'") from e
+        raise attention_unavailable(attn_implementation, e) from e
 
 
 def count_parameters(model) -> int:

@@ -264,10 +264,11 @@ def check_sweep_metrics(exp: Experiment) -> None:
                           f"{', '.join(tasks) or 'none'}), val/loss or train/<figure>")
     # a loss is better lower: with the default mode max, the search chased the worst trials and the report called
     # the worst one best
-    for name, mode, field in ((metric, exp.sweep.mode, "mode"), (exp.sweep.stop_metric, exp.sweep.stop_mode, "stop_mode")):
-        if "loss" in name and mode == "max":
-            raise ConfigError(f"sweep.{field} is max but sweep.{'metric' if field == 'mode' else 'stop_metric'} "
-                              f"{name!r} is a loss (lower is better): set sweep.{field}=min")
+    for metric_field, mode_field in (("metric", "mode"), ("stop_metric", "stop_mode")):
+        name = getattr(exp.sweep, metric_field)
+        if "loss" in name and getattr(exp.sweep, mode_field) == "max":
+            raise ConfigError(f"sweep.{mode_field} is max but sweep.{metric_field} {name!r} is a loss (lower is "
+                              f"better): set sweep.{mode_field}=min")
     if exp.sweep.scheduler != "fifo" and exp.sweep.stop_metric not in REPORTED_WHILE_TRAINING:
         raise ConfigError(f"sweep.stop_metric {exp.sweep.stop_metric!r} is not reported while a trial trains, so "
                           f"sweep.scheduler {exp.sweep.scheduler} would stop nothing; use one of "
