@@ -81,6 +81,15 @@ def espeak() -> str:
 
 
 @pytest.fixture(scope="session")
+def benchmark_layouts(tmp_path_factory, espeak) -> dict:
+    """The miniature benchmark layouts (`helpers.make_benchmark_layouts`, ~50 espeak-ng calls), spoken once per test
+    run for the tests that read them; none writes into them."""
+    from helpers import make_benchmark_layouts
+
+    return make_benchmark_layouts(tmp_path_factory.mktemp("layouts"))
+
+
+@pytest.fixture(scope="session")
 def reduced_quickstart(tmp_path_factory, ray_local, espeak) -> CliRun:
     """The reduced quickstart (`small_experiment`, a checkpoint every 10 steps) run once per test run through the
     real CLI, in a process that starts its own Ray beside this session's (`ray_local`), as on a shared machine.

@@ -21,7 +21,6 @@ import torch
 from helpers import (
     FIXTURES,
     TINY_HIFIGAN,
-    make_benchmark_layouts,
     plain_nll,
     save_tiny_hubert,
     save_tiny_qwen25,
@@ -83,7 +82,7 @@ def official_scores(data: dict[str, Path], score) -> dict[str, float]:
     return out
 
 
-def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak, ray_address):
+def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak, ray_address, benchmark_layouts):
     import joblib
     from sklearn.cluster import MiniBatchKMeans
     from transformers import AutoModelForCausalLM, HubertModel
@@ -109,7 +108,7 @@ def test_the_slam_recipe_in_miniature_end_to_end(tmp_path, espeak, ray_address):
     tokens = lambda n: rng.integers(2, N_UNITS + 2, size=n).tolist()  # noqa: E731
     slamkit_jsonl(tmp_path / "spoken_swag.jsonl", [{"prompt": tokens(8), "chosen": tokens(10), "rejected": tokens(10)}
                                                    for _ in range(40)])
-    data = make_benchmark_layouts(tmp_path / "benchmarks")
+    data = benchmark_layouts
     torch.manual_seed(0)
     save_weight_normed(UnitHifiGan({**TINY_HIFIGAN, "num_embeddings": N_UNITS}), tmp_path / "vocoder")
     prompts = tmp_path / "prompts.jsonl"

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import make_benchmark_layouts
 
 from slam_ray.config.tasks import DATASET_READERS, load_task, task_names
 from slam_ray.errors import SlamError
@@ -15,8 +14,8 @@ from slam_ray.evals.readers import READERS, frequency_band, read_comparisons
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory, espeak):
-    return make_benchmark_layouts(tmp_path_factory.mktemp("layouts"))
+def layouts(benchmark_layouts):
+    return benchmark_layouts
 
 
 def stem(path: str) -> str:

@@ -1,5 +1,6 @@
-"""The DPO stage on a real local Ray: grammar preference triples spoken by espeak-ng and tokenised, 2 CPU
-workers, the held-out margin it should raise, evaluation before/after. A killed DPO worker that resumes to the
+"""The DPO stage on a real local Ray: grammar preference triples spoken by espeak-ng and tokenised, one CPU
+worker (the global batch two workers would share: DPO on 2 workers, DDP and FSDP, is tests/parallel/test_trainer.py's),
+the held-out margin it should raise, evaluation before/after. A killed DPO worker that resumes to the
 uninterrupted curve is tested under FSDP in tests/parallel/test_trainer.py (the checkpoint/resume code is the
 trainer scaffold's, which tests/stages/test_train_ray.py also kills under DDP and FSDP)."""
 
@@ -26,8 +27,10 @@ from slam_ray.pipeline import stage_function
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-DPO = {"n_pairs": 200, "val_pairs": 40, "max_steps": 40, "max_minutes": None, "batch_size": 4, "grad_accum": 2,
-       "lr": 2e-3, "log_every": 5, "reference": "precomputed", "num_workers": 2}
+# One worker with the global batch of two (8 x 1 = 4 x 2): the same triples each step, one Train worker process and
+# no reference-pass pool fewer (one CPU worker computes the reference in the driver; the pool is checked against it)
+DPO = {"n_pairs": 200, "val_pairs": 40, "max_steps": 40, "max_minutes": None, "batch_size": 8, "grad_accum": 2,
+       "lr": 2e-3, "log_every": 5, "reference": "precomputed", "num_workers": 1}
 
 
 @pytest.fixture(scope="module")

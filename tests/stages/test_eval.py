@@ -18,7 +18,6 @@ import yaml
 from helpers import (
     REDUCED_TRAIN,
     link_upstream,
-    make_benchmark_layouts,
     plain_nll,
     plain_text_nll,
     save_tiny_text_lm,
@@ -38,14 +37,14 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, reduced_pipeline):
+def trained(tmp_path_factory, reduced_pipeline, benchmark_layouts):
     """A tiny experiment trained for 30 steps with a checkpoint every 10 (the session's reduced quickstart, its
-    stages up to train linked), plus the miniature layouts."""
+    stages up to train linked), plus the miniature layouts (the session's)."""
     root = tmp_path_factory.mktemp("eval")
     exp = small_experiment(root / "work", train=REDUCED_TRAIN)
     assert exp.train.max_steps == 30 and exp.train.checkpoint_every == 10  # what the step checks below expect
     link_upstream(exp, reduced_pipeline, ("synth", "extract", "pack", "train"))
-    return exp, make_benchmark_layouts(root / "data")
+    return exp, benchmark_layouts
 
 
 def test_every_task_and_checkpoint_with_a_missing_dataset(trained, tmp_path):
@@ -107,9 +106,10 @@ def test_every_task_and_checkpoint_with_a_missing_dataset(trained, tmp_path):
     curve = client.get_metric_history(run.info.run_id, "eval/sblimp/curve_accuracy")
     assert sorted(m.step for m in curve) == [0, 10, 20, 30]
 
-    # a checkpoint folder given by path needs no training stage in the payload
-    alone = with_values(exp, {"eval.tasks": [tasks[3]], "eval.checkpoints": [str(stage_dir(exp, "train").path / "checkpoint")]},
-                        "test")
+    # a checkpoint folder given by path needs no training stage in the payload; scored in the driver (one CPU
+    # actor) this time, it gets the accuracy the pool got
+    alone = with_values(exp, {"eval.tasks": [tasks[3]], "eval.num_actors": 1,
+                              "eval.checkpoints": [str(stage_dir(exp, "train").path / "checkpoint")]}, "test")
     assert "train" not in stage_payload(alone, "eval")
     again = json.loads((stage_function("eval")(alone).path / "results.json").read_text())
     assert again["ssc@checkpoint"]["accuracy"] == results["ssc"]["accuracy"]
