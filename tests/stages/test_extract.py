@@ -531,13 +531,16 @@ def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tm
         shutil.copy(fixtures / f"audio{1 + i % 2}.flac", folder / f"copy{i:02d}.flac")
     model = save_tiny_hubert(tmp_path / "hubert", rate=25)
 
-    def experiment(workdir):
+    def experiment(workdir, **extract_values):
         return small_experiment(workdir, stages=["extract"],
                                 extract={"inputs": [str(folder)], "shard_files": 4, "batch_size": 2,
                                          "tokenizer": {"kind": "hubert", "model": model, "layer": 3, "n_units": 12,
-                                                       "fit_frames": 1000}})
+                                                       "fit_frames": 1000}, **extract_values})
 
-    clean_out = extract(experiment(tmp_path / "clean"))  # the reference run, in this process (the session's Ray)
+    # the reference run, in this process, encoded in the driver (local_encode_seconds: an operational field, the same
+    # key; the driver's pass writes the shards a pool writes, test_a_small_encoding_pass_in_the_driver_...): the
+    # killed run below is the one whose pool of actors matters
+    clean_out = extract(experiment(tmp_path / "clean", local_encode_seconds=10**6))
     shard_names = sorted(p.name for p in (clean_out.path / "units").glob("part-*.parquet"))
     assert len(shard_names) == 12  # 46 inputs, 4 per shard
 
