@@ -38,6 +38,13 @@ def pytest_collection_modifyitems(config, items):
     if unmarked:
         raise pytest.UsageError(f"these tests use a Ray fixture ({', '.join(sorted(RAY_FIXTURES))}) but are not "
                                 f"marked `ray`; add @pytest.mark.ray: {unmarked}")
+    # `own_ray` tests run in make test's second lane (tests/lanes.py), beside the session's Ray but not on it
+    misplaced = [item.nodeid for item in items if "own_ray" in item.keywords
+                 and ("ray" not in item.keywords or RAY_FIXTURES & set(item.fixturenames))]
+    if misplaced:
+        raise pytest.UsageError(f"these tests are marked `own_ray` (they start Ray clusters of their own) but are not "
+                                f"marked `ray` or use a session Ray fixture ({', '.join(sorted(RAY_FIXTURES))}): "
+                                f"{misplaced}")
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
@@ -58,7 +65,20 @@ def ray_local():
     """One local Ray instance for the in-process tests that need it; only this instance is shut down."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    # As init_ray does for a local instance: its workers find this instance's state API through the environment
+    # the raylet inherits (Train's placement-group cleaner asks with no address, and with `make test`'s `own_ray`
+    # clusters running beside this one, "no address" would not name one instance), restored afterwards so that
+    # subprocesses starting their own Ray do not inherit it. address="local": a new instance, never a cluster
+    # some `ray start` left the address of.
+    port, previous = free_port(), os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=port, logging_level="WARNING")
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous
     yield ray
     ray.shutdown()
 

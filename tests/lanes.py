@@ -3,7 +3,9 @@
 - the `ray` lane: every test marked `ray` (real Ray instances, `slam-ray` subprocesses, Ray Train runs), in
   one process, in file order, its output on the terminal;
 - the other lane: everything else (unit tests, in-process stages, torch.compile, the docs build), in a second
-  process whose output is kept in a file and printed when it ends.
+  process whose output is kept in a file and printed when it ends; then, in the same lane, the `ray` tests marked
+  `own_ray` (they start Ray clusters of their own — the two-node `ray job submit` test, the S3 extraction through
+  the CLI — and use none of the session's fixtures), in a third process.
 
 Why two: a Ray test leaves about a quarter of two cores idle (its processes start one after another, each
 importing torch on one core; a one-worker run trains on one core), and the other lane's work is CPU-bound in one
@@ -11,8 +13,10 @@ process, so part of it runs in that idle time: measured, its ~350 s of work made
 lanes save ~150-200 s against one after the other). It runs at a lower CPU priority (nice 10), so a core both lanes
 want goes to the `ray` lane, most of the suite's wall time (its first tests: ~307 s beside the other lane at equal
 priority, ~250 s at nice 10, 181 s alone). Two lanes of Ray tests do not help: they fight over the same two cores
-(docs/testing.md has the measurements). Extra arguments go to both pytest commands. The exit code is the worst
-of the two; a lane that collects no test fails (pytest's exit code 5 never passes silently).
+(docs/testing.md has the measurements) — but the `ray` lane alone leaves ~30% of the cores idle once the other
+lane's tests are done, and the `own_ray` tests, at the other lane's lower priority, run in that idle time without
+touching the session's Ray. Extra arguments go to every pytest command. The exit code is the worst of them; a
+pytest run that collects no test fails (pytest's exit code 5 never passes silently).
 
 This machine's speed moves by up to ~1.6x between hours (the same tests, unchanged, 16 and 26 min), so the summary
 also prints what the two cores did while the suite ran (busy CPU seconds from /proc/stat, all processes: on a
@@ -29,6 +33,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,36 +69,64 @@ def torch_import_seconds() -> float:
     return min(times)
 
 
+class OtherLane(threading.Thread):
+    """The second lane: one pytest after the other, each at a lower priority: the tests not marked `ray`, then the
+    `own_ray` ones (their exit codes in `codes`). `stop()` ends the running one and starts no other."""
+
+    def __init__(self, pytest: list[str], log, env: dict[str, str]) -> None:  # noqa: ANN001
+        super().__init__(daemon=True)
+        self.pytest, self.log, self.env = pytest, log, env
+        self.codes: list[int] = []
+        self.proc: subprocess.Popen | None = None
+        self.stopped = False
+
+    def run(self) -> None:
+        for selection in ("not ray", "ray and own_ray"):
+            if self.stopped:
+                return
+            self.proc = subprocess.Popen([*self.pytest, "-m", selection, "-p", "no:cacheprovider"], stdout=self.log,
+                                         stderr=subprocess.STDOUT, env=self.env,
+                                         preexec_fn=lambda: os.nice(OTHER_LANE_NICENESS))
+            if selection == "not ray":
+                niceness = os.getpriority(os.PRIO_PROCESS, self.proc.pid) - os.getpriority(os.PRIO_PROCESS, 0)
+                print(f"[lanes] tests not marked `ray`, then the `own_ray` ones, run beside this lane (pid "
+                      f"{self.proc.pid}, niceness +{niceness}); their output follows at the end", flush=True)
+            self.codes.append(self.proc.wait())
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
 def main(args: list[str]) -> int:
     pytest = [sys.executable, "-m", "pytest", str(TESTS), *args]
     probe = torch_import_seconds()
     print(f"[lanes] speed probe: `import torch` takes {probe:.2f} s here now", flush=True)
     start, busy_start = time.time(), busy_cpu_seconds()
     with tempfile.NamedTemporaryFile("w+", prefix="slam-ray-tests-", suffix=".log") as log:
-        # -p no:cacheprovider: the two processes would otherwise write the same .pytest_cache
+        # -p no:cacheprovider: the processes would otherwise write the same .pytest_cache
         # One inductor compile thread: on a cold cache the compile tests would otherwise run a g++ on each core.
-        other = subprocess.Popen([*pytest, "-m", "not ray", "-p", "no:cacheprovider"], stdout=log,
-                                 stderr=subprocess.STDOUT, env={**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"},
-                                 preexec_fn=lambda: os.nice(OTHER_LANE_NICENESS))
-        niceness = os.getpriority(os.PRIO_PROCESS, other.pid) - os.getpriority(os.PRIO_PROCESS, 0)
-        print(f"[lanes] tests not marked `ray` run beside this lane (pid {other.pid}, niceness +{niceness}); their "
-              "output follows at the end", flush=True)
+        other = OtherLane(pytest, log, {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"})
+        other.start()
         try:
-            ray_code = subprocess.run([*pytest, "-m", "ray"]).returncode
+            ray_code = subprocess.run([*pytest, "-m", "ray and not own_ray"]).returncode
             ray_s = time.time() - start
-            other_code = other.wait()
+            other.join()
         finally:
-            if other.poll() is None:  # interrupted: stop the lane this script started
-                other.terminate()
-                other.wait()
+            if other.is_alive():  # interrupted: stop the lane this script started
+                other.stop()
+                other.join()
         log.seek(0)
-        print("\n[lanes] ---- tests not marked `ray` ----")
+        print("\n[lanes] ---- tests not marked `ray`, then the `own_ray` tests ----")
         print(log.read(), end="", flush=True)
+    other_code, own_code = other.codes
     total, busy = time.time() - start, busy_cpu_seconds() - busy_start
     print(f"[lanes] whole suite {total // 60:.0f} min {total % 60:.0f} s (the `ray` lane {ray_s:.0f} s; exit codes: "
-          f"ray {ray_code}, others {other_code}); CPU busy {busy:.0f} s of {total * os.cpu_count():.0f} core-seconds "
-          f"({busy / (total * os.cpu_count()):.0%}); speed probe {probe:.2f} s")
-    return max(verdict("`ray`", ray_code), verdict("non-`ray`", other_code))
+          f"ray {ray_code}, others {other_code}, own_ray {own_code}); CPU busy {busy:.0f} s of "
+          f"{total * os.cpu_count():.0f} core-seconds ({busy / (total * os.cpu_count()):.0%}); speed probe {probe:.2f} s")
+    return max(verdict("`ray`", ray_code), verdict("non-`ray`", other_code), verdict("`own_ray`", own_code))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from slam_ray.config import to_yaml
 from slam_ray.core.stage_io import stage_dir
 from slam_ray.speech.units import read_unit_shards
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.slow]  # own_ray: tests/lanes.py
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from helpers import small_experiment
 from slam_ray.config import to_yaml
 from slam_ray.core.stage_io import stage_dir
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.slow]  # own_ray: tests/lanes.py
 
 def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, s3_server, monkeypatch):
     """The layer every stage writes through: a stage folder written locally and published, then read on
