@@ -32,6 +32,7 @@ ray.shutdown()
 
 
 @pytest.mark.ray
+@pytest.mark.own_ray  # a Ray of its own in a private temp folder: make test's second lane
 def test_a_stale_cluster_file_does_not_capture_a_local_run():
     # A private Ray temp folder (RAY_TMPDIR), short enough for Ray's socket paths, so the machine's own
     # /tmp/ray/ray_current_cluster, which other Ray users rely on, is never touched.
