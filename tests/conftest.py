@@ -17,7 +17,7 @@ import pytest
 from helpers import FIXTURES, REDUCED_TRAIN, S3_SECRET, CliRun, free_port, small_experiment
 
 from slam_ray.config import to_yaml
-from slam_ray.core.runner import LOCAL_INSTANCE_ENV
+from slam_ray.core.runner import LOCAL_INSTANCE_ENV, start_local_ray
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,20 +65,9 @@ def ray_local():
     """One local Ray instance for the in-process tests that need it; only this instance is shut down."""
     import ray
 
-    # As init_ray does for a local instance: its workers find this instance's state API through the environment
-    # the raylet inherits (Train's placement-group cleaner asks with no address, and with `make test`'s `own_ray`
-    # clusters running beside this one, "no address" would not name one instance), restored afterwards so that
-    # subprocesses starting their own Ray do not inherit it. address="local": a new instance, never a cluster
-    # some `ray start` left the address of.
-    port, previous = free_port(), os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    try:
-        ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=port, logging_level="WARNING")
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = previous
+    # as init_ray starts one: with `make test`'s `own_ray` clusters running beside this instance, its workers must
+    # still find its own state API (Train's placement-group cleaner asks with no address)
+    start_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 

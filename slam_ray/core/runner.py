@@ -76,11 +76,19 @@ def init_ray(exp: Experiment) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         release_orphaned_placement_groups()
         return
+    start_local_ray(exp.ray.num_cpus or os.cpu_count(), exp.ray.num_gpus, exp.ray.include_dashboard)
+
+
+def start_local_ray(num_cpus: float, num_gpus: int | None = None, include_dashboard: bool = True) -> None:
+    """A new local Ray instance (address="local": never a cluster whose address a `ray start` left behind) with
+    LOCAL_INSTANCE_ENV, whose workers find its own state API even beside other instances on the machine."""
+    import ray
+
     for name, value in LOCAL_INSTANCE_ENV.items():  # set before the start, so that Tune trials' processes inherit it
         os.environ.setdefault(name, value)
     dashboard: dict[str, Any] = {}
     previous = os.environ.get("RAY_API_SERVER_ADDRESS")
-    if exp.ray.include_dashboard:
+    if include_dashboard:
         # Train V2's PlacementGroupCleaner actor queries the state API with no address: with a second Ray
         # instance on the machine it failed ("Found multiple active Ray instances", a traceback on the terminal)
         # and stopped guarding the run's placement group. Name this instance's dashboard to its workers through
@@ -90,14 +98,8 @@ def init_ray(exp: Experiment) -> None:
         dashboard = {"dashboard_port": port}
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
-        ray.init(
-            address="local",
-            num_cpus=exp.ray.num_cpus or os.cpu_count(),
-            num_gpus=exp.ray.num_gpus,
-            include_dashboard=exp.ray.include_dashboard,
-            logging_level=logging.WARNING,
-            **dashboard,
-        )
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=include_dashboard,
+                 logging_level=logging.WARNING, **dashboard)
     finally:
         if previous is None:
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
