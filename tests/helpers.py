@@ -73,6 +73,21 @@ def link_upstream(exp, built, stages: tuple[str, ...] = ("synth", "extract", "pa
             os.symlink(source.path, target.path)
 
 
+
+def link_caches(exp, built, kinds: tuple[str, ...] = ("eval_pairs", "eval_units", "dpo_triples")) -> None:
+    """Link `built`'s finished workdir caches (spoken and tokenised eval pairs, eval audio units, DPO triples)
+    entry by entry into `exp`'s workdir: an entry of the same key is read instead of spoken and encoded again, and
+    one of another key is built in `exp`'s own folder, not in `built`'s."""
+    from slam_ray.core.storage import workdir_path
+
+    for kind in kinds:
+        source = workdir_path(built) / kind
+        for entry in sorted(source.iterdir()) if source.is_dir() else []:
+            target = workdir_path(exp) / kind / entry.name
+            if entry.is_dir() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(entry, target)
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

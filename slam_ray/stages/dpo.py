@@ -124,15 +124,24 @@ def preference_triples(exp: Experiment, out: StageDir, timer: Timer) -> tuple[li
     return train, val, errors
 
 
-def cached_triples(exp: Experiment, timer: Timer) -> tuple[str, dict]:
-    """The triples file and its content, made once per (inputs, voices, tokenizer) under WORKDIR/dpo_triples/<key>/ and shared by
-    every DPO run on them (each trial of a sweep over pre-training or DPO settings)."""
+def triples_payload(exp: Experiment) -> dict:
+    """What the spoken, tokenised triples depend on: the inputs (a JSONL by its content too), pairs, seed, voices and
+    tokenizer. What DPO starts from and how it trains (schedule, precision, strategy...) do not change them: a
+    sweep over those, or a DPO from another checkpoint, speaks and tokenises them once."""
     payload = stage_payload(exp, "dpo")
-    payload.pop("train", None)
+    for trained in ("train", "dpo_trainer", "inverse_sqrt_version"):
+        payload.pop(trained, None)
     payload["dpo"] = {k: payload["dpo"][k] for k in ("inputs", "n_pairs", "val_pairs", "seed")}
     # a JSONL input is keyed by its content too: an edited file makes new triples
     payload["files"] = {entry: hashlib.sha256(Path(entry).read_bytes()).hexdigest()
                         for entry in exp.dpo.inputs if entry != "@grammar" and Path(entry).is_file()}
+    return payload
+
+
+def cached_triples(exp: Experiment, timer: Timer) -> tuple[str, dict]:
+    """The triples file and its content, made once per `triples_payload` under WORKDIR/dpo_triples/<key>/ and
+    shared by every DPO run on them (each trial of a sweep over pre-training or DPO settings)."""
+    payload = triples_payload(exp)
 
     def make(cache: StageDir) -> dict:
         train, val, errors = preference_triples(exp, cache, timer)

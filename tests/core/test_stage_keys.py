@@ -285,3 +285,21 @@ def test_a_gpu_extract_in_bf16_and_its_cpu_rerun_do_not_share_an_output(tmp_path
     assert key(0.5, "bfloat16") != key(0.0, "bfloat16")
     assert key(0.5, "float32") == key(0.0, "float32") == key(1.0, "float32")
     assert key(0.5, "bfloat16") == key(1.0, "bfloat16")
+
+
+def test_dpo_triples_are_keyed_by_what_they_are_made_of_not_by_how_dpo_trains(tmp_path):
+    """The spoken triples cache (WORKDIR/dpo_triples/<key>): a DPO from another checkpoint, on another schedule or
+    in another precision reuses the triples (a sweep over DPO settings spoke them again in every trial); other
+    pairs, voices or tokenizer make new ones."""
+    from slam_ray.config import with_values
+    from slam_ray.core.stage_io import config_hash
+    from slam_ray.stages.dpo import triples_payload
+
+    exp = small_experiment(tmp_path / "w", stages=["synth", "extract", "pack", "train", "dpo"], dpo={"max_steps": 40})
+    key = config_hash(triples_payload(exp))
+    same = {"dpo.init": str(tmp_path / "elsewhere"), "dpo.schedule": "cosine", "dpo.precision": "bf16",
+            "dpo.strategy": "fsdp", "dpo.lr": 1e-5, "dpo.max_steps": 7, "train.optimizer.lr": 1e-5}
+    for field, value in same.items():
+        assert config_hash(triples_payload(with_values(exp, {field: value}, "test"))) == key, field
+    for field, value in {"dpo.n_pairs": 7, "synth.voices": ["en-gb"], "extract.tokenizer.n_units": 17}.items():
+        assert config_hash(triples_payload(with_values(exp, {field: value}, "test"))) != key, field

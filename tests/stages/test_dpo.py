@@ -15,6 +15,7 @@ from helpers import (
     REDUCED_TRAIN,
     dpo_curve,
     external_start,
+    link_caches,
     link_upstream,
     slamkit_jsonl,
     small_experiment,
@@ -40,6 +41,7 @@ def pretrained(tmp_path_factory, reduced_pipeline):
     exp = small_experiment(tmp_path_factory.mktemp("dpo") / "work", stages=["synth", "extract", "pack", "train", "dpo", "eval"],
                            train=REDUCED_TRAIN, dpo=DPO)
     link_upstream(exp, reduced_pipeline, ("synth", "extract", "pack", "train"))
+    link_caches(exp, reduced_pipeline)  # its eval's spoken pairs: eval before/after DPO reads them
     return exp
 
 
@@ -122,6 +124,8 @@ def test_dpo_starts_from_any_compatible_hf_checkpoint_and_stops_at_its_time_budg
     external = AutoModelForCausalLM.from_pretrained(tmp_path / "external")
     assert all(torch.equal(a, b) for a, b in zip(before.parameters(), external.parameters(), strict=True))
     assert not (out.path / "checkpoint_init").exists()  # no untrained baseline of someone else's model
+    # another start and schedule, the same triples: the first test's, read, not spoken and tokenised again
+    assert len([p for p in (workdir_path(exp) / "dpo_triples").iterdir() if p.is_dir()]) == 1
 
     wrong = tmp_path / "wrong_vocab"
     Qwen2ForCausalLM(Qwen2Config(**{**config.to_dict(), "vocab_size": 77})).save_pretrained(wrong)

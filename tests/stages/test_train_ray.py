@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import kill_a_worker_during, logged_steps, small_experiment
+from helpers import actors_of, kill_a_worker_during, logged_steps, small_experiment
 
 from slam_ray.core.stage_io import stage_dir
 from slam_ray.core.tracking import driver_writer, tracking_uri
@@ -180,11 +180,14 @@ def test_time_budget_sizes_the_schedule_and_a_twist_run_stops_at_it_with_the_tra
     assert reloaded == pytest.approx(manifest["metrics"]["val/loss_final"], rel=1e-5)
 
     # The driver stopped after the run's final report, before the stage's manifest said complete: the same command
-    # again finds the final checkpoint and trains nothing (it restarted from the TWIST init and spent the budget again)
+    # again finds the final checkpoint and trains nothing (it restarted from the TWIST init and spent the budget
+    # again) — read from the run's folder, with no Ray Train run started for it
     out = stage_dir(exp, "train")
     out.write_manifest({**manifest, "status": "running"})
     listing = (out.path / "checkpoints.json").read_text()
+    controllers = sum(a.class_name == "TrainController" for a in actors_of(ray_local))
     again = json.loads(train(exp).manifest_path.read_text())
+    assert sum(a.class_name == "TrainController" for a in actors_of(ray_local)) == controllers
     assert again["status"] == "complete" and again["counts"] == manifest["counts"]
     assert again["metrics"]["val/loss_final"] == manifest["metrics"]["val/loss_final"]
     assert (out.path / "checkpoints.json").read_text() == listing  # no second init or final

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import link_upstream, small_experiment
+from helpers import link_caches, link_upstream, small_experiment
 
 from slam_ray.config import to_yaml, with_values
 from slam_ray.core.stage_io import stage_dir
@@ -58,6 +58,7 @@ def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_p
                "grace_percent": 20, "reduction_factor": 2},
     )
     link_upstream(exp, reduced_pipeline)  # the trials share synth/extract/pack: the session's are the same stages
+    link_caches(exp, reduced_pipeline)  # and its eval's spoken pairs: the trials' eval reads them, as its own trials would
     space = load_space(str(_space(tmp_path, {})))
     table = sweep(exp, space)
 
