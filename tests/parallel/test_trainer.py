@@ -376,23 +376,25 @@ def test_ranks_whose_clocks_started_apart_agree_on_the_time_budgets_plan():
 def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tmp_path, ray_local):
     """On 2 CPU workers (gloo), from the experiment file: dpo.strategy fsdp (FSDP2, the frozen reference sharded
     too), killed mid-run by SIGKILLing a worker, resumes from its gathered checkpoint and ends on the same step
-    with DDP's loss curve and final weights (to 1e-3, as train's FSDP); train.precision bf16 and
-    train.gradient_checkpointing reach DPO (its own fields left None): a curve that is DDP's to bf16's precision,
-    not bit for bit (on one worker: the same global batches). (A stage run costs ~1 min of Ray Train start-up on a busy 2-core machine, hence one test.)"""
+    with the loss curve and final weights of one worker given the same global batches (to 1e-3, as train's FSDP
+    against DDP: data parallelism is exact; train's test checks one worker against DDP too, and the DDP wrapper
+    is the shared scaffold's); train.precision bf16 and train.gradient_checkpointing reach DPO (its own fields
+    left None): a curve that is the fp32 one's to bf16's precision, not bit for bit. (A stage run costs ~1 min of
+    Ray Train start-up on a busy 2-core machine, hence one test.)"""
     import torch
     from transformers import AutoModelForCausalLM
 
     base = {"batch_size": 2, "num_workers": 2, "grad_accum": 2, "max_steps": 80, "log_every": 4, "lr": 2e-3}
     # Only the run that is killed checkpoints (every 8 steps, on log steps: a resumed run's first logged mean covers
-    # the steps since the checkpoint); bf16 runs on one worker with the global batch of two (the triples are all one
-    # length, so no padding differs): what it checks is the precision, and a worker process less is ~10 s here
-    extra = {"ddp": {}, "fsdp": {"dpo.strategy": "fsdp", "train.max_failures": 2, "dpo.checkpoint_every": 8},
-             "bf16": {"train.precision": "bf16", "train.gradient_checkpointing": True, "dpo.num_workers": 1,
-                      "dpo.batch_size": 4}}
+    # the steps since the checkpoint); the fp32 reference and bf16 run on one worker with the global batch of two
+    # (the triples are all one length, so no padding differs): a worker process less each is ~10 s here
+    one = {"dpo.num_workers": 1, "dpo.batch_size": 4}
+    extra = {"one": one, "fsdp": {"dpo.strategy": "fsdp", "train.max_failures": 2, "dpo.checkpoint_every": 8},
+             "bf16": {"train.precision": "bf16", "train.gradient_checkpointing": True, **one}}
     runs = {name: with_values(external_start(tmp_path / name, 100, **base), {"ray.worker_cpus": 0.5, **values}, "test")
             for name, values in extra.items()}
     handler = signal.getsignal(signal.SIGINT)
-    for name in ("ddp", "bf16"):
+    for name in ("one", "bf16"):
         stage_function("dpo")(runs[name])
     # Train's own Ctrl+C handler (it holds the run's controller) does not outlive the run
     assert signal.getsignal(signal.SIGINT) is handler
@@ -408,14 +410,14 @@ def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tm
         counts = stage_dir(exp, "dpo").read_manifest()["counts"]
         assert counts["steps"] == 80
         assert counts["activation_checkpointing"] == (name == "bf16")  # train's setting reached DPO's workers
-    ddp, fsdp, bf16 = ([curves[name][s] for s in steps] for name in ("ddp", "fsdp", "bf16"))
-    assert np.mean(ddp[-4:]) < np.mean(ddp[:4])  # it learns
-    np.testing.assert_allclose(fsdp, ddp, rtol=1e-3, atol=1e-5)
-    assert bf16 != ddp
-    np.testing.assert_allclose(bf16, ddp, rtol=1e-2)
+    one, fsdp, bf16 = ([curves[name][s] for s in steps] for name in ("one", "fsdp", "bf16"))
+    assert np.mean(one[-4:]) < np.mean(one[:4])  # it learns
+    np.testing.assert_allclose(fsdp, one, rtol=1e-3, atol=1e-5)
+    assert bf16 != one
+    np.testing.assert_allclose(bf16, one, rtol=1e-2)
     weights = {name: AutoModelForCausalLM.from_pretrained(stage_dir(runs[name], "dpo").path / "checkpoint").state_dict()
-               for name in ("ddp", "fsdp")}
-    assert weights["fsdp"].keys() == weights["ddp"].keys()
+               for name in ("one", "fsdp")}
+    assert weights["fsdp"].keys() == weights["one"].keys()
     # none of these Train runs (nor any before them in this Ray) started Train's Ray Data manager or, on this one
     # machine (conftest sets what init_ray sets for a local instance), a preemption watcher: ~2 s of CPU each
     started = {a.class_name for a in actors_of(ray_local)}
@@ -426,7 +428,7 @@ def test_dpo_fsdp_and_bf16_through_the_stage_and_a_killed_fsdp_worker_resumes(tm
     while (alive := [a for a in actors_of(ray_local) if a.class_name == "TrainController" and a.state == "ALIVE"]):
         assert time.time() < deadline, alive
         time.sleep(0.5)
-    for key, value in weights["ddp"].items():
+    for key, value in weights["one"].items():
         torch.testing.assert_close(weights["fsdp"][key], value, rtol=1e-3, atol=1e-4)
 
 
