@@ -73,7 +73,6 @@ def link_upstream(exp, built, stages: tuple[str, ...] = ("synth", "extract", "pa
             os.symlink(source.path, target.path)
 
 
-
 def link_caches(exp, built, kinds: tuple[str, ...] = ("eval_pairs", "eval_units", "dpo_triples")) -> None:
     """Link `built`'s finished workdir caches (spoken and tokenised eval pairs, eval audio units, DPO triples)
     entry by entry into `exp`'s workdir: an entry of the same key is read instead of spoken and encoded again, and
@@ -87,6 +86,7 @@ def link_caches(exp, built, kinds: tuple[str, ...] = ("eval_pairs", "eval_units"
             if entry.is_dir() and not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.symlink(entry, target)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -710,6 +710,7 @@ def finished_run(exp: Experiment, out: Any, stage: str) -> Any:
     after the run's last report, before the stage's manifest said complete), read from the run's folder; else
     None. A rerun then starts no controller and no worker (~20 s of CPU on a small machine) to learn that nothing
     is left to train."""
+    from pyarrow.fs import FileType
     from ray.train import Result
 
     storage = run_storage(exp, out, stage)
@@ -722,7 +723,7 @@ def finished_run(exp: Experiment, out: Any, stage: str) -> Any:
     if checkpoint is None:
         return None
     marker = checkpoint.filesystem.get_file_info(f"{checkpoint.path.rstrip('/')}/{FINISHED}")
-    return result if marker.type.name == "File" else None
+    return result if marker.type == FileType.File else None
 
 
 def fit(exp: Experiment, out: Any, stage: str, loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],

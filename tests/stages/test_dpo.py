@@ -1,8 +1,9 @@
 """The DPO stage on a real local Ray: grammar preference triples spoken by espeak-ng and tokenised, one CPU
 worker (the global batch two workers would share: DPO under FSDP on 2 workers against one worker is
-tests/parallel/test_trainer.py's), the held-out margin it should raise, evaluation before/after. A killed DPO worker that resumes to the
-uninterrupted curve is tested under FSDP in tests/parallel/test_trainer.py (the checkpoint/resume code is the
-trainer scaffold's, which tests/stages/test_train_ray.py also kills under DDP and FSDP)."""
+tests/parallel/test_trainer.py's), the held-out margin it should raise, evaluation before/after. A killed DPO
+worker that resumes to the uninterrupted curve is tested under FSDP in tests/parallel/test_trainer.py (the
+checkpoint/resume code is the trainer scaffold's, which tests/stages/test_train_ray.py also kills under DDP and
+FSDP)."""
 
 from __future__ import annotations
 
