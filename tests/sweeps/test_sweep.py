@@ -25,8 +25,10 @@ from slam_ray.sweeps.search_space import load_space
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-# Good learning rates first: ASHA then has their validation losses on record when the poor ones reach a rung.
-LEARNING_RATES = [1e-2, 3e-3, 3e-5, 1e-5]
+# Good learning rates first: ASHA then has their validation losses on record when the poor one reaches a rung. Three
+# trials, two at a time: each is a Ray Train run (~25 s of CPU before it trains, on two cores), and a third is the
+# fewest that shows a trial stopped against trials on record.
+LEARNING_RATES = [1e-2, 3e-3, 1e-5]
 
 
 def _space(tmp_path: Path, sweep: dict, rates: list[float] = LEARNING_RATES) -> Path:
@@ -69,14 +71,14 @@ def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_p
     assert json.loads(parent.data.params["space.train.optimizer.lr.grid"]) == LEARNING_RATES
     assert re.fullmatch(r"[0-9a-f]{40}", parent.data.tags["slam_ray.git_commit"])  # tests run in a git checkout
     trials = _runs(mlflow_server, "tiny", "tags.`slam_ray.kind` = 'trial'")
-    assert len(trials) == 4
+    assert len(trials) == 3
     assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
     by_lr = {float(t.data.params["swept.train.optimizer.lr"]): t for t in trials}
     assert sorted(by_lr) == sorted(LEARNING_RATES)
     completed = [t for t in trials if t.info.status == "FINISHED"]
     stopped = [t for t in trials if t.info.status == "KILLED"]
     assert completed and stopped, {lr: (t.info.status, t.data.tags.get("slam_ray.stop_reason")) for lr, t in by_lr.items()}
-    assert len(completed) + len(stopped) == 4
+    assert len(completed) + len(stopped) == 3
     for t in stopped:
         assert t.data.tags["slam_ray.stop_reason"].startswith("stopped early by asha at")
         assert "eval/word_order/accuracy" not in t.data.metrics  # never evaluated: its budget was cut
@@ -85,9 +87,10 @@ def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_p
     for t in completed:
         assert t.data.tags["slam_ray.stop_reason"] == "completed"
         assert {"eval/word_order/accuracy", "val/loss", "train/tokens"} <= set(t.data.metrics)
-    # the best learning rate completed; the two poorest did not both survive
+    # the best learning rate completed; the poorest starts once another trial has ended (two at a time), so both
+    # others' results are on record at the rungs it reaches: it was stopped
     assert by_lr[1e-2].info.status == "FINISHED"
-    assert {by_lr[3e-5].info.status, by_lr[1e-5].info.status} != {"FINISHED"}
+    assert by_lr[1e-5].info.status == "KILLED"
     # stage runs nest under their trial and none is left RUNNING by a stopped trial
     for t in trials:
         stage_runs = _runs(mlflow_server, "tiny", f"tags.`mlflow.parentRunId` = '{t.info.run_id}'")
@@ -95,7 +98,7 @@ def test_asha_grid_stops_poor_trials_frees_resources_and_tracks_everything(tmp_p
         assert all(r.info.status != "RUNNING" for r in stage_runs)
 
     # --- compare: the returned table matches what the trials produced, best first, plots logged
-    assert list(table["run_id"]).count(by_lr[1e-2].info.run_id) == 1 and len(table) == 4
+    assert list(table["run_id"]).count(by_lr[1e-2].info.run_id) == 1 and len(table) == 3
     assert table["val/loss"].dropna().is_monotonic_increasing
     for _, row in table[table["status"] == "FINISHED"].iterrows():
         trial_exp = with_values(exp, {"train.optimizer.lr": float(row["train.optimizer.lr"])}, "trial")
@@ -178,7 +181,7 @@ def test_interrupted_and_killed_sweeps_resume_without_rerunning_finished_trials(
     exp_path = tmp_path / "tiny.yaml"
     exp_path.write_text(to_yaml(exp))
     # three trials: one finishes, one is interrupted (and finishes on resume), one runs after the SIGKILL
-    rates = LEARNING_RATES[:3]
+    rates = LEARNING_RATES
     space_path = _space(tmp_path, {"metric": "val/loss", "mode": "min", "max_concurrent_trials": 1}, rates)
     command = [sys.executable, "-m", "slam_ray.cli", "sweep", str(exp_path), "--space", str(space_path)]
     env = {**os.environ, "RAY_ADDRESS": ray_address}  # each sweep's driver joins the session's Ray, as on a cluster
