@@ -4,8 +4,8 @@
   one process, in file order, its output on the terminal;
 - the other lane: everything else (unit tests, in-process stages, torch.compile, the docs build), in a second
   process whose output is kept in a file and printed when it ends; then, in the same lane, the `ray` tests marked
-  `own_ray` (they start Ray clusters of their own — the two-node `ray job submit` test, the S3 extraction through
-  the CLI, the `slam` recipe in miniature — and use none of the session's fixtures), in a third process.
+  `own_ray` (they start Ray clusters of their own — the two-node `ray job submit` test, the stale
+  cluster file, the `slam` recipe in miniature — and use none of the session's fixtures), in a third process.
 
 Why two: a Ray test leaves about a quarter of two cores idle (its processes start one after another, each
 importing torch on one core; a one-worker run trains on one core), and the other lane's work is CPU-bound in one

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import S3_SECRET, free_port, small_experiment
+from helpers import FIXTURES, S3_SECRET, free_port, small_experiment
 
 from slam_ray.config import to_yaml
 from slam_ray.core.stage_io import stage_dir
+from slam_ray.speech.audio import decode_audio
+from slam_ray.speech.tokenizer import UnitTokenizer
 from slam_ray.speech.units import read_unit_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.slow]  # own_ray: tests/lanes.py
@@ -157,7 +159,9 @@ def test_ray_job_submit_on_two_nodes_with_the_workdir_in_a_bucket(tmp_path, two_
     its target step, its runs are in the MLflow server, its checkpoints (Ray Train's run under `train.storage_path`,
     another prefix) load from the bucket and eval scores each of them from there, the secret key is nowhere in what
     MLflow or a manifest records, and re-running the same command elsewhere (a fresh cache) reuses every stage from
-    the bucket's manifests."""
+    the bucket's manifests. Extraction also reads inputs from another bucket beside the synthesized speech: a folder
+    (recursively) and a JSONL manifest with paths relative to it; every good object yields the units of the same
+    file read from disk, a corrupt object and a manifest entry pointing at nothing are error lines."""
     import boto3
     import mlflow
     import torch
@@ -167,14 +171,27 @@ def test_ray_job_submit_on_two_nodes_with_the_workdir_in_a_bucket(tmp_path, two_
 
     address, env, temp_dirs = two_node_cluster
     url, port, credentials = s3_server
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket="slam")
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"])
+    s3.create_bucket(Bucket="slam")
+    # a user's own speech in a bucket, beside what synth speaks: a folder and a manifest, one object of each corrupt
+    # or missing, one that is not audio (skipped)
+    s3.create_bucket(Bucket="speech")
+    s3.upload_file(str(FIXTURES / "audio1.flac"), "speech", "corpus/a/audio1.flac")
+    s3.upload_file(str(FIXTURES / "audio2.flac"), "speech", "corpus/b/audio2.flac")
+    s3.put_object(Bucket="speech", Key="corpus/bad.flac", Body=b"not audio at all")
+    s3.put_object(Bucket="speech", Key="corpus/notes.txt", Body=b"not an audio suffix: skipped")
+    manifest_rows = [{"id": "again", "path": "../corpus/a/audio1.flac", "text": "the same file", "speaker": "s1"},
+                     {"id": "gone", "path": "../corpus/missing.flac"}]
+    s3.put_object(Bucket="speech", Key="lists/more.jsonl", Body="\n".join(map(json.dumps, manifest_rows)).encode())
     query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
+    bucket_inputs = [f"s3://speech/corpus{query}", f"s3://speech/lists/more.jsonl{query}"]
     exp = small_experiment(f"s3://slam/runs/job{query}", stages=["synth", "extract", "pack", "train", "eval"],
                            tracking={"uri": mlflow_server},
                            ray={"actor_cpus": 0.25, "worker_cpus": 0.5},
                            synth={"corpus": {"n_sentences": 120}, "num_actors": 2},
-                           extract={"local_encode_seconds": 0},  # encoding actors, one of which is killed
+                           # encoding actors, one of which is killed
+                           extract={"local_encode_seconds": 0, "inputs": ["@synth", *bucket_inputs]},
                            train={"max_steps": 10, "checkpoint_every": 5, "num_workers": 2, "max_failures": 2,
                                   "storage_path": f"s3://slam/ckpt{query}"},
                            eval={"tasks": ["word_order"], "n_pairs": 8, "checkpoints": ["final", "all"]})
@@ -241,8 +258,18 @@ def test_ray_job_submit_on_two_nodes_with_the_workdir_in_a_bucket(tmp_path, two_
     extracted = stage_dir(exp, "extract")
     extracted.local("units")
     units = read_unit_shards(extracted.path)
-    assert len(units) == len(synthesized) > 0 and sorted(units.id) == sorted(synthesized.id)  # each exactly once
-    assert all(p.startswith("s3://slam/runs/job/synth/") for p in units.path)  # read by the actors from the bucket
+    spoken = units[units.id.isin(set(synthesized.id))]
+    assert len(spoken) == len(synthesized) > 0 and sorted(spoken.id) == sorted(synthesized.id)  # each exactly once
+    assert all(p.startswith("s3://slam/runs/job/synth/") for p in spoken.path)  # read by the actors from the bucket
+    # the user's bucket: each good object once, with the units of the same file read from disk
+    own = {r["id"]: r for r in units[~units.id.isin(set(synthesized.id))].to_dict("records")}
+    assert sorted(own) == ["a/audio1", "again", "b/audio2"]
+    assert own["again"]["text"] == "the same file" and own["a/audio1"]["path"].startswith("s3://speech/corpus/a/")
+    errors = [json.loads(line) for line in extracted.local("errors.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == ["bad", "gone"]
+    tokenizer = UnitTokenizer.load(extracted.local("tokenizer"))
+    for uid, local in (("a/audio1", "audio1"), ("again", "audio1"), ("b/audio2", "audio2")):
+        assert list(own[uid]["units"]) == tokenizer.encode(decode_audio(FIXTURES / f"{local}.flac"))["units"].tolist()
 
     # a killed driver is recovered by re-running the same command: here every stage is complete, so all reuse
     rerun = subprocess.run([sys.executable, "-m", "slam_ray.cli", "run", str(experiment_file)], cwd=tmp_path,

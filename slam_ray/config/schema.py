@@ -602,7 +602,8 @@ class Experiment(Section):
 
 def name_entries(entries: list[str | NamedInput], specials: dict[str, str]) -> list[tuple[str, str]]:
     """(dataset name, path) per input entry: named entries keep their name, stage references ('@synth',
-    '@extract') are named after the stage, a path is named by its folder or file stem."""
+    '@extract') are named after the stage, a path or URI is named by its folder or file stem (a URI's query, such
+    as an S3 endpoint, is not part of it: the name keys pack.mix and MLflow metric names)."""
     out = []
     for entry in entries:
         if isinstance(entry, NamedInput):
@@ -610,5 +611,6 @@ def name_entries(entries: list[str | NamedInput], specials: dict[str, str]) -> l
         elif entry in specials:
             out.append((specials[entry], entry))
         else:
-            out.append((Path(entry.split("*")[0].rstrip("/") or entry).stem or "data", entry))
+            where = entry.partition("?")[0] if "://" in entry else entry
+            out.append((Path(where.split("*")[0].rstrip("/") or where).stem or "data", entry))
     return out

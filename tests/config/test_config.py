@@ -161,6 +161,19 @@ def test_name_defaults_to_file_stem(tmp_path):
     assert exp.name == "my-exp"
 
 
+def test_an_input_is_named_by_its_folder_or_file_stem_without_a_uris_query():
+    """The default dataset name keys pack.mix and MLflow metrics (`count/mix.<name>.share`): an S3 URI's endpoint
+    query once made it `corpus?endpoint_override=127.0.0`, which MLflow rejects (the two-node job crashed at pack)."""
+    from slam_ray.config import name_entries
+
+    query = "?endpoint_override=127.0.0.1:9000&scheme=http"
+    entries = ["@synth", "/data/libri/", "/data/extra/*.flac", "lists/more.jsonl", f"s3://speech/corpus{query}",
+               f"s3://speech/lists/more.jsonl{query}", f"s3://speech/audio/**/*.flac{query}", "s3://b/plain/"]
+    assert [name for name, _ in name_entries(entries, {"@synth": "synth"})] == [
+        "synth", "libri", "extra", "more", "corpus", "more", "audio", "plain"]
+    assert [path for _, path in name_entries(entries, {"@synth": "synth"})] == entries  # the paths as given
+
+
 def test_slam_recipe_matches_the_paper():
     """docs/recipe.md's table of the final recipe (the paper's), value by value."""
     exp = load_experiment("slam")

@@ -1,23 +1,17 @@
-"""The storage layer on S3-compatible object storage (a real moto server on 127.0.0.1): stage folders through a
-bucket, extraction inputs in a bucket, their fingerprints. Training checkpoints in a bucket, and no credential in
-what MLflow records, are checked by the two-node job (tests/test_cluster_jobs.py)."""
+"""The storage layer on S3-compatible object storage (a real moto server on 127.0.0.1), in this process: stage folders
+through a bucket, extraction inputs in a bucket, their fingerprints. Extraction from a bucket, training checkpoints in
+a bucket, and no credential in what MLflow records are checked by the two-node job (tests/test_cluster_jobs.py)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
-from helpers import S3_SECRET as SECRET
 from helpers import small_experiment
 
 from slam_ray.config import to_yaml
-from slam_ray.core.stage_io import stage_dir
 
-pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.slow]  # own_ray: tests/lanes.py
+pytestmark = pytest.mark.slow  # a moto server per test; no Ray
 
 def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, s3_server, monkeypatch):
     """The layer every stage writes through: a stage folder written locally and published, then read on
@@ -87,59 +81,27 @@ def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, 
         assert f.read() == b"u" * 100_000
 
 
-def test_extract_reads_folders_and_manifests_from_s3(tmp_path, s3_server, fixtures, monkeypatch, capsys):
-    """`extract.inputs` in a bucket: a folder (recursively) and a JSONL manifest with paths relative to it.
-    Every good object yields the units of the same file read from disk; a corrupt object and a manifest entry
-    pointing at nothing are error lines; a prefix holding no audio is a config error naming the entry."""
+def test_a_bucket_prefix_holding_no_audio_is_a_config_error_naming_it(tmp_path, s3_server, monkeypatch, capsys):
+    """`slam-ray extract` with an input prefix that holds no audio file fails listing its inputs, before any Ray,
+    naming the entry. (Inputs in a bucket that do hold audio, a corrupt object and a manifest entry pointing at
+    nothing among them, are extracted by the two-node job in tests/test_cluster_jobs.py.)"""
     import boto3
 
     from slam_ray.cli import EXIT_USAGE, main
-    from slam_ray.speech.audio import decode_audio
-    from slam_ray.speech.tokenizer import UnitTokenizer
-    from slam_ray.speech.units import read_unit_shards
 
     url, port, env = s3_server
-    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=SECRET, region_name="us-east-1")
-    s3.create_bucket(Bucket="speech")
-    s3.upload_file(str(fixtures / "audio1.flac"), "speech", "corpus/a/audio1.flac")
-    s3.upload_file(str(fixtures / "audio2.flac"), "speech", "corpus/b/audio2.flac")
-    s3.put_object(Bucket="speech", Key="corpus/bad.flac", Body=b"not audio at all")
-    s3.put_object(Bucket="speech", Key="corpus/notes.txt", Body=b"not an audio suffix: skipped")
-    manifest = [{"id": "again", "path": "../corpus/a/audio1.flac", "text": "the same file", "speaker": "s1"},
-                {"id": "gone", "path": "../corpus/missing.flac"}]
-    s3.put_object(Bucket="speech", Key="lists/more.jsonl", Body="\n".join(json.dumps(m) for m in manifest).encode())
-    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
-    exp = small_experiment(tmp_path / "work", stages=["extract"],
-                           extract={"inputs": [f"s3://speech/corpus{query}", f"s3://speech/lists/more.jsonl{query}"],
-                                    "tokenizer": {"n_units": 16, "fit_frames": 1000}})
-    (tmp_path / "s3.yaml").write_text(to_yaml(exp))
-
-    def extract(path):
-        return subprocess.run([sys.executable, "-m", "slam_ray.cli", "extract", str(path)], cwd=tmp_path,
-                              env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
-
-    proc = extract(tmp_path / "s3.yaml")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    for name, value in env.items():  # keying an input in a bucket lists it: this process needs the credentials too
+    for name, value in env.items():
         monkeypatch.setenv(name, value)
-    out = stage_dir(exp, "extract").path
-    rows = {r["id"]: r for r in read_unit_shards(out).to_dict("records")}
-    assert sorted(rows) == ["a/audio1", "again", "b/audio2"]
-    assert rows["again"]["text"] == "the same file" and rows["a/audio1"]["path"].startswith("s3://speech/corpus/a/")
-    errors = {json.loads(line)["id"]: json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines()}
-    assert sorted(errors) == ["bad", "gone"]
-    tokenizer = UnitTokenizer.load(out / "tokenizer")
-    for uid, local in (("a/audio1", "audio1"), ("again", "audio1"), ("b/audio2", "audio2")):
-        expected = tokenizer.encode(decode_audio(fixtures / f"{local}.flac"))
-        assert list(rows[uid]["units"]) == expected["units"].tolist()
-
-    empty = small_experiment(tmp_path / "empty", stages=["extract"], extract={"inputs": [f"s3://speech/nothing{query}"]})
-    (tmp_path / "empty.yaml").write_text(to_yaml(empty))
-    # the same command in this process (it fails listing its inputs, before any Ray): a subprocess's imports saved
-    assert main(["extract", str(tmp_path / "empty.yaml")]) == EXIT_USAGE
-    shown = capsys.readouterr()
-    assert "s3://speech/nothing" in shown.out + shown.err and "holds no audio file" in shown.out + shown.err
+    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+    s3.create_bucket(Bucket="speech")
+    s3.put_object(Bucket="speech", Key="corpus/notes.txt", Body=b"not an audio suffix")
+    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
+    for prefix in ("nothing", "corpus"):  # absent, and present without audio
+        empty = small_experiment(tmp_path / prefix, stages=["extract"], extract={"inputs": [f"s3://speech/{prefix}{query}"]})
+        (tmp_path / f"{prefix}.yaml").write_text(to_yaml(empty))
+        assert main(["extract", str(tmp_path / f"{prefix}.yaml")]) == EXIT_USAGE
+        shown = capsys.readouterr()
+        assert f"s3://speech/{prefix}" in shown.out + shown.err and "holds no audio file" in shown.out + shown.err
 
 
 def test_bucket_inputs_are_fingerprinted_by_their_listing(tmp_path, s3_server, monkeypatch):
