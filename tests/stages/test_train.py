@@ -188,12 +188,12 @@ def test_each_optimizer_name_builds_its_own_algorithm():
         torch.testing.assert_close(finals[a], finals[b], rtol=1e-5, atol=1e-6)
 
 
-def tiny_lm_and_batch():
+def tiny_lm_and_batch(layers: int = 2):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                                          num_key_value_heads=2, intermediate_size=64))
     return model, torch.arange(2, 34).repeat(4, 2)
 
@@ -235,12 +235,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 @pytest.mark.slow
 def test_torch_compile_gives_the_same_loss_and_gradients():
-    """Inductor on CPU (it needs a C compiler; ~20 s to compile the tiny model here)."""
+    """Inductor on CPU (it needs a C compiler; ~20 s to compile the tiny model here). One layer: a second, identical
+    one adds compile time and no case."""
     import copy
 
     import torch
 
-    model, x = tiny_lm_and_batch()
+    model, x = tiny_lm_and_batch(layers=1)
     compiled = torch.compile(copy.deepcopy(model))
     loss, grads = loss_and_grads(model, x)
     loss_c, grads_c = loss_and_grads(compiled, x)
