@@ -502,7 +502,9 @@ def test_killed_extraction_reruns_to_the_same_shards_as_a_clean_run(fixtures, tm
     shard_names = sorted(p.name for p in (clean_out.path / "units").glob("part-*.parquet"))
     assert len(shard_names) == 12  # 46 inputs, 4 per shard
 
-    killed_out = kill_and_rerun(experiment(tmp_path / "killed"), "extract", "units", 12, tmp_path,
+    # a pool of one actor (num_actors is operational too): what is killed is the driver, which ends its actors
+    # however many; each actor is a process that imports torch and transformers (~6 s of CPU here), in each run
+    killed_out = kill_and_rerun(experiment(tmp_path / "killed", num_actors=1), "extract", "units", 12, tmp_path,
                                 ray_address=ray_address)
     assert sorted(p.name for p in (killed_out.path / "units").glob("part-*.parquet")) == shard_names
     for name in shard_names:

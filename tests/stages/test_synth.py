@@ -235,8 +235,10 @@ def test_killed_synth_reruns_to_the_same_index_as_a_clean_run(tmp_path, espeak, 
     it speaks only the shards without an index part and ends with exactly a clean run's index: the session's
     reduced quickstart's, the same 240 sentences spoken uninterrupted in one shard (how the work was cut into
     shards and batches changes no row)."""
+    # one speaking actor (num_actors is operational: the same key): what is killed is the driver, which ends its
+    # actors however many, and each is a process start (a TTS engine, torch) in each of the two runs
     killed = small_experiment(tmp_path / "killed", stages=["synth"],
-                              synth={**reduced_pipeline.synth.model_dump(), "shard_size": 20, "batch_size": 4})
+                              synth={**reduced_pipeline.synth.model_dump(), "shard_size": 20, "batch_size": 4, "num_actors": 1})
     assert reduced_pipeline.synth.shard_size >= 240  # one shard: nothing was resumed there
     killed_out = kill_and_rerun(killed, "synth", "index", 12, tmp_path, ray_address=ray_address)
     clean = pd.read_parquet(stage_dir(reduced_pipeline, "synth").path / "index.parquet")
