@@ -13,6 +13,7 @@ from slam_ray.config import to_yaml
 
 pytestmark = pytest.mark.slow  # a moto server per test; no Ray
 
+
 def test_storage_layer_round_trips_files_and_folders_through_a_bucket(tmp_path, s3_server, monkeypatch):
     """The layer every stage writes through: a stage folder written locally and published, then read on
     "another machine" (a fresh cache) file by file and folder by folder; only missing files are fetched."""
