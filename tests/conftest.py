@@ -29,6 +29,7 @@ for name, value in LOCAL_INSTANCE_ENV.items():
 # Fixtures that start or join a Ray instance: a test using one must be marked `ray` (the fast tier and the
 # non-`ray` lane of `make test`, tests/lanes.py, run without Ray).
 RAY_FIXTURES = {"ray_local", "ray_address", "reduced_quickstart", "reduced_pipeline"}
+SHARED_PIPELINE = {"reduced_quickstart", "reduced_pipeline"}  # built once per pytest process
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,6 +46,15 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"these tests are marked `own_ray` (they start Ray clusters of their own) but are not "
                                 f"marked `ray` or use a session Ray fixture ({', '.join(sorted(RAY_FIXTURES))}): "
                                 f"{misplaced}")
+    # `local_ray` tests run in make test's second lane too, on a session Ray of that pytest process: one of them
+    # using the shared pipeline would build it a second time there
+    misplaced = [item.nodeid for item in items if "local_ray" in item.keywords
+                 and ("ray" not in item.keywords or "own_ray" in item.keywords
+                      or SHARED_PIPELINE & set(item.fixturenames))]
+    if misplaced:
+        raise pytest.UsageError(f"these tests are marked `local_ray` (a local Ray of their process and nothing of the "
+                                f"shared pipeline) but are not marked `ray`, are marked `own_ray` too, or use "
+                                f"{' or '.join(sorted(SHARED_PIPELINE))}: {misplaced}")
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

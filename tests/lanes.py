@@ -1,22 +1,25 @@
 """`make test`: the whole suite as two pytest processes side by side, one per lane.
 
-- the `ray` lane: every test marked `ray` (real Ray instances, `slam-ray` subprocesses, Ray Train runs), in
-  one process, in file order, its output on the terminal;
+- the `ray` lane: every test marked `ray` (real Ray instances, `slam-ray` subprocesses, Ray Train runs) that uses the
+  session's shared pipeline or its Ray, in one process, in file order, its output on the terminal;
 - the other lane: everything else (unit tests, in-process stages, torch.compile, the docs build), in a second
-  process whose output is kept in a file and printed when it ends; then, in the same lane, the `ray` tests marked
-  `own_ray` (they start Ray clusters of their own — the two-node `ray job submit` test, the stale
-  cluster file, the `slam` recipe in miniature — and use none of the session's fixtures), in a third process.
+  process whose output is kept in a file and printed when it ends; then, in the same lane, one pytest after the
+  other, the `ray` tests marked `local_ray` (they need a local Ray and nothing of the shared pipeline: they get a
+  session Ray of their own in that process), then those marked `own_ray` (they start Ray clusters of their own —
+  the two-node `ray job submit` test, the stale cluster file, the `slam` recipe in miniature — and use none of the
+  session's fixtures).
 
 Why two: a Ray test leaves about a quarter of two cores idle (its processes start one after another, each
 importing torch on one core; a one-worker run trains on one core), and the other lane's work is CPU-bound in one
 process, so part of it runs in that idle time: measured, its ~350 s of work made the `ray` lane ~126 s longer (the
 lanes save ~150-200 s against one after the other). It runs at a lower CPU priority (nice 10), so a core both lanes
 want goes to the `ray` lane, most of the suite's wall time (its first tests: ~307 s beside the other lane at equal
-priority, ~250 s at nice 10, 181 s alone). Two lanes of Ray tests do not help: they fight over the same two cores
-(docs/testing.md has the measurements) — but the `ray` lane alone leaves ~30% of the cores idle once the other
-lane's tests are done, and the `own_ray` tests, at the other lane's lower priority, run in that idle time without
-touching the session's Ray. Extra arguments go to every pytest command. The exit code is the worst of them; a
-pytest run that collects no test fails (pytest's exit code 5 never passes silently).
+priority, ~250 s at nice 10, 181 s alone). Two lanes of Ray tests do not help while both are busy: they fight over
+the same two cores (docs/testing.md has the measurements) — but the `ray` lane alone leaves ~30% of the cores idle
+once the other lane's tests are done (~390 s of the `ray` lane's ~1,000 s at 16 min 38 s, 2026-12-04), and the
+`local_ray` and `own_ray` tests, at the other lane's lower priority, run in that idle time without touching the
+session's Ray (a Ray start of their own costs ~18 s of CPU). Extra arguments go to every pytest command. The exit
+code is the worst of them; a pytest run that collects no test fails (pytest's exit code 5 never passes silently).
 
 This machine's speed moves by up to ~1.6x between hours (the same tests, unchanged, 16 and 26 min), so the summary
 also prints what the two cores did while the suite ran (busy CPU seconds from /proc/stat, all processes: on a
@@ -69,9 +72,14 @@ def torch_import_seconds() -> float:
     return min(times)
 
 
+# The second lane's pytest runs, one after the other: (name in the summary, marker selection)
+SECOND_LANE = (("others", "not ray"), ("local_ray", "ray and local_ray"), ("own_ray", "ray and own_ray"))
+RAY_LANE = "ray and not own_ray and not local_ray"
+
+
 class OtherLane(threading.Thread):
-    """The second lane: one pytest after the other, each at a lower priority: the tests not marked `ray`, then the
-    `own_ray` ones (their exit codes in `codes`). `stop()` ends the running one and starts no other."""
+    """The second lane: the SECOND_LANE runs one after the other, each at a lower priority (their exit codes in
+    `codes`). `stop()` ends the running one and starts no other."""
 
     def __init__(self, pytest: list[str], log, env: dict[str, str]) -> None:  # noqa: ANN001
         super().__init__(daemon=True)
@@ -81,15 +89,15 @@ class OtherLane(threading.Thread):
         self.stopped = False
 
     def run(self) -> None:
-        for selection in ("not ray", "ray and own_ray"):
+        for _, selection in SECOND_LANE:
             if self.stopped:
                 return
             self.proc = subprocess.Popen([*self.pytest, "-m", selection, "-p", "no:cacheprovider"], stdout=self.log,
                                          stderr=subprocess.STDOUT, env=self.env,
                                          preexec_fn=lambda: os.nice(OTHER_LANE_NICENESS))
-            if selection == "not ray":
+            if selection == SECOND_LANE[0][1]:
                 niceness = os.getpriority(os.PRIO_PROCESS, self.proc.pid) - os.getpriority(os.PRIO_PROCESS, 0)
-                print(f"[lanes] tests not marked `ray`, then the `own_ray` ones, run beside this lane (pid "
+                print(f"[lanes] tests not marked `ray`, then the `local_ray` and `own_ray` ones, run beside this lane (pid "
                       f"{self.proc.pid}, niceness +{niceness}); their output follows at the end", flush=True)
             self.codes.append(self.proc.wait())
 
@@ -111,7 +119,7 @@ def main(args: list[str]) -> int:
         other = OtherLane(pytest, log, {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"})
         other.start()
         try:
-            ray_code = subprocess.run([*pytest, "-m", "ray and not own_ray"]).returncode
+            ray_code = subprocess.run([*pytest, "-m", RAY_LANE]).returncode
             ray_s = time.time() - start
             other.join()
         finally:
@@ -119,14 +127,15 @@ def main(args: list[str]) -> int:
                 other.stop()
                 other.join()
         log.seek(0)
-        print("\n[lanes] ---- tests not marked `ray`, then the `own_ray` tests ----")
+        print("\n[lanes] ---- tests not marked `ray`, then the `local_ray` and the `own_ray` tests ----")
         print(log.read(), end="", flush=True)
-    other_code, own_code = other.codes
     total, busy = time.time() - start, busy_cpu_seconds() - busy_start
+    codes = dict(zip((name for name, _ in SECOND_LANE), other.codes, strict=True))
     print(f"[lanes] whole suite {total // 60:.0f} min {total % 60:.0f} s (the `ray` lane {ray_s:.0f} s; exit codes: "
-          f"ray {ray_code}, others {other_code}, own_ray {own_code}); CPU busy {busy:.0f} s of "
+          f"ray {ray_code}, " + ", ".join(f"{name} {code}" for name, code in codes.items()) + f"); CPU busy {busy:.0f} s of "
           f"{total * os.cpu_count():.0f} core-seconds ({busy / (total * os.cpu_count()):.0%}); speed probe {probe:.2f} s")
-    return max(verdict("`ray`", ray_code), verdict("non-`ray`", other_code), verdict("`own_ray`", own_code))
+    lanes = {"others": "non-`ray`", "local_ray": "`local_ray`", "own_ray": "`own_ray`"}
+    return max(verdict("`ray`", ray_code), *(verdict(lanes[name], code) for name, code in codes.items()))
 
 
 if __name__ == "__main__":

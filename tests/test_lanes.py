@@ -1,4 +1,4 @@
-"""tests/lanes.py, the runner behind `make test`: both lanes (the second one's two pytest runs too) run, and a
+"""tests/lanes.py, the runner behind `make test`: both lanes (the second one's three pytest runs too) run, and a
 pytest run that collects nothing fails."""
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ def test_a_selection_that_collects_no_test_fails_in_every_pytest_run():
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the `ray` lane collected no tests: failing on purpose" in proc.stdout
     assert "the non-`ray` lane collected no tests: failing on purpose" in proc.stdout
+    assert "the `local_ray` lane collected no tests: failing on purpose" in proc.stdout
     assert "the `own_ray` lane collected no tests: failing on purpose" in proc.stdout
-    assert "exit codes: ray 5, others 5, own_ray 5" in proc.stdout
-    assert proc.stdout.count("1 deselected") == 3  # the other lane's two runs ran too, and their output is shown
+    assert "exit codes: ray 5, others 5, local_ray 5, own_ray 5" in proc.stdout
+    # the other lane's three runs ran too, and their output is shown (each deselected this file's tests)
+    assert len(re.findall(r"\b\d+ deselected", proc.stdout)) == 4
     # it yields contended cores to the `ray` lane: 10 steps nicer than its parent (less where that passes 19, Linux's
     # limit: this test itself runs in the second lane of a `make test`)
     niceness = int(re.search(r"niceness \+(\d+)\)", proc.stdout).group(1))
@@ -34,3 +36,25 @@ def test_a_selection_that_collects_no_test_fails_in_every_pytest_run():
         r"CPU busy (\d+) s of (\d+) core-seconds \(\d+%\); speed probe ([0-9.]+) s", proc.stdout).groups()
     assert 0 < int(busy) <= int(core_seconds) * 1.05 + 1  # two pytest start-ups cost CPU; /proc/stat ticks round
     assert 0 < probe == float(probe_again)
+
+
+def test_a_test_marked_for_the_second_lane_that_would_share_the_ray_lanes_work_fails_collection(tmp_path):
+    """`own_ray` tests may use no session Ray fixture and `local_ray` ones nothing of the shared pipeline (the second
+    lane would build it again): collection names the test and what to change (tests/conftest.py's hook, run on a
+    copy of the conftest beside a test file that breaks the rule)."""
+    import shutil
+
+    tests = Path(__file__).resolve().parent
+    shutil.copy(tests / "conftest.py", tmp_path / "conftest.py")
+    cases = {"own_ray": ("ray_local", "are not marked `ray` or use a session Ray fixture"),
+             "local_ray": ("reduced_pipeline", "use reduced_pipeline or reduced_quickstart")}
+    for marker, (fixture, says) in cases.items():
+        (tmp_path / "test_misplaced.py").write_text(
+            f"import pytest\n\n\n@pytest.mark.ray\n@pytest.mark.{marker}\ndef test_misplaced({fixture}):\n    pass\n")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               "--rootdir", str(tmp_path), str(tmp_path / "test_misplaced.py")],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])})
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 4, output[-3000:]  # pytest's usage error
+        assert f"marked `{marker}`" in output and says in output and "test_misplaced.py::test_misplaced" in output, output

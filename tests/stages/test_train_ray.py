@@ -13,7 +13,8 @@ from slam_ray.core.tracking import driver_writer, tracking_uri
 from slam_ray.lm.packed import PackedWindows, save_windows
 from slam_ray.stages.train import train
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# local_ray: none of these uses the shared pipeline; make test runs them in its second lane (tests/lanes.py)
+pytestmark = [pytest.mark.ray, pytest.mark.local_ray, pytest.mark.slow]
 
 
 def fake_pack_output(exp, n_windows: int = 64):
