@@ -33,8 +33,6 @@ SHARED_PIPELINE = {"reduced_quickstart", "reduced_pipeline"}  # built once per p
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     unmarked = [item.nodeid for item in items if RAY_FIXTURES & set(item.fixturenames) and "ray" not in item.keywords]
     if unmarked:
         raise pytest.UsageError(f"these tests use a Ray fixture ({', '.join(sorted(RAY_FIXTURES))}) but are not "
@@ -55,12 +53,14 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"these tests are marked `local_ray` (a local Ray of their process and nothing of the "
                                 f"shared pipeline) but are not marked `ray`, are marked `own_ray` too, or use "
                                 f"{' or '.join(sorted(SHARED_PIPELINE))}: {misplaced}")
-    if torch.cuda.is_available():
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:  # no torch import (~2 s of CPU) in a pytest run that selects no GPU test
         return
-    skip_gpu = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
 
 @pytest.fixture(scope="session")

@@ -38,23 +38,25 @@ def test_a_selection_that_collects_no_test_fails_in_every_pytest_run():
     assert 0 < probe == float(probe_again)
 
 
-def test_a_test_marked_for_the_second_lane_that_would_share_the_ray_lanes_work_fails_collection(tmp_path):
-    """`own_ray` tests may use no session Ray fixture and `local_ray` ones nothing of the shared pipeline (the second
-    lane would build it again): collection names the test and what to change (tests/conftest.py's hook, run on a
-    copy of the conftest beside a test file that breaks the rule)."""
-    import shutil
 
-    tests = Path(__file__).resolve().parent
-    shutil.copy(tests / "conftest.py", tmp_path / "conftest.py")
-    cases = {"own_ray": ("ray_local", "are not marked `ray` or use a session Ray fixture"),
-             "local_ray": ("reduced_pipeline", "use reduced_pipeline or reduced_quickstart")}
-    for marker, (fixture, says) in cases.items():
-        (tmp_path / "test_misplaced.py").write_text(
-            f"import pytest\n\n\n@pytest.mark.ray\n@pytest.mark.{marker}\ndef test_misplaced({fixture}):\n    pass\n")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                               "--rootdir", str(tmp_path), str(tmp_path / "test_misplaced.py")],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])})
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 4, output[-3000:]  # pytest's usage error
-        assert f"marked `{marker}`" in output and says in output and "test_misplaced.py::test_misplaced" in output, output
+def test_a_test_marked_for_the_second_lane_that_would_share_the_ray_lanes_work_fails_collection():
+    """`own_ray` tests may use no session Ray fixture and `local_ray` ones nothing of the shared pipeline (the second
+    lane would build it again): collection (tests/conftest.py's hook) stops with an error that names the test and
+    what it breaks; a test that keeps to its lane's rule is collected."""
+    from types import SimpleNamespace
+
+    import pytest
+    from conftest import pytest_collection_modifyitems
+
+    def item(markers: set[str], fixture: str) -> SimpleNamespace:
+        return SimpleNamespace(nodeid=f"test_x.py::test_{fixture}", keywords={"ray", *markers},
+                               fixturenames=["tmp_path", fixture])
+
+    for marker, fixture, says in (("own_ray", "ray_local", "are not marked `ray` or use a session Ray fixture"),
+                                  ("local_ray", "reduced_pipeline", "use reduced_pipeline or reduced_quickstart"),
+                                  ("local_ray", "reduced_quickstart", "use reduced_pipeline or reduced_quickstart")):
+        with pytest.raises(pytest.UsageError, match=f"marked `{marker}`") as error:
+            pytest_collection_modifyitems(None, [item({marker}, "espeak"), item({marker}, fixture)])
+        assert says in str(error.value) and f"test_{fixture}" in str(error.value)
+        assert "test_espeak" not in str(error.value)
+    pytest_collection_modifyitems(None, [item({"local_ray"}, "ray_local"), item({"own_ray"}, "espeak")])  # kept
