@@ -1,7 +1,8 @@
 """`make test`: the whole suite as two pytest processes side by side, one per lane.
 
-- the `ray` lane: every test marked `ray` (real Ray instances, `slam-ray` subprocesses, Ray Train runs) that uses the
-  session's shared pipeline or its Ray, in one process, in file order, its output on the terminal;
+- the `ray` lane: every test marked `ray` (real Ray instances, `slam-ray` subprocesses, Ray Train runs) and neither
+  `local_ray` nor `own_ray` — the session's Ray and the shared pipeline —, in one process, in file order, its output
+  on the terminal;
 - the other lane: everything else (unit tests, in-process stages, torch.compile, the docs build), in a second
   process whose output is kept in a file and printed when it ends; then, in the same lane, one pytest after the
   other, the `ray` tests marked `local_ray` (they need a local Ray and nothing of the shared pipeline: they get a
@@ -72,8 +73,9 @@ def torch_import_seconds() -> float:
     return min(times)
 
 
-# The second lane's pytest runs, one after the other: (name in the summary, marker selection)
-SECOND_LANE = (("others", "not ray"), ("local_ray", "ray and local_ray"), ("own_ray", "ray and own_ray"))
+# The second lane's pytest runs, one after the other: (name in the summary, marker selection, what a failure says)
+SECOND_LANE = (("others", "not ray", "non-`ray`"), ("local_ray", "ray and local_ray", "`local_ray`"),
+               ("own_ray", "ray and own_ray", "`own_ray`"))
 RAY_LANE = "ray and not own_ray and not local_ray"
 
 
@@ -89,7 +91,7 @@ class OtherLane(threading.Thread):
         self.stopped = False
 
     def run(self) -> None:
-        for _, selection in SECOND_LANE:
+        for _, selection, _ in SECOND_LANE:
             if self.stopped:
                 return
             self.proc = subprocess.Popen([*self.pytest, "-m", selection, "-p", "no:cacheprovider"], stdout=self.log,
@@ -130,12 +132,12 @@ def main(args: list[str]) -> int:
         print("\n[lanes] ---- tests not marked `ray`, then the `local_ray` and the `own_ray` tests ----")
         print(log.read(), end="", flush=True)
     total, busy = time.time() - start, busy_cpu_seconds() - busy_start
-    codes = dict(zip((name for name, _ in SECOND_LANE), other.codes, strict=True))
+    codes = dict(zip((name for name, _, _ in SECOND_LANE), other.codes, strict=True))
     print(f"[lanes] whole suite {total // 60:.0f} min {total % 60:.0f} s (the `ray` lane {ray_s:.0f} s; exit codes: "
           f"ray {ray_code}, " + ", ".join(f"{name} {code}" for name, code in codes.items()) + f"); CPU busy {busy:.0f} s of "
           f"{total * os.cpu_count():.0f} core-seconds ({busy / (total * os.cpu_count()):.0%}); speed probe {probe:.2f} s")
-    lanes = {"others": "non-`ray`", "local_ray": "`local_ray`", "own_ray": "`own_ray`"}
-    return max(verdict("`ray`", ray_code), *(verdict(lanes[name], code) for name, code in codes.items()))
+    labels = {name: label for name, _, label in SECOND_LANE}
+    return max(verdict("`ray`", ray_code), *(verdict(labels[name], code) for name, code in codes.items()))
 
 
 if __name__ == "__main__":
