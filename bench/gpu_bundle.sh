@@ -25,6 +25,7 @@ PACKAGES=(
   smart_open wrapt                                                   # Ray's dashboard (Train V2 reads its state API)
   opentelemetry_exporter_prometheus
   soundfile cffi pycparser                                           # slam_ray's audio loader
+  silero_vad                                                         # pause cuts in long recordings (its ONNX model)
   pytorch_optimizer                                                  # train.optimizer choices beyond AdamW
 )
 PLATFORMS=()

@@ -212,6 +212,15 @@ def shard_model(model: Any) -> Any:
     return model
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each layer's activations in the backward (non-reentrant). transformers renamed the switch in
+    5.x (`gradient_checkpointing_enable`, e.g. 5.17 on the GPU image, is a deprecated alias in 5.25): either."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def prepare_model(model: Any, settings: TrainerSettings, device: torch.device) -> Any:
     """The model a worker trains: gradient checkpointing, then FSDP sharding or (after compile) DDP."""
     import ray.train.torch
@@ -219,7 +228,7 @@ def prepare_model(model: Any, settings: TrainerSettings, device: torch.device) -
     import torch.distributed as dist
 
     if settings.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if settings.fsdp:
         model = shard_model(model.to(device))
     if settings.compile:
@@ -238,7 +247,8 @@ def applied_settings(model: Any) -> dict[str, float]:
     inner = getattr(model, "module", model)  # DDP's wrapped module
     base = getattr(inner, "_orig_mod", inner)  # torch.compile's
     return {"compiled": float(hasattr(inner, "_orig_mod")),
-            "activation_checkpointing": float(bool(getattr(base, "is_activation_checkpointing", False)))}
+            "activation_checkpointing": float(bool(getattr(base, "is_activation_checkpointing",  # older: ...gradient...
+                                                           getattr(base, "is_gradient_checkpointing", False))))}
 
 
 def applied_counts(final: dict[str, Any]) -> dict[str, int]:

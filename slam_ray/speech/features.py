@@ -135,8 +135,9 @@ class HubertFeatures:
 
     def batch(self, audios: list[np.ndarray]) -> list[torch.Tensor]:
         """Features of several utterances, the same as one forward per utterance: on GPU (or `batched`) in
-        padded batches, longest first, at most `max_batch_samples` padded samples each, and no file shorter
-        than `min_fill` of its batch's longest (bounded padding waste)."""
+        padded batches, longest first, at most `max_batch_samples` padded samples each (filler rows included,
+        unless one file alone is longer), and no file shorter than `min_fill` of its batch's longest (bounded
+        padding waste)."""
         import torch
 
         if not self.batched:
@@ -149,9 +150,15 @@ class HubertFeatures:
         while order:
             longest = len(audios[order[0]])
             width = -(-longest // self.width_quantum) * self.width_quantum
-            take = [i for i in order[: max(1, self.max_batch_samples // width)] if len(audios[i]) >= self.min_fill * longest]
+            # filler rows count too: a forward's padded samples (rows x width) stay within max_batch_samples
+            fit = max(1, self.max_batch_samples // width)
+            if fit >= self.row_quantum:
+                fit -= fit % self.row_quantum
+            take = [i for i in order[:fit] if len(audios[i]) >= self.min_fill * longest]
             order = order[len(take) :]
             rows = -(-len(take) // self.row_quantum) * self.row_quantum
+            if rows > fit:  # under one quantum of rows fits: no filler
+                rows = len(take)
             x = torch.zeros(rows, width, dtype=self.dtype)
             mask = torch.ones(rows, width, dtype=torch.long)  # filler rows: silence of the full width
             for row, i in enumerate(take):

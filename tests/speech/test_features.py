@@ -74,8 +74,12 @@ def test_features_of_a_file_do_not_depend_on_its_batch_mates(tiny_huberts, speec
     forwards = []
     feats.model.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
     batched = feats.batch(files)
-    # longest first; the 3 s file is under MIN_FILL of the longest, so it waits for a batch of its own
-    assert forwards == [(3, len(speech[1])), (1, 16_000 * 3)]
+    # longest first; the 3 s file is under MIN_FILL of the longest, so it waits for a batch of its own (on a GPU,
+    # where this runs there: widths rounded up to whole seconds, rows to fours, files down to half the longest)
+    if feats.device.type == "cuda":
+        assert forwards == [(4, -(-len(speech[1]) // 16_000) * 16_000), (4, 16_000 * 3)]
+    else:
+        assert forwards == [(3, len(speech[1])), (1, 16_000 * 3)]
     for audio, got in zip(files, batched, strict=True):
         torch.testing.assert_close(got, feats(audio), rtol=1e-4, atol=1e-4)
     # the plain padded forward (slamkit's way) does change a group-norm model's features
@@ -123,14 +127,22 @@ def test_gpu_batch_seconds_bounds_each_forward_and_keeps_each_files_units(tiny_h
     feats = actor.tokenizer.features
     assert feats.max_batch_samples == 20 * 16_000
     feats.batched = True
+    feats.width_quantum, feats.row_quantum = 16_000, 4  # the GPU's shapes (whole seconds, rows in fours)
     files = [speech[0][: 16_000 * s] for s in (9, 8, 7, 6, 5)]
     forwards = []
     feats.model.register_forward_hook(lambda module, args, out: forwards.append(tuple(args[0].shape)))
     rows = pd.DataFrame([{"id": str(i), "audio": a.tobytes(), "error": None} for i, a in enumerate(files)])
     encoded = actor(rows)
-    assert [n for n, _ in forwards] == [2, 2, 1]  # 20 s of the 9 s width: 2 files; then 2 of 7 s; then 1
+    # 20 s of the 9 s width: 2 files, no filler row (4 rows would hold 36 s); then 2 of 7 s; then the 5 s file
+    # with 3 filler rows (4 x 5 s fit)
+    assert forwards == [(2, 16_000 * 9), (2, 16_000 * 7), (4, 16_000 * 5)]
     for audio, units in zip(files, encoded.units, strict=True):
         assert list(units) == tok.encode(audio)["units"].tolist()
+    # 40 s: rows in fours that still fit (4 x 9 s, 4 x 6 s), filler rows included
+    forwards.clear()
+    feats.max_batch_samples = 40 * 16_000
+    actor(rows)
+    assert [n for n, _ in forwards] == [4, 4] and all(n * width <= 40 * 16_000 for n, width in forwards)
 
 
 def test_a_missing_model_or_layer_is_a_clear_error(tiny_huberts, tmp_path):
