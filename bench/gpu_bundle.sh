@@ -45,6 +45,18 @@ for name in "${PACKAGES[@]}"; do
   download .whl "$name==$version"
 done
 
+# silero-vad's wheel carries eight model files (11 MB); slam_ray loads silero_vad.onnx alone (speech/audio.py)
+python3 - .whl/silero_vad-*.whl <<'PY'
+import os, sys, zipfile
+wheel = sys.argv[1]
+with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(wheel + ".tmp", "w", zipfile.ZIP_DEFLATED) as out:
+    for item in src.infolist():
+        name = item.filename
+        if "/data/" not in name or name.endswith(("/silero_vad.onnx", "/__init__.py")):
+            out.writestr(item, src.read(name))
+os.replace(wheel + ".tmp", wheel)
+PY
+
 ray_version=$("$VENV_PY" -c "import ray; print(ray.__version__)")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
