@@ -90,6 +90,24 @@ def window_inputs(windows: PackedWindows | np.ndarray, rows: np.ndarray, documen
             "use_cache": False}
 
 
+MANY_COMPILED_CHUNKS = 16
+
+
+def compiled_chunks_warning(cfg: TrainConfig, context_len: int) -> str | None:
+    """What to change when `train.compile` would trace many fused-loss chunks: torch.compile unrolls the chunk loop,
+    one copy of the head's matmul and loss per chunk, so compilation grows with their number (measured: 74 chunks per
+    micro-batch made a tiny 20-step run take 10 min on 2 CPU cores, 3 chunks 1 min). None when it is fine."""
+    if not (cfg.compile and cfg.loss_chunk_tokens):
+        return None
+    chunks = -(-cfg.batch_size * context_len // cfg.loss_chunk_tokens)
+    if chunks <= MANY_COMPILED_CHUNKS:
+        return None
+    return (f"[train] warning: train.compile traces each of the {chunks} loss chunks of a micro-batch (batch_size "
+            f"{cfg.batch_size} x context {context_len} / train.loss_chunk_tokens {cfg.loss_chunk_tokens}) into its "
+            f"graph, so compiling takes long; train.loss_chunk_tokens >= "
+            f"{-(-cfg.batch_size * context_len // MANY_COMPILED_CHUNKS)} keeps it to {MANY_COMPILED_CHUNKS} chunks")
+
+
 def budget_steps(cfg: TrainConfig, tokens_per_step: int, n_params: int) -> int:
     """The steps the step, token and FLOP budgets allow (the smallest; 10**12 when none is set). A FLOP budget is
     6 N D: the run stops at the first step whose tokens reach max_flops / (6 N)."""
@@ -174,6 +192,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     hf_config = model.config
     if cfg.loss_chunk_tokens:
         use_linear_cross_entropy(model, cfg.loss_chunk_tokens)  # before DDP/FSDP/compile wrap it
+        if w.rank == 0 and (warning := compiled_chunks_warning(cfg, context_len)):
+            print(warning)
     model = prepare_model(model, settings, w.device)
     data = WindowBatches(train_windows, cfg.batch_size, w.rank, w.world, cfg.seed)
     tokens_per_step = cfg.batch_size * context_len * cfg.grad_accum * w.world

@@ -234,6 +234,25 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 
 @pytest.mark.slow
+def test_compiling_many_fused_loss_chunks_warns_with_the_chunk_size_that_fixes_it(tmp_path):
+    """Under train.compile each fused-loss chunk is traced into the graph: 74 chunks of a micro-batch (8 x 64 tokens in
+    chunks of 7) took a tiny run 10 min to compile here. The worker warns, naming a chunk size that keeps it short —
+    and that size, or no compile, or few chunks, gives no warning."""
+    from helpers import small_experiment
+
+    from slam_ray.stages.train import compiled_chunks_warning
+
+    def train_cfg(**values):
+        return small_experiment(tmp_path, train={"batch_size": 8, "compile": True, **values}).train
+
+    warning = compiled_chunks_warning(train_cfg(loss_chunk_tokens=7), context_len=64)
+    assert warning is not None and "74 loss chunks" in warning and "train.loss_chunk_tokens >= 32" in warning
+    assert compiled_chunks_warning(train_cfg(loss_chunk_tokens=32), context_len=64) is None
+    assert compiled_chunks_warning(train_cfg(loss_chunk_tokens=200), context_len=64) is None
+    assert compiled_chunks_warning(train_cfg(loss_chunk_tokens=7, compile=False), context_len=64) is None
+    assert compiled_chunks_warning(train_cfg(), context_len=64) is None
+
+
 def test_torch_compile_gives_the_same_loss_and_gradients():
     """Inductor on CPU (it needs a C compiler; ~20 s to compile the tiny model here). One layer: a second, identical
     one adds compile time and no case."""
