@@ -99,13 +99,14 @@ def compiled_chunks_warning(cfg: TrainConfig, context_len: int) -> str | None:
     micro-batch made a tiny 20-step run take 10 min on 2 CPU cores, 3 chunks 1 min). None when it is fine."""
     if not (cfg.compile and cfg.loss_chunk_tokens):
         return None
-    chunks = -(-cfg.batch_size * context_len // cfg.loss_chunk_tokens)
+    tokens = cfg.batch_size * context_len  # a micro-batch's
+    chunks = -(-tokens // cfg.loss_chunk_tokens)
     if chunks <= MANY_COMPILED_CHUNKS:
         return None
     return (f"[train] warning: train.compile traces each of the {chunks} loss chunks of a micro-batch (batch_size "
             f"{cfg.batch_size} x context {context_len} / train.loss_chunk_tokens {cfg.loss_chunk_tokens}) into its "
-            f"graph, so compiling takes long; train.loss_chunk_tokens >= "
-            f"{-(-cfg.batch_size * context_len // MANY_COMPILED_CHUNKS)} keeps it to {MANY_COMPILED_CHUNKS} chunks")
+            f"graph, so compiling takes long; train.loss_chunk_tokens >= {-(-tokens // MANY_COMPILED_CHUNKS)} keeps "
+            f"it to {MANY_COMPILED_CHUNKS} chunks")
 
 
 def budget_steps(cfg: TrainConfig, tokens_per_step: int, n_params: int) -> int:

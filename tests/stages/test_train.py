@@ -233,7 +233,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.slow
 def test_compiling_many_fused_loss_chunks_warns_with_the_chunk_size_that_fixes_it(tmp_path):
     """Under train.compile each fused-loss chunk is traced into the graph: 74 chunks of a micro-batch (8 x 64 tokens in
     chunks of 7) took a tiny run 10 min to compile here. The worker warns, naming a chunk size that keeps it short —
@@ -253,6 +252,7 @@ def test_compiling_many_fused_loss_chunks_warns_with_the_chunk_size_that_fixes_i
     assert compiled_chunks_warning(train_cfg(), context_len=64) is None
 
 
+@pytest.mark.slow
 def test_torch_compile_gives_the_same_loss_and_gradients():
     """Inductor on CPU (it needs a C compiler; ~20 s to compile the tiny model here). One layer: a second, identical
     one adds compile time and no case."""
